@@ -1,0 +1,49 @@
+# twin: `make run` serves the sample city on http://127.0.0.1:8000, `make test` runs every test.
+# Both install what is missing first (Debian packages as root, then a Python virtualenv).
+
+SHELL := /bin/bash
+VENV := .venv
+PG_VERSION := 15
+PG_SHARE := /usr/share/postgresql/$(PG_VERSION)/extension
+PG_PACKAGES := postgresql-$(PG_VERSION) postgresql-$(PG_VERSION)-postgis-3 postgresql-$(PG_VERSION)-pgrouting
+PYTEST_ARGS ?=
+
+.PHONY: run test system-deps venv lint clean-db
+
+run: system-deps venv
+	$(VENV)/bin/twin run
+
+test: system-deps venv
+	$(VENV)/bin/twin db up
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check twin tiles layers data_samples tests
+
+# Debian packages: PostgreSQL with PostGIS and pgRouting, and Python's venv module.
+# Debian's own 'main' cluster is not created: twin runs its own (see twin/cluster.py).
+system-deps:
+	@missing=0; \
+	for f in /usr/lib/postgresql/$(PG_VERSION)/bin/initdb $(PG_SHARE)/postgis.control $(PG_SHARE)/pgrouting.control; do \
+	  [ -e "$$f" ] || missing=1; \
+	done; \
+	python3 -c 'import venv, ensurepip' 2>/dev/null || missing=1; \
+	if [ $$missing = 1 ]; then \
+	  echo "Installing Debian packages: $(PG_PACKAGES) python3-venv"; \
+	  mkdir -p /etc/postgresql-common; \
+	  [ -e /etc/postgresql-common/createcluster.conf ] || echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.conf; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	    $(PG_PACKAGES) python3-venv python3-dev build-essential; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+clean-db:
+	-$(VENV)/bin/twin db down
+	rm -rf .twin

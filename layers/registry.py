@@ -1,0 +1,152 @@
+"""The layer registry: one table (``layers``) that tiles, features and the style all read.
+
+Registration is sync (it runs in the loader); reading is async (it runs in the API).
+The registry is resolved once at start-up (``LayerRegistry.load``) and again when a layer is
+published, never per request; only the cheap ``data_version`` column is read per request.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import rasterio
+from sqlalchemy import Connection, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from layers.builtin import BUILTIN_LAYERS, BuiltinLayer
+from twin.errors import NotFound
+
+
+@dataclass(frozen=True)
+class Layer:
+    id: str
+    title_zh: str
+    title_en: str
+    kind: str
+    geometry_type: str | None
+    source_table: str | None
+    source_filter: str | None
+    fields: list[dict] = field(default_factory=list)
+    bbox: list[float] | None = None
+    source_crs: str = "EPSG:4326"
+    source_datum: str = "wgs84"
+    file_path: str | None = None
+    min_zoom: int = 0
+    max_zoom: int = 22
+    origin: str = "builtin"
+
+    @property
+    def where(self) -> str:
+        """The layer's row filter as SQL (always a valid predicate)."""
+        return self.source_filter or "TRUE"
+
+
+_UPSERT_LAYER = text("""
+    INSERT INTO layers (id, title_zh, title_en, kind, geometry_type, source_table, source_filter,
+                        fields, bbox, file_path, min_zoom, max_zoom, origin, source_crs,
+                        source_datum)
+    VALUES (:id, :title_zh, :title_en, :kind, :geometry_type, :source_table, :source_filter,
+            CAST(:fields AS jsonb), :bbox, :file_path, :min_zoom, :max_zoom, 'builtin',
+            'EPSG:4326', 'wgs84')
+    ON CONFLICT (id) DO UPDATE SET
+        title_zh = EXCLUDED.title_zh, title_en = EXCLUDED.title_en, kind = EXCLUDED.kind,
+        geometry_type = EXCLUDED.geometry_type, source_table = EXCLUDED.source_table,
+        source_filter = EXCLUDED.source_filter, fields = EXCLUDED.fields, bbox = EXCLUDED.bbox,
+        file_path = EXCLUDED.file_path, min_zoom = EXCLUDED.min_zoom,
+        max_zoom = EXCLUDED.max_zoom, data_version = layers.data_version + 1, updated_at = now()
+""")
+
+_COLUMN_TYPES = text("""
+    SELECT column_name, data_type
+      FROM information_schema.columns
+     WHERE table_schema = current_schema() AND table_name = :table
+""")
+
+
+def _vector_fields(conn: Connection, layer: BuiltinLayer) -> list[dict]:
+    types = dict(conn.execute(_COLUMN_TYPES, {"table": layer.source_table}).all())
+    return [{"name": name, "type": types[name]} for name in layer.fields]
+
+
+def _vector_bbox(conn: Connection, layer: BuiltinLayer) -> list[float] | None:
+    # source_filter is a fixed predicate from BUILTIN_LAYERS, never user input.
+    row = conn.execute(text(
+        f"SELECT ST_XMin(e), ST_YMin(e), ST_XMax(e), ST_YMax(e) "
+        f'FROM (SELECT ST_Extent(geom) AS e FROM "{layer.source_table}" '
+        f"WHERE {layer.source_filter or 'TRUE'}) AS extent"
+    )).one()
+    return None if row[0] is None else [float(v) for v in row]
+
+
+def _raster_bbox(path: Path) -> list[float]:
+    with rasterio.open(path) as dataset:
+        return list(dataset.bounds)
+
+
+def register_builtin_layers(conn: Connection, samples_dir: Path) -> int:
+    """Insert or refresh every built-in layer; returns how many were registered."""
+    for layer in BUILTIN_LAYERS:
+        if layer.kind == "raster":
+            path = samples_dir / layer.file_name
+            fields, bbox, file_path = [], _raster_bbox(path), str(path)
+        else:
+            fields, bbox, file_path = _vector_fields(conn, layer), _vector_bbox(conn, layer), None
+        conn.execute(_UPSERT_LAYER, {
+            "id": layer.id, "title_zh": layer.title_zh, "title_en": layer.title_en,
+            "kind": layer.kind, "geometry_type": layer.geometry_type,
+            "source_table": layer.source_table, "source_filter": layer.source_filter,
+            "fields": json.dumps(fields), "bbox": bbox, "file_path": file_path,
+            "min_zoom": layer.min_zoom, "max_zoom": layer.max_zoom,
+        })
+    return len(BUILTIN_LAYERS)
+
+
+_SELECT_LAYERS = text("""
+    SELECT id, title_zh, title_en, kind, geometry_type, source_table, source_filter, fields,
+           bbox, source_crs, source_datum, file_path, min_zoom, max_zoom, origin
+      FROM layers
+     ORDER BY origin, id
+""")
+
+
+class LayerRegistry:
+    """Published layers by id, as resolved at start-up or at the last publish."""
+
+    def __init__(self, layers: list[Layer]):
+        self._layers = {layer.id: layer for layer in layers}
+        # (layer id, data version) -> feature count; a write bumps the version.
+        self._counts: dict[tuple[str, int], int] = {}
+
+    @classmethod
+    async def load(cls, conn: AsyncConnection) -> LayerRegistry:
+        rows = (await conn.execute(_SELECT_LAYERS)).mappings().all()
+        return cls([Layer(**row) for row in rows])
+
+    def __iter__(self):
+        return iter(self._layers.values())
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def get(self, layer_id: str) -> Layer:
+        try:
+            return self._layers[layer_id]
+        except KeyError:
+            known = ", ".join(sorted(self._layers))
+            raise NotFound(f"unknown layer '{layer_id}'; available layers: {known}") from None
+
+    async def data_versions(self, conn: AsyncConnection) -> dict[str, int]:
+        rows = await conn.execute(text("SELECT id, data_version FROM layers"))
+        return dict(rows.all())
+
+    async def feature_count(self, conn: AsyncConnection, layer: Layer, version: int) -> int | None:
+        """Exact feature count of a vector layer, computed once per data version."""
+        if layer.kind != "vector":
+            return None
+        key = (layer.id, version)
+        if key not in self._counts:
+            query = f'SELECT count(*) FROM "{layer.source_table}" WHERE {layer.where}'
+            self._counts[key] = (await conn.execute(text(query))).scalar_one()
+        return self._counts[key]

@@ -1,0 +1,108 @@
+"""Fixtures: a real PostGIS (twin's managed cluster), the small sample city, a live server.
+
+The suite works on its own database (``twin_test``) in the managed cluster, created fresh
+for each run, or on ``TWIN_TEST_DATABASE_URL`` when that is set.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import uvicorn
+from sqlalchemy import Engine, create_engine
+
+from twin.api.app import create_app
+from twin.cluster import ManagedCluster
+from twin.migrate import upgrade
+from twin.sample_city import load_sample
+from twin.settings import Settings
+
+TEST_DATABASE = "twin_test"
+
+
+def _fresh_test_database(cluster: ManagedCluster) -> str:
+    admin = cluster.url("postgres").replace("postgresql+psycopg", "postgresql")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {TEST_DATABASE} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {TEST_DATABASE}")
+    return cluster.url(TEST_DATABASE)
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    external = os.environ.get("TWIN_TEST_DATABASE_URL")
+    if external:
+        return external
+    cluster = ManagedCluster(Settings())
+    cluster.up()
+    return _fresh_test_database(cluster)
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small sample city, generated afresh so generator changes are always tested."""
+    from data_samples.generate import generate
+
+    out = tmp_path_factory.mktemp("sample") / "small"
+    generate(out, "small")
+    return out
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str, sample_dir: Path) -> Iterator[Engine]:
+    engine = create_engine(database_url, pool_pre_ping=True)
+    upgrade(engine)
+    load_sample(engine, sample_dir)
+    yield engine
+    engine.dispose()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """A real uvicorn server on loopback, in a thread of the test process."""
+
+    def __init__(self, settings: Settings):
+        self.port = free_port()
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port,
+                                log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def server(engine: Engine, database_url: str) -> Iterator[LiveServer]:
+    with LiveServer(Settings(database_url=database_url)) as live:
+        yield live
+
+
+@pytest.fixture()
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client

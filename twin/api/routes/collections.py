@@ -1,0 +1,60 @@
+"""The collections (every published layer) as OGC API collection documents."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from layers.registry import Layer
+from twin.api.deps import ConnDep, RegistryDep
+
+router = APIRouter(tags=["collections"])
+
+CRS84 = "http://www.opengis.net/def/crs/OGC/1.3/CRS84"
+
+
+def collection_document(layer: Layer, base: str, count: int | None, version: int) -> dict:
+    links = [{"href": f"{base}/collections/{layer.id}", "rel": "self",
+              "type": "application/json", "title": layer.title_en}]
+    return {
+        "id": layer.id,
+        "title": layer.title_zh,
+        "title_en": layer.title_en,
+        "description": f"{layer.title_zh} · {layer.title_en}",
+        "itemType": "feature" if layer.kind == "vector" else layer.kind,
+        "kind": layer.kind,
+        "geometryType": layer.geometry_type,
+        "featureCount": count,
+        "dataVersion": version,
+        "fields": layer.fields,
+        "minZoom": layer.min_zoom,
+        "maxZoom": layer.max_zoom,
+        "sourceCrs": layer.source_crs,
+        "sourceDatum": layer.source_datum,
+        "extent": {"spatial": {"bbox": [layer.bbox] if layer.bbox else [], "crs": CRS84}},
+        "crs": [CRS84],
+        "links": links,
+    }
+
+
+@router.get("/collections", summary="Every published layer")
+async def list_collections(request: Request, conn: ConnDep, registry: RegistryDep) -> dict:
+    base = str(request.base_url).rstrip("/")
+    versions = await registry.data_versions(conn)
+    documents = []
+    for layer in registry:
+        version = versions.get(layer.id, 0)
+        count = await registry.feature_count(conn, layer, version)
+        documents.append(collection_document(layer, base, count, version))
+    return {
+        "collections": documents,
+        "links": [{"href": f"{base}/collections", "rel": "self", "type": "application/json"}],
+    }
+
+
+@router.get("/collections/{collection_id}", summary="One published layer")
+async def get_collection(collection_id: str, request: Request, conn: ConnDep,
+                         registry: RegistryDep) -> dict:
+    layer = registry.get(collection_id)
+    version = (await registry.data_versions(conn)).get(layer.id, 0)
+    count = await registry.feature_count(conn, layer, version)
+    return collection_document(layer, str(request.base_url).rstrip("/"), count, version)

@@ -1,0 +1,188 @@
+"""twin's managed PostGIS: a PostgreSQL cluster in a data folder that twin owns.
+
+PostgreSQL refuses to run as root, so when twin runs as root the cluster runs as an
+unprivileged system user (``TWIN_DB_OS_USER``, created on first use). The cluster listens
+on 127.0.0.1 only, on a port that is not 5432, and has no Unix socket (its path could
+exceed the 107-byte limit inside a deep checkout).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import stat
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from twin.errors import ClusterError
+from twin.settings import Settings
+
+log = logging.getLogger("twin.cluster")
+
+# Tuned for a 2-core, 24 GiB machine serving tiles: JIT only adds latency to short queries.
+SERVER_CONFIG = """
+listen_addresses = '127.0.0.1'
+unix_socket_directories = ''
+max_connections = 200
+shared_buffers = 1GB
+effective_cache_size = 8GB
+work_mem = 32MB
+maintenance_work_mem = 1GB
+max_wal_size = 8GB
+random_page_cost = 1.1
+jit = off
+logging_collector = off
+"""
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    initialised: bool
+    running: bool
+    port: int
+    pgdata: Path
+
+    def describe(self) -> str:
+        if not self.initialised:
+            return f"not initialised ({self.pgdata})"
+        state = "running" if self.running else "stopped"
+        return f"{state} on 127.0.0.1:{self.port} ({self.pgdata})"
+
+
+class ManagedCluster:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.pgdata = settings.pgdata
+        self.port = settings.db.port
+        self.bin = settings.db.pg_bin
+        self.password_file = settings.home / "db_password"
+        self.log_file = self.pgdata / "postgres.log"
+
+    # -- public -------------------------------------------------------------------------
+    def up(self) -> None:
+        """Initialise if needed, start if stopped, and make sure the database exists."""
+        self._check_binaries()
+        if not self._initialised():
+            self._initdb()
+        if not self.status().running:
+            self._run(self._pg_ctl("start", "-w", "-t", "60", "-l", str(self.log_file),
+                                   "-o", f"-p {self.port}"))
+            log.info("managed PostGIS started on 127.0.0.1:%d", self.port)
+        self._ensure_database()
+
+    def down(self) -> None:
+        if self.status().running:
+            self._run(self._pg_ctl("stop", "-w", "-t", "60", "-m", "fast"))
+            log.info("managed PostGIS stopped")
+
+    def status(self) -> ClusterStatus:
+        running = False
+        if self._initialised():
+            result = self._run(self._pg_ctl("status"), check=False)
+            running = result.returncode == 0
+        return ClusterStatus(self._initialised(), running, self.port, self.pgdata)
+
+    def url(self, database: str | None = None) -> str:
+        password = self.password_file.read_text().strip()
+        name = database or self.settings.db.name
+        return (f"postgresql+psycopg://{self.settings.db.user}:{password}"
+                f"@127.0.0.1:{self.port}/{name}")
+
+    # -- set-up -------------------------------------------------------------------------
+    def _initialised(self) -> bool:
+        return (self.pgdata / "PG_VERSION").exists()
+
+    def _check_binaries(self) -> None:
+        if not (self.bin / "initdb").exists():
+            raise ClusterError(
+                f"PostgreSQL binaries not found in {self.bin}: install postgresql-15, "
+                "postgresql-15-postgis-3 and postgresql-15-pgrouting (make run does this)"
+            )
+
+    def _initdb(self) -> None:
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        self.pgdata.mkdir(parents=True, exist_ok=True)
+        password = secrets.token_urlsafe(24)
+        pwfile = self.pgdata.parent / ".initdb_pw"
+        pwfile.write_text(password + "\n")
+        self._hand_over(self.pgdata, pwfile)
+        try:
+            self._run([str(self.bin / "initdb"), "-D", str(self.pgdata), "-U",
+                       self.settings.db.user, "--pwfile", str(pwfile), "-E", "UTF8",
+                       "--locale", "C.UTF-8", "--auth", "scram-sha-256"])
+        finally:
+            pwfile.unlink(missing_ok=True)
+        with (self.pgdata / "postgresql.conf").open("a") as conf:
+            conf.write(SERVER_CONFIG)
+        self.password_file.write_text(password + "\n")
+        self.password_file.chmod(0o600)
+        log.info("initialised managed PostGIS cluster in %s", self.pgdata)
+
+    def _ensure_database(self) -> None:
+        url = self.url("postgres").replace("postgresql+psycopg", "postgresql")
+        with psycopg.connect(url, autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                                  (self.settings.db.name,)).fetchone()
+            if not exists:
+                conn.execute(f'CREATE DATABASE "{self.settings.db.name}"')
+
+    # -- running as the unprivileged user ------------------------------------------------
+    def _as_root(self) -> bool:
+        return os.geteuid() == 0
+
+    def _hand_over(self, *paths: Path) -> None:
+        """Give the data folder to the cluster's OS user and let it reach that folder."""
+        if not self._as_root():
+            return
+        user = self._ensure_os_user()
+        for path in paths:
+            shutil.chown(path, user.pw_uid, user.pw_gid)
+        self.pgdata.chmod(0o700)
+        # The user must traverse every parent folder; add search (x) permission only,
+        # never read, where a parent lacks it (e.g. a checkout under /root).
+        for parent in self.pgdata.parents:
+            mode = parent.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                log.warning("adding o+x to %s so the database user can reach its data", parent)
+                parent.chmod(mode | stat.S_IXOTH)
+
+    def _ensure_os_user(self) -> pwd.struct_passwd:
+        name = self.settings.db.os_user
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                            "/usr/sbin/nologin", name], check=True)
+            return pwd.getpwnam(name)
+
+    def _pg_ctl(self, *args: str) -> list[str]:
+        return [str(self.bin / "pg_ctl"), "-D", str(self.pgdata), *args]
+
+    def _run(self, cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
+        if self._as_root():
+            cmd = ["runuser", "-u", self.settings.db.os_user, "--", *cmd]
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd="/")
+        if check and result.returncode != 0:
+            raise ClusterError(f"{' '.join(cmd)} failed: {result.stderr.strip() or result.stdout}")
+        return result
+
+
+def wait_until_ready(url: str, timeout_s: float = 30.0) -> None:
+    """Block until PostgreSQL at ``url`` accepts connections."""
+    deadline = time.monotonic() + timeout_s
+    plain = url.replace("postgresql+psycopg", "postgresql")
+    while True:
+        try:
+            with psycopg.connect(plain, connect_timeout=2):
+                return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

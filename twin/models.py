@@ -1,0 +1,346 @@
+"""The city model: one spatial schema that tiles, queries and uploads all read.
+
+All geometry is EPSG:4326 (lon, lat) and GiST-indexed (GeoAlchemy2 creates the index
+for every ``Geometry`` column). Codes follow DOMAIN.md: 6-digit adcodes for the city and
+districts, then 3 digits each for street, community and grid (a grid code has 15 digits).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from geoalchemy2 import Geometry
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    SmallInteger,
+    String,
+    Text,
+    func,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SRID = 4326
+ADMIN_LEVELS = ("city", "district", "street", "community", "grid")
+CODE_LENGTH = {"city": 6, "district": 6, "street": 9, "community": 12, "grid": 15}
+TEAM_TYPES = ("fire", "medical", "police", "rescue", "utility_repair")
+NETWORKS = ("drainage", "water", "gas")
+SENSOR_KINDS = ("level", "flow", "pressure", "gas")
+
+# Risk points keep their H3 cell at every resolution that tiles and statistics group by.
+H3_RESOLUTIONS = (3, 4, 5, 6, 7, 8, 9)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class AdminUnit(Base):
+    """City, districts, streets/towns, communities and grid cells in one hierarchy."""
+
+    __tablename__ = "admin_units"
+    __table_args__ = (
+        CheckConstraint(_in("level", ADMIN_LEVELS), name="admin_level_known"),
+        CheckConstraint(
+            "length(code) = CASE level WHEN 'street' THEN 9 WHEN 'community' THEN 12 "
+            "WHEN 'grid' THEN 15 ELSE 6 END AND code ~ '^[0-9]+$'",
+            name="admin_code_length",
+        ),
+        Index("admin_units_level_idx", "level"),
+        Index("admin_units_parent_idx", "parent_code"),
+    )
+
+    code: Mapped[str] = mapped_column(String(15), primary_key=True)
+    level: Mapped[str] = mapped_column(String(10))
+    parent_code: Mapped[str | None] = mapped_column(ForeignKey("admin_units.code"))
+    name_zh: Mapped[str] = mapped_column(Text)
+    name_en: Mapped[str] = mapped_column(Text)
+    # municipality, district, county, autonomous county, street, town, community, village, grid
+    kind: Mapped[str] = mapped_column(String(20))
+    population: Mapped[int] = mapped_column(Integer)
+    area_km2: Mapped[float] = mapped_column(Double)
+    geom = mapped_column(Geometry("MULTIPOLYGON", srid=SRID, spatial_index=True), nullable=False)
+
+
+class Sector(Base):
+    """The risk taxonomy (seven sectors by default) is data, so an eighth needs no code."""
+
+    __tablename__ = "sectors"
+
+    code: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name_zh: Mapped[str] = mapped_column(Text)
+    name_en: Mapped[str] = mapped_column(Text)
+    sort_order: Mapped[int] = mapped_column(SmallInteger)
+
+
+class EmergencyPlan(Base):
+    __tablename__ = "emergency_plans"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code: Mapped[str] = mapped_column(String(32), unique=True)
+    title_zh: Mapped[str] = mapped_column(Text)
+    title_en: Mapped[str] = mapped_column(Text)
+    sector_code: Mapped[str] = mapped_column(ForeignKey("sectors.code"))
+    # Response level of the plan, I (most severe) to IV, as in Chinese emergency practice.
+    response_level: Mapped[int] = mapped_column(SmallInteger)
+    issuer_code: Mapped[str] = mapped_column(ForeignKey("admin_units.code"))
+    summary: Mapped[str] = mapped_column(Text)
+
+
+class RiskPoint(Base):
+    __tablename__ = "risk_points"
+    __table_args__ = (
+        CheckConstraint("level BETWEEN 1 AND 4", name="risk_level_1_to_4"),
+        Index("risk_points_grid_idx", "grid_code"),
+        Index("risk_points_sector_level_idx", "sector_code", "level"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    code: Mapped[str] = mapped_column(String(24), unique=True)
+    name: Mapped[str] = mapped_column(Text)
+    sector_code: Mapped[str] = mapped_column(ForeignKey("sectors.code"))
+    category: Mapped[str] = mapped_column(Text)
+    # 1 major (red), 2 large (orange), 3 general (yellow), 4 low (blue)
+    level: Mapped[int] = mapped_column(SmallInteger)
+    address: Mapped[str] = mapped_column(Text)
+    grid_code: Mapped[str] = mapped_column(ForeignKey("admin_units.code"))
+    plan_id: Mapped[int | None] = mapped_column(ForeignKey("emergency_plans.id"))
+    h3_r3: Mapped[int] = mapped_column(BigInteger)
+    h3_r4: Mapped[int] = mapped_column(BigInteger)
+    h3_r5: Mapped[int] = mapped_column(BigInteger)
+    h3_r6: Mapped[int] = mapped_column(BigInteger)
+    h3_r7: Mapped[int] = mapped_column(BigInteger)
+    h3_r8: Mapped[int] = mapped_column(BigInteger)
+    h3_r9: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    geom = mapped_column(Geometry("POINT", srid=SRID, spatial_index=True), nullable=False)
+
+
+class ResponseTeam(Base):
+    __tablename__ = "response_teams"
+    __table_args__ = (
+        CheckConstraint(_in("team_type", TEAM_TYPES), name="team_type_known"),
+        CheckConstraint(_in("status", ("standby", "dispatched", "off_duty")), name="team_status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code: Mapped[str] = mapped_column(String(24), unique=True)
+    name_zh: Mapped[str] = mapped_column(Text)
+    name_en: Mapped[str] = mapped_column(Text)
+    team_type: Mapped[str] = mapped_column(String(20))
+    headcount: Mapped[int] = mapped_column(SmallInteger)
+    status: Mapped[str] = mapped_column(String(12))
+    phone: Mapped[str] = mapped_column(String(20))
+    district_code: Mapped[str] = mapped_column(ForeignKey("admin_units.code"))
+    geom = mapped_column(Geometry("POINT", srid=SRID, spatial_index=True), nullable=False)
+
+
+class TeamJurisdiction(Base):
+    """Which teams answer for which streets: the grid's responsible teams in a locate."""
+
+    __tablename__ = "team_jurisdictions"
+
+    team_id: Mapped[int] = mapped_column(ForeignKey("response_teams.id"), primary_key=True)
+    admin_code: Mapped[str] = mapped_column(ForeignKey("admin_units.code"), primary_key=True)
+
+
+class SupplyDepot(Base):
+    __tablename__ = "supply_depots"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code: Mapped[str] = mapped_column(String(24), unique=True)
+    name_zh: Mapped[str] = mapped_column(Text)
+    name_en: Mapped[str] = mapped_column(Text)
+    district_code: Mapped[str] = mapped_column(ForeignKey("admin_units.code"))
+    geom = mapped_column(Geometry("POINT", srid=SRID, spatial_index=True), nullable=False)
+
+
+class DepotStock(Base):
+    __tablename__ = "depot_stock"
+
+    depot_id: Mapped[int] = mapped_column(ForeignKey("supply_depots.id"), primary_key=True)
+    item_code: Mapped[str] = mapped_column(String(32), primary_key=True)
+    item_name_zh: Mapped[str] = mapped_column(Text)
+    unit: Mapped[str] = mapped_column(String(16))
+    quantity: Mapped[int] = mapped_column(Integer)
+
+
+class RoadNode(Base):
+    __tablename__ = "road_nodes"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    geom = mapped_column(Geometry("POINT", srid=SRID, spatial_index=True), nullable=False)
+
+
+class RoadEdge(Base):
+    """A pgRouting edge: costs are travel seconds; a negative reverse cost means one-way."""
+
+    __tablename__ = "road_edges"
+    __table_args__ = (
+        Index("road_edges_source_idx", "source"),
+        Index("road_edges_target_idx", "target"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    source: Mapped[int] = mapped_column(ForeignKey("road_nodes.id"))
+    target: Mapped[int] = mapped_column(ForeignKey("road_nodes.id"))
+    # expressway, arterial, secondary, local
+    road_class: Mapped[str] = mapped_column(String(12))
+    name: Mapped[str] = mapped_column(Text)
+    speed_kmh: Mapped[float] = mapped_column(Double)
+    length_m: Mapped[float] = mapped_column(Double)
+    cost_s: Mapped[float] = mapped_column(Double)
+    reverse_cost_s: Mapped[float] = mapped_column(Double)
+    geom = mapped_column(Geometry("LINESTRING", srid=SRID, spatial_index=True), nullable=False)
+
+
+class PipeNode(Base):
+    __tablename__ = "pipe_nodes"
+    __table_args__ = (CheckConstraint(_in("network", NETWORKS), name="pipe_node_network"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    code: Mapped[str] = mapped_column(String(24), unique=True)
+    network: Mapped[str] = mapped_column(String(10))
+    # manhole, junction, outfall (drainage); valve, junction, source (water, gas)
+    kind: Mapped[str] = mapped_column(String(12))
+    ground_elev_m: Mapped[float] = mapped_column(Double)
+    invert_elev_m: Mapped[float] = mapped_column(Double)
+    geom = mapped_column(Geometry("POINT", srid=SRID, spatial_index=True), nullable=False)
+
+
+class PipeSegment(Base):
+    """A pipe between two nodes. Drainage flows from ``from_node`` to ``to_node``."""
+
+    __tablename__ = "pipe_segments"
+    __table_args__ = (
+        CheckConstraint(_in("network", NETWORKS), name="pipe_segment_network"),
+        Index("pipe_segments_from_idx", "from_node"),
+        Index("pipe_segments_to_idx", "to_node"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    code: Mapped[str] = mapped_column(String(24), unique=True)
+    network: Mapped[str] = mapped_column(String(10))
+    from_node: Mapped[int] = mapped_column(ForeignKey("pipe_nodes.id"))
+    to_node: Mapped[int] = mapped_column(ForeignKey("pipe_nodes.id"))
+    diameter_mm: Mapped[int] = mapped_column(SmallInteger)
+    material: Mapped[str] = mapped_column(String(16))
+    install_year: Mapped[int] = mapped_column(SmallInteger)
+    length_m: Mapped[float] = mapped_column(Double)
+    # 'downstream' for drainage (gravity flow from_node -> to_node); 'both' for pressurised pipes.
+    flow_direction: Mapped[str] = mapped_column(String(10))
+    geom = mapped_column(Geometry("LINESTRING", srid=SRID, spatial_index=True), nullable=False)
+
+
+class Sensor(Base):
+    __tablename__ = "sensors"
+    __table_args__ = (
+        CheckConstraint(_in("kind", SENSOR_KINDS), name="sensor_kind"),
+        CheckConstraint("num_nonnulls(node_id, segment_id) = 1", name="sensor_on_node_or_segment"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code: Mapped[str] = mapped_column(String(24), unique=True)
+    network: Mapped[str] = mapped_column(String(10))
+    kind: Mapped[str] = mapped_column(String(10))
+    unit: Mapped[str] = mapped_column(String(10))
+    node_id: Mapped[int | None] = mapped_column(ForeignKey("pipe_nodes.id"))
+    segment_id: Mapped[int | None] = mapped_column(ForeignKey("pipe_segments.id"))
+    # The physically possible range; readings outside it are rejected on ingest.
+    min_value: Mapped[float] = mapped_column(Double)
+    max_value: Mapped[float] = mapped_column(Double)
+    geom = mapped_column(Geometry("POINT", srid=SRID, spatial_index=True), nullable=False)
+
+
+class SensorReading(Base):
+    __tablename__ = "sensor_readings"
+
+    sensor_id: Mapped[int] = mapped_column(ForeignKey("sensors.id"), primary_key=True)
+    ts: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    value: Mapped[float] = mapped_column(Double)
+
+
+class HazardSource(Base):
+    """Septic tanks and sewers watched for gas, liquid level and temperature."""
+
+    __tablename__ = "hazard_sources"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code: Mapped[str] = mapped_column(String(24), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(Text)
+    node_id: Mapped[int | None] = mapped_column(ForeignKey("pipe_nodes.id"))
+    gas_threshold_ppm: Mapped[float] = mapped_column(Double)
+    level_threshold_m: Mapped[float] = mapped_column(Double)
+    temp_threshold_c: Mapped[float] = mapped_column(Double)
+    geom = mapped_column(Geometry("POINT", srid=SRID, spatial_index=True), nullable=False)
+
+
+class Building(Base):
+    __tablename__ = "buildings"
+    __table_args__ = (CheckConstraint("cim_level BETWEEN 1 AND 6", name="building_cim_level"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    name: Mapped[str | None] = mapped_column(Text)
+    # residential, commercial, office, industrial, public, school, hospital
+    use: Mapped[str] = mapped_column(String(16))
+    height_m: Mapped[float] = mapped_column(Double)
+    floors: Mapped[int] = mapped_column(SmallInteger)
+    cim_level: Mapped[int] = mapped_column(SmallInteger)
+    district_code: Mapped[str] = mapped_column(ForeignKey("admin_units.code"))
+    geom = mapped_column(Geometry("POLYGON", srid=SRID, spatial_index=True), nullable=False)
+
+
+class Layer(Base):
+    """The layer registry: every published layer, built-in or uploaded.
+
+    ``data_version`` is bumped by a trigger on every write to ``source_table`` so that
+    tile caches keyed by it are exact without any TTL.
+    """
+
+    __tablename__ = "layers"
+    __table_args__ = (
+        CheckConstraint(_in("kind", ("vector", "raster", "3d")), name="layer_kind"),
+        Index("layers_source_table_idx", "source_table"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    title_zh: Mapped[str] = mapped_column(Text)
+    title_en: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(8))
+    geometry_type: Mapped[str | None] = mapped_column(String(24))
+    source_table: Mapped[str | None] = mapped_column(String(63))
+    # A fixed SQL predicate that selects the layer's rows from a shared table (built-in only).
+    source_filter: Mapped[str | None] = mapped_column(Text)
+    fields: Mapped[list] = mapped_column(JSONB, default=list)
+    bbox: Mapped[list[float] | None] = mapped_column(ARRAY(Double))
+    source_crs: Mapped[str] = mapped_column(String(32), default="EPSG:4326")
+    source_datum: Mapped[str] = mapped_column(String(16), default="wgs84")
+    file_path: Mapped[str | None] = mapped_column(Text)
+    min_zoom: Mapped[int] = mapped_column(SmallInteger, default=0)
+    max_zoom: Mapped[int] = mapped_column(SmallInteger, default=22)
+    origin: Mapped[str] = mapped_column(String(8), default="builtin")
+    data_version: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class DatasetLoad(Base):
+    """What the sample loader has put in, so a second run can skip it."""
+
+    __tablename__ = "dataset_loads"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    row_count: Mapped[int] = mapped_column(BigInteger)
+    loaded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

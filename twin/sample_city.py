@@ -1,0 +1,118 @@
+"""Generate the sample city once and bulk-load it (COPY) in a single transaction.
+
+The whole sample is one dataset: if any file fails to load, the transaction rolls back and
+the database is exactly as it was, and the error names the file, the line and the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from sqlalchemy import Connection, Engine, text
+
+from data_samples.output import MANIFEST, TABLE_ORDER, file_sha256, read_manifest
+from layers.registry import register_builtin_layers
+from twin.errors import LoadError
+
+log = logging.getLogger("twin.sample")
+
+DATASET = "sample_city"
+COPY_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    skipped: bool
+    seconds: float
+    rows: dict[str, int]
+
+
+def ensure_generated(samples_root: Path, scale: str) -> Path:
+    """The sample directory for ``scale``, generated first if it has no manifest."""
+    sample_dir = samples_root / scale
+    if not (sample_dir / MANIFEST).exists():
+        from data_samples.generate import generate  # heavy: only when generating
+
+        log.info("generating the %s sample city into %s", scale, sample_dir)
+        generate(sample_dir, scale)
+    return sample_dir
+
+
+def verify_files(sample_dir: Path) -> dict:
+    """Check every file against the manifest before anything touches the database."""
+    try:
+        manifest = read_manifest(sample_dir)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LoadError(f"{sample_dir / MANIFEST}: cannot read the manifest ({exc})") from exc
+    for name, expected in manifest["files"].items():
+        path = sample_dir / name
+        if not path.exists():
+            raise LoadError(f"{path}: file listed in the manifest is missing")
+        if file_sha256(path) != expected:
+            raise LoadError(
+                f"{path}: contents differ from the manifest (corrupted or edited); "
+                "regenerate the sample with `twin sample generate`"
+            )
+    return manifest
+
+
+def _manifest_hash(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def load_sample(engine: Engine, sample_dir: Path, verify: bool = True,
+                force: bool = False) -> LoadReport:
+    """Load ``sample_dir`` unless the same sample is already loaded (or ``force``)."""
+    manifest = verify_files(sample_dir) if verify else read_manifest(sample_dir)
+    digest = _manifest_hash(manifest)
+    started = time.perf_counter()
+    with engine.begin() as conn:
+        loaded = conn.execute(text("SELECT sha256 FROM dataset_loads WHERE name = :name"),
+                              {"name": DATASET}).scalar()
+        if loaded == digest and not force:
+            log.info("sample city already loaded (%s), reusing it", sample_dir.name)
+            return LoadReport(True, 0.0, manifest["tables"])
+        conn.execute(text(f"TRUNCATE {', '.join(TABLE_ORDER)} CASCADE"))
+        rows = {table: _copy_table(conn, sample_dir / f"{table}.csv", table)
+                for table in TABLE_ORDER}
+        register_builtin_layers(conn, sample_dir)
+        conn.execute(text("""
+            INSERT INTO dataset_loads (name, sha256, row_count) VALUES (:name, :sha, :rows)
+            ON CONFLICT (name) DO UPDATE
+               SET sha256 = EXCLUDED.sha256, row_count = EXCLUDED.row_count, loaded_at = now()
+        """), {"name": DATASET, "sha": digest, "rows": sum(rows.values())})
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("ANALYZE"))
+    seconds = time.perf_counter() - started
+    log.info("loaded the %s sample city in %.1fs (%d rows)", manifest["scale"], seconds,
+             sum(rows.values()))
+    return LoadReport(False, seconds, rows)
+
+
+def _copy_table(conn: Connection, path: Path, table: str) -> int:
+    """COPY one CSV (header = column names) into ``table`` inside the open transaction."""
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            columns = next(csv.reader(handle))
+    except (OSError, StopIteration, UnicodeDecodeError) as exc:
+        raise LoadError(f"{path}: cannot read the header ({exc or 'empty file'})") from exc
+    column_list = ", ".join(f'"{column}"' for column in columns)
+    raw = conn.connection.driver_connection
+    try:
+        with raw.cursor() as cursor, path.open("rb") as handle:
+            statement = f'COPY "{table}" ({column_list}) FROM STDIN WITH (FORMAT csv, HEADER true)'
+            with cursor.copy(statement) as copy:
+                while block := handle.read(COPY_BLOCK):
+                    copy.write(block)
+            return cursor.rowcount
+    except psycopg.Error as exc:
+        diag = exc.diag
+        where = f" ({diag.context.strip()})" if diag.context else ""
+        raise LoadError(f"{path}: {diag.message_primary or exc}{where}") from exc
