@@ -148,10 +148,18 @@ def _place_names() -> list[tuple[str, str]]:
 
 
 PLACE_NAMES = _place_names()
+PLACE_WEIGHTS = np.ones(len(PLACE_NAMES))
+
+# Urban communities: about a third get an auspicious name, the rest a street's (石桥路社区).
+_TWO_SYLLABLE_PLACES = PLACE_NAMES[: len(_HEADS) * len(_TAILS)]
 URBAN_COMMUNITY_NAMES = list(_COMMUNITY_WORDS) + [
     (place + street, f"{pinyin} {street_pinyin}")
-    for place, pinyin in PLACE_NAMES[: len(_HEADS) * 4]
+    for place, pinyin in _TWO_SYLLABLE_PLACES
     for street, street_pinyin in _STREET_WORDS
+]
+URBAN_COMMUNITY_WEIGHTS = np.r_[
+    np.full(len(_COMMUNITY_WORDS), len(_TWO_SYLLABLE_PLACES) / len(_COMMUNITY_WORDS)),
+    np.ones(2 * len(_TWO_SYLLABLE_PLACES)),
 ]
 
 
@@ -162,18 +170,25 @@ def district_name_en(adcode: str, short_en: str, kind: str) -> str:
 
 
 def draw_names(
-    rng: np.random.Generator, count: int, pool: list[tuple[str, str]], first: tuple[str, ...] = ()
+    rng: np.random.Generator,
+    count: int,
+    pool: list[tuple[str, str]],
+    weights: np.ndarray,
+    first: tuple[str, ...] = (),
 ) -> list[tuple[str, str]]:
     """``count`` distinct (hanzi, pinyin) names: ``first`` ("hanzi pinyin syllables") in order,
-    then a random draw from ``pool`` skipping any hanzi already used."""
+    then a weighted draw from ``pool`` skipping any name already used in either language."""
     chosen = [(entry.split(" ", 1)[0], entry.split(" ", 1)[1]) for entry in first[:count]]
-    used = {hanzi for hanzi, _ in chosen}
+    # Different hanzi can sound the same (青/清 qing), so English names are kept distinct too.
+    used = {hanzi for hanzi, _ in chosen} | {join_pinyin(p.split()) for _, p in chosen}
     if count > len(chosen):
-        for index in rng.permutation(len(pool)):
+        # Weighted order without replacement (Efraimidis-Spirakis exponential keys).
+        for index in np.argsort(rng.exponential(size=len(pool)) / weights, kind="stable"):
             hanzi, pinyin = pool[index]
-            if hanzi not in used:
+            english = join_pinyin(pinyin.split())
+            if hanzi not in used and english not in used:
                 chosen.append((hanzi, pinyin))
-                used.add(hanzi)
+                used.update((hanzi, english))
                 if len(chosen) == count:
                     break
     if len(chosen) < count:
