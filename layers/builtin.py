@@ -22,9 +22,9 @@ class BuiltinLayer:
     file_name: str | None = None
 
 
-def _admin(level: str, zh: str, en: str, min_zoom: int, max_zoom: int = 22) -> BuiltinLayer:
+def _admin(layer_id: str, level: str, zh: str, en: str, min_zoom: int) -> BuiltinLayer:
     return BuiltinLayer(
-        id=f"{level}s" if level != "city" else "city",
+        id=layer_id,
         title_zh=zh,
         title_en=en,
         kind="vector",
@@ -33,15 +33,14 @@ def _admin(level: str, zh: str, en: str, min_zoom: int, max_zoom: int = 22) -> B
         fields=("code", "name_zh", "name_en", "kind", "parent_code", "population", "area_km2"),
         source_filter=f"level = '{level}'",
         min_zoom=min_zoom,
-        max_zoom=max_zoom,
     )
 
 
 BUILTIN_LAYERS: tuple[BuiltinLayer, ...] = (
-    _admin("district", "区县", "Districts and counties", 0),
-    _admin("street", "镇街", "Streets and towns", 8),
-    _admin("community", "村社", "Communities and villages", 11),
-    _admin("grid", "网格", "Grid cells", 13),
+    _admin("districts", "district", "区县", "Districts and counties", 0),
+    _admin("streets", "street", "镇街", "Streets and towns", 8),
+    _admin("communities", "community", "村社", "Communities and villages", 11),
+    _admin("grids", "grid", "网格", "Grid cells", 13),
     BuiltinLayer(
         "risk_points", "风险点", "Risk points", "vector", "Point", "risk_points",
         ("id", "code", "name", "sector_code", "category", "level", "grid_code", "plan_id"),
