@@ -25,7 +25,8 @@ from twin.migrate import upgrade
 from twin.sample_city import load_sample
 from twin.settings import Settings
 
-TEST_DATABASE = "twin_test"
+# Parallel runs (several working copies on one cluster) each set their own database name.
+TEST_DATABASE = os.environ.get("TWIN_TEST_DATABASE", "twin_test")
 
 
 def _fresh_test_database(cluster: ManagedCluster) -> str:

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from layers.registry import LayerRegistry
 from twin.api.errors import install_error_handlers
-from twin.api.routes import collections, health, landing
+from twin.api.routes import collections, features, health, landing, queries, tiles
 from twin.db import async_engine
 from twin.settings import Settings, get_settings
 
@@ -67,4 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(landing.router)
     app.include_router(collections.router)
+    app.include_router(features.router)
+    app.include_router(tiles.router)
+    app.include_router(queries.router)
     return app

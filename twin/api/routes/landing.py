@@ -11,7 +11,7 @@ router = APIRouter(tags=["capabilities"])
 
 WEB_ROOT = Path(__file__).resolve().parents[3] / "web"
 
-CONFORMANCE = [
+COMMON_CONFORMANCE = [
     "http://www.opengis.net/spec/ogcapi-common-1/1.0/conf/core",
     "http://www.opengis.net/spec/ogcapi-common-1/1.0/conf/landing-page",
     "http://www.opengis.net/spec/ogcapi-common-1/1.0/conf/json",
@@ -61,4 +61,6 @@ async def landing(request: Request, f: str | None = Query(None, pattern="^(json|
 
 @router.get("/conformance", summary="Conformance classes")
 async def conformance() -> dict:
-    return {"conformsTo": CONFORMANCE}
+    from twin.api.routes import features, tiles  # the modules that add classes
+
+    return {"conformsTo": [*COMMON_CONFORMANCE, *features.CONFORMANCE, *tiles.CONFORMANCE]}

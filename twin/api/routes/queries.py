@@ -1,0 +1,8 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["queries"])
+
+# OGC conformance classes this module implements, collected by /conformance.
+CONFORMANCE: list[str] = []
