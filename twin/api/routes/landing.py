@@ -7,6 +7,8 @@ from pathlib import Path
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from twin.api.routes import features, tiles
+
 router = APIRouter(tags=["capabilities"])
 
 WEB_ROOT = Path(__file__).resolve().parents[3] / "web"
@@ -61,6 +63,4 @@ async def landing(request: Request, f: str | None = Query(None, pattern="^(json|
 
 @router.get("/conformance", summary="Conformance classes")
 async def conformance() -> dict:
-    from twin.api.routes import features, tiles  # the modules that add classes
-
     return {"conformsTo": [*COMMON_CONFORMANCE, *features.CONFORMANCE, *tiles.CONFORMANCE]}
