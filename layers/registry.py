@@ -116,8 +116,8 @@ class LayerRegistry:
 
     def __init__(self, layers: list[Layer]):
         self._layers = {layer.id: layer for layer in layers}
-        # (layer id, data version) -> feature count; a write bumps the version.
-        self._counts: dict[tuple[str, int], int] = {}
+        # layer id -> (data version, feature count); a write bumps the version.
+        self._counts: dict[str, tuple[int, int]] = {}
 
     @classmethod
     async def load(cls, conn: AsyncConnection) -> LayerRegistry:
@@ -145,8 +145,9 @@ class LayerRegistry:
         """Exact feature count of a vector layer, computed once per data version."""
         if layer.kind != "vector":
             return None
-        key = (layer.id, version)
-        if key not in self._counts:
+        cached = self._counts.get(layer.id)
+        if cached is None or cached[0] != version:
             query = f'SELECT count(*) FROM "{layer.source_table}" WHERE {layer.where}'
-            self._counts[key] = (await conn.execute(text(query))).scalar_one()
-        return self._counts[key]
+            cached = (version, (await conn.execute(text(query))).scalar_one())
+            self._counts[layer.id] = cached
+        return cached[1]

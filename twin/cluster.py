@@ -15,7 +15,6 @@ import secrets
 import shutil
 import stat
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,16 +172,3 @@ class ManagedCluster:
             raise ClusterError(f"{' '.join(cmd)} failed: {result.stderr.strip() or result.stdout}")
         return result
 
-
-def wait_until_ready(url: str, timeout_s: float = 30.0) -> None:
-    """Block until PostgreSQL at ``url`` accepts connections."""
-    deadline = time.monotonic() + timeout_s
-    plain = url.replace("postgresql+psycopg", "postgresql")
-    while True:
-        try:
-            with psycopg.connect(plain, connect_timeout=2):
-                return
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
