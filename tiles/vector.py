@@ -1,0 +1,202 @@
+"""Mapbox vector tiles made by PostGIS: one MVT layer per registry layer, in one query.
+
+Each layer becomes a CTE of rows already cut to the tile (``ST_AsMVTGeom``); the final SELECT
+returns one ``ST_AsMVT`` per layer plus its row count, so a capped layer is reported, never
+silently truncated. Layers below their ``min_zoom`` (or with nothing in the tile) are sent as
+empty MVT layers, so a client always finds every layer it asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import morecantile
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from layers.registry import Layer
+from tiles import hexagons
+from tiles.filters import TileFilters, filter_sql
+from twin.errors import InvalidParameter
+
+EXTENT = 4096
+BUFFER = 64
+# More features than this in one layer of one tile are cut, and the response says so.
+MAX_FEATURES_PER_LAYER = 20_000
+# Lines and polygons are simplified to half a tile pixel below this zoom (points never are).
+SIMPLIFY_BELOW_ZOOM = 16
+WEB_MERCATOR_WIDTH_M = 2 * 20037508.342789244
+INTEGER_TYPES = {"smallint", "integer", "bigint"}
+
+
+@dataclass(frozen=True)
+class TileOptions:
+    filters: TileFilters = TileFilters()
+    # Risk points become H3 hexagons below this zoom; 0 turns aggregation off.
+    aggregate_below: int = hexagons.AGGREGATE_BELOW_ZOOM
+
+
+@dataclass(frozen=True)
+class VectorTile:
+    content: bytes
+    # Layer id -> features kept, for every layer that hit MAX_FEATURES_PER_LAYER.
+    truncated: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _LayerPart:
+    name: str
+    cte: str
+    params: dict
+    feature_id: str | None
+
+
+def quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def feature_id_column(layer: Layer) -> str | None:
+    """The first field (the id column) is the MVT feature id when it is an integer."""
+    if layer.fields and layer.fields[0]["type"] in INTEGER_TYPES:
+        return layer.fields[0]["name"]
+    return None
+
+
+def check_vector_layers(layers: Sequence[Layer], filters: TileFilters) -> None:
+    for layer in layers:
+        if layer.kind != "vector":
+            raise InvalidParameter(f"layer '{layer.id}' is a {layer.kind} layer; "
+                                   "vector tiles serve vector layers only")
+    if filters.active and not any(
+            filters.applies_to({f["name"] for f in layer.fields}) for layer in layers):
+        raise InvalidParameter("the sector and level filters apply to risk_points only; "
+                               "none of the requested layers has those fields")
+
+
+def empty_layer(name: str) -> bytes:
+    """An MVT layer with no features (protobuf: Tile.layers = {version 2, name, extent})."""
+    encoded = name.encode()
+    body = (b"\x78\x02" + b"\x0a" + _varint(len(encoded)) + encoded
+            + b"\x28" + _varint(EXTENT))
+    return b"\x1a" + _varint(len(body)) + body
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_FEATURES = """
+    rows_{i} AS (
+        SELECT * FROM (
+            SELECT ST_AsMVTGeom({geom}, tile.env, {extent}, {buffer}, true) AS geom{columns}
+              FROM {table} AS source, tile
+             WHERE source.geom && tile.env_4326 AND ({where}){filters}
+        ) AS cut
+         WHERE geom IS NOT NULL
+         LIMIT :cap + 1)
+"""
+
+
+def _features_part(i: int, layer: Layer, z: int, filters: TileFilters) -> _LayerPart:
+    geom = "ST_Transform(source.geom, 3857)"
+    params: dict = {}
+    if layer.geometry_type not in ("Point", "MultiPoint") and z < SIMPLIFY_BELOW_ZOOM:
+        # Half a tile pixel: invisible after ST_AsMVTGeom snaps to the grid, but much less to clip.
+        geom = f"ST_Simplify({geom}, :tolerance_{i}, true)"
+        params[f"tolerance_{i}"] = WEB_MERCATOR_WIDTH_M / 2**z / EXTENT / 2
+    names = {f["name"] for f in layer.fields}
+    predicate, filter_params = filter_sql(
+        TileFilters(filters.sectors if "sector_code" in names else (),
+                    filters.levels if "level" in names else ()), str(i))
+    params.update(filter_params)
+    columns = "".join(f", source.{quote(f['name'])}" for f in layer.fields)
+    # source_filter is a fixed predicate from the registry, never user input.
+    cte = _FEATURES.format(i=i, geom=geom, extent=EXTENT, buffer=BUFFER, columns=columns,
+                           table=quote(layer.source_table), where=layer.where,
+                           filters=predicate)
+    return _LayerPart(layer.id, cte, params, feature_id_column(layer))
+
+
+_HEXAGONS = """
+    rows_{i} AS (
+        SELECT * FROM (
+            SELECT ST_AsMVTGeom(ST_Transform(ST_GeomFromWKB(hex.wkb, 4326), 3857), tile.env,
+                                {extent}, {buffer}, true) AS geom,
+                   hex.cell, to_hex(hex.cell) AS h3, hex.count, hex.worst_level,
+                   CAST(:resolution_{i} AS int) AS resolution, hex.centroid_in_tile,
+                   hex.sector_counts
+              FROM tile, unnest(CAST(:cells_{i} AS bigint[]), CAST(:wkbs_{i} AS bytea[]),
+                                CAST(:counts_{i} AS int[]), CAST(:worst_{i} AS int[]),
+                                CAST(:owned_{i} AS boolean[]), CAST(:sectors_{i} AS jsonb[]))
+                   AS hex(cell, wkb, count, worst_level, centroid_in_tile, sector_counts)
+        ) AS cut
+         WHERE geom IS NOT NULL
+         LIMIT :cap + 1)
+"""
+
+
+def _hexagons_part(i: int, layer: Layer, z: int, rows: hexagons.HexagonRows) -> _LayerPart:
+    # jsonb columns (sector_counts) are expanded by ST_AsMVT into count_<sector> properties.
+    params = {f"resolution_{i}": hexagons.resolution_for_zoom(z), f"cells_{i}": rows.cells,
+              f"wkbs_{i}": rows.boundaries, f"counts_{i}": rows.counts,
+              f"worst_{i}": rows.worst_levels, f"owned_{i}": rows.centroid_in_tile,
+              f"sectors_{i}": rows.sector_counts}
+    cte = _HEXAGONS.format(i=i, extent=EXTENT, buffer=BUFFER)
+    return _LayerPart(layer.id, cte, params, "cell")
+
+
+def _composite_query(parts: Sequence[_LayerPart]) -> tuple[str, dict]:
+    ctes = ",".join(part.cte for part in parts)
+    outputs = ",\n".join(
+        f"(SELECT ST_AsMVT(r, :name_{i}, {EXTENT}, 'geom', :fid_{i}) "
+        f"FROM (SELECT * FROM rows_{i} LIMIT :cap) AS r) AS mvt_{i}, "
+        f"(SELECT count(*) FROM rows_{i}) AS n_{i}"
+        for i in range(len(parts)))
+    query = f"""
+        WITH tile AS (
+            SELECT ST_TileEnvelope(:z, :x, :y) AS env,
+                   ST_Transform(ST_TileEnvelope(:z, :x, :y, margin => :margin), 4326) AS env_4326
+        ),{ctes}
+        SELECT {outputs}
+    """
+    params: dict = {"margin": BUFFER / EXTENT, "cap": MAX_FEATURES_PER_LAYER}
+    for i, part in enumerate(parts):
+        params.update(part.params)
+        params[f"name_{i}"] = part.name
+        params[f"fid_{i}"] = part.feature_id
+    return query, params
+
+
+async def render_tile(conn: AsyncConnection, layers: Sequence[Layer], tile: morecantile.Tile,
+                      options: TileOptions = TileOptions()) -> VectorTile:
+    """One MVT holding one layer per requested layer, in the order asked."""
+    check_vector_layers(layers, options.filters)
+    parts: list[_LayerPart] = []
+    for layer in layers:
+        if tile.z < layer.min_zoom:
+            continue
+        i = len(parts)
+        if hexagons.aggregates(layer, tile.z, options.aggregate_below):
+            rows = await hexagons.aggregate(conn, layer, tile, options.filters)
+            parts.append(_hexagons_part(i, layer, tile.z, rows))
+        else:
+            parts.append(_features_part(i, layer, tile.z, options.filters))
+    made: dict[str, tuple[bytes, int]] = {}
+    if parts:
+        query, params = _composite_query(parts)
+        params.update(z=tile.z, x=tile.x, y=tile.y)
+        row = (await conn.execute(text(query), params)).one()
+        made = {part.name: (bytes(row[2 * i]), row[2 * i + 1]) for i, part in enumerate(parts)}
+    content, truncated = b"", {}
+    for layer in layers:
+        mvt, count = made.get(layer.id, (b"", 0))
+        content += mvt or empty_layer(layer.id)
+        if count > MAX_FEATURES_PER_LAYER:
+            truncated[layer.id] = MAX_FEATURES_PER_LAYER
+    return VectorTile(content, truncated)
