@@ -64,3 +64,13 @@ def test_unknown_collection_is_404_and_names_the_available_ones(client: Client):
     response = client.get("/collections/nope")
     assert response.status_code == 404
     assert "risk_points" in response.json()["description"]
+
+
+def test_vector_collections_link_their_items_queryables_and_tiles(client: Client):
+    doc = client.get("/collections/grids").json()
+    links = {link["rel"]: link["href"] for link in doc["links"]}
+    items = client.get(links["items"], params={"limit": 1})
+    assert items.status_code == 200 and items.json()["type"] == "FeatureCollection"
+    for rel in ("http://www.opengis.net/def/rel/ogc/1.0/queryables",
+                "http://www.opengis.net/def/rel/ogc/1.0/tilesets-vector"):
+        assert client.get(links[rel]).status_code == 200, rel

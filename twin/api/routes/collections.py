@@ -10,11 +10,23 @@ from twin.api.deps import ConnDep, RegistryDep
 router = APIRouter(tags=["collections"])
 
 CRS84 = "http://www.opengis.net/def/crs/OGC/1.3/CRS84"
+QUERYABLES_REL = "http://www.opengis.net/def/rel/ogc/1.0/queryables"
+TILESETS_REL = "http://www.opengis.net/def/rel/ogc/1.0/tilesets-vector"
 
 
 def collection_document(layer: Layer, base: str, count: int | None, version: int) -> dict:
-    links = [{"href": f"{base}/collections/{layer.id}", "rel": "self",
-              "type": "application/json", "title": layer.title_en}]
+    here = f"{base}/collections/{layer.id}"
+    links = [{"href": here, "rel": "self", "type": "application/json", "title": layer.title_en}]
+    if layer.kind == "vector":
+        # GDAL's OGCAPI driver and OWSLib find the features through these links.
+        links += [
+            {"href": f"{here}/items", "rel": "items", "type": "application/geo+json",
+             "title": "Features"},
+            {"href": f"{here}/queryables", "rel": QUERYABLES_REL,
+             "type": "application/schema+json", "title": "Queryables"},
+            {"href": f"{here}/tiles", "rel": TILESETS_REL, "type": "application/json",
+             "title": "Vector tilesets"},
+        ]
     return {
         "id": layer.id,
         "title": layer.title_zh,
