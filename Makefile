@@ -14,13 +14,15 @@ run: system-deps venv
 	$(VENV)/bin/twin run
 
 test: system-deps venv
+	[ -d tests/js/node_modules ] || npm ci --prefix tests/js --no-audit --no-fund
 	$(VENV)/bin/twin db up
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check twin tiles layers data_samples tests
 
-# Debian packages: PostgreSQL with PostGIS and pgRouting, and Python's venv module.
+# Debian packages: PostgreSQL with PostGIS and pgRouting, Python's venv module, and Node.js
+# (npm runs the MapLibre style validator in the tests).
 # Debian's own 'main' cluster is not created: twin runs its own (see twin/cluster.py).
 system-deps:
 	@missing=0; \
@@ -28,12 +30,14 @@ system-deps:
 	  [ -e "$$f" ] || missing=1; \
 	done; \
 	python3 -c 'import venv, ensurepip' 2>/dev/null || missing=1; \
+	command -v npm >/dev/null || missing=1; \
 	if [ $$missing = 1 ]; then \
-	  echo "Installing Debian packages: $(PG_PACKAGES) python3-venv"; \
+	  echo "Installing Debian packages: $(PG_PACKAGES) python3-venv nodejs npm"; \
 	  mkdir -p /etc/postgresql-common; \
 	  [ -e /etc/postgresql-common/createcluster.conf ] || echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.conf; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	    $(PG_PACKAGES) python3-venv python3-dev build-essential; \
+	    $(PG_PACKAGES) python3-venv python3-dev build-essential \
+	    $$(command -v npm >/dev/null || echo nodejs npm); \
 	fi
 
 venv: $(VENV)/.installed

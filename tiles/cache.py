@@ -71,7 +71,8 @@ class TileCache:
 def tile_key(layers: Sequence[Layer], tile: morecantile.Tile, options: TileOptions,
              versions: dict[str, int]) -> tuple:
     return (tuple(layer.id for layer in layers), tile.z, tile.x, tile.y,
-            options.filters.sectors, options.filters.levels, options.aggregate_below,
+            options.filters.sectors, options.filters.levels, options.filters.cql,
+            options.aggregate_below,
             tuple(versions.get(layer.id, 0) for layer in layers))
 
 

@@ -1,4 +1,9 @@
-"""Tile filters (``sector=``, ``level=``): checked here, applied in SQL by the builders."""
+"""Tile filters (``sector=``, ``level=``, ``filter=``): checked here, applied in SQL.
+
+``sector`` and ``level`` apply to the requested layers that have those fields. A CQL2-text
+``filter`` applies to every requested layer and may name only fields each of them has: a
+composite tile cannot say which layer a property was meant for, so it refuses to guess.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,9 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from layers.registry import Layer
 from twin.errors import InvalidParameter
+from twin.queries.cql2 import compile_filter
 
 RISK_LEVELS = (1, 2, 3, 4)
 
@@ -20,6 +27,8 @@ class TileFilters:
 
     sectors: tuple[str, ...] = ()
     levels: tuple[int, ...] = ()
+    # CQL2-text as sent (stripped); None for no filter.
+    cql: str | None = None
 
     def applies_to(self, field_names: set[str]) -> bool:
         return (not self.sectors or "sector_code" in field_names) and (
@@ -29,14 +38,23 @@ class TileFilters:
     def active(self) -> bool:
         return bool(self.sectors or self.levels)
 
+    def for_layer(self, layer: Layer) -> TileFilters:
+        """The filters that apply to the layer: sector and level only where it has them."""
+        names = {f["name"] for f in layer.fields}
+        return TileFilters(self.sectors if "sector_code" in names else (),
+                           self.levels if "level" in names else (), self.cql)
+
 
 def _split(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
-async def parse_filters(conn: AsyncConnection, sector: str | None,
-                        level: str | None) -> TileFilters:
-    """Comma lists from the query string, checked against the sectors table and levels 1-4."""
+async def parse_filters(conn: AsyncConnection, sector: str | None, level: str | None,
+                        cql: str | None = None) -> TileFilters:
+    """Comma lists from the query string, checked against the sectors table and levels 1-4.
+
+    The CQL2 filter is checked against each layer's fields when the tile is built.
+    """
     sectors = _split(sector)
     if sectors:
         known = (await conn.execute(_SECTOR_CODES)).scalars().all()
@@ -48,11 +66,23 @@ async def parse_filters(conn: AsyncConnection, sector: str | None,
     bad = [value for value in levels if value not in {str(n) for n in RISK_LEVELS}]
     if bad:
         raise InvalidParameter(f"unknown level {', '.join(bad)}; levels are 1 (major) to 4 (low)")
-    return TileFilters(tuple(sorted(set(sectors))), tuple(sorted({int(v) for v in levels})))
+    if cql is not None and not cql.strip():
+        raise InvalidParameter("filter: the filter is empty")
+    return TileFilters(tuple(sorted(set(sectors))), tuple(sorted({int(v) for v in levels})),
+                       cql.strip() if cql else None)
 
 
-def filter_sql(filters: TileFilters, suffix: str) -> tuple[str, dict]:
+def cql_sql(cql: str, layer: Layer, prefix: str) -> tuple[str, dict]:
+    """The CQL2 filter as a predicate over the layer's fields; names the layer on error."""
+    try:
+        return compile_filter(cql, {f["name"]: f["type"] for f in layer.fields}, prefix)
+    except InvalidParameter as error:
+        raise InvalidParameter(f"{error} (in layer '{layer.id}')") from None
+
+
+def filter_sql(filters: TileFilters, layer: Layer, suffix: str) -> tuple[str, dict]:
     """The predicate (starting with AND) and its bound values, named uniquely per layer."""
+    filters = filters.for_layer(layer)
     clauses, params = [], {}
     if filters.sectors:
         clauses.append(f"sector_code = ANY(:sectors_{suffix})")
@@ -60,4 +90,8 @@ def filter_sql(filters: TileFilters, suffix: str) -> tuple[str, dict]:
     if filters.levels:
         clauses.append(f"level = ANY(:levels_{suffix})")
         params[f"levels_{suffix}"] = list(filters.levels)
+    if filters.cql:
+        predicate, cql_params = cql_sql(filters.cql, layer, f"cql_{suffix}_")
+        clauses.append(predicate)
+        params.update(cql_params)
     return "".join(f" AND {clause}" for clause in clauses), params

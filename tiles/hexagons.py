@@ -110,7 +110,7 @@ async def aggregate(conn: AsyncConnection, layer: Layer, tile: morecantile.Tile,
                     filters: TileFilters) -> HexagonRows:
     res = resolution_for_zoom(tile.z)
     west, south, east, north = search_bounds(tile, res)
-    predicate, params = filter_sql(filters, "agg")
+    predicate, params = filter_sql(filters, layer, "agg")
     # The column name comes from a fixed range of integers; source_filter from the registry.
     query = _AGGREGATE.format(cell_column=f'"h3_r{res}"', table=f'"{layer.source_table}"',
                               where=layer.where, filters=predicate)

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from layers.registry import Layer
 from tiles import hexagons
-from tiles.filters import TileFilters, filter_sql
+from tiles.filters import TileFilters, cql_sql, filter_sql
 from twin.errors import InvalidParameter
 
 EXTENT = 4096
@@ -72,6 +72,10 @@ def check_vector_layers(layers: Sequence[Layer], filters: TileFilters) -> None:
             filters.applies_to({f["name"] for f in layer.fields}) for layer in layers):
         raise InvalidParameter("the sector and level filters apply to risk_points only; "
                                "none of the requested layers has those fields")
+    if filters.cql:
+        # Compiled once per layer here too, so a bad filter is refused before any query runs.
+        for layer in layers:
+            cql_sql(filters.cql, layer, "check")
 
 
 def empty_layer(name: str) -> bytes:
@@ -110,10 +114,7 @@ def _features_part(i: int, layer: Layer, z: int, filters: TileFilters) -> _Layer
         # Half a tile pixel: invisible after ST_AsMVTGeom snaps to the grid, but much less to clip.
         geom = f"ST_Simplify({geom}, :tolerance_{i}, true)"
         params[f"tolerance_{i}"] = WEB_MERCATOR_WIDTH_M / 2**z / EXTENT / 2
-    names = {f["name"] for f in layer.fields}
-    predicate, filter_params = filter_sql(
-        TileFilters(filters.sectors if "sector_code" in names else (),
-                    filters.levels if "level" in names else ()), str(i))
+    predicate, filter_params = filter_sql(filters, layer, str(i))
     params.update(filter_params)
     columns = "".join(f", source.{quote(f['name'])}" for f in layer.fields)
     # source_filter is a fixed predicate from the registry, never user input.

@@ -13,6 +13,7 @@ from tiles.cache import TileCache, cached_tile
 from tiles.filters import parse_filters
 from tiles.grid import tile_address, tile_matrix_set
 from tiles.hexagons import AGGREGATE_BELOW_ZOOM
+from tiles.style import risk_map_style
 from tiles.vector import TileOptions
 from twin.api.deps import ConnDep, RegistryDep
 
@@ -44,6 +45,8 @@ TileCacheDep = Annotated[TileCache, Depends(get_tile_cache)]
 SectorQuery = Annotated[str | None, Query(description="comma list of sector codes")]
 LevelQuery = Annotated[str | None, Query(description="comma list of risk levels, 1-4")]
 AggregateQuery = Annotated[bool, Query(description="risk points as H3 hexagons at low zoom")]
+FilterQuery = Annotated[str | None, Query(
+    alias="filter", description="CQL2-text over the fields of every requested layer")]
 
 
 def _base(request: Request) -> str:
@@ -52,9 +55,10 @@ def _base(request: Request) -> str:
 
 async def _tile_response(request: Request, conn: ConnDep, registry: RegistryDep,
                          cache: TileCache, layers: Sequence[Layer], z: int, x: int, y: int,
-                         sector: str | None, level: str | None, aggregate: bool) -> Response:
+                         sector: str | None, level: str | None, cql: str | None,
+                         aggregate: bool) -> Response:
     tile = tile_address(z, x, y)
-    filters = await parse_filters(conn, sector, level)
+    filters = await parse_filters(conn, sector, level, cql)
     options = TileOptions(filters, AGGREGATE_BELOW_ZOOM if aggregate else 0)
     made = await cached_tile(conn, registry, cache, layers, tile, options)
     headers = {"ETag": made.etag, "Cache-Control": CACHE_CONTROL, "Vary": "Accept-Encoding"}
@@ -101,11 +105,12 @@ async def get_collection_tile(collection_id: str, tms_id: str, tile_matrix: int,
                               tile_col: int, request: Request, conn: ConnDep,
                               registry: RegistryDep, cache: TileCacheDep,
                               sector: SectorQuery = None, level: LevelQuery = None,
+                              cql: FilterQuery = None,
                               aggregate: AggregateQuery = True) -> Response:
     layers = [registry.get(collection_id)]
     tile_matrix_set(tms_id)
     return await _tile_response(request, conn, registry, cache, layers, tile_matrix, tile_col,
-                                tile_row, sector, level, aggregate)
+                                tile_row, sector, level, cql, aggregate)
 
 
 @router.get("/tiles/{layer_ids}/tilejson.json", summary="TileJSON 3.0.0 of one or more layers")
@@ -120,7 +125,13 @@ async def get_tilejson(layer_ids: str, request: Request, registry: RegistryDep) 
 async def get_xyz_tile(layer_ids: str, z: int, x: int, y: int, request: Request,
                        conn: ConnDep, registry: RegistryDep, cache: TileCacheDep,
                        sector: SectorQuery = None, level: LevelQuery = None,
+                       cql: FilterQuery = None,
                        aggregate: AggregateQuery = True) -> Response:
     layers = metadata.resolve_layers(registry, layer_ids)
     return await _tile_response(request, conn, registry, cache, layers, z, x, y,
-                                sector, level, aggregate)
+                                sector, level, cql, aggregate)
+
+
+@router.get("/styles/risk-map.json", summary="MapLibre style of the one map, over twin's tiles")
+async def get_risk_map_style(request: Request, registry: RegistryDep) -> dict:
+    return risk_map_style(registry, _base(request))
