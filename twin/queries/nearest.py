@@ -18,7 +18,7 @@ from twin.errors import InvalidParameter
 from twin.models import TEAM_TYPES
 
 MAX_K = 100
-MODES = ("distance",)
+MODES = ("distance", "road")
 # The shortest degree of latitude on WGS84 (at the equator), in metres.
 MIN_METRES_PER_DEGREE = 110_574.0
 

@@ -1,4 +1,4 @@
-"""Planners' questions under /query: who owns a spot, which teams are nearest."""
+"""Planners' questions under /query: who owns a spot, which teams are nearest, H3 counts."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
 from twin.api.deps import ConnDep
+from twin.errors import InvalidParameter
+from twin.queries.h3_stats import h3_counts
 from twin.queries.locate import locate as locate_point
 from twin.queries.nearest import check_nearest
 from twin.queries.nearest import nearest_teams as rank_teams
+from twin.queries.routing import SNAP_SPEED_KMH, check_max_minutes, nearest_teams_by_road
 
 router = APIRouter(tags=["queries"])
 
@@ -32,25 +35,54 @@ async def locate(conn: ConnDep, lon: float = Lon, lat: float = Lat,
 def _team_feature(rank: int, team) -> dict:
     properties = {"rank": rank, **asdict(team)}
     lon, lat = properties.pop("lon"), properties.pop("lat")
+    if properties.get("route", False) is None:
+        del properties["route"]
     return {"type": "Feature", "id": team.id,
             "geometry": {"type": "Point", "coordinates": [lon, lat]},
             "properties": properties}
 
 
-@router.get("/query/nearest-teams", summary="Response teams nearest to a spot (GeoJSON)",
-            response_class=JSONResponse)
+@router.get("/query/nearest-teams", summary="Response teams nearest to a spot, by geodesic "
+            "distance or by road travel time (GeoJSON)", response_class=JSONResponse)
 async def nearest_teams(
     conn: ConnDep, lon: float = Lon, lat: float = Lat,
     type: str | None = Query(None, description="team type; every type when absent"),
     k: int = Query(5, description="how many teams, 1 to 100"),
-    mode: str = Query("distance", description="'distance' (geodesic metres)"),
+    mode: str = Query("distance", description="'distance' (geodesic metres) or 'road' "
+                      "(travel time over the road graph)"),
+    max_minutes: float | None = Query(None, description="road mode: teams slower than this "
+                                      "get route_status 'beyond_cutoff'"),
+    route: bool = Query(False, description="road mode: add each team's route as a "
+                        "LineString in its properties"),
 ) -> JSONResponse:
     check_nearest(k, type, mode)
-    teams = await rank_teams(conn, lon, lat, k, type)
+    if mode == "road":
+        check_max_minutes(max_minutes)
+        teams = await nearest_teams_by_road(conn, lon, lat, k, type, max_minutes, route)
+    else:
+        for name, value in (("max_minutes", max_minutes), ("route", route or None)):
+            if value is not None:
+                raise InvalidParameter(f"{name}: only available with mode=road")
+        teams = await rank_teams(conn, lon, lat, k, type)
+    query = {"lon": lon, "lat": lat, "type": type, "k": k, "mode": mode}
+    if mode == "road":
+        query |= {"max_minutes": max_minutes, "route": route,
+                  "snap_speed_kmh": SNAP_SPEED_KMH}
     body = {
         "type": "FeatureCollection",
-        "query": {"lon": lon, "lat": lat, "type": type, "k": k, "mode": mode},
+        "query": query,
         "features": [_team_feature(rank, team) for rank, team in enumerate(teams, 1)],
         "numberReturned": len(teams),
     }
     return JSONResponse(body, media_type="application/geo+json")
+
+
+@router.get("/query/h3", summary="Risk points counted per H3 cell (hex cell ids)")
+async def h3_cells(
+    conn: ConnDep,
+    res: int = Query(..., description="H3 resolution, 3 to 9"),
+    sector: str | None = Query(None, description="comma-separated sector codes"),
+    level: str | None = Query(None, description="comma-separated risk levels, 1 to 4"),
+    bbox: str | None = Query(None, description="west,south,east,north in CRS84"),
+) -> dict:
+    return await h3_counts(conn, res, sector, level, bbox)
