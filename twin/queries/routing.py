@@ -26,7 +26,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from twin.errors import InvalidParameter
-from twin.queries.nearest import check_nearest, check_point
+from twin.queries.nearest import Team, check_nearest, check_point
 
 SNAP_SPEED_KMH = 15.0
 MIN_CANDIDATES = 20
@@ -51,19 +51,7 @@ def snap_seconds(metres: float) -> float:
 
 
 @dataclass(frozen=True)
-class RoadTeam:
-    id: int
-    code: str
-    name_zh: str
-    name_en: str
-    team_type: str
-    status: str
-    headcount: int
-    phone: str
-    district_code: str
-    lon: float
-    lat: float
-    distance_m: float
+class RoadTeam(Team):
     # 'ok', 'beyond_cutoff' (reachable, slower than max_minutes) or 'unreachable'
     route_status: str
     travel_time_s: float | None
