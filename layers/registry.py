@@ -36,6 +36,11 @@ class Layer:
     min_zoom: int = 0
     max_zoom: int = 22
     origin: str = "builtin"
+    # Uploaded layers: the version published when the registry was resolved, its data version
+    # (see LayerRegistry.data_versions) and kind-specific facts (3D anchor, raster bands).
+    current_version: int | None = None
+    data_version: int = 0
+    meta: dict = field(default_factory=dict)
 
     @property
     def where(self) -> str:
@@ -56,7 +61,19 @@ _UPSERT_LAYER = text("""
         source_filter = EXCLUDED.source_filter, fields = EXCLUDED.fields, bbox = EXCLUDED.bbox,
         file_path = EXCLUDED.file_path, min_zoom = EXCLUDED.min_zoom,
         max_zoom = EXCLUDED.max_zoom, data_version = layers.data_version + 1, updated_at = now()
+    WHERE (layers.title_zh, layers.title_en, layers.kind, layers.geometry_type,
+           layers.source_table, layers.source_filter, layers.fields, layers.bbox,
+           layers.file_path, layers.min_zoom, layers.max_zoom)
+          IS DISTINCT FROM
+          (EXCLUDED.title_zh, EXCLUDED.title_en, EXCLUDED.kind, EXCLUDED.geometry_type,
+           EXCLUDED.source_table, EXCLUDED.source_filter, EXCLUDED.fields, EXCLUDED.bbox,
+           EXCLUDED.file_path, EXCLUDED.min_zoom, EXCLUDED.max_zoom)
 """)
+
+# Built-in layers that a newer twin no longer defines (renamed or dropped).
+_DELETE_STALE_BUILTINS = text(
+    "DELETE FROM layers WHERE origin = 'builtin' AND NOT (id = ANY(:ids))"
+)
 
 _COLUMN_TYPES = text("""
     SELECT column_name, data_type
@@ -86,7 +103,12 @@ def _raster_bbox(path: Path) -> list[float]:
 
 
 def register_builtin_layers(conn: Connection, samples_dir: Path) -> int:
-    """Insert or refresh every built-in layer; returns how many were registered."""
+    """Insert or refresh every built-in layer; returns how many were registered.
+
+    Idempotent: a layer whose definition is unchanged keeps its data version (and so its
+    cached tiles); one that changed gets a new version.
+    """
+    conn.execute(_DELETE_STALE_BUILTINS, {"ids": [layer.id for layer in BUILTIN_LAYERS]})
     for layer in BUILTIN_LAYERS:
         if layer.kind == "raster":
             path = samples_dir / layer.file_name
@@ -105,7 +127,8 @@ def register_builtin_layers(conn: Connection, samples_dir: Path) -> int:
 
 _SELECT_LAYERS = text("""
     SELECT id, title_zh, title_en, kind, geometry_type, source_table, source_filter, fields,
-           bbox, source_crs, source_datum, file_path, min_zoom, max_zoom, origin
+           bbox, source_crs, source_datum, file_path, min_zoom, max_zoom, origin,
+           current_version, data_version, meta
       FROM layers
      ORDER BY origin, id
 """)
@@ -139,7 +162,15 @@ class LayerRegistry:
 
     async def data_versions(self, conn: AsyncConnection) -> dict[str, int]:
         rows = await conn.execute(text("SELECT id, data_version FROM layers"))
-        return dict(rows.all())
+        versions = dict(rows.all())
+        # An uploaded layer's rows never change in place: a publish points it at another table
+        # and then resolves the registry again. Until that happens this registry still reads
+        # the old table, so it must key tiles by the version it was resolved at, never by a
+        # newer one (which would cache old rows under the new version's key).
+        for layer in self._layers.values():
+            if layer.origin == "upload" and layer.id in versions:
+                versions[layer.id] = layer.data_version
+        return versions
 
     async def feature_count(self, conn: AsyncConnection, layer: Layer, version: int) -> int | None:
         """Exact feature count of a vector layer, computed once per data version."""

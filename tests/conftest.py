@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -107,3 +109,41 @@ def server(engine: Engine, database_url: str) -> Iterator[LiveServer]:
 def client(server: LiveServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=30) as client:
         yield client
+
+
+class ServerProcess:
+    """``twin serve`` in a process of its own, for clients that hold the GIL while they wait
+    on the network (GDAL through pyogrio would deadlock an in-process server thread)."""
+
+    def __init__(self, database_url: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "TWIN_DATABASE_URL": database_url, "TWIN_PORT": str(self.port)}
+        self.process = subprocess.Popen([sys.executable, "-m", "twin.cli", "serve"], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def __enter__(self) -> ServerProcess:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"twin serve did not start: {self.process.stderr.read()!r}")
+            time.sleep(0.1)
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server_process(engine: Engine, database_url: str) -> Iterator[ServerProcess]:
+    with ServerProcess(database_url) as live:
+        yield live

@@ -34,6 +34,20 @@ def test_a_second_load_reuses_the_database(engine: Engine, sample_dir: Path):
     assert table_counts(engine) == before
 
 
+
+def test_a_reused_database_gets_this_versions_builtin_layers(engine: Engine, sample_dir: Path):
+    """A layer an older twin registered (since renamed) goes; unchanged layers keep versions."""
+    versions = "SELECT id, data_version FROM layers WHERE origin = 'builtin' ORDER BY id"
+    with engine.begin() as conn:
+        before = conn.execute(text(versions)).all()
+        conn.execute(text(
+            "INSERT INTO layers (id, title_zh, title_en, kind, fields, source_crs, source_datum, "
+            "min_zoom, max_zoom, origin) VALUES ('communitys', '旧', 'Old name', 'vector', "
+            "'[]', 'EPSG:4326', 'wgs84', 0, 22, 'builtin')"))
+    assert load_sample(engine, sample_dir).skipped
+    with engine.connect() as conn:
+        assert conn.execute(text(versions)).all() == before
+
 def corrupt_line(path: Path, line_number: int, column: int, value: str) -> None:
     lines = path.read_text().splitlines()
     cells = lines[line_number - 1].split(",")

@@ -12,6 +12,7 @@ from datetime import datetime
 from geoalchemy2 import Geometry
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Double,
@@ -341,6 +342,76 @@ class Layer(Base):
     max_zoom: Mapped[int] = mapped_column(SmallInteger, default=22)
     origin: Mapped[str] = mapped_column(String(8), default="builtin")
     data_version: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # Uploaded layers (migration 0003): the published version, who uploaded it, and who may
+    # see it (owner_scope/shared are read by issue 7's access rules; NULL scope = everyone).
+    current_version: Mapped[int | None] = mapped_column(Integer)
+    uploaded_by: Mapped[str | None] = mapped_column(Text)
+    owner_scope: Mapped[str | None] = mapped_column(Text)
+    shared: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    # Kind-specific facts of the published version: a 3D model's anchor, heading and CIM level,
+    # a raster's bands, nodata and whether it is a DEM.
+    meta: Mapped[dict] = mapped_column(JSONB, default=dict, server_default=text("'{}'::jsonb"))
+
+
+UPLOAD_JOB_STATES = ("queued", "running", "succeeded", "failed")
+
+
+class LayerVersion(Base):
+    """Every uploaded version of a layer: its own table (vector) or file (raster, 3D).
+
+    Rollback copies a version's fields/bbox/geometry type back onto ``layers``; a version's
+    table or file is kept until the layer is deleted.
+    """
+
+    __tablename__ = "layer_versions"
+
+    layer_id: Mapped[str] = mapped_column(
+        ForeignKey("layers.id", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    table_name: Mapped[str | None] = mapped_column(String(63))
+    file_path: Mapped[str | None] = mapped_column(Text)
+    geometry_type: Mapped[str | None] = mapped_column(String(24))
+    fields: Mapped[list] = mapped_column(JSONB, default=list)
+    bbox: Mapped[list[float] | None] = mapped_column(ARRAY(Double))
+    feature_count: Mapped[int | None] = mapped_column(BigInteger)
+    source_file_name: Mapped[str] = mapped_column(Text)
+    # The CRS as given (EPSG code or the .prj's WKT) and the declared offset datum.
+    source_crs: Mapped[str] = mapped_column(Text)
+    source_datum: Mapped[str] = mapped_column(String(16))
+    meta: Mapped[dict] = mapped_column(JSONB, default=dict)
+    report: Mapped[dict] = mapped_column(JSONB, default=dict)
+    created_by: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class UploadJob(Base):
+    """An upload being ingested in the background; GET /jobs/{id} reads this row."""
+
+    __tablename__ = "upload_jobs"
+    __table_args__ = (
+        CheckConstraint(_in("state", UPLOAD_JOB_STATES), name="upload_job_state"),
+        CheckConstraint("progress BETWEEN 0 AND 100", name="upload_job_progress"),
+        # One queued or running job per layer: a second concurrent upload is refused (409).
+        Index("upload_jobs_one_active_per_layer", "layer_id", unique=True,
+              postgresql_where=text("state IN ('queued', 'running')")),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    layer_id: Mapped[str] = mapped_column(String(64))
+    # 'create' (POST /layers) or 'replace' (PUT /layers/{id})
+    action: Mapped[str] = mapped_column(String(8))
+    state: Mapped[str] = mapped_column(String(10))
+    progress: Mapped[int] = mapped_column(SmallInteger, default=0)
+    step: Mapped[str] = mapped_column(Text, default="queued")
+    reasons: Mapped[list] = mapped_column(JSONB, default=list)
+    report: Mapped[dict] = mapped_column(JSONB, default=dict)
+    # The form fields (title, source_crs, datum, layer, anchor...) and the stored file name.
+    params: Mapped[dict] = mapped_column(JSONB, default=dict)
+    file_name: Mapped[str] = mapped_column(Text)
+    version: Mapped[int | None] = mapped_column(Integer)
+    created_by: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 

@@ -78,6 +78,8 @@ def load_sample(engine: Engine, sample_dir: Path, verify: bool = True,
                               {"name": DATASET}).scalar()
         if loaded == digest and not force:
             log.info("sample city already loaded (%s), reusing it", sample_dir.name)
+            # This twin's built-in layer list may differ from the one that loaded the data.
+            register_builtin_layers(conn, sample_dir)
             return LoadReport(True, 0.0, manifest["tables"])
         conn.execute(text(f"TRUNCATE {', '.join(TABLE_ORDER)} CASCADE"))
         rows = {table: _copy_table(conn, sample_dir / f"{table}.csv", table)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from layers.registry import LayerRegistry
+from twin import auth
+from twin.auth import AuthError, Forbidden, KeyTable, Principal, authenticate
 from twin.settings import Settings
 
 
@@ -28,3 +31,34 @@ async def get_registry(request: Request) -> LayerRegistry:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 ConnDep = Annotated[AsyncConnection, Depends(get_connection)]
 RegistryDep = Annotated[LayerRegistry, Depends(get_registry)]
+
+
+# --- who is calling (issue 5; issue 7 swaps the key source inside twin/auth.py) -----------
+
+def get_key_table(request: Request) -> KeyTable:
+    table = getattr(request.app.state, "key_table", None)
+    if table is None:
+        table = request.app.state.key_table = KeyTable(request.app.state.settings.auth.keys)
+    return table
+
+
+def require_role(role: str) -> Callable[[Request], Principal]:
+    """A dependency that lets through only callers whose key has ``role`` (or a stronger one)."""
+
+    def dependency(request: Request) -> Principal:
+        principal = authenticate(request.headers.get("authorization"), get_key_table(request))
+        return auth.require_role(principal, role)
+
+    return dependency
+
+
+async def auth_error(request: Request, exc: AuthError) -> JSONResponse:
+    """401/403 with the challenge RFC 6750 asks for."""
+    challenge = 'Bearer realm="twin"'
+    if isinstance(exc, Forbidden):
+        challenge += ', error="insufficient_scope"'
+    return JSONResponse({"code": type(exc).__name__, "description": str(exc)},
+                        status_code=exc.status_code, headers={"WWW-Authenticate": challenge})
+
+
+EditorDep = Annotated[Principal, Depends(require_role("gis-editor"))]

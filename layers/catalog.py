@@ -1,0 +1,88 @@
+"""GET /layers and /layers/{id}: every layer with what GIS staff ask about it.
+
+Built-in layers are listed too (origin 'builtin', no versions); uploaded layers add their
+versions, uploader and the published version's report.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from layers.registry import LayerRegistry
+from twin.errors import NotFound
+
+_LAYERS = """
+    SELECT l.id, l.title_zh, l.title_en, l.kind, l.geometry_type, l.fields, l.bbox,
+           l.source_crs, l.source_datum, l.origin, l.current_version, l.uploaded_by,
+           l.owner_scope, l.shared, l.meta, l.min_zoom, l.max_zoom, l.data_version,
+           l.created_at, l.updated_at, v.feature_count, v.source_file_name, v.report
+      FROM layers AS l
+      LEFT JOIN layer_versions AS v ON v.layer_id = l.id AND v.version = l.current_version
+"""
+
+_VERSIONS = text("""
+    SELECT version, geometry_type, feature_count, source_file_name, source_crs, source_datum,
+           bbox, fields, created_by, created_at, report
+      FROM layer_versions WHERE layer_id = :id ORDER BY version
+""")
+
+
+def _document(row: dict, base: str) -> dict:
+    layer = {k: v for k, v in row.items() if k not in ("report", "source_file_name")}
+    layer["links"] = _links(row, base)
+    return layer
+
+
+def _links(row: dict, base: str) -> list[dict]:
+    here = f"{base}/layers/{row['id']}"
+    links = [{"href": here, "rel": "self", "type": "application/json"}]
+    if row["kind"] == "vector":
+        links += [{"href": f"{base}/collections/{row['id']}/items", "rel": "items",
+                   "type": "application/geo+json"},
+                  {"href": f"{base}/tiles/{row['id']}/{{z}}/{{x}}/{{y}}.mvt", "rel": "tiles",
+                   "type": "application/vnd.mapbox-vector-tile", "templated": True}]
+    elif row["kind"] == "raster":
+        links += [{"href": f"{base}/tiles/{row['id']}/{{z}}/{{x}}/{{y}}.png", "rel": "tiles",
+                   "type": "image/png", "templated": True},
+                  {"href": f"{base}/tiles/{row['id']}/raster-tilejson.json", "rel": "describedby",
+                   "type": "application/json"}]
+    else:
+        links.append({"href": f"{here}/model", "rel": "enclosure", "type": "model/gltf-binary"})
+    return links
+
+
+async def list_layers(conn: AsyncConnection, registry: LayerRegistry, base: str) -> list[dict]:
+    rows = (await conn.execute(text(_LAYERS + " ORDER BY l.origin DESC, l.id"))).mappings().all()
+    out = []
+    for row in rows:
+        row = dict(row)
+        if row["origin"] == "builtin" and row["kind"] == "vector":
+            row["feature_count"] = await _builtin_count(conn, registry, row)
+        out.append(_document(row, base))
+    return out
+
+
+async def layer_detail(conn: AsyncConnection, registry: LayerRegistry, layer_id: str,
+                       base: str) -> dict:
+    row = (await conn.execute(text(_LAYERS + " WHERE l.id = :id"), {"id": layer_id})
+           ).mappings().first()
+    if row is None:
+        raise NotFound(f"unknown layer '{layer_id}'")
+    row = dict(row)
+    if row["origin"] == "builtin" and row["kind"] == "vector":
+        row["feature_count"] = await _builtin_count(conn, registry, row)
+    document = _document(row, base)
+    document["source_file_name"] = row["source_file_name"]
+    document["report"] = row["report"]
+    versions = (await conn.execute(_VERSIONS, {"id": layer_id})).mappings().all()
+    document["versions"] = [dict(v) for v in versions]
+    return document
+
+
+async def _builtin_count(conn: AsyncConnection, registry: LayerRegistry, row: dict) -> int | None:
+    try:
+        layer = registry.get(row["id"])
+    except NotFound:
+        return None
+    return await registry.feature_count(conn, layer, row["data_version"])

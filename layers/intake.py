@@ -1,0 +1,72 @@
+"""What an upload request does before it queues a job: every check that can answer 4xx at once.
+
+The file is already spooled into the job's folder; here it is checked (layers.safety), an
+archive is unpacked, the layer of a multi-layer file is chosen, and the form fields are parsed.
+What remains for the job (reading, reprojecting, cleaning, writing) can only fail with reasons
+in the job report.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import asdict
+from pathlib import Path, PurePosixPath
+
+from layers import crs as crs_mod
+from layers import ingest_model, ingest_vector, safety
+from twin.errors import InvalidParameter
+from twin.settings import UploadSettings
+
+FORM_FIELDS = ("title", "id", "source_crs", "datum", "layer", "lon", "lat", "height", "heading",
+               "cim_level")
+
+
+def stored_name(file_name: str) -> str:
+    """The name the upload is spooled under: fixed stem, the original (checked) suffix."""
+    return "source" + PurePosixPath(file_name.lower()).suffix
+
+
+def prepare(folder: Path, file_name: str, form: dict[str, str | None],
+            limits: UploadSettings) -> dict:
+    """Check the spooled file and the form; returns the job's params (``_``: internal)."""
+    source = folder / stored_name(file_name)
+    inspected = safety.inspect(source, file_name, limits, form.get("layer"))
+    crs_mod.parse_source_crs(form.get("source_crs"))
+    datum = crs_mod.parse_datum(form.get("datum"))
+    main = source.name
+    if inspected.members:
+        unpacked = folder / "unpacked"
+        unpacked.mkdir()
+        paths = safety.extract(source, inspected.members, unpacked, limits)
+        main = str(paths[inspected.main_member].relative_to(folder))
+    params = {k: v for k, v in form.items() if v not in (None, "") and k != "id"}
+    params |= {"_format": inspected.format, "_kind": inspected.kind, "_main": main}
+    if inspected.kind == "vector":
+        layer = ingest_vector.plan_layer(folder / main, inspected.format, form.get("layer"))
+        if layer:
+            params["layer"] = layer
+    elif inspected.kind == "raster" and datum != "wgs84":
+        raise InvalidParameter("datum: GCJ-02/BD-09 correction applies to vector data and 3D "
+                               "anchors; upload rasters in a real CRS (source_crs=)")
+    elif inspected.kind == "3d":
+        anchor = ingest_model.parse_anchor(form.get("lon"), form.get("lat"),
+                                           form.get("height"), form.get("heading"),
+                                           form.get("cim_level"))
+        params["_anchor"] = asdict(anchor)
+    return params
+
+
+def suggested_id(title: str, file_name: str, taken: set[str]) -> str:
+    """A layer id from the title or the file name: ASCII slug, unique among ``taken``."""
+    for candidate in (title, PurePosixPath(file_name).stem):
+        ascii_name = unicodedata.normalize("NFKD", candidate).encode("ascii", "ignore").decode()
+        slug = re.sub(r"[^a-z0-9]+", "_", ascii_name.lower()).strip("_")[:32]
+        if slug and slug[0].isalpha():
+            break
+    else:
+        slug = "layer"
+    name, n = slug, 2
+    while name in taken:
+        name, n = f"{slug}_{n}", n + 1
+    return name

@@ -1,0 +1,159 @@
+"""Shared pieces of the upload tests: a server with keys and tight limits, fixture files made
+by code, and helpers to upload and wait. (No tests here; the test_uploads_* modules use it.)"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from sqlalchemy import Engine
+
+from tests.conftest import LiveServer
+from twin.settings import AuthSettings, Settings, UploadSettings
+
+EDITOR_KEY = "test-editor-key-0123456789"
+VIEWER_KEY = "test-viewer-key-0123456789"
+EDITOR = {"Authorization": f"Bearer {EDITOR_KEY}"}
+VIEWER = {"Authorization": f"Bearer {VIEWER_KEY}"}
+LIMITS = UploadSettings(max_file_bytes=3_000_000, max_archive_members=20,
+                        max_uncompressed_bytes=4_000_000, max_compression_ratio=200,
+                        max_raster_pixels=1_000_000, max_features=50_000)
+
+# Known WGS84 places in Chongqing (lon, lat): Jiefangbei, Chaotianmen, the Grand Theatre.
+PLACES = [(106.5770, 29.5576), (106.5866, 29.5653), (106.5785, 29.5690)]
+NAMES_ZH = ["解放碑", "朝天门", "重庆大剧院"]
+
+
+def upload_settings(database_url: str, uploads_dir: Path) -> Settings:
+    limits = LIMITS.model_copy(update={"dir": uploads_dir})
+    keys = {EDITOR_KEY: "gis-editor:alice", VIEWER_KEY: "viewer"}
+    return Settings(database_url=database_url, uploads=limits, auth=AuthSettings(keys=keys))
+
+
+@pytest.fixture(scope="session")
+def uploads_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("uploads")
+
+
+@pytest.fixture(scope="session")
+def upload_server(engine: Engine, database_url: str, uploads_dir: Path) -> Iterator[LiveServer]:
+    with LiveServer(upload_settings(database_url, uploads_dir)) as live:
+        yield live
+
+
+@pytest.fixture()
+def api(upload_server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=upload_server.url, timeout=60) as client:
+        yield client
+
+
+def post_layer(api: httpx.Client, name: str, content: bytes, **data) -> httpx.Response:
+    return api.post("/layers", files={"file": (name, content)}, data=data, headers=EDITOR)
+
+
+def put_layer(api: httpx.Client, layer_id: str, name: str, content: bytes, **data
+              ) -> httpx.Response:
+    return api.put(f"/layers/{layer_id}", files={"file": (name, content)}, data=data,
+                   headers=EDITOR)
+
+
+def wait(api: httpx.Client, job: dict, timeout: float = 90) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = api.get(f"/jobs/{job['id']}").json()
+        if job["state"] in ("succeeded", "failed"):
+            return job
+        assert time.monotonic() < deadline, f"job still {job['state']}: {job}"
+        time.sleep(0.1)
+
+
+def upload_ok(api: httpx.Client, name: str, content: bytes, **data) -> dict:
+    response = post_layer(api, name, content, **data)
+    assert response.status_code == 202, response.text
+    job = wait(api, response.json())
+    assert job["state"] == "succeeded", job
+    return job
+
+
+# --- fixture files, made by code -------------------------------------------------------
+
+def geojson_points(places=PLACES, names=NAMES_ZH) -> bytes:
+    features = [{"type": "Feature", "properties": {"name": n, "rank": i},
+                 "geometry": {"type": "Point", "coordinates": list(p)}}
+                for i, (p, n) in enumerate(zip(places, names, strict=True))]
+    return json.dumps({"type": "FeatureCollection", "features": features},
+                      ensure_ascii=False).encode()
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def shapefile_zip(tmp: Path, frame, encoding: str, keep_cpg: bool = False,
+                  keep_prj: bool = True) -> bytes:
+    """A zipped Shapefile written by GDAL, optionally without its .cpg or .prj."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "data.shp"
+    frame.to_file(path, engine="pyogrio", encoding=encoding)
+    members = {}
+    for part in sorted(tmp.iterdir()):
+        if (part.suffix == ".cpg" and not keep_cpg) or (part.suffix == ".prj" and not keep_prj):
+            continue
+        members[part.name] = part.read_bytes()
+    return zip_bytes(members)
+
+
+def geotiff(values: np.ndarray, transform, crs: str | None, dtype="float32",
+            nodata=None) -> bytes:
+    profile = {"driver": "GTiff", "width": values.shape[-1], "height": values.shape[-2],
+               "count": 1 if values.ndim == 2 else values.shape[0], "dtype": dtype,
+               "transform": transform, "nodata": nodata}
+    if crs:
+        profile["crs"] = crs
+    with rasterio.MemoryFile() as memory:
+        with memory.open(**profile) as dst:
+            dst.write(values.astype(dtype), 1) if values.ndim == 2 else dst.write(
+                values.astype(dtype))
+        return memory.read()
+
+
+def dem_values(rows: int = 200, cols: int = 200) -> tuple[np.ndarray, object]:
+    """A smooth, made-up DEM over central Chongqing, in EPSG:4326 (0.0005 deg cells)."""
+    transform = from_origin(106.50, 29.60, 0.0005, 0.0005)
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    values = 200 + 150 * np.sin(xx / 23.0) * np.cos(yy / 31.0) + 0.37 * xx
+    return values.astype("float32"), transform
+
+
+def minimal_glb(extra_json: dict | None = None, version: int = 2) -> bytes:
+    """One triangle: positions in a BIN chunk, glTF 2.0 JSON chunk."""
+    positions = np.array([[0, 0, 0], [10, 0, 0], [0, 0, 10]], dtype="<f4").tobytes()
+    document = {
+        "asset": {"version": "2.0", "generator": "twin tests"},
+        "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0}],
+        "meshes": [{"primitives": [{"attributes": {"POSITION": 0}}]}],
+        "accessors": [{"bufferView": 0, "componentType": 5126, "count": 3, "type": "VEC3",
+                       "min": [0, 0, 0], "max": [10, 0, 10]}],
+        "bufferViews": [{"buffer": 0, "byteLength": len(positions)}],
+        "buffers": [{"byteLength": len(positions)}],
+    }
+    document.update(extra_json or {})
+    raw = json.dumps(document).encode()
+    raw += b" " * (-len(raw) % 4)
+    chunks = (struct.pack("<II", len(raw), 0x4E4F534A) + raw
+              + struct.pack("<II", len(positions), 0x004E4942) + positions)
+    return struct.pack("<4sII", b"glTF", version, 12 + len(chunks)) + chunks
