@@ -53,6 +53,8 @@ def test_style_draws_what_the_one_map_needs(client: Client):
     assert dict(zip(colour[2:-1:2], colour[3:-1:2], strict=True)) | {4: colour[-1]} == \
         LEVEL_COLOURS
     assert layers["risk-hexagons-worst-level"]["paint"]["line-color"][1] == ["get", "worst_level"]
+    # Dense point tiles send clusters (count, worst level as "level"): they grow with count.
+    assert '["get", "count"]' in json.dumps(points["paint"]["circle-radius"])
     buildings = layers["buildings-3d"]
     assert buildings["type"] == "fill-extrusion"
     assert ["get", "height_m"] in buildings["paint"]["fill-extrusion-height"]

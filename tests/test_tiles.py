@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import geopandas as gpd
 import h3
 import mapbox_vector_tile
 import morecantile
@@ -122,12 +123,15 @@ def test_hexagon_counts_are_exact(client: Client, risk_points, z: int):
     assert owned_sum == expected > 0
 
 
-def test_hexagons_owned_over_all_tiles_count_every_point_once(client: Client, risk_points):
+@pytest.mark.parametrize("z", [0, 1, 2, 7])
+def test_hexagons_owned_over_all_tiles_count_every_point_once(client: Client, risk_points,
+                                                              z: int):
+    # z0-z2: tiles grown by their buffer reach past the antimeridian.
     bbox = (risk_points.lon.min(), risk_points.lat.min(), risk_points.lon.max(),
             risk_points.lat.max())
     total = 0
-    for tile in WEB_MERCATOR.tiles(*bbox, zooms=[7]):
-        layer = get_tile(client, f"/tiles/risk_points/7/{tile.x}/{tile.y}.mvt")["risk_points"]
+    for tile in WEB_MERCATOR.tiles(*bbox, zooms=[z]):
+        layer = get_tile(client, f"/tiles/risk_points/{z}/{tile.x}/{tile.y}.mvt")["risk_points"]
         total += sum(f["properties"]["count"] for f in layer["features"]
                      if f["properties"]["centroid_in_tile"])
     assert total == len(risk_points)
@@ -167,6 +171,29 @@ def test_composite_tile_holds_every_requested_layer(client: Client):
     assert decoded["buildings"]["features"] == []
     assert decoded["districts"]["features"] and decoded["roads"]["features"]
     assert all(f["properties"]["name_en"] for f in decoded["districts"]["features"])
+
+
+def test_composite_layers_match_a_geopandas_oracle(client: Client, sample_dir: Path):
+    tile = WEB_MERCATOR.tile(*CENTRAL, 11)
+    decoded = get_tile(client, f"/tiles/districts,response_teams/11/{tile.x}/{tile.y}.mvt")
+    box = shapely.box(*WEB_MERCATOR.bounds(tile))
+    west, south, east, north = WEB_MERCATOR.bounds(tile)
+    grow = (east - west) * (BUFFER / EXTENT + 1e-3)
+    buffered = shapely.box(west - grow, south - grow, east + grow, north + grow)
+    admin = gpd.GeoDataFrame(pd.read_csv(sample_dir / "admin_units.csv", dtype={"code": str}))
+    districts = admin[admin.level == "district"].set_geometry(
+        shapely.from_wkb(admin[admin.level == "district"].geom))
+    served = {f["properties"]["code"] for f in decoded["districts"]["features"]}
+    # Every district meeting the tile is there, and nothing that only lies past the buffer.
+    assert set(districts[districts.intersects(box.buffer(-1e-4))].code) <= served
+    assert served <= set(districts[districts.intersects(buffered)].code)
+    teams = pd.read_csv(sample_dir / "response_teams.csv")
+    geoms = shapely.from_wkb(teams.geom)
+    teams = teams.assign(lon=shapely.get_x(geoms), lat=shapely.get_y(geoms))
+    served_teams = {f["id"] for f in decoded["response_teams"]["features"]}
+    assert set(inside(teams, tile)["id"]) <= served_teams
+    assert served_teams <= set(inside(teams, tile, BUFFER / EXTENT + 1e-3)["id"])
+    assert served_teams, "no response team in a central tile"
 
 
 def test_tilejson_describes_the_layers(client: Client):
@@ -258,9 +285,24 @@ def test_a_new_risk_point_shows_on_the_next_request(client: Client, engine: Engi
     ("/tiles/risk_points/3/6/3.mvt?sector=arson", 400, "unknown sector arson"),
     ("/tiles/risk_points/3/6/3.mvt?level=5,x", 400, "unknown level 5, x"),
     ("/tiles/roads/3/6/3.mvt?level=1", 400, "risk_points only"),
+    ("/tiles/risk_points/3/6/3.mvt?filter=level%20%3D", 400, "filter: expected"),
+    ("/tiles/risk_points/3/6/3.mvt?filter=nope%20%3D%201", 400, "unknown property 'nope'"),
+    ("/tiles/risk_points/40/0/0.mvt", 400, "zoom 40"),
+    ("/tiles/risk_points/13/0/8192.mvt", 400, "y=8192"),
+    ("/collections/nope/tiles/WebMercatorQuad/3/3/6", 404, "available layers"),
 ])
 def test_bad_input_is_a_4xx_naming_the_problem(client: Client, path: str, status: int,
                                                words: str):
     response = client.get(path)
     assert response.status_code == status, response.text
     assert words in response.json()["description"]
+
+
+@pytest.mark.parametrize("path", [
+    "/tiles/risk_points/abc/0/0.mvt",
+    "/tiles/risk_points/3/6/3.mvt?aggregate=maybe",
+    "/collections/risk_points/tiles/WebMercatorQuad/3/x/6",
+])
+def test_malformed_tile_requests_are_4xx_not_500(client: Client, path: str):
+    response = client.get(path)
+    assert 400 <= response.status_code < 500, response.text

@@ -18,9 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from layers.registry import Layer, LayerRegistry
 from tiles.vector import TileOptions, VectorTile, render_tile
+from twin.settings import TilesSettings
 
-# Bytes of tiles (plain and gzipped) kept; least recently used go first.
-CACHE_MAX_BYTES = 256 * 1024 * 1024
 GZIP_LEVEL = 6
 
 
@@ -45,7 +44,10 @@ class CachedTile:
 
 
 class TileCache:
-    def __init__(self, max_bytes: int = CACHE_MAX_BYTES):
+    """Tiles by key, at most ``max_bytes`` of them (plain and gzipped); least recently used
+    go first."""
+
+    def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self._tiles: OrderedDict[tuple, CachedTile] = OrderedDict()
         self._bytes = 0
@@ -68,11 +70,22 @@ class TileCache:
             self._bytes -= self._tiles.popitem(last=False)[1].size
 
 
+def tile_cache(settings: TilesSettings) -> TileCache | None:
+    """The app's cache (made in its lifespan), or None when ``TWIN_TILES_CACHE`` is off."""
+    return TileCache(settings.cache_bytes) if settings.cache else None
+
+
 def tile_key(layers: Sequence[Layer], tile: morecantile.Tile, options: TileOptions,
-             versions: dict[str, int]) -> tuple:
+             versions: dict[str, int], scope: str | None = None) -> tuple:
+    """Everything a tile's bytes depend on.
+
+    ``scope`` is the part of the city the caller may see (a principal's jurisdiction, once
+    tiles are restricted by it); None is the whole city.
+    """
     return (tuple(layer.id for layer in layers), tile.z, tile.x, tile.y,
             options.filters.sectors, options.filters.levels, options.filters.cql,
-            options.aggregate_below,
+            options.aggregate, options.aggregate_below, options.feature_cap,
+            options.detail_cap, options.point_cap, scope,
             tuple(versions.get(layer.id, 0) for layer in layers))
 
 
@@ -82,13 +95,14 @@ def etag_of(key: tuple) -> str:
 
 async def cached_tile(conn: AsyncConnection, registry: LayerRegistry, cache: TileCache | None,
                       layers: Sequence[Layer], tile: morecantile.Tile,
-                      options: TileOptions) -> CachedTile:
+                      options: TileOptions, scope: str | None = None) -> CachedTile:
     """The tile for the current data versions: from the cache, or built and cached.
 
     The versions are read before the features, so a cached tile is never older than its key.
+    Without a cache the ETag is the same as with one, so revalidation still gives 304s.
     """
     versions = await registry.data_versions(conn)
-    key = tile_key(layers, tile, options, versions)
+    key = tile_key(layers, tile, options, versions, scope)
     found = cache.get(key) if cache is not None else None
     if found is not None:
         return found

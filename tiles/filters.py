@@ -45,6 +45,11 @@ class TileFilters:
                            self.levels if "level" in names else (), self.cql)
 
 
+def quote(identifier: str) -> str:
+    """A SQL identifier, double-quoted."""
+    return '"' + identifier.replace('"', '""') + '"'
+
+
 def _split(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 

@@ -5,8 +5,9 @@ Which hexagons a tile holds, and what "exact" means at tile edges:
 * A tile holds every hexagon that meets the tile (with its buffer), so the map draws whole
   hexagons across tile edges; the same hexagon therefore appears in up to a few tiles.
 * Each hexagon's counts are over *all* points in the hexagon (after the filters), not only the
-  points inside the tile: the points are read from the tile grown by two hexagon diameters
-  (with a safety factor), and every point of a hexagon that meets the tile lies in that area.
+  points inside the tile: the points are read from the tile and its buffer grown by one
+  hexagon diameter (with a safety factor for H3's uneven cells), and every point of a
+  hexagon that meets the tile and its buffer lies in that area.
 * Each hexagon *belongs* to exactly one tile, the one holding its centre (west and north
   edges inclusive, east and south exclusive); ``centroid_in_tile`` marks it there. Summing
   ``count`` over the hexagons with ``centroid_in_tile`` over all tiles of a zoom gives the
@@ -15,7 +16,6 @@ Which hexagons a tile holds, and what "exact" means at tile edges:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from layers.registry import Layer
 from tiles.filters import TileFilters, filter_sql
-from tiles.grid import lonlat_bounds
+from tiles.grid import WEB_MERCATOR, lonlat_bounds
 
 AGGREGATED_TABLE = "risk_points"
 AGGREGATE_BELOW_ZOOM = 12
@@ -39,6 +39,9 @@ COARSEST, FINEST = 3, 9
 RESOLUTION_BY_ZOOM = {6: 4, 7: 4, 8: 5, 9: 6, 10: 7, 11: 7, 12: 8, 13: 8}
 # H3 cells vary in size around the globe; no edge is more than this times the average.
 EDGE_SAFETY = 1.5
+EARTH_RADIUS_M = 6378137.0
+# The MVT buffer (64 of 4096 tile units), as a fraction of the tile's width.
+BUFFER_FRACTION = 64 / 4096
 HEXAGON_FIELDS = {"h3": "String", "count": "Number", "worst_level": "Number",
                   "resolution": "Number", "centroid_in_tile": "Boolean"}
 
@@ -61,6 +64,17 @@ def cell_boundary_wkb(cell: int) -> bytes:
 
 
 @lru_cache(maxsize=200_000)
+def cell_bbox(cell: int) -> tuple[float, float, float, float]:
+    return shapely.from_wkb(cell_boundary_wkb(cell)).bounds
+
+
+def meets(cell: int, bounds: tuple[float, float, float, float]) -> bool:
+    """Whether the hexagon's box meets ``bounds``; PostGIS clips the rest exactly."""
+    west, south, east, north = cell_bbox(cell)
+    return west <= bounds[2] and east >= bounds[0] and south <= bounds[3] and north >= bounds[1]
+
+
+@lru_cache(maxsize=200_000)
 def cell_centre(cell: int) -> tuple[float, float]:
     lat, lng = h3.cell_to_latlng(h3.int_to_str(cell))
     return lng, lat
@@ -73,9 +87,10 @@ def centre_in_tile(cell: int, bounds: tuple[float, float, float, float]) -> bool
 
 
 def search_bounds(tile: morecantile.Tile, res: int) -> tuple[float, float, float, float]:
-    """The tile grown by two hexagon diameters: holds every point of a hexagon meeting the tile."""
-    west, south, east, north = lonlat_bounds(tile)
-    margin_km = 4 * h3.average_hexagon_edge_length(res, "km") * EDGE_SAFETY
+    """The drawn area (tile and buffer) grown by one hexagon diameter (two edges): every
+    point of a hexagon that meets the drawn area lies within it."""
+    west, south, east, north = buffered_bounds(tile)
+    margin_km = 2 * h3.average_hexagon_edge_length(res, "km") * EDGE_SAFETY
     dlat = margin_km / 110.57
     north, south = min(north + dlat, 89.0), max(south - dlat, -89.0)
     dlng = margin_km / (111.32 * math.cos(math.radians(max(abs(north), abs(south)))))
@@ -84,25 +99,27 @@ def search_bounds(tile: morecantile.Tile, res: int) -> tuple[float, float, float
 
 @dataclass(frozen=True)
 class HexagonRows:
-    """The aggregated hexagons as parallel arrays, ready to ``unnest`` in the tile query."""
+    """The aggregated hexagons as parallel arrays, ready to ``unnest`` in the tile query.
+
+    The boundaries travel as one MultiPolygon (the i-th polygon is the i-th cell): one
+    binary value instead of an array of hundreds, which the driver would escape one by one.
+    """
 
     cells: list[int]
-    boundaries: list[bytes]
+    boundaries: bytes
     counts: list[int]
     worst_levels: list[int]
     centroid_in_tile: list[bool]
-    sector_counts: list[str]
+    # sector code -> count per cell (None where the cell has none: no property is sent).
+    sector_counts: dict[str, list[int | None]]
 
 
 _AGGREGATE = """
-    SELECT cell, sum(n)::int AS count, min(worst)::int AS worst_level,
-           jsonb_object_agg('count_' || sector_code, n) AS sector_counts
-      FROM (SELECT {cell_column} AS cell, sector_code, count(*) AS n, min(level) AS worst
-              FROM {table}
-             WHERE geom && ST_MakeEnvelope(:west, :south, :east, :north, 4326)
-               AND ({where}){filters}
-             GROUP BY 1, 2) AS per_sector
-     GROUP BY cell
+    SELECT {cell_column} AS cell, sector_code, count(*)::int AS n, min(level)::int AS worst
+      FROM {table}
+     WHERE geom && ST_MakeEnvelope(:west, :south, :east, :north, 4326)
+       AND ({where}){filters}
+     GROUP BY 1, 2
 """
 
 
@@ -115,13 +132,37 @@ async def aggregate(conn: AsyncConnection, layer: Layer, tile: morecantile.Tile,
     query = _AGGREGATE.format(cell_column=f'"h3_r{res}"', table=f'"{layer.source_table}"',
                               where=layer.where, filters=predicate)
     params.update(west=west, south=south, east=east, north=north)
-    rows = (await conn.execute(text(query), params)).all()
-    bounds = lonlat_bounds(tile)
+    per_cell: dict[int, dict[str, tuple[int, int]]] = {}
+    for cell, sector, n, worst in (await conn.execute(text(query), params)).all():
+        per_cell.setdefault(cell, {})[sector] = (n, worst)
+    bounds, drawn = lonlat_bounds(tile), buffered_bounds(tile)
+    cells = [cell for cell in per_cell if meets(cell, drawn)]
+    sectors = sorted({sector for cell in cells for sector in per_cell[cell]})
     return HexagonRows(
-        cells=[row.cell for row in rows],
-        boundaries=[cell_boundary_wkb(row.cell) for row in rows],
-        counts=[row.count for row in rows],
-        worst_levels=[row.worst_level for row in rows],
-        centroid_in_tile=[centre_in_tile(row.cell, bounds) for row in rows],
-        sector_counts=[json.dumps(row.sector_counts) for row in rows],
+        cells=cells,
+        boundaries=shapely.MultiPolygon(
+            [shapely.from_wkb(cell_boundary_wkb(cell)) for cell in cells]).wkb,
+        counts=[sum(n for n, _ in per_cell[cell].values()) for cell in cells],
+        worst_levels=[min(worst for _, worst in per_cell[cell].values()) for cell in cells],
+        centroid_in_tile=[centre_in_tile(cell, bounds) for cell in cells],
+        sector_counts={sector: [per_cell[cell].get(sector, (None, None))[0] for cell in cells]
+                       for sector in sectors},
     )
+
+
+def buffered_bounds(tile: morecantile.Tile) -> tuple[float, float, float, float]:
+    """The tile grown by its MVT buffer, in degrees: where a hexagon is drawn at all.
+
+    Inverse Mercator by hand: morecantile wraps longitudes past 180, which would turn the
+    grown world tile inside out.
+    """
+    left, bottom, right, top = WEB_MERCATOR.xy_bounds(tile)
+    grow = (right - left) * BUFFER_FRACTION
+
+    def degrees(x: float, y: float) -> tuple[float, float]:
+        return (math.degrees(x / EARTH_RADIUS_M),
+                math.degrees(math.atan(math.sinh(y / EARTH_RADIUS_M))))
+
+    west, south = degrees(left - grow, bottom - grow)
+    east, north = degrees(right + grow, top + grow)
+    return west, south, east, north

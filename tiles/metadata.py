@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from layers.registry import Layer, LayerRegistry
-from tiles import hexagons
+from tiles import hexagons, points
 from tiles.filters import TileFilters
 from tiles.grid import MAX_ZOOM, WEB_MERCATOR
 from tiles.vector import check_vector_layers, feature_id_column
@@ -28,14 +28,20 @@ def tilejson_type(column_type: str) -> str:
     return "Number" if column_type in NUMERIC_TYPES else "String"
 
 
-def vector_layer(layer: Layer) -> dict:
+def vector_layer(layer: Layer, aggregate_below: int = hexagons.AGGREGATE_BELOW_ZOOM) -> dict:
     fid = feature_id_column(layer)
     fields = {f["name"]: tilejson_type(f["type"]) for f in layer.fields if f["name"] != fid}
     description = layer.title_en
-    if layer.source_table == hexagons.AGGREGATED_TABLE:
+    if layer.source_table == hexagons.AGGREGATED_TABLE and aggregate_below > 0:
         fields.update(hexagons.HEXAGON_FIELDS)
         description += (f"; H3 hexagons (count, count_<sector>, worst_level) below zoom "
-                        f"{hexagons.AGGREGATE_BELOW_ZOOM}")
+                        f"{aggregate_below}")
+    if points.budgeted(layer):
+        fields.update(points.CLUSTER_FIELDS)
+        description += (f"; every field in tiles of at most {points.DETAIL_CAP} points, else "
+                        f"{', '.join(points.THIN_FIELDS)}; over {points.POINT_CAP} points, "
+                        "cells of several points are one feature with count and the worst "
+                        "level")
     return {"id": layer.id, "description": description, "minzoom": layer.min_zoom,
             "maxzoom": min(layer.max_zoom, MAX_ZOOM), "fields": fields}
 
@@ -48,7 +54,8 @@ def union_bounds(layers: Sequence[Layer]) -> list[float]:
             max(b[2] for b in boxes), max(b[3] for b in boxes)]
 
 
-def tilejson(layers: Sequence[Layer], tiles_url: str) -> dict:
+def tilejson(layers: Sequence[Layer], tiles_url: str,
+             aggregate_below: int = hexagons.AGGREGATE_BELOW_ZOOM) -> dict:
     """TileJSON 3.0.0 for a (composite) tile source; ``tiles_url`` has {z}/{x}/{y}."""
     check_vector_layers(layers, TileFilters())
     west, south, east, north = union_bounds(layers)
@@ -60,7 +67,7 @@ def tilejson(layers: Sequence[Layer], tiles_url: str) -> dict:
         "description": " + ".join(layer.title_en for layer in layers),
         "scheme": "xyz",
         "tiles": [tiles_url],
-        "vector_layers": [vector_layer(layer) for layer in layers],
+        "vector_layers": [vector_layer(layer, aggregate_below) for layer in layers],
         "bounds": [west, south, east, north],
         "center": [(west + east) / 2, (south + north) / 2, max(minzoom, 8)],
         "minzoom": minzoom,

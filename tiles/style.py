@@ -50,12 +50,20 @@ def _admin_layers(registry: LayerRegistry) -> list[dict]:
     return layers
 
 
-def _risk_layers(registry: LayerRegistry) -> list[dict]:
+def _point_radius() -> list:
+    """Grows with the zoom; a cluster (``count`` points in one cell) grows with its count."""
+    by_count = ["+", 0, ["*", 1.5, ["sqrt", ["coalesce", ["get", "count"], 1]]]]
+    return ["interpolate", ["linear"], ["zoom"],
+            12, ["+", 1.5, by_count], 18, ["+", 6.5, by_count]]
+
+
+def _risk_layers(registry: LayerRegistry, aggregate_below: int) -> list[dict]:
     points = registry.get("risk_points")
-    # Below AGGREGATE_BELOW_ZOOM the tiles hold H3 hexagons; from it on, the points.
+    # Below aggregate_below the tiles hold H3 hexagons; from it on, points and clusters,
+    # both coloured by "level" (a cluster's is the worst level in it).
     hexagons = {"source": "risk_points", "source-layer": "risk_points",
-                "minzoom": points.min_zoom, "maxzoom": AGGREGATE_BELOW_ZOOM}
-    return [
+                "minzoom": points.min_zoom, "maxzoom": aggregate_below}
+    hexagon_layers = [
         {"id": "risk-hexagons", "type": "fill", **hexagons,
          "paint": {
              "fill-color": ["interpolate", ["linear"], ["get", "count"],
@@ -64,14 +72,17 @@ def _risk_layers(registry: LayerRegistry) -> list[dict]:
          }},
         {"id": "risk-hexagons-worst-level", "type": "line", **hexagons,
          "paint": {"line-color": _by_level("worst_level"), "line-width": 1.5}},
-        {"id": "risk-points", "type": "circle", "source": "risk_points",
-         "source-layer": "risk_points", "minzoom": max(AGGREGATE_BELOW_ZOOM, points.min_zoom),
-         "paint": {
-             "circle-color": _by_level("level"),
-             "circle-radius": ["interpolate", ["linear"], ["zoom"], 12, 3, 18, 8],
-             "circle-stroke-color": "#ffffff", "circle-stroke-width": 1,
-         }},
     ]
+    point_layer = {
+        "id": "risk-points", "type": "circle", "source": "risk_points",
+        "source-layer": "risk_points", "minzoom": max(aggregate_below, points.min_zoom),
+        "paint": {
+            "circle-color": _by_level("level"),
+            "circle-radius": _point_radius(),
+            "circle-stroke-color": "#ffffff", "circle-stroke-width": 1,
+        }}
+    # No hexagon layers when aggregation is off (TWIN_TILES_AGGREGATE_BELOW_ZOOM=0).
+    return [*hexagon_layers, point_layer] if aggregate_below > points.min_zoom else [point_layer]
 
 
 def _pipe_layer(registry: LayerRegistry) -> dict:
@@ -102,7 +113,8 @@ def _building_layer(registry: LayerRegistry) -> dict:
             }}
 
 
-def risk_map_style(registry: LayerRegistry, base_url: str) -> dict:
+def risk_map_style(registry: LayerRegistry, base_url: str,
+                   aggregate_below: int = AGGREGATE_BELOW_ZOOM) -> dict:
     """The style document; ``base_url`` (no trailing slash) makes every source URL absolute."""
     west, south, east, north = union_bounds([registry.get(i) for i in ADMIN_LAYERS])
     sources = {
@@ -115,7 +127,7 @@ def risk_map_style(registry: LayerRegistry, base_url: str) -> dict:
         *_admin_layers(registry),
         _pipe_layer(registry),
         _building_layer(registry),
-        *_risk_layers(registry),
+        *_risk_layers(registry, aggregate_below),
         _team_layer(registry),
     ]
     return {

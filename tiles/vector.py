@@ -16,13 +16,14 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from layers.registry import Layer
-from tiles import hexagons
-from tiles.filters import TileFilters, cql_sql, filter_sql
+from tiles import hexagons, points
+from tiles.filters import TileFilters, cql_sql, filter_sql, quote
 from twin.errors import InvalidParameter
 
 EXTENT = 4096
 BUFFER = 64
-# More features than this in one layer of one tile are cut, and the response says so.
+# More features than this in one layer of one tile are cut, and the response says so
+# (the default of TWIN_TILES_FEATURE_CAP).
 MAX_FEATURES_PER_LAYER = 20_000
 # Lines and polygons are simplified to half a tile pixel below this zoom (points never are).
 SIMPLIFY_BELOW_ZOOM = 16
@@ -33,14 +34,22 @@ INTEGER_TYPES = {"smallint", "integer", "bigint"}
 @dataclass(frozen=True)
 class TileOptions:
     filters: TileFilters = TileFilters()
-    # Risk points become H3 hexagons below this zoom; 0 turns aggregation off.
+    # False sends every risk point with every field at every zoom (as a plain PostGIS tile
+    # server would): no hexagons, no byte budget.
+    aggregate: bool = True
+    # Risk points become H3 hexagons below this zoom (0: never) and are kept within the
+    # byte budget of tiles.points from it on.
     aggregate_below: int = hexagons.AGGREGATE_BELOW_ZOOM
+    feature_cap: int = MAX_FEATURES_PER_LAYER
+    # Byte budget of risk-point tiles (see tiles.points).
+    detail_cap: int = points.DETAIL_CAP
+    point_cap: int = points.POINT_CAP
 
 
 @dataclass(frozen=True)
 class VectorTile:
     content: bytes
-    # Layer id -> features kept, for every layer that hit MAX_FEATURES_PER_LAYER.
+    # Layer id -> features kept, for every layer that hit the feature cap.
     truncated: dict[str, int] = field(default_factory=dict)
 
 
@@ -50,10 +59,6 @@ class _LayerPart:
     cte: str
     params: dict
     feature_id: str | None
-
-
-def quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
 
 
 def feature_id_column(layer: Layer) -> str | None:
@@ -109,6 +114,8 @@ _FEATURES = """
 
 def _features_part(i: int, layer: Layer, z: int, filters: TileFilters) -> _LayerPart:
     geom = "ST_Transform(source.geom, 3857)"
+    if layer.geometry_type == "Point":
+        geom = points.mercator_point("source.geom")
     params: dict = {}
     if layer.geometry_type not in ("Point", "MultiPoint") and z < SIMPLIFY_BELOW_ZOOM:
         # Half a tile pixel: invisible after ST_AsMVTGeom snaps to the grid, but much less to clip.
@@ -127,15 +134,15 @@ def _features_part(i: int, layer: Layer, z: int, filters: TileFilters) -> _Layer
 _HEXAGONS = """
     rows_{i} AS (
         SELECT * FROM (
-            SELECT ST_AsMVTGeom(ST_Transform(ST_GeomFromWKB(hex.wkb, 4326), 3857), tile.env,
-                                {extent}, {buffer}, true) AS geom,
+            SELECT ST_AsMVTGeom(ST_Transform(shape.geom, 3857), tile.env, {extent}, {buffer},
+                                true) AS geom,
                    hex.cell, to_hex(hex.cell) AS h3, hex.count, hex.worst_level,
-                   CAST(:resolution_{i} AS int) AS resolution, hex.centroid_in_tile,
-                   hex.sector_counts
-              FROM tile, unnest(CAST(:cells_{i} AS bigint[]), CAST(:wkbs_{i} AS bytea[]),
-                                CAST(:counts_{i} AS int[]), CAST(:worst_{i} AS int[]),
-                                CAST(:owned_{i} AS boolean[]), CAST(:sectors_{i} AS jsonb[]))
-                   AS hex(cell, wkb, count, worst_level, centroid_in_tile, sector_counts)
+                   CAST(:resolution_{i} AS int) AS resolution, hex.centroid_in_tile{sectors}
+              FROM tile, ST_Dump(ST_GeomFromWKB(:shapes_{i}, 4326)) AS shape
+              JOIN unnest(CAST(:cells_{i} AS bigint[]), CAST(:counts_{i} AS int[]),
+                          CAST(:worst_{i} AS int[]), CAST(:owned_{i} AS boolean[]){arrays})
+                   WITH ORDINALITY AS hex(cell, count, worst_level, centroid_in_tile{names}, n)
+                ON hex.n = shape.path[1]
         ) AS cut
          WHERE geom IS NOT NULL
          LIMIT :cap + 1)
@@ -143,16 +150,27 @@ _HEXAGONS = """
 
 
 def _hexagons_part(i: int, layer: Layer, z: int, rows: hexagons.HexagonRows) -> _LayerPart:
-    # jsonb columns (sector_counts) are expanded by ST_AsMVT into count_<sector> properties.
     params = {f"resolution_{i}": hexagons.resolution_for_zoom(z), f"cells_{i}": rows.cells,
-              f"wkbs_{i}": rows.boundaries, f"counts_{i}": rows.counts,
-              f"worst_{i}": rows.worst_levels, f"owned_{i}": rows.centroid_in_tile,
-              f"sectors_{i}": rows.sector_counts}
-    cte = _HEXAGONS.format(i=i, extent=EXTENT, buffer=BUFFER)
+              f"shapes_{i}": rows.boundaries, f"counts_{i}": rows.counts,
+              f"worst_{i}": rows.worst_levels, f"owned_{i}": rows.centroid_in_tile}
+    arrays, names, sectors = "", "", ""
+    # One count_<sector> column per sector present; NULLs are left out of the MVT.
+    for k, (sector, counts) in enumerate(rows.sector_counts.items()):
+        params[f"sector_{i}_{k}"] = counts
+        arrays += f", CAST(:sector_{i}_{k} AS int[])"
+        names += f", s{k}"
+        sectors += f", hex.s{k} AS {quote('count_' + sector)}"
+    cte = _HEXAGONS.format(i=i, extent=EXTENT, buffer=BUFFER, sectors=sectors, arrays=arrays,
+                           names=names)
     return _LayerPart(layer.id, cte, params, "cell")
 
 
-def _composite_query(parts: Sequence[_LayerPart]) -> tuple[str, dict]:
+def _budgeted_part(i: int, layer: Layer, filters: TileFilters) -> _LayerPart:
+    made = points.budgeted_sql(i, layer, filters, EXTENT, BUFFER)
+    return _LayerPart(layer.id, made.ctes, made.params, feature_id_column(layer))
+
+
+def _composite_query(parts: Sequence[_LayerPart], options: TileOptions) -> tuple[str, dict]:
     ctes = ",".join(part.cte for part in parts)
     outputs = ",\n".join(
         f"(SELECT ST_AsMVT(r, :name_{i}, {EXTENT}, 'geom', :fid_{i}) "
@@ -162,11 +180,17 @@ def _composite_query(parts: Sequence[_LayerPart]) -> tuple[str, dict]:
     query = f"""
         WITH tile AS (
             SELECT ST_TileEnvelope(:z, :x, :y) AS env,
-                   ST_Transform(ST_TileEnvelope(:z, :x, :y, margin => :margin), 4326) AS env_4326
+                   ST_Transform(ST_TileEnvelope(:z, :x, :y, margin => :margin), 4326) AS env_4326,
+                   ST_Transform(ST_TileEnvelope(:z, :x, :y, margin => :ring), 4326) AS ring_4326,
+                   CAST(:cell AS float8) AS cell,
+                   ST_XMin(ST_TileEnvelope(:z, :x, :y)) AS x0,
+                   ST_YMax(ST_TileEnvelope(:z, :x, :y)) AS y0
         ),{ctes}
         SELECT {outputs}
     """
-    params: dict = {"margin": BUFFER / EXTENT, "cap": MAX_FEATURES_PER_LAYER}
+    params: dict = {"margin": BUFFER / EXTENT, "ring": points.CLUSTER_CELL / EXTENT,
+                    "cap": options.feature_cap, "detail_cap": options.detail_cap,
+                    "point_cap": options.point_cap}
     for i, part in enumerate(parts):
         params.update(part.params)
         params[f"name_{i}"] = part.name
@@ -183,21 +207,24 @@ async def render_tile(conn: AsyncConnection, layers: Sequence[Layer], tile: more
         if tile.z < layer.min_zoom:
             continue
         i = len(parts)
-        if hexagons.aggregates(layer, tile.z, options.aggregate_below):
+        if options.aggregate and hexagons.aggregates(layer, tile.z, options.aggregate_below):
             rows = await hexagons.aggregate(conn, layer, tile, options.filters)
             parts.append(_hexagons_part(i, layer, tile.z, rows))
+        elif options.aggregate and points.budgeted(layer):
+            parts.append(_budgeted_part(i, layer, options.filters))
         else:
             parts.append(_features_part(i, layer, tile.z, options.filters))
     made: dict[str, tuple[bytes, int]] = {}
     if parts:
-        query, params = _composite_query(parts)
-        params.update(z=tile.z, x=tile.x, y=tile.y)
+        query, params = _composite_query(parts, options)
+        width = WEB_MERCATOR_WIDTH_M / 2**tile.z
+        params.update(z=tile.z, x=tile.x, y=tile.y, cell=width * points.CLUSTER_CELL / EXTENT)
         row = (await conn.execute(text(query), params)).one()
         made = {part.name: (bytes(row[2 * i]), row[2 * i + 1]) for i, part in enumerate(parts)}
     content, truncated = b"", {}
     for layer in layers:
         mvt, count = made.get(layer.id, (b"", 0))
         content += mvt or empty_layer(layer.id)
-        if count > MAX_FEATURES_PER_LAYER:
-            truncated[layer.id] = MAX_FEATURES_PER_LAYER
+        if count > options.feature_cap:
+            truncated[layer.id] = options.feature_cap
     return VectorTile(content, truncated)
