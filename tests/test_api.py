@@ -46,6 +46,7 @@ def test_collections_list_every_layer_with_exact_counts(client: Client, sample_d
     for layer_id, count in expected.items():
         assert collections[layer_id]["featureCount"] == count, layer_id
     assert collections["terrain"]["kind"] == "raster"
+    assert collections["risk_points"]["origin"] == "builtin"
     assert collections["risk_points"]["geometryType"] == "Point"
 
 

@@ -15,6 +15,7 @@ from httpx import Client
 from pyproj import Geod
 from sqlalchemy import Engine, text
 
+from tests.oracles import drive_graph
 from twin.queries.routing import SNAP_SPEED_KMH
 
 N_POINTS = 50
@@ -23,15 +24,8 @@ GEOD = Geod(ellps="WGS84")
 
 @pytest.fixture(scope="module")
 def road_graph(engine: Engine) -> nx.DiGraph:
-    """Teams drive to the incident: an edge u->v costs cost_s, v->u reverse_cost_s (< 0: closed)."""
-    edges = pd.read_sql(text("SELECT source, target, cost_s, reverse_cost_s FROM road_edges"),
-                        engine)
-    graph = nx.DiGraph()
-    for source, target, cost, reverse in edges.itertuples(index=False):
-        for u, v, c in ((source, target, cost), (target, source, reverse)):
-            if c >= 0 and (not graph.has_edge(u, v) or graph[u][v]["cost"] > c):
-                graph.add_edge(u, v, cost=c)
-    return graph
+    """Teams drive to the incident along the graph as driven."""
+    return drive_graph(engine)
 
 
 @pytest.fixture(scope="module")

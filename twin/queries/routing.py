@@ -104,6 +104,11 @@ _PATHS = text("""
 """)
 
 
+async def snap_to_road(conn: AsyncConnection, lon: float, lat: float):
+    """The road node nearest to (lon, lat) by the rule above: a row (id, snap_m), or None."""
+    return (await conn.execute(_SNAP_INCIDENT, {"lon": lon, "lat": lat})).first()
+
+
 def _route_geojson(team_lonlat, path_geojson: str | None, incident_lonlat) -> dict:
     """Team -> its road node -> ... -> the incident's road node -> the incident."""
     coords = [list(team_lonlat)]

@@ -34,6 +34,8 @@ def collection_document(layer: Layer, base: str, count: int | None, version: int
         "description": f"{layer.title_zh} · {layer.title_en}",
         "itemType": "feature" if layer.kind == "vector" else layer.kind,
         "kind": layer.kind,
+        # 'builtin' (the city model) or 'upload' (published by GIS staff).
+        "origin": layer.origin,
         "geometryType": layer.geometry_type,
         "featureCount": count,
         "dataVersion": version,

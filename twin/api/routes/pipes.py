@@ -1,0 +1,44 @@
+"""Pipe-network questions under /query: trace a network from a segment, anomaly zones."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
+
+from twin.api.deps import ConnDep
+from twin.queries.anomalies import pipe_anomalies as find_anomaly_zones
+from twin.queries.pipes import pipe_trace as trace_network
+
+router = APIRouter(tags=["pipes"])
+
+Network = Query(description="pipe network: drainage, water or gas")
+
+
+@router.get("/query/pipe-trace", summary="The pipe segments and nodes reached from a segment "
+            "(drainage: with or against the flow; water and gas: connected, up to valves)",
+            response_class=JSONResponse)
+async def pipe_trace(
+    conn: ConnDep,
+    segment_id: int = Query(..., description="id of the pipe segment to start from"),
+    network: str = Network,
+    direction: str = Query("downstream", description="'downstream' (with the flow) or "
+                           "'upstream' (against it); drainage only, water and gas are traced "
+                           "both ways up to the valves"),
+) -> JSONResponse:
+    body = await trace_network(conn, segment_id, direction, network)
+    return JSONResponse(body, media_type="application/geo+json")
+
+
+@router.get("/query/pipe-anomalies", summary="Anomaly zones found in the sensor readings of "
+            "a pipe network, with their likely source and what they affect",
+            response_class=JSONResponse)
+async def pipe_anomalies(
+    conn: ConnDep,
+    network: str = Network,
+    since: str | None = Query(None, description="start, ISO 8601 with a UTC offset; default "
+                              "24 hours before until"),
+    until: str | None = Query(None, description="end, ISO 8601 with a UTC offset; default "
+                              "the network's newest reading"),
+) -> JSONResponse:
+    body = await find_anomaly_zones(conn, network, since, until)
+    return JSONResponse(body, media_type="application/geo+json")
