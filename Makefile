@@ -8,18 +8,18 @@ PG_SHARE := /usr/share/postgresql/$(PG_VERSION)/extension
 PG_PACKAGES := postgresql-$(PG_VERSION) postgresql-$(PG_VERSION)-postgis-3 postgresql-$(PG_VERSION)-pgrouting
 PYTEST_ARGS ?=
 
-.PHONY: run test system-deps venv lint clean-db
+.PHONY: run test system-deps browser-deps venv web lint clean-db
 
-run: system-deps venv
+run: system-deps venv web
 	$(VENV)/bin/twin run
 
-test: system-deps venv
+test: system-deps browser-deps venv web
 	[ -d tests/js/node_modules ] || npm ci --prefix tests/js --no-audit --no-fund
 	$(VENV)/bin/twin db up
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check twin tiles layers data_samples tests
+	$(VENV)/bin/ruff check twin tiles layers data_samples tests benchmarks
 
 # Debian packages: PostgreSQL with PostGIS and pgRouting, Python's venv module, and Node.js
 # (npm runs the MapLibre style validator in the tests).
@@ -39,6 +39,27 @@ system-deps:
 	    $(PG_PACKAGES) python3-venv python3-dev build-essential \
 	    $$(command -v npm >/dev/null || echo nodejs npm); \
 	fi
+
+# Debian's chromium for the browser tests (Playwright drives it; browser downloads do not work
+# offline), and a CJK font so the map's Chinese is legible in the test screenshots.
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ] || ! fc-list 2>/dev/null | grep -qi 'wenquanyi\|noto sans cjk'; then \
+	  echo "Installing Debian packages: chromium fonts-wqy-microhei"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	    --no-install-recommends chromium fonts-wqy-microhei; \
+	fi
+
+# The command-hall map (web/): npm ci when the lockfile changes, vite build when a source does.
+WEB_SOURCES := $(shell find web/src -type f 2>/dev/null) web/index.html web/package.json \
+	web/vite.config.ts web/tsconfig.json
+
+web: web/dist/index.html
+
+web/node_modules/.package-lock.json: web/package-lock.json
+	npm ci --prefix web --no-audit --no-fund
+
+web/dist/index.html: web/node_modules/.package-lock.json $(WEB_SOURCES)
+	npm run --prefix web build
 
 venv: $(VENV)/.installed
 

@@ -1,0 +1,367 @@
+"""The command-hall map (web/) in a real browser: Debian's chromium driven by Playwright.
+
+The app is the built bundle (web/dist, made by ``make test``) served by a live twin on the small
+sample city. Oracles come from the database (risk_points.grid_code, team positions) and from
+shapely, never from the page itself. Screenshots of the main views go to tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from shapely import wkb
+from shapely.geometry import Point, shape
+from sqlalchemy import Engine, text
+
+from tests.conftest import LiveServer
+from twin.settings import AuthSettings, Settings, UploadSettings
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+ROOT = Path(__file__).resolve().parents[1]
+DIST_INDEX = ROOT / "web" / "dist" / "index.html"
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+# WebGL without a GPU: ANGLE on SwiftShader.
+CHROMIUM_ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+                 "--ignore-gpu-blocklist", "--no-sandbox"]
+EDITOR_KEY = "web-test-editor-key"
+VIEWPORT = {"width": 1920, "height": 1080}
+TIMEOUT_MS = 30_000
+
+
+@pytest.fixture(scope="module")
+def web_server(engine: Engine, database_url: str,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """twin with a gis-editor key and its own upload folder (the page's upload needs both)."""
+    if not DIST_INDEX.exists():
+        pytest.fail("web/dist is not built: run `make test` (or npm ci && npm run build in web/)")
+    settings = Settings(
+        database_url=database_url,
+        auth=AuthSettings(keys={EDITOR_KEY: "gis-editor:web-test"}),
+        uploads=UploadSettings(dir=tmp_path_factory.mktemp("uploads")),
+    )
+    with LiveServer(settings) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    assert CHROMIUM.exists(), "Debian's chromium is missing: `make system-deps` installs it"
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class MapPage:
+    """One browser page on the map, recording console errors and requests."""
+
+    def __init__(self, page, base_url: str):
+        self.page = page
+        self.base_url = base_url
+        self.errors: list[str] = []
+        self.requests: list[str] = []
+        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+        page.on("request", lambda r: self.requests.append(r.url))
+        page.set_default_timeout(TIMEOUT_MS)
+
+    def open(self, fragment: str = "") -> MapPage:
+        self.page.goto(f"{self.base_url}/{fragment}")
+        self.page.wait_for_function("window.__twin && window.__twin.ready")
+        self.idle()
+        return self
+
+    def idle(self) -> None:
+        self.page.wait_for_function(
+            "window.__twinMap.loaded() && !window.__twinMap.isMoving()")
+
+    def jump(self, lon: float, lat: float, zoom: float) -> None:
+        self.page.evaluate("([lon, lat, zoom]) => window.__twinMap.jumpTo("
+                           "{center: [lon, lat], zoom, pitch: 0, bearing: 0})", [lon, lat, zoom])
+        self.idle()
+
+    def click_lonlat(self, lon: float, lat: float) -> None:
+        """Click where the map draws lon/lat (map.project gives canvas pixels)."""
+        x, y = self.page.evaluate(
+            "([lon, lat]) => { const p = window.__twinMap.project([lon, lat]);"
+            " const r = window.__twinMap.getCanvas().getBoundingClientRect();"
+            " return [r.left + p.x, r.top + p.y]; }", [lon, lat])
+        self.page.mouse.click(x, y)
+
+    def source_features(self, source: str) -> list[dict]:
+        return self.page.evaluate(
+            "async (id) => (await window.__twinMap.getSource(id).getData()).features", source)
+
+    def screenshot(self, name: str) -> None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(ARTIFACTS / name))
+
+
+@pytest.fixture()
+def map_page(browser, web_server: LiveServer) -> Iterator[MapPage]:
+    context = browser.new_context(viewport=VIEWPORT, locale="zh-CN")
+    page = context.new_page()
+    yield MapPage(page, web_server.url)
+    context.close()
+
+
+def _isolated_risk_point(engine: Engine) -> dict:
+    """A risk point with an emergency plan and no other point within ~100 m, so a click on it
+    cannot hit a neighbour; the most serious such point first."""
+    with engine.connect() as conn:
+        row = conn.execute(text("""
+            SELECT r.id, r.name, r.grid_code, ST_X(r.geom) AS lon, ST_Y(r.geom) AS lat,
+                   p.title_zh AS plan_title
+              FROM risk_points AS r JOIN emergency_plans AS p ON p.id = r.plan_id
+             WHERE NOT EXISTS (SELECT 1 FROM risk_points AS o
+                                WHERE o.id <> r.id AND ST_DWithin(o.geom, r.geom, 0.001))
+             ORDER BY r.level, r.id LIMIT 1
+        """)).mappings().one()
+    return dict(row)
+
+
+def _metres(a: list[float], b: list[float]) -> float:
+    """Equirectangular distance, plenty for "is this end at that point" within metres."""
+    lat = math.radians((a[1] + b[1]) / 2)
+    dx = math.radians(b[0] - a[0]) * math.cos(lat) * 6_371_000
+    dy = math.radians(b[1] - a[1]) * 6_371_000
+    return math.hypot(dx, dy)
+
+
+def test_index_and_assets_are_served(web_server: LiveServer):
+    import httpx
+
+    html = httpx.get(f"{web_server.url}/", headers={"Accept": "text/html"}).text
+    assets = re.findall(r'(?:src|href)="(/assets/[^"]+)"', html)
+    assert assets, "the built index.html names its bundles under /assets"
+    for asset in assets:
+        response = httpx.get(f"{web_server.url}{asset}")
+        assert response.status_code == 200, asset
+    # The API is not shadowed by the static mount.
+    assert httpx.get(f"{web_server.url}/", headers={"Accept": "application/json"}).json()["title"]
+
+
+def test_map_loads_without_console_errors_and_requests_tiles(map_page: MapPage):
+    map_page.open()
+    assert map_page.errors == []
+    tiles = [url for url in map_page.requests if url.endswith(".mvt") or ".mvt?" in url]
+    assert any("/tiles/risk_points/" in url for url in tiles), tiles
+    assert any("/tiles/districts,streets,communities,grids/" in url for url in tiles), tiles
+    # The statistics strip shows the seven sectors and a total.
+    labels = map_page.page.locator("#stats-chart text.stats-label")
+    assert labels.count() == 7
+    map_page.screenshot("map-overview.png")
+
+
+def test_sector_toggle_rerequests_tiles_with_the_filter(map_page: MapPage, engine: Engine):
+    map_page.open()
+    with engine.connect() as conn:
+        codes = conn.execute(text("SELECT code FROM sectors ORDER BY sort_order")).scalars().all()
+    before = len(map_page.requests)
+    with map_page.page.expect_request(lambda r: "/tiles/risk_points/" in r.url
+                                      and "sector=" in r.url) as request_info:
+        map_page.page.locator(f"#sector-{codes[0]}").uncheck()
+    url = request_info.value.url
+    sent = re.search(r"sector=([^&]+)", url).group(1).replace("%2C", ",").split(",")
+    assert sent == codes[1:]
+    response = request_info.value.response()
+    assert response is not None and response.status in (200, 304)
+    # The level filter joins the sector filter on the next request.
+    with map_page.page.expect_request(lambda r: "/tiles/risk_points/" in r.url
+                                      and "level=" in r.url) as level_info:
+        map_page.page.locator("#level-4").uncheck()
+    assert "level=1%2C2%2C3" in level_info.value.url or "level=1,2,3" in level_info.value.url
+    assert len(map_page.requests) > before
+    map_page.idle()
+    map_page.page.wait_for_function(
+        "document.querySelectorAll('#stats-chart text.stats-label').length === 6")
+    assert map_page.errors == []
+
+
+def test_click_on_a_risk_point_opens_its_card_and_draws_the_nearest_route(
+        map_page: MapPage, engine: Engine):
+    point = _isolated_risk_point(engine)
+    map_page.open()
+    map_page.jump(point["lon"], point["lat"], 16)
+    map_page.click_lonlat(point["lon"], point["lat"])
+    card = map_page.page.locator(f"#card .card-title[data-risk-point='{point['id']}']")
+    card.wait_for()
+    assert card.inner_text() == point["name"]
+    assert map_page.page.locator("#card code[data-unit='grid']").inner_text() == \
+        point["grid_code"]
+    assert point["plan_title"] in map_page.page.locator("#card .plan-title").inner_text()
+    assert map_page.page.locator("#card ol.teams li").count() >= 1
+    map_page.screenshot("risk-point-card.png")
+
+    first_team = int(map_page.page.locator("#card ol.teams li").first.get_attribute(
+        "data-team-id"))
+    map_page.page.locator("#route-button").click()
+    map_page.page.wait_for_function(
+        "async () => (await window.__twinMap.getSource('twin-route').getData())"
+        ".features.length === 1")
+    route = map_page.source_features("twin-route")[0]
+    assert route["geometry"]["type"] == "LineString"
+    assert route["properties"]["team_id"] == first_team
+    with engine.connect() as conn:
+        team = conn.execute(text("SELECT ST_X(geom), ST_Y(geom) FROM response_teams "
+                                 "WHERE id = :id"), {"id": first_team}).one()
+    coordinates = route["geometry"]["coordinates"]
+    assert _metres(coordinates[0], list(team)) < 1.0
+    assert _metres(coordinates[-1], [point["lon"], point["lat"]]) < 1.0
+    map_page.idle()
+    drawn = map_page.page.evaluate(
+        "window.__twinMap.queryRenderedFeatures({layers: ['twin-route-line']}).length")
+    assert drawn > 0
+    map_page.screenshot("nearest-team-route.png")
+    assert map_page.errors == []
+
+
+def test_click_anywhere_locates_the_spot_and_draws_reach(map_page: MapPage, engine: Engine):
+    # A spot inside a grid cell with no risk point within ~300 m of it.
+    with engine.connect() as conn:
+        row = conn.execute(text("""
+            SELECT g.code, ST_AsBinary(g.geom) AS geom,
+                   ST_X(ST_PointOnSurface(g.geom)) AS lon, ST_Y(ST_PointOnSurface(g.geom)) AS lat
+              FROM admin_units AS g
+             WHERE g.level = 'grid' AND NOT EXISTS (
+                   SELECT 1 FROM risk_points AS r
+                    WHERE ST_DWithin(r.geom, ST_PointOnSurface(g.geom), 0.003))
+             ORDER BY g.code LIMIT 1
+        """)).mappings().one()
+    spot = (row["lon"], row["lat"])
+    assert wkb.loads(bytes(row["geom"])).contains(Point(spot))
+    map_page.open()
+    map_page.jump(*spot, 14)
+    map_page.click_lonlat(*spot)
+    grid = map_page.page.locator("#card code[data-unit='grid']")
+    grid.wait_for()
+    assert grid.inner_text() == row["code"]
+    has_reach = map_page.page.evaluate(
+        "async () => '/query/reach' in (await (await fetch('/api')).json()).paths")
+    if not has_reach:
+        pytest.skip("GET /query/reach is not served yet: the reach polygons cannot be checked")
+    map_page.page.wait_for_function(
+        "async () => (await window.__twinMap.getSource('twin-reach').getData())"
+        ".features.length === 3", timeout=60_000)
+    areas = {f["properties"]["minutes"]: shape(f["geometry"])
+             for f in map_page.source_features("twin-reach")}
+    assert sorted(areas) == [5, 10, 15]
+    # Reach grows with time, and the 5-minute area holds the spot.
+    assert areas[5].area <= areas[10].area <= areas[15].area
+    assert areas[5].buffer(1e-9).contains(Point(spot))
+    assert map_page.page.locator("#card ul.reach li").count() == 3
+    map_page.idle()
+    map_page.screenshot("locate-and-reach.png")
+    assert map_page.errors == []
+
+
+def test_pipe_anomaly_panel_lists_zones_and_shows_one(map_page: MapPage, web_server: LiveServer):
+    import httpx
+
+    answer = httpx.get(f"{web_server.url}/query/pipe-anomalies",
+                       params={"network": "drainage"}, timeout=60)
+    if answer.status_code == 404 and "Not Found" in answer.text:
+        pytest.skip("GET /query/pipe-anomalies is not served yet")
+    zones = answer.json()["features"]
+    map_page.open()
+    buttons = map_page.page.locator("#pipe-list .zone-button")
+    assert buttons.count() == len(zones)
+    if not zones:
+        pytest.skip("the small sample has no drainage anomaly zone in its default window")
+    strongest = max(zones, key=lambda z: z["properties"]["severity"])
+    buttons.first.click()
+    map_page.page.locator("#pipe-detail dl.facts").wait_for()
+    assert map_page.page.locator("#pipe-detail dd").nth(2).inner_text() == \
+        str(strongest["properties"]["source_segment_id"])
+    shown = map_page.source_features("twin-zone")
+    assert shape(shown[0]["geometry"]).equals_exact(shape(strongest["geometry"]), 1e-7)
+    affected = map_page.page.evaluate(
+        "window.__twinMap.getFilter('twin-affected-segments')[2][1]")
+    assert sorted(affected) == sorted(strongest["properties"]["affected_segment_ids"])
+    map_page.page.wait_for_function(
+        "async () => (await window.__twinMap.getSource('twin-trace').getData())"
+        ".features.length > 0")
+    map_page.idle()
+    map_page.screenshot("pipe-anomaly.png")
+    assert map_page.errors == []
+
+
+def test_language_switch_and_3d_buildings(map_page: MapPage, engine: Engine):
+    with engine.connect() as conn:
+        lon, lat = conn.execute(text("SELECT ST_X(c), ST_Y(c) FROM (SELECT ST_Centroid(geom) AS c "
+                                     "FROM buildings ORDER BY height_m DESC LIMIT 1) AS b")).one()
+    map_page.open()
+    assert map_page.page.locator("header h1").inner_text() == "城市运行风险一张图"
+    map_page.page.locator("#lang").click()
+    assert map_page.page.locator("header h1").inner_text() == "City operations risk map"
+    assert map_page.page.locator("#level-1 + span").inner_text() == "Major"
+    map_page.jump(lon, lat, 13)
+    with map_page.page.expect_request(lambda r: "/tiles/buildings/15/" in r.url):
+        map_page.page.locator("#toggle-3d").check()
+    map_page.idle()
+    assert map_page.page.evaluate("window.__twinMap.getPitch()") > 30
+    extruded = map_page.page.evaluate(
+        "window.__twinMap.queryRenderedFeatures({layers: ['buildings-3d']}).length")
+    assert extruded > 0
+    map_page.screenshot("3d-buildings-en.png")
+    assert map_page.errors == []
+
+
+def _sample_geojson(path: Path, centre: tuple[float, float]) -> None:
+    lon, lat = centre
+    features = [{"type": "Feature", "properties": {"name": f"站点{i}", "kind": "shelter"},
+                 "geometry": {"type": "Point", "coordinates": [lon + i * 0.002, lat]}}
+                for i in range(5)]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features},
+                               ensure_ascii=False))
+
+
+def test_upload_through_the_page_shows_progress_then_the_layer(
+        map_page: MapPage, engine: Engine, tmp_path: Path):
+    has_layers = map_page.page.context.request.get(f"{map_page.base_url}/api").json()
+    if "/layers" not in has_layers["paths"] or "/jobs/{job_id}" not in has_layers["paths"]:
+        pytest.skip("POST /layers and GET /jobs/{id} are not served yet")
+    with engine.connect() as conn:
+        centre = conn.execute(text("SELECT ST_X(c), ST_Y(c) FROM (SELECT ST_Centroid(geom) AS c "
+                                   "FROM admin_units WHERE level = 'street' ORDER BY code "
+                                   "LIMIT 1) AS s")).one()
+    upload = tmp_path / "shelters.geojson"
+    _sample_geojson(upload, tuple(centre))
+    map_page.open("#/upload")
+    page = map_page.page
+    page.locator("#upload-file").set_input_files(str(upload))
+    page.locator("#upload-title").fill("Web test shelters")
+    page.locator("#upload-key").fill(EDITOR_KEY)
+    page.locator("#upload-submit").click()
+    page.locator("#upload-status .progress-bar").wait_for()
+    page.wait_for_function(
+        "['succeeded', 'failed'].includes(document.getElementById('upload-status')"
+        ".dataset.state)", timeout=60_000)
+    reasons = page.locator("#upload-reasons li").all_inner_texts()
+    assert page.locator("#upload-status").get_attribute("data-state") == "succeeded", reasons
+    assert page.locator("#upload-bar").inner_text() == "100%"
+    map_page.screenshot("upload-succeeded.png")
+    page.locator("#upload-show").click()
+    page.locator("#map").wait_for()
+    layer_id = page.locator("#upload-status").get_attribute("data-layer-id")
+    page.wait_for_function("!location.hash.startsWith('#/upload')")
+    checkbox = page.locator(f"#layer-switches input[data-collection='{layer_id}']")
+    assert checkbox.is_checked()
+    map_page.idle()
+    with engine.connect() as conn:
+        title = conn.execute(text("SELECT title_zh FROM layers WHERE id = :id"),
+                             {"id": layer_id}).scalar_one()
+    assert title == "Web test shelters"
+    drawn = page.evaluate(f"window.__twinMap.queryRenderedFeatures("
+                          f"{{layers: ['collection-{layer_id}-circle']}}).length")
+    assert drawn == 5
+    map_page.screenshot("uploaded-layer-on-map.png")
+    assert map_page.errors == []
+

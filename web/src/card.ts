@@ -1,0 +1,245 @@
+// The right-hand card: a risk point (its owners, plan, nearest teams and the route of the
+// nearest one) or any clicked spot (its owners and what is reachable by road in 5/10/15 min).
+
+import * as maplibregl from "maplibre-gl";
+import {
+  apiHas, ApiError, getJson, type Located, type Plan, query, type RoadTeam, type Sector,
+} from "./api";
+import { named, t } from "./i18n";
+import { setOverlay } from "./map";
+
+export const REACH_MINUTES = [15, 10, 5];
+const NEAREST_K = 3;
+
+interface RiskPoint {
+  id: number;
+  code: string;
+  name: string;
+  sector_code: string;
+  category: string;
+  level: number;
+  grid_code: string;
+  plan_id: number | null;
+}
+
+export class Card {
+  private box = document.getElementById("card")!;
+  private rerender: (() => void) | null = null;
+  // Bumped on every open so a slow answer for an older click never overwrites a newer card.
+  private generation = 0;
+
+  constructor(private map: maplibregl.Map, private sectors: Sector[],
+              private levelColours: Record<number, string>) {}
+
+  refresh(): void {
+    this.rerender?.();
+  }
+
+  close(): void {
+    this.generation += 1;
+    this.box.hidden = true;
+    this.rerender = null;
+    for (const source of ["twin-route", "twin-reach", "twin-locate"]) setOverlay(this.map, source, []);
+  }
+
+  private begin(): number {
+    this.close();
+    this.box.hidden = false;
+    this.box.replaceChildren(el("p", "muted", t("card.loading")));
+    return this.generation;
+  }
+
+  async openRiskPoint(featureId: number): Promise<void> {
+    const generation = this.begin();
+    const feature = await getJson<GeoJSON.Feature<GeoJSON.Point, RiskPoint>>(
+      `/collections/risk_points/items/${featureId}`);
+    const [lon, lat] = feature.geometry.coordinates;
+    const point = feature.properties;
+    const [located, teams, plan] = await Promise.all([
+      getJson<Located>(`/query/locate?${query({ lon, lat, k: 1 })}`),
+      getJson<GeoJSON.FeatureCollection<GeoJSON.Point, RoadTeam>>(
+        `/query/nearest-teams?${query({ lon, lat, k: NEAREST_K, mode: "road", route: true })}`),
+      point.plan_id === null ? Promise.resolve(null)
+        : getJson<Plan>(`/emergency-plans/${point.plan_id}`),
+    ]);
+    if (generation !== this.generation) return;
+    setOverlay(this.map, "twin-locate", [{ type: "Feature", geometry: feature.geometry,
+      properties: { colour: this.levelColours[point.level] } }]);
+    this.rerender = () => this.renderRiskPoint(point, located, teams.features, plan);
+    this.rerender();
+  }
+
+  private renderRiskPoint(point: RiskPoint, located: Located,
+                          teams: Array<GeoJSON.Feature<GeoJSON.Point, RoadTeam>>,
+                          plan: Plan | null): void {
+    const sector = this.sectors.find((s) => s.code === point.sector_code);
+    const level = el("span", "level-badge", t(`level.${point.level}`));
+    level.style.background = this.levelColours[point.level];
+    const title = el("h2", "card-title", point.name);
+    title.dataset.riskPoint = String(point.id);
+    const rows = el("dl", "facts");
+    addFact(rows, t("card.sector"), sector ? named(sector)
+      : point.sector_code);
+    addFact(rows, t("card.category"), point.category);
+    addFact(rows, t("card.level"), level);
+    addOwners(rows, located);
+    const planBox = el("div", "plan");
+    planBox.append(el("h3", "", t("card.plan")));
+    if (plan) {
+      planBox.append(el("p", "plan-title", `${named(plan,
+        "title")} (${plan.code})`), el("p", "muted", plan.summary));
+    } else {
+      planBox.append(el("p", "muted", t("card.noPlan")));
+    }
+    const teamList = el("ol", "teams");
+    for (const team of teams) teamList.append(teamItem(team.properties));
+    const routeButton = el("button", "route-button", t("card.route")) as HTMLButtonElement;
+    routeButton.id = "route-button";
+    const nearest = teams.find((f) => f.properties.route);
+    routeButton.disabled = !nearest;
+    routeButton.addEventListener("click", () => {
+      if (!nearest) return;
+      this.drawRoute(nearest);
+      routeButton.textContent = t("card.routeShown");
+    });
+    this.box.replaceChildren(closeButton(() => this.close()), title, rows, planBox,
+      el("h3", "", t("card.teams")), teamList, routeButton);
+  }
+
+  private drawRoute(team: GeoJSON.Feature<GeoJSON.Point, RoadTeam>): void {
+    const route = team.properties.route!;
+    setOverlay(this.map, "twin-route", [{ type: "Feature", geometry: route,
+      properties: { team_id: team.properties.id } }]);
+    const first = route.coordinates[0] as [number, number];
+    const bounds = route.coordinates.reduce(
+      (b, c) => b.extend(c as [number, number]), new maplibregl.LngLatBounds(first, first));
+    this.map.fitBounds(bounds, { padding: 120, maxZoom: 16, duration: 600 });
+  }
+
+  /** Any other spot: who owns it, and the area reachable by road in 5, 10 and 15 minutes. */
+  async openLocation(lon: number, lat: number): Promise<void> {
+    const generation = this.begin();
+    setOverlay(this.map, "twin-locate", [{ type: "Feature", properties: {},
+      geometry: { type: "Point", coordinates: [lon, lat] } }]);
+    let located: Located;
+    try {
+      located = await getJson<Located>(`/query/locate?${query({ lon, lat, k: 1 })}`);
+    } catch (error) {
+      if (generation !== this.generation) return;
+      const outside = error instanceof ApiError && error.status === 404;
+      this.box.replaceChildren(closeButton(() => this.close()),
+        el("p", "muted", outside ? t("card.outside") : String(error)));
+      return;
+    }
+    if (generation !== this.generation) return;
+    const reach = await this.reach(lon, lat);
+    if (generation !== this.generation) return;
+    this.rerender = () => this.renderLocation(located, reach);
+    this.rerender();
+  }
+
+  private async reach(lon: number, lat: number): Promise<ReachResult[]> {
+    if (!(await apiHas("/query/reach"))) return [];
+    const results = await Promise.all(REACH_MINUTES.map((minutes) =>
+      getJson<ReachAnswer>(`/query/reach?${query({ lon, lat, minutes, mode: "road" })}`)
+        .then((answer) => ({ minutes, answer }))));
+    const polygons = results.filter((r) => r.answer.features.length > 0).map((r) => ({
+      type: "Feature" as const, geometry: r.answer.features[0].geometry,
+      properties: { minutes: r.minutes },
+    }));
+    setOverlay(this.map, "twin-reach", polygons);
+    return results;
+  }
+
+  private renderLocation(located: Located, reach: ReachResult[]): void {
+    const title = el("h2", "card-title", `${t("card.location")} ${located.point.lon.toFixed(5)}, `
+      + located.point.lat.toFixed(5));
+    const rows = el("dl", "facts");
+    addOwners(rows, located);
+    const parts: HTMLElement[] = [closeButton(() => this.close()), title, rows];
+    if (reach.length) {
+      parts.push(el("h3", "", t("card.reach")));
+      const list = el("ul", "reach");
+      for (const { minutes, answer } of [...reach].reverse()) {
+        list.append(el("li", "", `${minutes} ${t("minutes")}: ${summarise(answer)}`));
+      }
+      parts.push(list);
+    }
+    const responsible = located.responsible_teams.slice(0, 5);
+    if (responsible.length) {
+      parts.push(el("h3", "", t("card.responsible")));
+      const list = el("ul", "teams");
+      for (const team of responsible) {
+        list.append(el("li", "", `${named(team)} · ${t(`team.${team.team_type}`)}`));
+      }
+      parts.push(list);
+    }
+    this.box.replaceChildren(...parts);
+  }
+}
+
+interface ReachAnswer {
+  type: "FeatureCollection";
+  features: GeoJSON.Feature<GeoJSON.Polygon | GeoJSON.MultiPolygon>[];
+  summary?: Record<string, { total?: number }>;
+}
+
+interface ReachResult {
+  minutes: number;
+  answer: ReachAnswer;
+}
+
+// One line per budget: the area and what lies in it (risk points, hazard sources, buildings).
+function summarise(answer: ReachAnswer): string {
+  const area = answer.features[0]?.properties?.area_km2 as number | undefined;
+  const summary = answer.summary ?? {};
+  const parts = area === undefined ? [] : [`${area.toFixed(1)} km²`];
+  for (const key of ["risk_points", "hazard_sources", "buildings"]) {
+    const total = summary[key]?.total;
+    if (typeof total === "number") parts.push(`${t(`reach.${key}`)} ${total.toLocaleString()}`);
+  }
+  return parts.join(" · ");
+}
+
+function addOwners(rows: HTMLElement, located: Located): void {
+  for (const level of ["grid", "community", "street", "district"] as const) {
+    const unit = located[level];
+    const value = el("span", "", `${named(unit)} `);
+    const code = el("code", "", unit.code);
+    code.dataset.unit = level;
+    value.append(code);
+    addFact(rows, t(`card.${level}`), value);
+  }
+}
+
+function teamItem(team: RoadTeam): HTMLElement {
+  const minutes = team.travel_time_s === null ? t("card.unreachable")
+    : `${(team.travel_time_s / 60).toFixed(1)} ${t("minutes")}`;
+  const distance = team.network_distance_m === null ? ""
+    : ` · ${(team.network_distance_m / 1000).toFixed(1)} km`;
+  const item = el("li", "", `${named(team)} · `
+    + `${t(`team.${team.team_type}`)} · ${minutes}${distance}`);
+  item.dataset.teamId = String(team.id);
+  return item;
+}
+
+function addFact(list: HTMLElement, term: string, value: string | HTMLElement): void {
+  list.append(el("dt", "", term));
+  const dd = el("dd", "", "");
+  dd.append(value);
+  list.append(dd);
+}
+
+function closeButton(onClick: () => void): HTMLElement {
+  const button = el("button", "close", "×");
+  button.title = t("card.close");
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+export function el(tag: string, className = "", text = ""): HTMLElement {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  node.textContent = text;
+  return node;
+}

@@ -1,0 +1,118 @@
+import "maplibre-gl/dist/maplibre-gl.css";
+import "./style.css";
+import type * as maplibregl from "maplibre-gl";
+import { type Collection, getJson, type Sector } from "./api";
+import { Card } from "./card";
+import { applyStatic, lang, onLangChange, setLang, t } from "./i18n";
+import { createMap, levelColours, RISK_POINTS_LAYER, setVisible } from "./map";
+import { LayerPanel } from "./panel";
+import { PipePanel } from "./pipes";
+import { StatsStrip } from "./stats";
+import { UploadPage } from "./upload";
+
+declare global {
+  interface Window {
+    // Exposed for the browser tests (tests/test_web.py) and for the curious in the console.
+    __twinMap?: maplibregl.Map;
+    __twin?: { panel: LayerPanel; stats: StatsStrip; card: Card; pipes: PipePanel; ready: boolean };
+  }
+}
+
+// Pixels around a click that still count as hitting a risk point.
+const HIT_PX = 6;
+const BUILDINGS_LAYER = "buildings-3d";
+
+async function loadCollections(panel: LayerPanel): Promise<Collection[]> {
+  const { collections } = await getJson<{ collections: Collection[] }>("/collections");
+  panel.setCollections(collections);
+  return collections;
+}
+
+function route(): void {
+  const upload = location.hash.startsWith("#/upload");
+  document.getElementById("map-view")!.hidden = upload;
+  document.getElementById("upload-view")!.hidden = !upload;
+  document.getElementById("nav-map")!.classList.toggle("active", !upload);
+  document.getElementById("nav-upload")!.classList.toggle("active", upload);
+  if (!upload) window.__twinMap?.resize();
+}
+
+async function main(): Promise<void> {
+  applyStatic();
+  route();
+  window.addEventListener("hashchange", route);
+  const langButton = document.getElementById("lang")!;
+  const langLabel = () => { langButton.textContent = lang() === "zh" ? "English" : "中文"; };
+  langLabel();
+  langButton.addEventListener("click", () => setLang(lang() === "zh" ? "en" : "zh"));
+
+  const [map, { sectors }] = await Promise.all([
+    createMap(document.getElementById("map")!),
+    getJson<{ sectors: Sector[] }>("/sectors"),
+  ]);
+  window.__twinMap = map;
+  const colours = levelColours(map);
+  const panel = new LayerPanel(map, sectors, colours);
+  const card = new Card(map, sectors, colours);
+  const pipes = new PipePanel(map);
+  const stats = new StatsStrip(map, panel, sectors, colours);
+  window.__twin = { panel, stats, card, pipes, ready: false };
+  panel.render();
+  let collections = await loadCollections(panel);
+  // The whole municipality on a wall screen, whatever the style's default view.
+  const city = collections.find((c) => c.id === "districts")?.extent.spatial.bbox[0];
+  if (city) map.fitBounds([[city[0], city[1]], [city[2], city[3]]], { padding: 20, animate: false });
+
+  map.on("click", (event) => {
+    const { x, y } = event.point;
+    const hits = map.queryRenderedFeatures([[x - HIT_PX, y - HIT_PX], [x + HIT_PX, y + HIT_PX]],
+      { layers: [RISK_POINTS_LAYER] });
+    if (hits.length && hits[0].id !== undefined) {
+      void card.openRiskPoint(Number(hits[0].id));
+    } else {
+      void card.openLocation(event.lngLat.lng, event.lngLat.lat);
+    }
+  });
+  map.on("mouseenter", RISK_POINTS_LAYER, () => { map.getCanvas().style.cursor = "pointer"; });
+  map.on("mouseleave", RISK_POINTS_LAYER, () => { map.getCanvas().style.cursor = ""; });
+
+  const toggle3d = document.getElementById("toggle-3d") as HTMLInputElement;
+  toggle3d.addEventListener("change", () => {
+    if (toggle3d.checked) {
+      setVisible(map, [BUILDINGS_LAYER], true);
+      map.easeTo({ pitch: 55, zoom: Math.max(map.getZoom(), 15), duration: 800 });
+    } else {
+      map.easeTo({ pitch: 0, bearing: 0, duration: 800 });
+    }
+  });
+
+  onLangChange(() => {
+    langLabel();
+    panel.render();
+    card.refresh();
+    pipes.refresh();
+    stats.draw();
+  });
+
+  new UploadPage(async (layerId) => {
+    collections = await loadCollections(panel);
+    panel.showCollection(layerId);
+    location.hash = "#/";
+    const published = collections.find((c) => c.id === layerId);
+    const bbox = published?.extent.spatial.bbox[0];
+    if (bbox) map.fitBounds([[bbox[0], bbox[1]], [bbox[2], bbox[3]]], { padding: 80, maxZoom: 15 });
+  });
+
+  await Promise.all([stats.update(), pipes.load()]);
+  window.__twin.ready = true;
+}
+
+// A failed start (the API down, the database not migrated) says so on screen, not only in the
+// console: a duty officer has no console.
+main().catch((error: unknown) => {
+  const banner = document.createElement("div");
+  banner.className = "fatal";
+  banner.textContent = `${t("error.start")}: ${error instanceof Error ? error.message : error}`;
+  document.body.prepend(banner);
+  throw error;
+});

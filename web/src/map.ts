@@ -1,0 +1,146 @@
+// The one map: twin's style (read from the server, never copied here), plus the client-side
+// layers the style does not carry: supply depots, other published collections and overlays.
+
+import * as maplibregl from "maplibre-gl";
+import type {
+  StyleSpecification, VectorSourceSpecification, VectorTileSource,
+} from "maplibre-gl";
+import workerUrl from "maplibre-gl/dist/maplibre-gl-worker.mjs?url";
+import { type Collection, getJson } from "./api";
+
+// Bundled with the app: command halls are often offline.
+maplibregl.setWorkerUrl(workerUrl);
+
+export const RISK_SOURCE = "risk_points";
+export const RISK_POINTS_LAYER = "risk-points";
+// Collections the style already draws (by source id); the rest are added here.
+export const STYLED_COLLECTIONS = new Set([
+  "districts", "streets", "communities", "grids", "risk_points", "response_teams",
+  "pipe_segments", "buildings",
+]);
+// Overlay colours for what the app draws on top (not part of the shared style).
+const OVERLAY = { route: "#d500f9", reach: ["#1b5e20", "#43a047", "#a5d6a7"], zone: "#ff1744",
+  affected: "#ff1744", trace: "#00e5ff", depot: "#6a1b9a", locate: "#263238" };
+const EXTRA_PALETTE = ["#00897b", "#5e35b1", "#c0ca33", "#8d6e63", "#3949ab", "#d81b60"];
+
+export async function createMap(container: HTMLElement): Promise<maplibregl.Map> {
+  const style = await getJson<StyleSpecification>("/styles/risk-map.json");
+  await inlineTileJson(style, RISK_SOURCE);
+  const map = new maplibregl.Map({
+    container, style, attributionControl: { compact: true }, maxPitch: 70,
+  });
+  map.addControl(new maplibregl.NavigationControl({ visualizePitch: true }), "top-right");
+  map.addControl(new maplibregl.ScaleControl({ unit: "metric" }), "bottom-right");
+  await new Promise<void>((resolve) => map.once("load", () => resolve()));
+  addOverlays(map);
+  return map;
+}
+
+/** The source's TileJSON written into the style, so a filter change (setTiles) reloads tiles
+ *  directly instead of refetching the TileJSON first. */
+async function inlineTileJson(style: StyleSpecification, sourceId: string): Promise<void> {
+  const source = style.sources[sourceId] as VectorSourceSpecification;
+  if (!source?.url) return;
+  const tileJson = await getJson<VectorSourceSpecification>(source.url);
+  const { tiles, bounds, minzoom, maxzoom, attribution } = tileJson;
+  style.sources[sourceId] = { type: "vector", tiles, bounds, minzoom, maxzoom, attribution };
+}
+
+function emptyCollection(): GeoJSON.FeatureCollection {
+  return { type: "FeatureCollection", features: [] };
+}
+
+function addOverlays(map: maplibregl.Map): void {
+  for (const id of ["twin-reach", "twin-zone", "twin-trace", "twin-route", "twin-locate"]) {
+    map.addSource(id, { type: "geojson", data: emptyCollection() });
+  }
+  map.addLayer({ id: "twin-reach-fill", type: "fill", source: "twin-reach",
+    paint: { "fill-color": ["match", ["get", "minutes"], 5, OVERLAY.reach[0], 10, OVERLAY.reach[1],
+      OVERLAY.reach[2]], "fill-opacity": 0.25 } }, RISK_POINTS_LAYER);
+  map.addLayer({ id: "twin-reach-line", type: "line", source: "twin-reach",
+    paint: { "line-color": OVERLAY.reach[0], "line-width": 1.5 } }, RISK_POINTS_LAYER);
+  map.addLayer({ id: "twin-zone-fill", type: "fill", source: "twin-zone",
+    paint: { "fill-color": OVERLAY.zone, "fill-opacity": 0.15 } });
+  map.addLayer({ id: "twin-zone-line", type: "line", source: "twin-zone",
+    paint: { "line-color": OVERLAY.zone, "line-width": 2, "line-dasharray": [2, 1] } });
+  map.addLayer({ id: "twin-trace-line", type: "line", source: "twin-trace",
+    paint: { "line-color": OVERLAY.trace, "line-width": 4, "line-opacity": 0.8 } });
+  map.addLayer({ id: "twin-affected-segments", type: "line", source: "pipe_segments",
+    "source-layer": "pipe_segments", filter: ["in", ["id"], ["literal", []]],
+    paint: { "line-color": OVERLAY.affected, "line-width": 5 } });
+  map.addLayer({ id: "twin-route-line", type: "line", source: "twin-route",
+    layout: { "line-cap": "round", "line-join": "round" },
+    paint: { "line-color": OVERLAY.route, "line-width": 5, "line-opacity": 0.9 } });
+  map.addLayer({ id: "twin-locate-point", type: "circle", source: "twin-locate",
+    paint: { "circle-radius": 7, "circle-color": ["coalesce", ["get", "colour"], OVERLAY.locate],
+      "circle-stroke-color": "#ffffff", "circle-stroke-width": 2 } });
+}
+
+export function setOverlay(map: maplibregl.Map, source: string,
+                           features: GeoJSON.Feature[]): void {
+  (map.getSource(source) as maplibregl.GeoJSONSource).setData(
+    { type: "FeatureCollection", features });
+}
+
+/** A published collection the style does not draw, as a client-side layer over its tiles. */
+export function addCollectionLayer(map: maplibregl.Map, collection: Collection,
+                                   index: number): string[] {
+  const source = `collection-${collection.id}`;
+  if (map.getSource(source)) return layerIdsOf(collection.id);
+  map.addSource(source, { type: "vector", url: `/tiles/${collection.id}/tilejson.json` });
+  const colour = collection.id === "supply_depots" ? OVERLAY.depot
+    : EXTRA_PALETTE[index % EXTRA_PALETTE.length];
+  const common = { source, "source-layer": collection.id, minzoom: collection.minZoom,
+    layout: { visibility: "none" as const } };
+  const geometry = (collection.geometryType ?? "").replace("Multi", "");
+  const before = RISK_POINTS_LAYER;
+  if (geometry === "Point") {
+    map.addLayer({ id: `${source}-circle`, type: "circle", ...common,
+      paint: { "circle-color": colour, "circle-radius": 5, "circle-stroke-color": "#fff",
+        "circle-stroke-width": 1.5 } });
+  } else if (geometry === "LineString") {
+    map.addLayer({ id: `${source}-line`, type: "line", ...common,
+      paint: { "line-color": colour, "line-width": 2 } }, before);
+  } else {
+    map.addLayer({ id: `${source}-fill`, type: "fill", ...common,
+      paint: { "fill-color": colour, "fill-opacity": 0.35, "fill-outline-color": colour } },
+      before);
+  }
+  return layerIdsOf(collection.id);
+}
+
+function layerIdsOf(collectionId: string): string[] {
+  const prefix = `collection-${collectionId}-`;
+  return ["circle", "line", "fill"].map((kind) => prefix + kind);
+}
+
+export function setVisible(map: maplibregl.Map, layerIds: string[], visible: boolean): void {
+  for (const id of layerIds) {
+    if (map.getLayer(id)) map.setLayoutProperty(id, "visibility", visible ? "visible" : "none");
+  }
+}
+
+let riskTemplate: string | undefined;
+
+/** Re-request the risk tiles with ``sector=``/``level=``; the server filters points and hexagons. */
+export function filterRiskTiles(map: maplibregl.Map, sectors: string[] | null,
+                                levels: number[] | null): void {
+  const source = map.getSource(RISK_SOURCE) as VectorTileSource;
+  riskTemplate ??= source.tiles[0];
+  const search = new URLSearchParams();
+  if (sectors) search.set("sector", sectors.join(","));
+  if (levels) search.set("level", levels.join(","));
+  const qs = search.toString();
+  source.setTiles([qs ? `${riskTemplate}?${qs}` : riskTemplate]);
+}
+
+/** The level colours as the style draws them (the risk-points ``match`` on ``level``). */
+export function levelColours(map: maplibregl.Map): Record<number, string> {
+  const expression = map.getPaintProperty(RISK_POINTS_LAYER, "circle-color") as unknown[];
+  const colours: Record<number, string> = {};
+  for (let i = 2; i + 1 < expression.length; i += 2) {
+    colours[expression[i] as number] = expression[i + 1] as string;
+  }
+  colours[4] ??= expression[expression.length - 1] as string;
+  return colours;
+}

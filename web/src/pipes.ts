@@ -1,0 +1,165 @@
+// The pipe-anomaly panel: current anomaly zones by severity; choosing one zooms to it and shows
+// the zone, the affected segments, the traced downstream network and what is at risk.
+
+import * as maplibregl from "maplibre-gl";
+import { apiHas, getJson, query } from "./api";
+import { el } from "./card";
+import { named, t } from "./i18n";
+import { setOverlay } from "./map";
+
+type Zone = GeoJSON.Feature<GeoJSON.Polygon | GeoJSON.MultiPolygon, Record<string, unknown>>;
+
+export class PipePanel {
+  private zones: Zone[] = [];
+  private selected: Zone | null = null;
+  private trace: GeoJSON.FeatureCollection | null = null;
+  private available = false;
+
+  constructor(private map: maplibregl.Map) {
+    document.getElementById("pipe-refresh")!.addEventListener("click", () => void this.load());
+    document.getElementById("pipe-network")!.addEventListener("change", () => void this.load());
+  }
+
+  private network(): string {
+    return (document.getElementById("pipe-network") as HTMLSelectElement).value;
+  }
+
+  async load(): Promise<void> {
+    this.available = await apiHas("/query/pipe-anomalies");
+    this.select(null);
+    if (!this.available) {
+      this.zones = [];
+    } else {
+      const answer = await getJson<GeoJSON.FeatureCollection>(
+        `/query/pipe-anomalies?${query({ network: this.network() })}`);
+      this.zones = (answer.features as Zone[]).sort(
+        (a, b) => severityRank(b) - severityRank(a));
+    }
+    this.renderList();
+  }
+
+  refresh(): void {
+    this.renderList();
+    this.renderDetail();
+  }
+
+  private renderList(): void {
+    const list = document.getElementById("pipe-list")!;
+    if (!this.available || this.zones.length === 0) {
+      list.replaceChildren(el("li", "muted", t(this.available ? "pipes.none" : "pipes.unavailable")));
+      return;
+    }
+    list.replaceChildren(...this.zones.map((zone, index) => {
+      const p = zone.properties;
+      const item = el("li", "zone", "");
+      const button = el("button", "zone-button", "") as HTMLButtonElement;
+      button.dataset.zone = String(zone.id ?? index);
+      const badge = el("span", `severity severity-${p.severity_level}`,
+        t(`severity.${p.severity_level}`));
+      button.append(badge, document.createTextNode(` ${zoneLabel(zone)}`));
+      button.addEventListener("click", () => void this.choose(zone));
+      if (zone === this.selected) item.classList.add("selected");
+      item.append(button);
+      return item;
+    }));
+  }
+
+  private select(zone: Zone | null): void {
+    this.selected = zone;
+    this.trace = null;
+    setOverlay(this.map, "twin-zone", zone ? [zone] : []);
+    setOverlay(this.map, "twin-trace", []);
+    const ids = zone ? affectedIds(zone) : [];
+    this.map.setFilter("twin-affected-segments", ["in", ["id"], ["literal", ids]]);
+    this.renderDetail();
+  }
+
+  private async choose(zone: Zone): Promise<void> {
+    this.select(zone);
+    this.renderList();
+    const bounds = new maplibregl.LngLatBounds();
+    for (const ring of polygonsOf(zone.geometry)) for (const c of ring) bounds.extend(c as [number, number]);
+    if (!bounds.isEmpty()) this.map.fitBounds(bounds, { padding: 160, maxZoom: 17, duration: 600 });
+    const source = zone.properties.source_segment_id;
+    if (source !== undefined && (await apiHas("/query/pipe-trace"))) {
+      const trace = await getJson<GeoJSON.FeatureCollection>(`/query/pipe-trace?${query({
+        segment_id: String(source), direction: "downstream", network: this.network() })}`);
+      if (this.selected !== zone) return;
+      this.trace = trace;
+      setOverlay(this.map, "twin-trace", trace.features);
+      this.renderDetail();
+    }
+  }
+
+  private renderDetail(): void {
+    const box = document.getElementById("pipe-detail")!;
+    const zone = this.selected;
+    if (!zone) {
+      box.replaceChildren();
+      return;
+    }
+    const p = zone.properties as unknown as ZoneProperties;
+    const facts = el("dl", "facts");
+    const add = (term: string, value: string) => facts.append(el("dt", "", term), el("dd", "", value));
+    add(t("severity"), `${t(`severity.${p.severity_level}`)} (z ${p.severity})`);
+    add(t("pipes.window"), `${shortTime(p.start)} – ${shortTime(p.end)}`);
+    add(t("pipes.source"), String(p.source_segment_id));
+    add(t("pipes.sensors"), p.sensors.map((s) => s.code).join("、"));
+    add(t("pipes.segments"), String(p.affected_segment_ids.length));
+    if (this.trace) {
+      const segments = this.trace.features.filter((f) => f.geometry.type !== "Point").length;
+      add(t("pipes.downstream"), String(segments));
+    }
+    const atRisk = el("div", "at-risk");
+    atRisk.append(el("h3", "", t("pipes.atRisk")));
+    const communities = el("p", "", `${t("pipes.communities")}: ${p.communities.length}`);
+    const names = p.communities.slice(0, 8).map((c) => named(c));
+    if (names.length) {
+      communities.append(el("span", "muted",
+        ` (${names.join("、")}${p.communities.length > 8 ? "…" : ""})`));
+    }
+    const levels = [1, 2, 3, 4].map((l) => `${t(`level.${l}`)} ${p.risk_points.by_level[l] ?? 0}`);
+    atRisk.append(communities,
+      el("p", "", `${t("pipes.riskPoints")}: ${p.risk_points.count} (${levels.join(" · ")})`),
+      el("p", "", `${t("pipes.buildings")}: ${p.buildings.count}`));
+    box.replaceChildren(facts, atRisk);
+  }
+}
+
+// The zone properties as twin/queries/anomalies.py writes them.
+interface ZoneProperties {
+  id: string;
+  severity: number;
+  severity_level: string;
+  start: string;
+  end: string;
+  source_segment_id: number;
+  affected_segment_ids: number[];
+  sensors: Array<{ code: string; kind: string }>;
+  communities: Array<{ code: string; name_zh: string; name_en: string }>;
+  risk_points: { count: number; by_level: Record<string, number> };
+  buildings: { count: number };
+}
+
+function shortTime(iso: string): string {
+  return iso.slice(5, 16).replace("T", " ");
+}
+
+function severityRank(zone: Zone): number {
+  return Number(zone.properties.severity ?? 0);
+}
+
+function affectedIds(zone: Zone): number[] {
+  const raw = zone.properties.affected_segment_ids;
+  return (Array.isArray(raw) ? raw : []).map(Number);
+}
+
+function zoneLabel(zone: Zone): string {
+  const p = zone.properties as unknown as ZoneProperties;
+  const place = p.communities.length ? named(p.communities[0]) : "";
+  return [shortTime(p.start), place].filter(Boolean).join(" · ");
+}
+
+function polygonsOf(geometry: GeoJSON.Polygon | GeoJSON.MultiPolygon): GeoJSON.Position[][] {
+  return geometry.type === "Polygon" ? geometry.coordinates : geometry.coordinates.flat();
+}
