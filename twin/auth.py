@@ -31,10 +31,40 @@ class Forbidden(AuthError):
 
 
 @dataclass(frozen=True)
+class Scope:
+    """The jurisdiction a principal may see: the whole city, or districts and/or streets.
+
+    Admin codes nest by prefix (district 6 digits, street 9, community 12, grid 15), so a
+    unit, risk point (by its grid) or team lies in the scope when its code starts with one
+    of ``prefixes``.
+    """
+
+    districts: frozenset[str] = frozenset()
+    streets: frozenset[str] = frozenset()
+
+    @property
+    def is_city(self) -> bool:
+        return not self.districts and not self.streets
+
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        return tuple(sorted(self.districts | self.streets))
+
+    @property
+    def key(self) -> str | None:
+        """A stable text for cache keys; None for the city (shared by every city principal)."""
+        return None if self.is_city else ",".join(self.prefixes)
+
+
+CITY = Scope()
+
+
+@dataclass(frozen=True)
 class Principal:
     # Shown as "uploaded by"; never the key itself.
     name: str
     role: str
+    scope: Scope = CITY
 
 
 class KeyTable:

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from layers.registry import LayerRegistry
 from twin import auth
-from twin.auth import AuthError, Forbidden, KeyTable, Principal, authenticate
+from twin.auth import CITY, AuthError, Forbidden, KeyTable, Principal, Scope, authenticate
 from twin.settings import Settings
 
 
@@ -62,3 +62,16 @@ async def auth_error(request: Request, exc: AuthError) -> JSONResponse:
 
 
 EditorDep = Annotated[Principal, Depends(require_role("gis-editor"))]
+
+
+def get_scope(request: Request) -> Scope:
+    """The caller's jurisdiction (issue 7): what tiles, features and queries may return.
+
+    Anonymous callers see the city while anonymous access exists; issue 7 decides who may
+    be anonymous at all.
+    """
+    principal = authenticate(request.headers.get("authorization"), get_key_table(request))
+    return CITY if principal is None else principal.scope
+
+
+ScopeDep = Annotated[Scope, Depends(get_scope)]
