@@ -1,6 +1,7 @@
 """Who is calling: bearer keys mapped to roles. No FastAPI here; twin/api/deps.py wraps it.
 
-The key source is settings (``TWIN_AUTH_KEYS``, a JSON object ``{"<key>": "<role>[:<name>]"}``).
+The key source is settings (``TWIN_AUTH_KEYS``, a JSON object
+``{"<key>": "<role>[:<name>[:<scope>]]"}``, scope as in ``parse_scope``).
 Issue 7 replaces ``KeyTable`` with hashed keys in the database, JWTs and scopes; callers only
 see ``authenticate`` and ``require_role``, so that change stays inside this module.
 """
@@ -59,6 +60,25 @@ class Scope:
 CITY = Scope()
 
 
+def parse_scope(text: str) -> Scope:
+    """``''`` or ``city``; ``district=500103,500104``; ``street=500103001``; or both kinds
+    joined by ``;``. A street code is 9 digits, a district code 6."""
+    districts: set[str] = set()
+    streets: set[str] = set()
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        if part == "city":
+            continue
+        kind, _, codes = part.partition("=")
+        width, target = {"district": (6, districts), "street": (9, streets)}.get(kind, (0, None))
+        values = [c.strip() for c in codes.split(",") if c.strip()]
+        if target is None or not values or any(
+                len(c) != width or not c.isdigit() for c in values):
+            raise ValueError(f"scope: expected 'city', 'district=<6-digit codes>' or "
+                             f"'street=<9-digit codes>', got {part!r}")
+        target.update(values)
+    return Scope(frozenset(districts), frozenset(streets))
+
+
 @dataclass(frozen=True)
 class Principal:
     # Shown as "uploaded by"; never the key itself.
@@ -73,11 +93,13 @@ class KeyTable:
     def __init__(self, keys: Mapping[str, str]):
         self._principals: list[tuple[bytes, Principal]] = []
         for key, value in keys.items():
-            role, _, name = value.partition(":")
+            role, _, rest = value.partition(":")
+            name, _, scope = rest.partition(":")
             if role not in ROLES:
                 raise ValueError(f"TWIN_AUTH_KEYS: unknown role {role!r}; roles: {ROLES}")
             name = name or "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
-            self._principals.append((key.encode(), Principal(name, role)))
+            principal = Principal(name, role, parse_scope(scope))
+            self._principals.append((key.encode(), principal))
 
     def lookup(self, key: str) -> Principal | None:
         found = None
