@@ -6,6 +6,7 @@ for each run, or on ``TWIN_TEST_DATABASE_URL`` when that is set.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -20,6 +22,7 @@ import psycopg
 import pytest
 import uvicorn
 from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import make_url
 
 from twin.api.app import create_app
 from twin.cluster import ManagedCluster
@@ -68,6 +71,25 @@ def engine(database_url: str, sample_dir: Path) -> Iterator[Engine]:
     engine.dispose()
 
 
+# Issue 7: anonymous access is off by default. Test servers read anonymously as a planner (like
+# `make run`'s demo) unless a test's settings say otherwise, and know these keys.
+EDITOR_KEY = "fixture-editor-key-0123456789"
+ADMIN_KEY = "fixture-admin-key-0123456789"
+EDITOR = {"Authorization": f"Bearer {EDITOR_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+FIXTURE_KEYS = {EDITOR_KEY: "gis-editor:fixture-editor", ADMIN_KEY: "admin:fixture-admin"}
+
+
+def with_test_access(settings: Settings) -> Settings:
+    """Anonymous planner unless ``settings.auth`` sets ``anonymous_role``; the fixture keys
+    besides the test's own."""
+    auth = settings.auth
+    update: dict = {"keys": {**FIXTURE_KEYS, **auth.keys}}
+    if "anonymous_role" not in auth.model_fields_set:
+        update["anonymous_role"] = "planner"
+    return settings.model_copy(update={"auth": auth.model_copy(update=update)})
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -79,6 +101,7 @@ class LiveServer:
 
     def __init__(self, settings: Settings):
         self.port = free_port()
+        self.settings = settings = with_test_access(settings)
         config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port,
                                 log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
@@ -118,7 +141,8 @@ class ServerProcess:
     def __init__(self, database_url: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "TWIN_DATABASE_URL": database_url, "TWIN_PORT": str(self.port)}
+        env = {"TWIN_AUTH_ANONYMOUS_ROLE": "planner", "TWIN_AUTH_KEYS": json.dumps(FIXTURE_KEYS),
+               **os.environ, "TWIN_DATABASE_URL": database_url, "TWIN_PORT": str(self.port)}
         self.process = subprocess.Popen([sys.executable, "-m", "twin.cli", "serve"], env=env,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -147,3 +171,25 @@ class ServerProcess:
 def server_process(engine: Engine, database_url: str) -> Iterator[ServerProcess]:
     with ServerProcess(database_url) as live:
         yield live
+
+
+@contextmanager
+def sibling_database(database_url: str, suffix: str) -> Iterator[str]:
+    """A fresh, migrated database beside the suite's (same server), dropped afterwards: for
+    tests whose random writes, or whose server processes, must not meet the shared one's."""
+    url = make_url(database_url)
+    name = f"{url.database}_{suffix}"
+    admin = url.set(drivername="postgresql", database="postgres").render_as_string(
+        hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    sibling = url.set(database=name).render_as_string(hide_password=False)
+    engine = create_engine(sibling)
+    upgrade(engine)
+    engine.dispose()
+    try:
+        yield sibling
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -7,6 +7,7 @@ never collide with the sample and are deleted again after the module.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
@@ -14,7 +15,16 @@ import pytest
 from httpx import Client
 from sqlalchemy import Engine, text
 
+from tests.conftest import EDITOR, LiveServer
+
 MARK = timedelta(microseconds=123_457)
+
+
+@pytest.fixture()
+def client(server: LiveServer) -> Iterator[Client]:
+    """Sensor gateways post with a gis-editor key (issue 7: twin/api/access.py)."""
+    with Client(base_url=server.url, timeout=30, headers=EDITOR) as client:
+        yield client
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,12 +1,20 @@
-"""twin's command line: ``twin db up|down|status|migrate``, ``twin sample …``, ``twin serve``,
-and ``twin run`` (everything ``make run`` needs, then serve)."""
+"""twin's command line: ``twin db up|down|status|migrate``, ``twin sample …``,
+``twin keys add|list|revoke``, ``twin serve``, and ``twin run`` (everything ``make run``
+needs, then serve, with anonymous demo access)."""
 
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
+import os
+import pickle
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from sqlalchemy import Connection
 
 from twin.cluster import ManagedCluster
 from twin.errors import TwinError
@@ -58,21 +66,115 @@ def sample_load(settings: Settings, scale: str, force: bool) -> None:
     load_sample(sync_engine(settings), sample_dir, force=force)
 
 
+@contextmanager
+def _transaction(settings: Settings) -> Iterator[Connection]:
+    from twin.db import sync_engine
+
+    engine = sync_engine(settings)
+    try:
+        with engine.begin() as conn:
+            yield conn
+    finally:
+        engine.dispose()
+
+
+def keys_add(settings: Settings, name: str, role: str, scope: str = "city") -> str:
+    """Create an API key; prints it (the only time it is shown) and returns it."""
+    from twin import apikeys
+
+    with _transaction(settings) as conn:
+        row, key = apikeys.add_key(conn, name, role, scope)
+    log.info("key %d '%s' (%s, scope %s) created; it is shown only this once:", row["id"],
+             row["name"], row["role"], row["scope"])
+    print(key, flush=True)
+    return key
+
+
+def keys_list(settings: Settings) -> list[dict]:
+    from twin import apikeys
+
+    with _transaction(settings) as conn:
+        rows = apikeys.list_keys(conn)
+    print(f"{'id':>4}  {'name':<24} {'role':<10} {'prefix':<12}  {'created':<19}  "
+          f"{'revoked':<19}  scope")
+    for row in rows:
+        revoked = row["revoked_at"].strftime("%Y-%m-%d %H:%M:%S") if row["revoked_at"] else "-"
+        print(f"{row['id']:>4}  {row['name']:<24} {row['role']:<10} {row['prefix']:<12}  "
+              f"{row['created_at'].strftime('%Y-%m-%d %H:%M:%S'):<19}  {revoked:<19}  "
+              f"{row['scope']}")
+    return rows
+
+
+def keys_revoke(settings: Settings, ident: str) -> dict:
+    from twin import apikeys
+
+    with _transaction(settings) as conn:
+        row = apikeys.revoke_key(conn, ident)
+    log.info("key %d '%s' revoked at %s", row["id"], row["name"], row["revoked_at"])
+    return row
+
+
+EDITOR_KEY_COMMAND = ".venv/bin/twin keys add --name <who> --role gis-editor"
+
+
+def demo_access(settings: Settings) -> Settings:
+    """`twin run` is the demo: anonymous viewer + planner access unless
+    TWIN_AUTH_ANONYMOUS_ROLE says otherwise (set it to '' to turn it off)."""
+    if "anonymous_role" in settings.auth.model_fields_set:
+        return settings
+    auth = settings.auth.model_copy(update={"anonymous_role": "planner"})
+    return settings.model_copy(update={"auth": auth})
+
+
+def log_access(settings: Settings) -> None:
+    role = settings.auth.anonymous_role
+    if role:
+        log.warning("anonymous access is ON: callers without a key may read as '%s' (the "
+                    "demo; TWIN_AUTH_ANONYMOUS_ROLE='' turns it off). Uploads need a "
+                    "gis-editor key: %s", role, EDITOR_KEY_COMMAND)
+    else:
+        log.info("anonymous access is off: every call but /, /healthz and /api needs a key "
+                 "(%s) or a JWT", EDITOR_KEY_COMMAND.replace("gis-editor", "<role>"))
+
+
 def serve(settings: Settings) -> None:
     import uvicorn
 
     from twin.api.app import create_app
 
+    log_access(settings)
     log.info("serving the API and the web map on http://%s:%d/", settings.host, settings.port)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level="info", access_log=False)
+    # Idle keep-alive connections stay open 75 s (nginx's default), not uvicorn's 5 s: under
+    # load a busy event loop can run the idle timer before the next request on that
+    # connection is read, and the client gets a closed connection instead of an answer.
+    options = {"host": settings.host, "port": settings.port, "log_level": "info",
+               "access_log": False, "timeout_keep_alive": 75}
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    # Worker processes build their own app from an import string; the settings travel to
+    # them whole (pickled: secrets included, overrides such as demo_access kept).
+    os.environ[WORKER_SETTINGS_ENV] = base64.b64encode(pickle.dumps(settings)).decode()
+    log.info("%d worker processes", settings.workers)
+    uvicorn.run("twin.cli:worker_app", factory=True, workers=settings.workers, **options)
+
+
+WORKER_SETTINGS_ENV = "_TWIN_WORKER_SETTINGS"
+
+
+def worker_app():
+    """The app of one ``twin serve`` worker process, with the settings ``serve`` was given."""
+    from twin.api.app import create_app
+
+    settings = pickle.loads(base64.b64decode(os.environ[WORKER_SETTINGS_ENV]))
+    return create_app(settings)
 
 
 def run(settings: Settings, scale: str) -> None:
     db_up(settings)
     db_migrate(settings)
     sample_load(settings, scale, force=False)
-    serve(settings)
+    serve(demo_access(settings))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--scale", default=None, choices=("full", "small"))
     load.add_argument("--force", action="store_true", help="reload even if already loaded")
 
+    keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="action",
+                                                                      required=True)
+    add = keys.add_parser("add", help="create a key and print it (shown only this once)")
+    add.add_argument("--name", required=True, help="who holds it (shown as 'uploaded by')")
+    add.add_argument("--role", required=True,
+                     choices=("viewer", "planner", "gis-editor", "admin"))
+    add.add_argument("--scope", default="city",
+                     help="city (default) | district=<adcodes> | street=<street codes>")
+    keys.add_parser("list", help="every key (never the key itself)")
+    revoke = keys.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("key", help="the key's id or name")
+
     commands.add_parser("serve", help="serve the API and the web map")
     run_parser = commands.add_parser("run", help="db up, migrate, load the sample, serve")
     run_parser.add_argument("--scale", default=None, choices=("full", "small"))
@@ -111,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         ("db", "migrate"): lambda: db_migrate(settings),
         ("sample", "generate"): lambda: sample_generate(settings, scale, args.out),
         ("sample", "load"): lambda: sample_load(settings, scale, args.force),
+        ("keys", "add"): lambda: keys_add(settings, args.name, args.role, args.scope),
+        ("keys", "list"): lambda: keys_list(settings),
+        ("keys", "revoke"): lambda: keys_revoke(settings, args.key),
         ("serve", None): lambda: serve(settings),
         ("run", None): lambda: run(settings, scale),
     }

@@ -135,6 +135,39 @@ class RiskPoint(Base):
     geom = mapped_column(Geometry("POINT", srid=SRID, spatial_index=True), nullable=False)
 
 
+H3_RESOLUTIONS = range(3, 10)  # risk_points.h3_r3 .. h3_r9
+
+
+class RiskPointH3Count(Base):
+    """Risk points per H3 cell, sector and level, for hexagon tiles (tiles/hexagons.py).
+
+    Kept exact by statement-level triggers on risk_points (twin/sql/risk_point_h3_counts.sql);
+    a row whose count drops to 0 is deleted.
+    """
+
+    __tablename__ = "risk_point_h3_counts"
+    __table_args__ = (
+        CheckConstraint("n >= 0", name="h3_count_not_negative"),
+        # One small index per resolution: a tile asks for one resolution only.
+        *(
+            Index(f"risk_point_h3_counts_r{res}_anchor_idx", "anchor", postgresql_using="gist",
+                  postgresql_where=text(f"res = {res}"))
+            for res in H3_RESOLUTIONS
+        ),
+        # The rows the triggers empty, found without a scan.
+        Index("risk_point_h3_counts_empty_idx", "res", postgresql_where=text("n = 0")),
+    )
+
+    res: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    cell: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    sector_code: Mapped[str] = mapped_column(String(40), primary_key=True)
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)
+    # A point inside the cell (one of its risk points at some time): where a tile finds the
+    # cell. Any point of the cell will do, since a tile reads cells within one diameter.
+    anchor = mapped_column(Geometry("POINT", srid=SRID, spatial_index=False), nullable=False)
+
+
 class ResponseTeam(Base):
     __tablename__ = "response_teams"
     __table_args__ = (
@@ -425,3 +458,52 @@ class DatasetLoad(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     row_count: Mapped[int] = mapped_column(BigInteger)
     loaded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+API_ROLES = ("viewer", "planner", "gis-editor", "admin")
+AUDIT_OUTCOMES = ("ok", "refused", "failed")
+
+
+class ApiKey(Base):
+    """An API key: a lookup prefix and the SHA-256 of the key, never the key itself."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        CheckConstraint(_in("role", API_ROLES), name="api_key_role"),
+        Index("api_keys_prefix", "prefix", unique=True),
+        # A name names one live key; revoked keys keep theirs for the audit trail.
+        Index("api_keys_active_name", "name", unique=True,
+              postgresql_where=text("revoked_at IS NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(Text)
+    prefix: Mapped[str] = mapped_column(String(16))
+    hash: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    # Same text format as twin.auth.parse_scope: city | district=... | street=...
+    scope: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEntry(Base):
+    """One write request: who, when, what, and how it ended (refused and failed ones too)."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        CheckConstraint(_in("outcome", AUDIT_OUTCOMES), name="audit_outcome"),
+        Index("audit_log_at", "at"),
+        Index("audit_log_principal_at", "principal", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    principal: Mapped[str | None] = mapped_column(Text)
+    role: Mapped[str | None] = mapped_column(String(16))
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(Text)
+    status: Mapped[int] = mapped_column(SmallInteger)
+    outcome: Mapped[str] = mapped_column(String(8))
+    detail: Mapped[dict] = mapped_column(JSONB, default=dict)
+    request_id: Mapped[str] = mapped_column(String(64))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +26,12 @@ class DatabaseSettings(BaseSettings):
     max_overflow: int = 10
     # Seconds a request waits for a connection before the database counts as unavailable.
     connect_timeout: int = 3
+    # Every statement the API runs is cancelled after this long (504 to the client), so one
+    # runaway query cannot hold a connection and a core; 0 turns it off. Upload ingestion,
+    # migrations and sample loads run on their own engine without it (see twin/db.py).
+    statement_timeout_ms: int = Field(default=15_000, ge=0)
+    # Seconds a request queues for a pooled connection when all are busy before it gets 503.
+    pool_timeout: float = Field(default=30.0, gt=0)
 
 
 class UploadSettings(BaseSettings):
@@ -49,14 +55,57 @@ class UploadSettings(BaseSettings):
 
 
 class AuthSettings(BaseSettings):
-    """Bearer keys and their roles (``TWIN_AUTH_KEYS='{"<key>": "gis-editor"}'``).
+    """Who may call (``TWIN_AUTH_``): see twin/auth.py and the README's "Access" section.
 
-    Issue 7 replaces this source with hashed keys in the database; twin/auth.py is the seam.
+    API keys live hashed in the database (``twin keys add``); ``keys`` adds keys from the
+    environment for bootstrapping and tests: ``TWIN_AUTH_KEYS='{"<key>":
+    "<role>[:<name>[:<scope>]]"}'``.
     """
 
     model_config = SettingsConfigDict(env_prefix="TWIN_AUTH_")
 
     keys: dict[str, str] = Field(default_factory=dict)
+    # Role of callers without a key: '' (off: 401), 'viewer' or 'planner'. `twin run` (the
+    # demo) sets 'planner' unless this is set.
+    anonymous_role: str = Field(default="", pattern="^(|viewer|planner)$")
+    # JWT bearer tokens, verified locally: HS256 with this secret ...
+    jwt_secret: SecretStr | None = None
+    # ... and/or RS256/ES256 with the public keys of this JWKS file (read once, no network).
+    jwks_file: Path | None = None
+    # Checked when set: the token's 'aud' and 'iss' claims.
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    # Seconds of clock skew allowed on 'exp' and 'nbf'.
+    jwt_leeway_s: float = Field(default=30.0, ge=0)
+
+
+class LimitsSettings(BaseSettings):
+    """Per-caller rate limits and request body limits (``TWIN_LIMITS_``).
+
+    The rate is a token bucket per key (per client IP for anonymous callers): ``burst``
+    requests at once, refilled at ``rate_per_s``. The defaults are generous on purpose: one
+    process on a small machine serves fewer requests than that, so they only stop a runaway
+    client; a deployment with many key holders sets e.g. ``TWIN_LIMITS_RATE_PER_S=20``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="TWIN_LIMITS_")
+
+    # 0 turns rate limiting off.
+    rate_per_s: float = Field(default=2000.0, ge=0)
+    burst: int = Field(default=4000, ge=1)
+    # Bytes of any request body but an upload (uploads: TWIN_UPLOADS_MAX_FILE_BYTES).
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=0)
+
+
+class CorsSettings(BaseSettings):
+    """Cross-origin front ends (``TWIN_CORS_ORIGINS='["https://hall.example"]'``); none by
+    default (the web map is served by twin itself, same origin)."""
+
+    model_config = SettingsConfigDict(env_prefix="TWIN_CORS_")
+
+    origins: list[str] = Field(default_factory=list)
+    # Seconds a browser may cache a preflight answer.
+    max_age_s: int = Field(default=600, ge=0)
 
 
 class TilesSettings(BaseSettings):
@@ -98,11 +147,16 @@ class Settings(BaseSettings):
     database_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
+    # Server processes (`twin serve`/`run`). 2 uses both cores of the reference machine for
+    # cached tiles, which are Python-bound; see the README for what each process keeps alone.
+    workers: int = Field(default=1, ge=1)
     sample_scale: str = "full"
     db: DatabaseSettings = Field(default_factory=DatabaseSettings)
     tiles: TilesSettings = Field(default_factory=TilesSettings)
     uploads: UploadSettings = Field(default_factory=UploadSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    cors: CorsSettings = Field(default_factory=CorsSettings)
     sensors: SensorSettings = Field(default_factory=SensorSettings)
 
     @property

@@ -7,23 +7,29 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from layers.jobs import start_runner
 from layers.registry import LayerRegistry
-from tiles.cache import tile_cache
+from tiles.cache import DataVersions, tile_cache
+from twin import apikeys
+from twin.api import access
 from twin.api.deps import auth_error
 from twin.api.errors import install_error_handlers
+from twin.api.middleware import AuditMiddleware, BodyLimitMiddleware
 from twin.api.routes import areas as area_routes
+from twin.api.routes import audit as audit_routes
 from twin.api.routes import collections, features, health, landing, queries, tiles
 from twin.api.routes import jobs as job_routes
+from twin.api.routes import keys as key_routes
 from twin.api.routes import layers as layer_routes
 from twin.api.routes import pipes as pipe_routes
 from twin.api.routes import raster as raster_routes
 from twin.api.routes import reference as reference_routes
 from twin.api.routes import sensors as sensor_routes
-from twin.auth import AuthError
+from twin.auth import Authenticator, AuthError
 from twin.db import async_engine
 from twin.settings import Settings, get_settings
 
@@ -62,22 +68,48 @@ def mount_web_assets(app: FastAPI) -> None:
     app.mount("/assets", StaticFiles(directory=assets, check_dir=False), name="web-assets")
 
 
+def install_middleware(app: FastAPI, settings: Settings) -> None:
+    """Body limits innermost (a 413 is audited like any refused write), then the audit log
+    of writes, then CORS outermost (so refusals carry CORS headers too); the last added runs
+    first."""
+    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(AuditMiddleware)
+    if settings.cors.origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors.origins,
+            allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "If-None-Match", "X-Request-ID"],
+            expose_headers=["ETag", "Location", "Retry-After", "X-Request-ID"],
+            max_age=settings.cors.max_age_s)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.engine = async_engine(settings)
-        app.state.registry = RegistryCache(app.state.engine)
+        # Not the requests' pool: a request holding a pooled connection may need the registry.
+        registry_engine = async_engine(settings, pool_size=1, max_overflow=0)
+        app.state.registry = RegistryCache(registry_engine)
         # Upload jobs run in a thread pool; jobs a killed server left running are failed first.
         app.state.upload_jobs = await start_runner(
             settings, lambda layer_id: app.state.registry.invalidate())
         app.state.tile_cache = tile_cache(settings.tiles)
+        # Layer data versions for the tile cache keys, one query shared by concurrent tiles,
+        # on a connection of its own (never waiting for the requests' pool).
+        app.state.tile_versions = DataVersions(async_engine(settings, pool_size=1,
+                                                            max_overflow=0))
+        # Tiles' own pool, without a pre-ping round trip per checkout (tiles retry instead).
+        app.state.tile_engine = async_engine(settings, pre_ping=False)
         try:
             yield
         finally:
+            await app.state.tile_versions.close()
+            await app.state.tile_engine.dispose()
             app.state.upload_jobs.shutdown()
             await app.state.engine.dispose()
+            await registry_engine.dispose()
 
     app = FastAPI(
         title="twin",
@@ -91,18 +123,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.add_exception_handler(AuthError, auth_error)
-    app.include_router(health.router)
-    app.include_router(landing.router)
-    app.include_router(collections.router)
-    app.include_router(features.router)
-    app.include_router(tiles.router)
-    app.include_router(queries.router)
-    app.include_router(pipe_routes.router)
-    app.include_router(sensor_routes.router)
-    app.include_router(area_routes.router)
-    app.include_router(reference_routes.router)
-    app.include_router(layer_routes.router)
-    app.include_router(job_routes.router)
-    app.include_router(raster_routes.router)
+    app.add_exception_handler(access.RateLimited, access.rate_limited)
+    # Fails at start-up, not on the first request, when a JWKS file or key is bad.
+    app.state.authenticator = Authenticator(settings.auth, apikeys.lookup)
+    # Every router passes the access guard; twin/api/access.py says which role each route needs.
+    for router in (health.router, landing.router, collections.router, features.router,
+                   tiles.router, queries.router, pipe_routes.router, sensor_routes.router,
+                   area_routes.router, reference_routes.router, layer_routes.router,
+                   job_routes.router, raster_routes.router,
+                   audit_routes.router, key_routes.router):
+        app.include_router(router, dependencies=access.GUARD)
     mount_web_assets(app)
+    install_middleware(app, settings)
     return app

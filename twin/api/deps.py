@@ -1,8 +1,9 @@
-"""Dependencies injected into routes: settings, a pooled connection, the layer registry."""
+"""Dependencies injected into routes: settings, a pooled connection, the layer registry, and
+who is calling (their principal, role and scope)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -10,8 +11,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from layers.registry import LayerRegistry
-from twin import auth
-from twin.auth import CITY, AuthError, Forbidden, KeyTable, Principal, Scope, authenticate
+from twin import apikeys, auth
+from twin.auth import Authenticator, AuthError, Forbidden, Principal, Scope, Unauthenticated
+from twin.db import pooled_connection
 from twin.settings import Settings
 
 
@@ -20,7 +22,7 @@ def get_settings_dep(request: Request) -> Settings:
 
 
 async def get_connection(request: Request) -> AsyncIterator[AsyncConnection]:
-    async with request.app.state.engine.connect() as conn:
+    async with pooled_connection(request.app.state.engine) as conn:
         yield conn
 
 
@@ -33,21 +35,39 @@ ConnDep = Annotated[AsyncConnection, Depends(get_connection)]
 RegistryDep = Annotated[LayerRegistry, Depends(get_registry)]
 
 
-# --- who is calling (issue 5; issue 7 swaps the key source inside twin/auth.py) -----------
+# --- who is calling (issue 7) --------------------------------------------------------------
+# twin/api/access.py's guard resolves the caller once per request (it runs first, on every
+# router); the dependencies below reuse what it found.
 
-def get_key_table(request: Request) -> KeyTable:
-    table = getattr(request.app.state, "key_table", None)
-    if table is None:
-        table = request.app.state.key_table = KeyTable(request.app.state.settings.auth.keys)
-    return table
+_UNRESOLVED = object()
 
 
-def require_role(role: str) -> Callable[[Request], Principal]:
-    """A dependency that lets through only callers whose key has ``role`` (or a stronger one)."""
+def get_authenticator(request: Request) -> Authenticator:
+    authenticator = getattr(request.app.state, "authenticator", None)
+    if authenticator is None:
+        authenticator = Authenticator(request.app.state.settings.auth, apikeys.lookup)
+        request.app.state.authenticator = authenticator
+    return authenticator
 
-    def dependency(request: Request) -> Principal:
-        principal = authenticate(request.headers.get("authorization"), get_key_table(request))
-        return auth.require_role(principal, role)
+
+async def get_principal(request: Request) -> Principal | None:
+    """The caller (the anonymous principal when allowed), or None: anonymous access is off.
+
+    Raises Unauthenticated for a malformed, unknown, revoked or expired key or token.
+    """
+    principal = getattr(request.state, "principal", _UNRESOLVED)
+    if principal is _UNRESOLVED:
+        principal = await get_authenticator(request).principal(
+            request.headers.get("authorization"), request.app.state.engine.connect)
+        request.state.principal = principal
+    return principal
+
+
+def require_role(role: str) -> Callable[[Request], Awaitable[Principal]]:
+    """A dependency that lets through only callers with ``role`` (or a stronger one)."""
+
+    async def dependency(request: Request) -> Principal:
+        return auth.require_role(await get_principal(request), role)
 
     return dependency
 
@@ -57,21 +77,26 @@ async def auth_error(request: Request, exc: AuthError) -> JSONResponse:
     challenge = 'Bearer realm="twin"'
     if isinstance(exc, Forbidden):
         challenge += ', error="insufficient_scope"'
+    elif request.headers.get("authorization"):
+        challenge += ', error="invalid_token"'
     return JSONResponse({"code": type(exc).__name__, "description": str(exc)},
                         status_code=exc.status_code, headers={"WWW-Authenticate": challenge})
 
 
 EditorDep = Annotated[Principal, Depends(require_role("gis-editor"))]
+AdminDep = Annotated[Principal, Depends(require_role("admin"))]
 
 
-def get_scope(request: Request) -> Scope:
-    """The caller's jurisdiction (issue 7): what tiles, features and queries may return.
+async def get_scope(request: Request) -> Scope:
+    """The caller's jurisdiction: what tiles, features and queries may return.
 
-    Anonymous callers see the city while anonymous access exists; issue 7 decides who may
-    be anonymous at all.
+    Anonymous callers (only where TWIN_AUTH_ANONYMOUS_ROLE allows them) see the city.
     """
-    principal = authenticate(request.headers.get("authorization"), get_key_table(request))
-    return CITY if principal is None else principal.scope
+    principal = await get_principal(request)
+    if principal is None:
+        raise Unauthenticated("this endpoint needs a bearer key or token (anonymous access "
+                              "is off)")
+    return principal.scope
 
 
 ScopeDep = Annotated[Scope, Depends(get_scope)]

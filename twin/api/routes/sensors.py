@@ -29,8 +29,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-# Issue 7: this route will require a gis-editor key; add `_editor: EditorDep`
-# (twin.api.deps) to the parameters. Until then anyone who can reach the API may post.
+# Needs a gis-editor key or token: twin/api/access.py.
 @router.post("/sensors/readings", summary="Store a batch of sensor readings; rows that fail "
              "a check are rejected one by one with a reason, the valid rows are stored "
              "together", response_class=JSONResponse,

@@ -1,0 +1,148 @@
+"""Who may call which route: the one table of roles, and the guard that applies it.
+
+Every router is included with ``GUARD`` (twin/api/app.py), so every route passes
+``enforce``, which looks its role up in ``RULES`` by method and route template. A route no
+rule names needs ``admin`` (closed by default), and tests/test_auth_access.py fails until
+it is given a rule. Public routes (role ``PUBLIC``) need nobody: the landing page,
+conformance, health, the OpenAPI document and its viewers, and the web map's static assets
+(a mount, outside the routers).
+
+Roles grow: viewer < planner < gis-editor < admin (twin/auth.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
+
+from twin import auth
+from twin.api.deps import get_principal
+from twin.auth import Principal, Unauthenticated
+from twin.errors import TwinError
+from twin.ratelimit import TokenBuckets, retry_after
+
+PUBLIC = "public"
+READ = frozenset({"GET", "HEAD"})
+WRITE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+ANY = READ | WRITE
+
+
+@dataclass(frozen=True)
+class Rule:
+    methods: frozenset[str]
+    # A route template; a trailing '*' matches every template that starts with the rest.
+    path: str
+    role: str
+
+    def matches(self, method: str, path: str) -> bool:
+        if method not in self.methods:
+            return False
+        if self.path.endswith("*"):
+            return path.startswith(self.path[:-1])
+        return path == self.path
+
+
+# First match wins: specific rules before the prefixes they refine.
+RULES: tuple[Rule, ...] = (
+    # Public: how to find and describe the API, liveness for balancers, the web map shell.
+    *(Rule(READ, path, PUBLIC) for path in (
+        "/", "/conformance", "/healthz", "/api", "/api.html", "/docs/oauth2-redirect",
+        "/redoc", "/assets*")),
+    # viewer: the map (tiles, styles, features, collections, layers) and statistics.
+    Rule(READ, "/query/h3", "viewer"),
+    Rule(READ, "/collections*", "viewer"),
+    Rule(READ, "/tileMatrixSets*", "viewer"),
+    Rule(READ, "/tiles/*", "viewer"),
+    Rule(READ, "/styles/*", "viewer"),
+    Rule(READ, "/layers*", "viewer"),
+    # An upload job's state; its id is a random UUID handed to the uploader.
+    Rule(READ, "/jobs/*", "viewer"),
+    Rule(READ, "/sectors", "viewer"),
+    Rule(READ, "/emergency-plans/*", "viewer"),
+    # planner: every analysis (POST /query/impact posts a polygon; it writes nothing).
+    Rule(ANY, "/query/*", "planner"),
+    # gis-editor: uploads and layer management, sensor gateways.
+    Rule(WRITE, "/layers*", "gis-editor"),
+    Rule(WRITE, "/sensors/readings", "gis-editor"),
+    # admin: keys and the audit log.
+    Rule(ANY, "/keys*", "admin"),
+    Rule(READ, "/audit", "admin"),
+)
+CLOSED = "admin"
+
+
+@lru_cache(maxsize=1024)
+def role_for(method: str, path: str) -> str:
+    """The role a route needs, from its method and template (closed: ``admin``)."""
+    method = "GET" if method == "HEAD" else method
+    return next((rule.role for rule in RULES if rule.matches(method, path)), CLOSED)
+
+
+def declared(method: str, path: str) -> bool:
+    method = "GET" if method == "HEAD" else method
+    return any(rule.matches(method, path) for rule in RULES)
+
+
+def is_write(method: str, path: str) -> bool:
+    """Requests the audit log records: every non-read method but the analyses' POSTs."""
+    return method in WRITE and not path.startswith("/query/")
+
+
+class RateLimited(TwinError):
+    status_code = 429
+
+    def __init__(self, message: str, retry_after_s: str):
+        super().__init__(message)
+        self.retry_after = retry_after_s
+
+
+async def rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
+    return JSONResponse({"code": "RateLimited", "description": str(exc)}, status_code=429,
+                        headers={"Retry-After": exc.retry_after})
+
+
+def _buckets(request: Request) -> TokenBuckets:
+    buckets = getattr(request.app.state, "rate_buckets", None)
+    if buckets is None:
+        limits = request.app.state.settings.limits
+        buckets = request.app.state.rate_buckets = TokenBuckets(limits.rate_per_s, limits.burst)
+    return buckets
+
+
+def _client(request: Request) -> str:
+    return "ip:" + (request.client.host if request.client else "unknown")
+
+
+def _charge(request: Request, bucket: str) -> None:
+    wait = _buckets(request).take(bucket)
+    if wait > 0:
+        limits = request.app.state.settings.limits
+        raise RateLimited(
+            f"rate limit: more than {limits.burst} requests at once or {limits.rate_per_s:g} "
+            f"per second for this {'key' if bucket.startswith('key:') else 'client'} "
+            "(TWIN_LIMITS_BURST, TWIN_LIMITS_RATE_PER_S); retry after the Retry-After "
+            "seconds", retry_after(wait))
+
+
+async def enforce(request: Request) -> None:
+    """Authenticate, rate-limit and authorize one request against ``RULES``."""
+    route = request.scope.get("route")
+    role = role_for(request.method, getattr(route, "path_format", request.url.path))
+    if role == PUBLIC:
+        return
+    try:
+        principal: Principal | None = await get_principal(request)
+    except Unauthenticated:
+        _charge(request, _client(request))  # guessing keys costs the guesser's IP
+        raise
+    if principal is None or principal.anonymous:
+        _charge(request, _client(request))
+    else:
+        _charge(request, "key:" + principal.name)
+    auth.require_role(principal, role)
+
+
+GUARD = [Depends(enforce)]

@@ -1,0 +1,41 @@
+"""API keys over HTTP, for admins: the same operations as ``twin keys add|list|revoke``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from twin import apikeys
+from twin.api.deps import ConnDep
+
+router = APIRouter(tags=["admin"])
+
+
+class NewKey(BaseModel):
+    name: str = Field(description="who holds the key (shown as 'uploaded by' and in the audit)")
+    role: str = Field(description="viewer, planner, gis-editor or admin")
+    scope: str = Field("city", description="city | district=<adcodes> | street=<codes>")
+
+
+def _jsonable(row: dict) -> dict:
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
+
+
+@router.get("/keys", summary="Every API key, revoked ones too; never the key itself (admin)")
+async def list_keys(conn: ConnDep) -> dict:
+    return {"keys": [_jsonable(row) for row in await conn.run_sync(apikeys.list_keys)]}
+
+
+@router.post("/keys", status_code=201,
+             summary="Create an API key; the answer holds the key, shown this once (admin)")
+async def add_key(body: NewKey, conn: ConnDep) -> dict:
+    row, key = await conn.run_sync(apikeys.add_key, body.name, body.role, body.scope)
+    await conn.commit()
+    return {**_jsonable(row), "key": key}
+
+
+@router.delete("/keys/{key}", summary="Revoke an API key by id or name (admin)")
+async def revoke_key(key: str, conn: ConnDep) -> dict:
+    row = await conn.run_sync(apikeys.revoke_key, key)
+    await conn.commit()
+    return _jsonable(row)
