@@ -1,7 +1,8 @@
 """GET /layers and /layers/{id}: every layer with what GIS staff ask about it.
 
 Built-in layers are listed too (origin 'builtin', no versions); uploaded layers add their
-versions, uploader and the published version's report.
+versions, uploader and the published version's report. A caller sees the layers their
+jurisdiction may see (twin/queries/scope.py), built-in feature counts within it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from layers.registry import LayerRegistry
+from twin.auth import CITY, Scope
 from twin.errors import NotFound
+from twin.queries.scope import feature_count, layer_visible
 
 _LAYERS = """
     SELECT l.id, l.title_zh, l.title_en, l.kind, l.geometry_type, l.fields, l.bbox,
@@ -52,26 +55,29 @@ def _links(row: dict, base: str) -> list[dict]:
     return links
 
 
-async def list_layers(conn: AsyncConnection, registry: LayerRegistry, base: str) -> list[dict]:
+async def list_layers(conn: AsyncConnection, registry: LayerRegistry, base: str,
+                      scope: Scope = CITY) -> list[dict]:
     rows = (await conn.execute(text(_LAYERS + " ORDER BY l.origin DESC, l.id"))).mappings().all()
     out = []
     for row in rows:
         row = dict(row)
+        if not layer_visible(scope, row["owner_scope"], row["shared"]):
+            continue
         if row["origin"] == "builtin" and row["kind"] == "vector":
-            row["feature_count"] = await _builtin_count(conn, registry, row)
+            row["feature_count"] = await _builtin_count(conn, registry, row, scope)
         out.append(_document(row, base))
     return out
 
 
 async def layer_detail(conn: AsyncConnection, registry: LayerRegistry, layer_id: str,
-                       base: str) -> dict:
+                       base: str, scope: Scope = CITY) -> dict:
     row = (await conn.execute(text(_LAYERS + " WHERE l.id = :id"), {"id": layer_id})
            ).mappings().first()
-    if row is None:
+    if row is None or not layer_visible(scope, row["owner_scope"], row["shared"]):
         raise NotFound(f"unknown layer '{layer_id}'")
     row = dict(row)
     if row["origin"] == "builtin" and row["kind"] == "vector":
-        row["feature_count"] = await _builtin_count(conn, registry, row)
+        row["feature_count"] = await _builtin_count(conn, registry, row, scope)
     document = _document(row, base)
     document["source_file_name"] = row["source_file_name"]
     document["report"] = row["report"]
@@ -80,9 +86,10 @@ async def layer_detail(conn: AsyncConnection, registry: LayerRegistry, layer_id:
     return document
 
 
-async def _builtin_count(conn: AsyncConnection, registry: LayerRegistry, row: dict) -> int | None:
+async def _builtin_count(conn: AsyncConnection, registry: LayerRegistry, row: dict,
+                         scope: Scope) -> int | None:
     try:
         layer = registry.get(row["id"])
     except NotFound:
         return None
-    return await registry.feature_count(conn, layer, row["data_version"])
+    return await feature_count(conn, registry, layer, row["data_version"], scope)

@@ -41,6 +41,10 @@ class Layer:
     current_version: int | None = None
     data_version: int = 0
     meta: dict = field(default_factory=dict)
+    # Who may see an uploaded layer (issue 7, twin/queries/scope.py): the uploader's scope
+    # key (None: city-wide) and whether it is shared with the whole city anyway.
+    owner_scope: str | None = None
+    shared: bool = True
 
     @property
     def where(self) -> str:
@@ -128,7 +132,7 @@ def register_builtin_layers(conn: Connection, samples_dir: Path) -> int:
 _SELECT_LAYERS = text("""
     SELECT id, title_zh, title_en, kind, geometry_type, source_table, source_filter, fields,
            bbox, source_crs, source_datum, file_path, min_zoom, max_zoom, origin,
-           current_version, data_version, meta
+           current_version, data_version, meta, owner_scope, shared
       FROM layers
      ORDER BY origin, id
 """)

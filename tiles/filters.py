@@ -3,6 +3,11 @@
 ``sector`` and ``level`` apply to the requested layers that have those fields. A CQL2-text
 ``filter`` applies to every requested layer and may name only fields each of them has: a
 composite tile cannot say which layer a property was meant for, so it refuses to guess.
+
+The caller's jurisdiction (``scope``, issue 7) travels with the filters, so every tile path
+(features, budgeted points, H3 hexagons) that applies ``filter_sql`` keeps to it; a tile
+outside the scope is then simply a tile with nothing in it. The tile cache key carries the
+scope separately (``tiles.cache.tile_key``).
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from layers.registry import Layer
+from twin.auth import CITY, Scope
 from twin.errors import InvalidParameter
 from twin.queries.cql2 import compile_filter
+from twin.queries.scope import table_predicate
 
 RISK_LEVELS = (1, 2, 3, 4)
 
@@ -29,6 +36,8 @@ class TileFilters:
     levels: tuple[int, ...] = ()
     # CQL2-text as sent (stripped); None for no filter.
     cql: str | None = None
+    # The caller's jurisdiction; the whole city by default.
+    scope: Scope = CITY
 
     def applies_to(self, field_names: set[str]) -> bool:
         return (not self.sectors or "sector_code" in field_names) and (
@@ -42,7 +51,7 @@ class TileFilters:
         """The filters that apply to the layer: sector and level only where it has them."""
         names = {f["name"] for f in layer.fields}
         return TileFilters(self.sectors if "sector_code" in names else (),
-                           self.levels if "level" in names else (), self.cql)
+                           self.levels if "level" in names else (), self.cql, self.scope)
 
 
 def quote(identifier: str) -> str:
@@ -54,9 +63,10 @@ def _split(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
-async def parse_filters(conn: AsyncConnection, sector: str | None, level: str | None,
-                        cql: str | None = None) -> TileFilters:
-    """Comma lists from the query string, checked against the sectors table and levels 1-4.
+async def parse_filters(conn: AsyncConnection | None, sector: str | None, level: str | None,
+                        cql: str | None = None, scope: Scope = CITY) -> TileFilters:
+    """Comma lists from the query string, checked against the sectors table and levels 1-4
+    (``conn`` is needed only when ``sector`` is given).
 
     The CQL2 filter is checked against each layer's fields when the tile is built.
     """
@@ -74,7 +84,7 @@ async def parse_filters(conn: AsyncConnection, sector: str | None, level: str | 
     if cql is not None and not cql.strip():
         raise InvalidParameter("filter: the filter is empty")
     return TileFilters(tuple(sorted(set(sectors))), tuple(sorted({int(v) for v in levels})),
-                       cql.strip() if cql else None)
+                       cql.strip() if cql else None, scope)
 
 
 def cql_sql(cql: str, layer: Layer, prefix: str) -> tuple[str, dict]:
@@ -86,7 +96,10 @@ def cql_sql(cql: str, layer: Layer, prefix: str) -> tuple[str, dict]:
 
 
 def filter_sql(filters: TileFilters, layer: Layer, suffix: str) -> tuple[str, dict]:
-    """The predicate (starting with AND) and its bound values, named uniquely per layer."""
+    """The predicate (starting with AND) and its bound values, named uniquely per layer.
+
+    Columns are unqualified: the layer's table is the only one in scope that has them.
+    """
     filters = filters.for_layer(layer)
     clauses, params = [], {}
     if filters.sectors:
@@ -99,4 +112,8 @@ def filter_sql(filters: TileFilters, layer: Layer, suffix: str) -> tuple[str, di
         predicate, cql_params = cql_sql(filters.cql, layer, f"cql_{suffix}_")
         clauses.append(predicate)
         params.update(cql_params)
+    scope = table_predicate(filters.scope, layer.source_table, name=f"scope_{suffix}")
+    if scope.params:
+        clauses.append(scope.sql)
+        params.update(scope.params)
     return "".join(f" AND {clause}" for clause in clauses), params

@@ -18,6 +18,11 @@
    water and gas the pipe at the graph centre of the anomalous sensors. The affected
    segments join the source to every sensor; the zone is a buffer of ``BUFFER_M`` metres
    around them, and communities, risk points and buildings are counted inside it.
+5. **Jurisdiction.** Zones are found over the whole network (an incident does not stop at a
+   border), then a district or street principal gets the zones that meet its jurisdiction,
+   with the communities, risk points and buildings counted only where they lie in it
+   (twin/queries/scope.py). Such a zone keeps its sensors and segments whole: they describe
+   one incident, part of which may lie next door.
 
 The readings come in one query, one row per sensor holding its readings as 16-byte records
 in PostgreSQL's binary send format (``timestamptz_send``: big-endian int64 microseconds since
@@ -39,9 +44,11 @@ from scipy.sparse.csgraph import connected_components
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from twin.auth import CITY, Scope
 from twin.errors import InvalidParameter
 from twin.models import NETWORKS
 from twin.queries.pipe_graph import PipeGraph, load_graph
+from twin.queries.scope import spatial_predicate, table_predicate
 
 Z_THRESHOLD = 5.0
 # A floor under 1.4826 MAD, as a share of the median, so a sensor that barely moves is not
@@ -364,7 +371,9 @@ async def group_runs(conn: AsyncConnection, network: str,
 
 # ------------------------------------------------------------------ what a zone touches
 
-_IMPACT = text("""
+# {zone_scope}, {community_scope}, {risk_scope}, {building_scope}: the caller's
+# jurisdiction (twin/queries/scope.py), fixed SQL with bound values.
+_IMPACT = """
     WITH zone AS (
         SELECT z.zone,
                ST_Buffer(ST_Union(s.geom)::geography, :buffer_m)::geometry AS geom
@@ -372,12 +381,13 @@ _IMPACT = text("""
           JOIN pipe_segments AS s ON s.id = z.segment
          GROUP BY z.zone
     )
-    SELECT z.zone, ST_AsGeoJSON(z.geom, 7) AS geometry,
+    SELECT z.zone, ST_AsGeoJSON(z.geom, 7) AS geometry, {zone_scope} AS in_scope,
            (SELECT coalesce(jsonb_agg(jsonb_build_object(
                        'code', a.code, 'name_zh', a.name_zh, 'name_en', a.name_en)
                        ORDER BY a.code), '[]'::jsonb)
               FROM admin_units AS a
-             WHERE a.level = 'community' AND ST_Intersects(a.geom, z.geom)) AS communities,
+             WHERE a.level = 'community' AND ST_Intersects(a.geom, z.geom){community_scope})
+               AS communities,
            (SELECT jsonb_build_object(
                        'count', count(*),
                        'ids', coalesce(jsonb_agg(r.id ORDER BY r.id), '[]'::jsonb),
@@ -386,22 +396,32 @@ _IMPACT = text("""
                            '2', count(*) FILTER (WHERE r.level = 2),
                            '3', count(*) FILTER (WHERE r.level = 3),
                            '4', count(*) FILTER (WHERE r.level = 4)))
-              FROM risk_points AS r WHERE ST_Intersects(r.geom, z.geom)) AS risk_points,
-           (SELECT count(*) FROM buildings AS b WHERE ST_Intersects(b.geom, z.geom))
-               AS buildings
+              FROM risk_points AS r WHERE ST_Intersects(r.geom, z.geom){risk_scope})
+               AS risk_points,
+           (SELECT count(*) FROM buildings AS b
+             WHERE ST_Intersects(b.geom, z.geom){building_scope}) AS buildings
       FROM zone AS z
-""")
+"""
 
 
-async def zone_impacts(conn: AsyncConnection, zones: list[Zone]) -> dict[int, object]:
+async def zone_impacts(conn: AsyncConnection, zones: list[Zone],
+                       scope: Scope = CITY) -> dict[int, object]:
     zone_of, segment_of = [], []
     for k, zone in enumerate(zones):
         zone_of += [k] * len(zone.segment_ids)
         segment_of += zone.segment_ids
     if not segment_of:
         return {}
-    rows = await conn.execute(_IMPACT, {"zones": zone_of, "segments": segment_of,
-                                        "buffer_m": BUFFER_M})
+    parts = {"zone_scope": spatial_predicate(scope, "z.geom", "scope_z"),
+             "community_scope": table_predicate(scope, "admin_units", "a", "scope_a"),
+             "risk_scope": table_predicate(scope, "risk_points", "r", "scope_r"),
+             "building_scope": table_predicate(scope, "buildings", "b", "scope_b")}
+    query = _IMPACT.format(**{key: (part.sql if key == "zone_scope" else part.and_sql)
+                              for key, part in parts.items()})
+    params = {"zones": zone_of, "segments": segment_of, "buffer_m": BUFFER_M}
+    for part in parts.values():
+        params |= part.params
+    rows = await conn.execute(text(query), params)
     return {row.zone: row for row in rows}
 
 
@@ -448,8 +468,9 @@ def _zone_feature(zone: Zone, impact, sensors: dict, network: str, tz) -> dict:
 
 
 async def pipe_anomalies(conn: AsyncConnection, network: str, since: str | None = None,
-                         until: str | None = None) -> dict:
-    """Anomaly zones on ``network`` between ``since`` and ``until`` (ISO 8601 with offset).
+                         until: str | None = None, scope: Scope = CITY) -> dict:
+    """Anomaly zones on ``network`` between ``since`` and ``until`` (ISO 8601 with offset)
+    that meet the caller's scope.
 
     Times in the answer carry the caller's offset (``until``'s, else ``since``'s, else UTC).
     """
@@ -465,9 +486,9 @@ async def pipe_anomalies(conn: AsyncConnection, network: str, since: str | None 
     readings = await fetch_readings(conn, network, min(start, end - BASELINE), end)
     runs = persistent_runs(readings, start)
     zones, sensors = await group_runs(conn, network, runs)
-    impacts = await zone_impacts(conn, zones)
+    impacts = await zone_impacts(conn, zones, scope)
     features = [_zone_feature(zone, impacts[k], sensors, network, tz)
-                for k, zone in enumerate(zones)]
+                for k, zone in enumerate(zones) if impacts[k].in_scope]
     features.sort(key=lambda f: (f["properties"]["start"], f["id"]))
     return {
         "type": "FeatureCollection",

@@ -19,6 +19,11 @@ lower node id, as routing.py does with its 16 KNN candidates.
 
 Teams count whatever their status (standby, dispatched, off duty): coverage is a question
 about where teams are stationed, not about who is free right now.
+
+In a district's or street's jurisdiction both sides are the caller's: its risk points (by
+their grid) and its teams (stationed in it or answering for one of its streets; see
+twin/queries/scope.py), because a district centre plans with the teams it dispatches. The
+teams still drive over the whole road graph.
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ from scipy.spatial import cKDTree
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from twin.auth import CITY, Scope
 from twin.errors import InvalidParameter
 from twin.models import TEAM_TYPES
 from twin.queries.routing import EDGES_SQL, MAX_MINUTES, SNAP_SPEED_KMH
+from twin.queries.scope import code_predicate, team_predicate
 
 SNAP_CANDIDATES = 8
 DEFAULT_LIMIT = 1000
@@ -88,11 +95,12 @@ class RoadSnapper:
 
 _NODES = text("SELECT array_agg(id ORDER BY id) AS ids, array_agg(ST_X(geom) ORDER BY id) AS lon, "
               "array_agg(ST_Y(geom) ORDER BY id) AS lat FROM road_nodes")
-_TEAMS = text("SELECT array_agg(ST_X(geom)) AS lon, array_agg(ST_Y(geom)) AS lat "
-              "FROM response_teams WHERE team_type = :team_type")
-_POINTS = text("SELECT array_agg(id) AS ids, array_agg(level) AS level, "
-               "array_agg(left(grid_code, 6)) AS district, array_agg(ST_X(geom)) AS lon, "
-               "array_agg(ST_Y(geom)) AS lat FROM risk_points")
+# {scope}: the caller's teams or points (twin/queries/scope.py), fixed SQL, bound values.
+_TEAMS = ("SELECT array_agg(ST_X(geom)) AS lon, array_agg(ST_Y(geom)) AS lat "
+          "FROM response_teams WHERE team_type = :team_type{scope}")
+_POINTS = ("SELECT array_agg(id) AS ids, array_agg(level) AS level, "
+           "array_agg(left(grid_code, 6)) AS district, array_agg(ST_X(geom)) AS lon, "
+           "array_agg(ST_Y(geom)) AS lat FROM risk_points WHERE TRUE{scope}")
 # Every team's snap leg is an edge out of the virtual source; format(%L) quotes the arrays.
 _ARRIVALS = text("""
     SELECT node, agg_cost
@@ -116,9 +124,11 @@ def _array(values, dtype) -> np.ndarray:
 
 
 async def _arrival_times(conn: AsyncConnection, snapper: RoadSnapper, team_type: str,
-                         budget_s: float) -> tuple[np.ndarray, int]:
+                         budget_s: float, scope: Scope = CITY) -> tuple[np.ndarray, int]:
     """Seconds from the quickest team to every road node (inf beyond the budget); team count."""
-    teams = (await conn.execute(_TEAMS, {"team_type": team_type})).one()
+    in_scope = team_predicate(scope)
+    teams = (await conn.execute(text(_TEAMS.format(scope=in_scope.and_sql)),
+                                {"team_type": team_type} | in_scope.params)).one()
     times = np.full(len(snapper.node_ids), np.inf)
     if teams.lon is None:
         return times, 0
@@ -147,13 +157,15 @@ def _by_district(district: np.ndarray, level: np.ndarray, uncovered: np.ndarray,
 
 
 async def coverage(conn: AsyncConnection, team_type: str, minutes: float,
-                   limit: int = DEFAULT_LIMIT) -> dict:
-    """Uncovered risk points, counted by district and level (over all points), as GeoJSON
-    (the first ``limit``, most severe level first)."""
+                   limit: int = DEFAULT_LIMIT, scope: Scope = CITY) -> dict:
+    """Uncovered risk points of the scope, counted by district and level (over all its
+    points), as GeoJSON (the first ``limit``, most severe level first)."""
     check_coverage(team_type, minutes, limit)
     budget_s = minutes * 60
     nodes = (await conn.execute(_NODES)).one()
-    points = (await conn.execute(_POINTS)).one()
+    in_scope = code_predicate(scope, "grid_code")
+    points = (await conn.execute(text(_POINTS.format(scope=in_scope.and_sql)),
+                                 in_scope.params)).one()
     ids, level = _array(points.ids, np.int64), _array(points.level, np.int64)
     district = _array(points.district, object)
     uncovered = np.ones(len(ids), dtype=bool)
@@ -162,7 +174,7 @@ async def coverage(conn: AsyncConnection, team_type: str, minutes: float,
     if nodes.ids is not None and len(ids):
         snapper = RoadSnapper(_array(nodes.ids, np.int64), _array(nodes.lon, float),
                               _array(nodes.lat, float))
-        node_times, teams = await _arrival_times(conn, snapper, team_type, budget_s)
+        node_times, teams = await _arrival_times(conn, snapper, team_type, budget_s, scope)
         at, metres = snapper.snap(_array(points.lon, float), _array(points.lat, float))
         point_times = node_times[at] + metres / (SNAP_SPEED_KMH / 3.6)
         uncovered = ~(point_times <= budget_s)

@@ -13,8 +13,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from layers.registry import Layer
+from twin.auth import CITY, Scope
 from twin.errors import InvalidParameter, NotFound
 from twin.queries.cql2 import GEOMETRY_PROPERTIES, compile_filter, quote_identifier, value_kind
+from twin.queries.scope import table_predicate
 
 MAX_LIMIT = 10_000
 _INTEGER_TYPES = {"smallint", "integer", "bigint"}
@@ -105,9 +107,10 @@ def check_paging(limit: int, offset: int) -> None:
 
 # --- SQL ---------------------------------------------------------------------------------
 
-def _where(layer: Layer, query: ItemsQuery) -> tuple[str, dict]:
+def _where(layer: Layer, query: ItemsQuery, scope: Scope = CITY) -> tuple[str, dict]:
     # source_filter is the registry's trusted predicate that selects the layer's rows.
-    clauses, params = [f"({layer.where})"], {}
+    in_scope = table_predicate(scope, layer.source_table, "t")
+    clauses, params = [f"({layer.where})", in_scope.sql], dict(in_scope.params)
     if query.bbox is not None:
         west, south, east, north = query.bbox
         # A west edge east of the east edge crosses the antimeridian: two boxes.
@@ -148,10 +151,11 @@ def _feature(row) -> dict:
             "properties": row.properties}
 
 
-async def feature_page(conn: AsyncConnection, layer: Layer, query: ItemsQuery) -> FeaturePage:
-    """One page of the layer's features and how many match in all."""
+async def feature_page(conn: AsyncConnection, layer: Layer, query: ItemsQuery,
+                       scope: Scope = CITY) -> FeaturePage:
+    """One page of the layer's features in the caller's scope and how many match in all."""
     check_paging(query.limit, query.offset)
-    where, params = _where(layer, query)
+    where, params = _where(layer, query, scope)
     table = quote_identifier(layer.source_table)
     matched = (await conn.execute(
         text(f"SELECT count(*) FROM {table} AS t WHERE {where}"), params)).scalar_one()
@@ -162,8 +166,11 @@ async def feature_page(conn: AsyncConnection, layer: Layer, query: ItemsQuery) -
     return FeaturePage([_feature(row) for row in rows], matched)
 
 
-async def feature_by_id(conn: AsyncConnection, layer: Layer, feature_id: str) -> dict:
+async def feature_by_id(conn: AsyncConnection, layer: Layer, feature_id: str,
+                        scope: Scope = CITY) -> dict:
+    """One feature; outside the caller's scope it does not exist for them (NotFound)."""
     key = id_column(layer)
+    in_scope = table_predicate(scope, layer.source_table, "t")
     value: int | str = feature_id
     if field_types(layer)[key] in _INTEGER_TYPES:
         try:
@@ -172,8 +179,8 @@ async def feature_by_id(conn: AsyncConnection, layer: Layer, feature_id: str) ->
             value = None
     row = None if value is None else (await conn.execute(text(
         f"{_feature_select(layer, None)} WHERE ({layer.where}) "
-        f"AND t.{quote_identifier(key)} = :feature_id"
-    ), {"feature_id": value})).first()
+        f"AND t.{quote_identifier(key)} = :feature_id{in_scope.and_sql}"
+    ), {"feature_id": value} | in_scope.params)).first()
     if row is None:
         raise NotFound(f"layer '{layer.id}' has no feature '{feature_id}'")
     return _feature(row)

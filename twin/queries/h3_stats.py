@@ -10,8 +10,10 @@ import h3
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from twin.auth import CITY, Scope
 from twin.errors import InvalidParameter
 from twin.queries.features import parse_bbox
+from twin.queries.scope import code_predicate
 
 H3_RESOLUTIONS = tuple(range(3, 10))
 RISK_LEVELS = (1, 2, 3, 4)
@@ -55,8 +57,10 @@ async def parse_sectors(conn: AsyncConnection, raw: str | None) -> list[str] | N
 
 
 async def h3_counts(conn: AsyncConnection, res: int, sector: str | None = None,
-                    level: str | None = None, bbox: str | None = None) -> dict:
-    """``{"resolution", "cells": [{"h3", "count", "by_level"}], "total"}`` for risk points.
+                    level: str | None = None, bbox: str | None = None,
+                    scope: Scope = CITY) -> dict:
+    """``{"resolution", "cells": [{"h3", "count", "by_level"}], "total"}`` for the risk
+    points in the caller's scope (by their grid).
 
     ``sector`` and ``level`` are comma-separated lists; ``bbox`` is west,south,east,north
     (CRS84) and keeps the points inside it or on its edge.
@@ -75,6 +79,10 @@ async def h3_counts(conn: AsyncConnection, res: int, sector: str | None = None,
     if envelope is not None:
         conditions.append("geom && ST_MakeEnvelope(:west, :south, :east, :north, 4326)")
         params.update(zip(("west", "south", "east", "north"), envelope, strict=True))
+    in_scope = code_predicate(scope, "grid_code")
+    if in_scope.params:
+        conditions.append(in_scope.sql)
+        params.update(in_scope.params)
     where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
     # column comes from check_resolution's fixed set, never from the client's text.
     rows = await conn.execute(text(

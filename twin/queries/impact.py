@@ -4,7 +4,8 @@ An area is either a polygon (EPSG:4326) or a geodesic circle (a centre and a rad
 A circle is tested exactly on the WGS84 ellipsoid (``ST_DWithin`` on geography); its polygon
 (PostGIS's geography buffer, a 32-gon) is only drawn, and a slightly larger one serves the
 index lookup. Buildings count when any part of their footprint lies in the area; their floor
-area is footprint area (geodesic m²) times floors.
+area is footprint area (geodesic m²) times floors. Only what lies in the caller's
+jurisdiction is counted or returned (twin/queries/scope.py); the area itself is drawn whole.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from shapely.geometry import shape
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from twin.auth import CITY, Scope
 from twin.errors import InvalidParameter
 from twin.queries.nearest import check_point
+from twin.queries.scope import table_predicate
 
 MAX_RADIUS_M = 100_000.0
 # Features of each kind returned with an impact; the summary always counts every feature.
@@ -75,21 +78,30 @@ _FOOTPRINT_M2 = """(ST_Area(x.geom) * radians(1) ^ 2 * (
       FROM (SELECT (ST_YMin(x.geom::box2d) + ST_YMax(x.geom::box2d)) / 2 AS phi) AS lat))"""
 
 
-def _sql(area: Area, body: str) -> text:
-    """Splice the fixed fragments above into ``body`` (never user input)."""
+def _sql(area: Area, body: str, scope: Scope = CITY) -> tuple[text, dict]:
+    """Splice the fixed fragments above into ``body`` (never user input); the statement
+    and its bound values (the area's and the scope's)."""
     cte = _CIRCLE_CTE if area.is_circle else _POLYGON_CTE
     inside = _IN_CIRCLE if area.is_circle else _IN_POLYGON
     body = body.replace("{inside}", inside).replace("{footprint_m2}", _FOOTPRINT_M2)
-    return text(f"WITH {cte}{body}")
+    params = area.params()
+    for kind in KINDS:
+        in_scope = table_predicate(scope, kind, "x", f"scope_{kind}")
+        body = body.replace(f"{{in_scope_{kind}}}", in_scope.and_sql)
+        params |= in_scope.params
+    return text(f"WITH {cte}{body}"), params
 
 
 _SUMMARY = """,
 risk AS (SELECT DISTINCT x.id, x.sector_code, x.level
-           FROM risk_points AS x JOIN parts AS p ON x.geom && p.geom AND {inside}),
+           FROM risk_points AS x JOIN parts AS p ON x.geom && p.geom AND {inside}
+          WHERE TRUE{in_scope_risk_points}),
 hazards AS (SELECT DISTINCT x.id, x.kind
-              FROM hazard_sources AS x JOIN parts AS p ON x.geom && p.geom AND {inside}),
+              FROM hazard_sources AS x JOIN parts AS p ON x.geom && p.geom AND {inside}
+             WHERE TRUE{in_scope_hazard_sources}),
 blds AS (SELECT DISTINCT x.id, x.use, x.floors, {footprint_m2} AS footprint_m2
-           FROM buildings AS x JOIN parts AS p ON x.geom && p.geom AND {inside})
+           FROM buildings AS x JOIN parts AS p ON x.geom && p.geom AND {inside}
+          WHERE TRUE{in_scope_buildings})
 SELECT
     (SELECT count(*) FROM risk) AS risk_total,
     (SELECT json_object_agg(s.code, (SELECT count(*) FROM risk WHERE sector_code = s.code)
@@ -107,9 +119,9 @@ SELECT
 """
 
 
-async def area_summary(conn: AsyncConnection, area: Area) -> dict:
-    """Counts of what lies inside ``area`` (every feature, never truncated)."""
-    row = (await conn.execute(_sql(area, _SUMMARY), area.params())).mappings().one()
+async def area_summary(conn: AsyncConnection, area: Area, scope: Scope = CITY) -> dict:
+    """Counts of what lies inside ``area`` and the scope (every feature, never truncated)."""
+    row = (await conn.execute(*_sql(area, _SUMMARY, scope))).mappings().one()
     return {
         "risk_points": {"total": row["risk_total"], "by_sector": row["risk_by_sector"],
                         "by_level": row["risk_by_level"]},
@@ -128,7 +140,8 @@ SELECT x.id, ST_AsGeoJSON(x.geom, 7) AS geometry,
                          'grid_code', x.grid_code, 'plan_id', x.plan_id) AS properties
   FROM risk_points AS x
  WHERE x.id IN (SELECT x.id FROM risk_points AS x
-                  JOIN parts AS p ON x.geom && p.geom AND {inside})
+                  JOIN parts AS p ON x.geom && p.geom AND {inside}
+                 WHERE TRUE{in_scope_risk_points})
  ORDER BY x.level, x.id LIMIT :limit""",
     "hazard_sources": """
 SELECT x.id, ST_AsGeoJSON(x.geom, 7) AS geometry,
@@ -138,7 +151,8 @@ SELECT x.id, ST_AsGeoJSON(x.geom, 7) AS geometry,
                          'temp_threshold_c', x.temp_threshold_c) AS properties
   FROM hazard_sources AS x
  WHERE x.id IN (SELECT x.id FROM hazard_sources AS x
-                  JOIN parts AS p ON x.geom && p.geom AND {inside})
+                  JOIN parts AS p ON x.geom && p.geom AND {inside}
+                 WHERE TRUE{in_scope_hazard_sources})
  ORDER BY x.id LIMIT :limit""",
     "buildings": """
 SELECT x.id, ST_AsGeoJSON(x.geom, 7) AS geometry,
@@ -147,14 +161,18 @@ SELECT x.id, ST_AsGeoJSON(x.geom, 7) AS geometry,
                          'district_code', x.district_code) AS properties
   FROM buildings AS x
  WHERE x.id IN (SELECT x.id FROM buildings AS x
-                  JOIN parts AS p ON x.geom && p.geom AND {inside})
+                  JOIN parts AS p ON x.geom && p.geom AND {inside}
+                 WHERE TRUE{in_scope_buildings})
  ORDER BY x.id LIMIT :limit""",
 }
 
 
-async def area_features(conn: AsyncConnection, area: Area, kind: str, limit: int) -> list[dict]:
-    """Up to ``limit`` GeoJSON features of one kind inside ``area`` (risk points worst first)."""
-    rows = await conn.execute(_sql(area, _FEATURES[kind]), area.params() | {"limit": limit})
+async def area_features(conn: AsyncConnection, area: Area, kind: str, limit: int,
+                        scope: Scope = CITY) -> list[dict]:
+    """Up to ``limit`` GeoJSON features of one kind inside ``area`` and the scope (risk points
+    worst first)."""
+    query, params = _sql(area, _FEATURES[kind], scope)
+    rows = await conn.execute(query, params | {"limit": limit})
     return [{"type": "Feature", "id": row.id, "geometry": json.loads(row.geometry),
              "properties": {"layer": kind, **row.properties}} for row in rows]
 
@@ -243,21 +261,21 @@ SELECT ST_AsGeoJSON(geom, 7) AS geometry, ST_Area(geom::geography) / 1e6 AS area
 
 
 async def impact(conn: AsyncConnection, area: Area,
-                 limit: int = DEFAULT_FEATURE_LIMIT) -> dict:
+                 limit: int = DEFAULT_FEATURE_LIMIT, scope: Scope = CITY) -> dict:
     """The area as the first feature, what lies in it (summary), then up to ``limit``
     features of each kind; ``truncated`` counts what the limit left out."""
     check_limit(limit)
-    drawn = (await conn.execute(_sql(area, _AREA_FEATURE), area.params())).one()
+    drawn = (await conn.execute(*_sql(area, _AREA_FEATURE))).one()
     properties = {"layer": "area", "area_km2": drawn.area_km2}
     if area.is_circle:
         properties |= {"center": [area.lon, area.lat], "radius_m": area.radius_m,
                        "area_km2": math.pi * area.radius_m ** 2 / 1e6}
-    summary = await area_summary(conn, area)
+    summary = await area_summary(conn, area, scope)
     features = [{"type": "Feature", "id": "area", "geometry": json.loads(drawn.geometry),
                  "properties": properties}]
     truncated = {}
     for kind in KINDS:
-        rows = await area_features(conn, area, kind, limit)
+        rows = await area_features(conn, area, kind, limit, scope)
         features += rows
         truncated[kind] = summary[kind]["total"] - len(rows)
     return {"type": "FeatureCollection", "summary": summary, "truncated": truncated,

@@ -2,6 +2,8 @@
 
 A point outside the municipality has no owner: ``locate`` raises ``NotFound`` (HTTP 404)
 with the reason, rather than answering with empty units a client might mistake for data.
+A point outside the caller's jurisdiction is answered the same way (404, "outside your
+jurisdiction"): its grid is not the caller's to see, so it is not found, not forbidden.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from dataclasses import asdict
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from twin.auth import CITY, Scope
 from twin.errors import NotFound
 from twin.queries.nearest import check_point, nearest_teams
+from twin.queries.scope import code_in_scope, team_predicate
 
 LEVELS = ("grid", "community", "street", "district")
 
@@ -35,17 +39,18 @@ _OWNER_UNITS = text("""
      LIMIT 1
 """)
 
-# Jurisdictions are kept per street: the grid's responsible teams are its street's.
-_RESPONSIBLE_TEAMS = text("""
+# Jurisdictions are kept per street: the grid's responsible teams are its street's (those
+# the caller may see: {scope}, a fixed predicate with bound values).
+_RESPONSIBLE_TEAMS = """
     SELECT t.id, t.code, t.name_zh, t.name_en, t.team_type, t.status, t.headcount, t.phone,
            t.district_code, ST_X(t.geom) AS lon, ST_Y(t.geom) AS lat,
            ST_Distance(t.geom::geography,
                        ST_SetSRID(ST_MakePoint(:lon, :lat), 4326)::geography) AS distance_m
       FROM team_jurisdictions AS j
       JOIN response_teams AS t ON t.id = j.team_id
-     WHERE j.admin_code = :street_code
+     WHERE j.admin_code = :street_code{scope}
      ORDER BY t.team_type, distance_m, t.id
-""")
+"""
 
 
 async def owner_units(conn: AsyncConnection, lon: float, lat: float) -> dict | None:
@@ -57,16 +62,20 @@ async def owner_units(conn: AsyncConnection, lon: float, lat: float) -> dict | N
             for level in LEVELS}
 
 
-async def locate(conn: AsyncConnection, lon: float, lat: float, k: int = 5) -> dict:
+async def locate(conn: AsyncConnection, lon: float, lat: float, k: int = 5,
+                 scope: Scope = CITY) -> dict:
     check_point(lon, lat)
     units = await owner_units(conn, lon, lat)
     if units is None:
         raise NotFound(f"the point lon={lon}, lat={lat} is outside the municipality: "
                        f"no grid cell owns it")
-    responsible = (await conn.execute(_RESPONSIBLE_TEAMS, {
+    if not code_in_scope(scope, units["grid"]["code"]):
+        raise NotFound(f"the point lon={lon}, lat={lat} is outside your jurisdiction")
+    in_scope = team_predicate(scope, "t")
+    responsible = (await conn.execute(text(_RESPONSIBLE_TEAMS.format(scope=in_scope.and_sql)), {
         "lon": lon, "lat": lat, "street_code": units["street"]["code"],
-    })).mappings().all()
-    nearest = await nearest_teams(conn, lon, lat, k)
+    } | in_scope.params)).mappings().all()
+    nearest = await nearest_teams(conn, lon, lat, k, scope=scope)
     return {
         "point": {"lon": lon, "lat": lat},
         **units,

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from twin.auth import CITY, Scope
 from twin.errors import InvalidParameter
 from twin.models import TEAM_TYPES
+from twin.queries.scope import team_predicate
 
 MAX_K = 100
 MODES = ("distance", "road")
@@ -56,11 +58,12 @@ class Team:
     distance_m: float
 
 
-_CANDIDATES = text("""
+# {scope}: the caller's teams (twin/queries/scope.py), a fixed predicate with bound values.
+_CANDIDATES = """
     WITH candidates AS (
         SELECT t.*, t.geom <-> ST_SetSRID(ST_MakePoint(:lon, :lat), 4326) AS planar_deg
           FROM response_teams AS t
-         WHERE CAST(:team_type AS text) IS NULL OR t.team_type = :team_type
+         WHERE (CAST(:team_type AS text) IS NULL OR t.team_type = :team_type){scope}
          ORDER BY t.geom <-> ST_SetSRID(ST_MakePoint(:lon, :lat), 4326)
          LIMIT :candidates
     )
@@ -70,7 +73,7 @@ _CANDIDATES = text("""
                AS distance_m
       FROM candidates
      ORDER BY distance_m, id
-""")
+"""
 
 
 def _complete(rows, k: int, n: int, lat: float) -> bool:
@@ -86,15 +89,18 @@ def _complete(rows, k: int, n: int, lat: float) -> bool:
 
 
 async def nearest_teams(conn: AsyncConnection, lon: float, lat: float, k: int = 5,
-                        team_type: str | None = None) -> list[Team]:
-    """The k teams nearest to (lon, lat) by geodesic distance, nearest first."""
+                        team_type: str | None = None, scope: Scope = CITY) -> list[Team]:
+    """The k teams of the caller's scope nearest to (lon, lat) by geodesic distance, nearest
+    first."""
     check_point(lon, lat)
     check_nearest(k, team_type, "distance")
+    in_scope = team_predicate(scope, "t")
+    query = text(_CANDIDATES.format(scope=in_scope.and_sql))
     n = max(4 * k, 32)
     while True:
-        rows = (await conn.execute(_CANDIDATES, {
+        rows = (await conn.execute(query, {
             "lon": lon, "lat": lat, "team_type": team_type, "candidates": n,
-        })).all()
+        } | in_scope.params)).all()
         if _complete(rows, k, n, lat):
             break
         n *= 4

@@ -15,6 +15,10 @@ depth; a breadth-first search with a visited set is what is needed, and
 over at most ~10,000 edges. Valves are made into dead ends by giving every valve end of a
 segment a vertex of its own (``VALVE_VERTEX_BASE`` + segment id * 2 + end), so the search
 reaches a valve from one side without crossing it.
+
+In a district's or street's jurisdiction the start segment must lie in it (else 404, as for
+any feature outside it), the trace walks the whole network (water does not stop at a
+jurisdiction's border) and returns the segments and nodes that lie in it.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import json
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from twin.auth import CITY, Scope
 from twin.errors import InvalidParameter, NotFound
 from twin.models import NETWORKS
+from twin.queries.scope import table_predicate
 
 DIRECTIONS = ("upstream", "downstream")
 # Far above any pipe node id: the private vertices of valve ends.
@@ -68,18 +74,19 @@ _EDGES_SQL = text("""
            END
 """)
 
-_START = text("""
+# {scope} (here and in _TRACE): the caller's jurisdiction, fixed SQL with bound values.
+_START = """
     SELECT s.id, s.network, s.from_node, s.to_node,
            a.kind = 'valve' AS from_valve, b.kind = 'valve' AS to_valve
       FROM pipe_segments AS s
       JOIN pipe_nodes AS a ON a.id = s.from_node
       JOIN pipe_nodes AS b ON b.id = s.to_node
-     WHERE s.id = :segment_id
-""")
+     WHERE s.id = :segment_id{scope}
+"""
 
 # Reached vertices -> segments entered from them -> those segments and their end nodes.
 # A segment's hop is 1 + the hop of the vertex it is entered from (the start segment: 0).
-_TRACE = text("""
+_TRACE = """
     WITH reached AS (
         SELECT node AS vertex, agg_cost::int AS hop
           FROM pgr_drivingDistance(:edges_sql, CAST(:starts AS bigint[]), :max_hops,
@@ -116,12 +123,14 @@ _TRACE = text("""
            NULL AS kind, s.diameter_mm, s.material, s.length_m,
            ST_AsGeoJSON(s.geom, 7) AS geometry
       FROM segments AS x JOIN pipe_segments AS s ON s.id = x.id
+     WHERE TRUE{segment_scope}
     UNION ALL
     SELECT 'node', n.id, n.code, n.network, x.hop, NULL, NULL, n.kind, NULL, NULL, NULL,
            ST_AsGeoJSON(n.geom, 7)
       FROM nodes AS x JOIN pipe_nodes AS n ON n.id = x.id
+     WHERE TRUE{node_scope}
      ORDER BY feature_type DESC, hop, id
-""")
+"""
 
 
 def _start_vertices(start, direction: str, pressurised: bool) -> list[int]:
@@ -147,12 +156,16 @@ def _feature(row, pressurised: bool) -> dict:
 
 
 async def pipe_trace(conn: AsyncConnection, segment_id: int, direction: str,
-                     network: str) -> dict:
-    """GeoJSON FeatureCollection of the segments and nodes reached from ``segment_id``."""
+                     network: str, scope: Scope = CITY) -> dict:
+    """GeoJSON FeatureCollection of the segments and nodes reached from ``segment_id``
+    (those in the caller's scope)."""
     check_trace(network, direction)
     if not 0 < segment_id < 2**63:
         raise InvalidParameter(f"segment_id: must be a positive integer, got {segment_id}")
-    start = (await conn.execute(_START, {"segment_id": segment_id})).first()
+    segments_in = table_predicate(scope, "pipe_segments", "s", "scope_s")
+    nodes_in = table_predicate(scope, "pipe_nodes", "n", "scope_n")
+    start = (await conn.execute(text(_START.format(scope=segments_in.and_sql)),
+                                {"segment_id": segment_id} | segments_in.params)).first()
     if start is None:
         raise NotFound(f"segment_id: no pipe segment {segment_id}")
     if start.network != network:
@@ -162,7 +175,8 @@ async def pipe_trace(conn: AsyncConnection, segment_id: int, direction: str,
     params = {"network": network, "direction": direction, "pressurised": pressurised,
               "valve_base": VALVE_VERTEX_BASE, "segment_id": segment_id}
     edges_sql = (await conn.execute(_EDGES_SQL, params)).scalar_one()
-    rows = (await conn.execute(_TRACE, params | {
+    trace = _TRACE.format(segment_scope=segments_in.and_sql, node_scope=nodes_in.and_sql)
+    rows = (await conn.execute(text(trace), params | segments_in.params | nodes_in.params | {
         "edges_sql": edges_sql, "max_hops": UNBOUNDED_HOPS,
         "starts": _start_vertices(start, direction, pressurised),
     })).all()

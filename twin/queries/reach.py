@@ -35,6 +35,7 @@ import math
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from twin.auth import CITY, Scope
 from twin.errors import InvalidParameter
 from twin.queries.impact import Area, area_summary
 from twin.queries.nearest import check_point
@@ -110,8 +111,9 @@ def _aeqd(lon: float, lat: float) -> str:
 
 
 async def reach(conn: AsyncConnection, lon: float, lat: float, minutes: float,
-                mode: str = "road") -> dict:
-    """GeoJSON FeatureCollection: the reachable area first, and a ``summary`` of its contents."""
+                mode: str = "road", scope: Scope = CITY) -> dict:
+    """GeoJSON FeatureCollection: the reachable area first (over the whole road graph), and a
+    ``summary`` of its contents in the caller's scope."""
     check_point(lon, lat)
     check_reach(minutes, mode)
     origin = await snap_to_road(conn, lon, lat)
@@ -124,7 +126,7 @@ async def reach(conn: AsyncConnection, lon: float, lat: float, minutes: float,
         "road_budget": max(budget_s - snap_s, 0.0), "lon": lon, "lat": lat,
         "proj": _aeqd(lon, lat), "speed": SNAP_SPEED_KMH / 3.6, "roadside_m": ROADSIDE_M,
     })).one()
-    summary = await area_summary(conn, Area(wkb=bytes(row.wkb)))
+    summary = await area_summary(conn, Area(wkb=bytes(row.wkb)), scope)
     area = {"type": "Feature", "id": "area", "geometry": json.loads(row.geometry),
             "properties": {"layer": "area", "minutes": minutes, "area_km2": row.area_km2,
                            "origin_road_node": origin.id, "snap_m": origin.snap_m,

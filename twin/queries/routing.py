@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from twin.auth import CITY, Scope
 from twin.errors import InvalidParameter
 from twin.queries.nearest import Team, check_nearest, check_point
+from twin.queries.scope import team_predicate
 
 SNAP_SPEED_KMH = 15.0
 MIN_CANDIDATES = 20
@@ -70,12 +72,14 @@ _SNAP_INCIDENT = text(f"""
      LIMIT 1
 """)
 
-_CANDIDATES = text(f"""
+# {{scope}}: the caller's teams (twin/queries/scope.py), a fixed predicate with bound values.
+# Teams drive over the whole road graph: a route may leave the jurisdiction.
+_CANDIDATES = f"""
     WITH p AS (SELECT ST_SetSRID(ST_MakePoint(:lon, :lat), 4326) AS geom),
     candidates AS (
         SELECT t.*
           FROM response_teams AS t, p
-         WHERE CAST(:team_type AS text) IS NULL OR t.team_type = :team_type
+         WHERE (CAST(:team_type AS text) IS NULL OR t.team_type = :team_type){{scope}}
          ORDER BY t.geom <-> p.geom
          LIMIT :candidates
     )
@@ -89,7 +93,7 @@ _CANDIDATES = text(f"""
                              ORDER BY geom <-> c.geom LIMIT {SNAP_CANDIDATES}) AS n
                      ORDER BY snap_m, n.id
                      LIMIT 1) AS s
-""")
+"""
 
 # One many-to-one Dijkstra; a start equal to the target yields no rows (handled in Python).
 _PATHS = text("""
@@ -123,7 +127,7 @@ def _route_geojson(team_lonlat, path_geojson: str | None, incident_lonlat) -> di
 
 async def nearest_teams_by_road(conn: AsyncConnection, lon: float, lat: float, k: int = 5,
                                 team_type: str | None = None, max_minutes: float | None = None,
-                                route: bool = False) -> list[RoadTeam]:
+                                route: bool = False, scope: Scope = CITY) -> list[RoadTeam]:
     """The k teams quickest to reach (lon, lat) by road, quickest first.
 
     Teams beyond ``max_minutes`` rank after those within it (they are still quicker than
@@ -135,10 +139,11 @@ async def nearest_teams_by_road(conn: AsyncConnection, lon: float, lat: float, k
     incident = (await conn.execute(_SNAP_INCIDENT, {"lon": lon, "lat": lat})).first()
     if incident is None:
         return []  # no road graph loaded
-    candidates = (await conn.execute(_CANDIDATES, {
+    in_scope = team_predicate(scope, "t")
+    candidates = (await conn.execute(text(_CANDIDATES.format(scope=in_scope.and_sql)), {
         "lon": lon, "lat": lat, "team_type": team_type,
         "candidates": max(CANDIDATES_PER_K * k, MIN_CANDIDATES),
-    })).mappings().all()
+    } | in_scope.params)).mappings().all()
     starts = sorted({row["road_node"] for row in candidates} - {incident.id})
     paths = {}
     if starts:

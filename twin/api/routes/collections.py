@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from layers.registry import Layer
-from twin.api.deps import ConnDep, RegistryDep
+from twin.api.deps import ConnDep, RegistryDep, ScopeDep
+from twin.queries.scope import feature_count, visible_layer, visible_layers
 
 router = APIRouter(tags=["collections"])
 
@@ -50,14 +51,16 @@ def collection_document(layer: Layer, base: str, count: int | None, version: int
     }
 
 
-@router.get("/collections", summary="Every published layer")
-async def list_collections(request: Request, conn: ConnDep, registry: RegistryDep) -> dict:
+@router.get("/collections", summary="Every published layer the caller may see; feature "
+            "counts within the caller's jurisdiction")
+async def list_collections(request: Request, conn: ConnDep, registry: RegistryDep,
+                           scope: ScopeDep) -> dict:
     base = str(request.base_url).rstrip("/")
     versions = await registry.data_versions(conn)
     documents = []
-    for layer in registry:
+    for layer in visible_layers(scope, registry):
         version = versions.get(layer.id, 0)
-        count = await registry.feature_count(conn, layer, version)
+        count = await feature_count(conn, registry, layer, version, scope)
         documents.append(collection_document(layer, base, count, version))
     return {
         "collections": documents,
@@ -67,8 +70,8 @@ async def list_collections(request: Request, conn: ConnDep, registry: RegistryDe
 
 @router.get("/collections/{collection_id}", summary="One published layer")
 async def get_collection(collection_id: str, request: Request, conn: ConnDep,
-                         registry: RegistryDep) -> dict:
-    layer = registry.get(collection_id)
+                         registry: RegistryDep, scope: ScopeDep) -> dict:
+    layer = visible_layer(scope, registry.get(collection_id))
     version = (await registry.data_versions(conn)).get(layer.id, 0)
-    count = await registry.feature_count(conn, layer, version)
+    count = await feature_count(conn, registry, layer, version, scope)
     return collection_document(layer, str(request.base_url).rstrip("/"), count, version)

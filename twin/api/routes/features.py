@@ -5,9 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from twin.api.deps import ConnDep, RegistryDep
+from twin.api.deps import ConnDep, RegistryDep, ScopeDep
 from twin.errors import InvalidParameter
 from twin.queries import features as queries
+from twin.queries.scope import visible_layer
 
 router = APIRouter(tags=["features"])
 
@@ -64,7 +65,7 @@ def _page_links(request: Request, query: queries.ItemsQuery, returned: int,
 @router.get("/collections/{collection_id}/items", summary="Features of a layer (GeoJSON)",
             response_class=JSONResponse)
 async def items(
-    collection_id: str, request: Request, conn: ConnDep, registry: RegistryDep,
+    collection_id: str, request: Request, conn: ConnDep, registry: RegistryDep, scope: ScopeDep,
     bbox: str | None = Query(None, description="west,south,east,north in CRS84"),
     limit: int = Query(10, description=f"1 to {queries.MAX_LIMIT}"),
     offset: int = Query(0, description="features to skip"),
@@ -74,7 +75,7 @@ async def items(
     filter_lang: str | None = Query(None, alias="filter-lang"),
     filter_crs: str | None = Query(None, alias="filter-crs"),
 ) -> JSONResponse:
-    layer = queries.vector_layer(registry.get(collection_id))
+    layer = queries.vector_layer(visible_layer(scope, registry.get(collection_id)))
     _check_parameters(request, filter_lang, filter_crs)
     query = queries.ItemsQuery(
         bbox=queries.parse_bbox(bbox) if bbox is not None else None,
@@ -83,7 +84,7 @@ async def items(
         sortby=queries.parse_sortby(sortby, layer) if sortby else (),
         filter=filter,
     )
-    page = await queries.feature_page(conn, layer, query)
+    page = await queries.feature_page(conn, layer, query, scope)
     body = {
         "type": "FeatureCollection",
         "features": page.features,
@@ -97,9 +98,9 @@ async def items(
 @router.get("/collections/{collection_id}/items/{feature_id}", summary="One feature (GeoJSON)",
             response_class=JSONResponse)
 async def item(collection_id: str, feature_id: str, request: Request, conn: ConnDep,
-               registry: RegistryDep) -> JSONResponse:
-    layer = queries.vector_layer(registry.get(collection_id))
-    feature = await queries.feature_by_id(conn, layer, feature_id)
+               registry: RegistryDep, scope: ScopeDep) -> JSONResponse:
+    layer = queries.vector_layer(visible_layer(scope, registry.get(collection_id)))
+    feature = await queries.feature_by_id(conn, layer, feature_id, scope)
     collection = f"{str(request.base_url).rstrip('/')}/collections/{layer.id}"
     feature["links"] = [
         {"href": str(request.url), "rel": "self", "type": GEOJSON},
@@ -110,7 +111,8 @@ async def item(collection_id: str, feature_id: str, request: Request, conn: Conn
 
 @router.get("/collections/{collection_id}/queryables", summary="Queryable properties",
             response_class=JSONResponse)
-async def queryables(collection_id: str, request: Request, registry: RegistryDep) -> JSONResponse:
-    layer = queries.vector_layer(registry.get(collection_id))
+async def queryables(collection_id: str, request: Request, registry: RegistryDep,
+                     scope: ScopeDep) -> JSONResponse:
+    layer = queries.vector_layer(visible_layer(scope, registry.get(collection_id)))
     schema = {"$id": str(request.url), **queries.queryables(layer)}
     return JSONResponse(schema, media_type="application/schema+json")

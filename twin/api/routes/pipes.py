@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
-from twin.api.deps import ConnDep
+from twin.api.deps import ConnDep, ScopeDep
 from twin.queries.anomalies import pipe_anomalies as find_anomaly_zones
 from twin.queries.pipes import pipe_trace as trace_network
 
@@ -18,14 +18,14 @@ Network = Query(description="pipe network: drainage, water or gas")
             "(drainage: with or against the flow; water and gas: connected, up to valves)",
             response_class=JSONResponse)
 async def pipe_trace(
-    conn: ConnDep,
+    conn: ConnDep, scope: ScopeDep,
     segment_id: int = Query(..., description="id of the pipe segment to start from"),
     network: str = Network,
     direction: str = Query("downstream", description="'downstream' (with the flow) or "
                            "'upstream' (against it); drainage only, water and gas are traced "
                            "both ways up to the valves"),
 ) -> JSONResponse:
-    body = await trace_network(conn, segment_id, direction, network)
+    body = await trace_network(conn, segment_id, direction, network, scope)
     return JSONResponse(body, media_type="application/geo+json")
 
 
@@ -33,12 +33,12 @@ async def pipe_trace(
             "a pipe network, with their likely source and what they affect",
             response_class=JSONResponse)
 async def pipe_anomalies(
-    conn: ConnDep,
+    conn: ConnDep, scope: ScopeDep,
     network: str = Network,
     since: str | None = Query(None, description="start, ISO 8601 with a UTC offset; default "
                               "24 hours before until"),
     until: str | None = Query(None, description="end, ISO 8601 with a UTC offset; default "
                               "the network's newest reading"),
 ) -> JSONResponse:
-    body = await find_anomaly_zones(conn, network, since, until)
+    body = await find_anomaly_zones(conn, network, since, until, scope)
     return JSONResponse(body, media_type="application/geo+json")

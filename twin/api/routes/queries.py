@@ -7,7 +7,7 @@ from dataclasses import asdict
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
-from twin.api.deps import ConnDep
+from twin.api.deps import ConnDep, ScopeDep
 from twin.errors import InvalidParameter
 from twin.queries.h3_stats import h3_counts
 from twin.queries.locate import locate as locate_point
@@ -26,10 +26,10 @@ Lat = Query(description="latitude, WGS84 degrees in [-90, 90]")
 
 @router.get("/query/locate", summary="The grid, community, street and district of a spot, "
             "its responsible teams and the nearest teams")
-async def locate(conn: ConnDep, lon: float = Lon, lat: float = Lat,
+async def locate(conn: ConnDep, scope: ScopeDep, lon: float = Lon, lat: float = Lat,
                  k: int = Query(5, description="how many nearest teams, 1 to 100")) -> dict:
     check_nearest(k, None, "distance")
-    return await locate_point(conn, lon, lat, k)
+    return await locate_point(conn, lon, lat, k, scope)
 
 
 def _team_feature(rank: int, team) -> dict:
@@ -45,7 +45,7 @@ def _team_feature(rank: int, team) -> dict:
 @router.get("/query/nearest-teams", summary="Response teams nearest to a spot, by geodesic "
             "distance or by road travel time (GeoJSON)", response_class=JSONResponse)
 async def nearest_teams(
-    conn: ConnDep, lon: float = Lon, lat: float = Lat,
+    conn: ConnDep, scope: ScopeDep, lon: float = Lon, lat: float = Lat,
     type: str | None = Query(None, description="team type; every type when absent"),
     k: int = Query(5, description="how many teams, 1 to 100"),
     mode: str = Query("distance", description="'distance' (geodesic metres) or 'road' "
@@ -58,12 +58,13 @@ async def nearest_teams(
     check_nearest(k, type, mode)
     if mode == "road":
         check_max_minutes(max_minutes)
-        teams = await nearest_teams_by_road(conn, lon, lat, k, type, max_minutes, route)
+        teams = await nearest_teams_by_road(conn, lon, lat, k, type, max_minutes, route,
+                                            scope)
     else:
         for name, value in (("max_minutes", max_minutes), ("route", route or None)):
             if value is not None:
                 raise InvalidParameter(f"{name}: only available with mode=road")
-        teams = await rank_teams(conn, lon, lat, k, type)
+        teams = await rank_teams(conn, lon, lat, k, type, scope)
     query = {"lon": lon, "lat": lat, "type": type, "k": k, "mode": mode}
     if mode == "road":
         query |= {"max_minutes": max_minutes, "route": route,
@@ -79,10 +80,10 @@ async def nearest_teams(
 
 @router.get("/query/h3", summary="Risk points counted per H3 cell (hex cell ids)")
 async def h3_cells(
-    conn: ConnDep,
+    conn: ConnDep, scope: ScopeDep,
     res: int = Query(..., description="H3 resolution, 3 to 9"),
     sector: str | None = Query(None, description="comma-separated sector codes"),
     level: str | None = Query(None, description="comma-separated risk levels, 1 to 4"),
     bbox: str | None = Query(None, description="west,south,east,north in CRS84"),
 ) -> dict:
-    return await h3_counts(conn, res, sector, level, bbox)
+    return await h3_counts(conn, res, sector, level, bbox, scope)
