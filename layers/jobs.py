@@ -16,6 +16,7 @@ import json
 import logging
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -131,7 +132,8 @@ def run_job(engine: Engine, settings: Settings, job_id: str) -> bool:
                  "report": json.dumps(built.report, ensure_ascii=False)})
         return True
     except (SourceError, TwinError) as error:
-        _fail(engine, job_id, [str(error)], folder)
+        needs = {"needs": ["source_crs"]} if isinstance(error, crs_mod.MissingCrs) else {}
+        _fail(engine, job_id, [str(error)], folder, needs)
     except Exception:
         log.exception("upload job %s failed", job_id)
         _fail(engine, job_id, [INTERNAL], folder)
@@ -140,10 +142,11 @@ def run_job(engine: Engine, settings: Settings, job_id: str) -> bool:
     return False
 
 
-def _fail(engine: Engine, job_id: str, reasons: list[str], folder: Path | None) -> None:
+def _fail(engine: Engine, job_id: str, reasons: list[str], folder: Path | None,
+          report: dict | None = None) -> None:
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
-    _set(engine, job_id, state="failed", step="failed", reasons=reasons)
+    _set(engine, job_id, state="failed", step="failed", reasons=reasons, report=report or {})
 
 
 def _build(conn: Connection, engine: Engine, settings: Settings, job: dict, version: int,
@@ -162,19 +165,36 @@ def _build(conn: Connection, engine: Engine, settings: Settings, job: dict, vers
     if params["_kind"] == "vector":
         return _build_vector(conn, settings, params, source, declared, datum, common, progress)
     if params["_kind"] == "raster":
-        ingest_raster.check_raster(source, settings.uploads)
-        progress(20, "converting to Cloud-Optimized GeoTIFF")
-        facts = ingest_raster.to_cog(source, folder / "raster.tif", declared)
-        meta = {k: facts[k] for k in ("width", "height", "bands", "dtype", "nodata", "min",
-                                      "max", "dem")}
-        return Version(**common, source_crs=facts["crs"], source_crs_name=facts["crs_name"],
-                       bbox=facts["bbox"], file_path=str(folder / "raster.tif"),
-                       max_zoom=facts["max_zoom"], meta=meta, report={"raster": meta})
+        return _build_raster(settings, source, declared, datum, folder, common, progress)
+    progress(20, "storing the model")
     anchor = ingest_model.Anchor(**params["_anchor"])
     stored = ingest_model.store_model(source, params["_format"], folder, anchor, datum)
+    report = {"model": stored["meta"]} | _far_outside(stored["bbox"], settings)
     return Version(**common, source_crs="EPSG:4326", source_crs_name="EPSG:4326",
                    geometry_type="Point", bbox=stored["bbox"], file_path=str(stored["path"]),
-                   meta=stored["meta"], report={"model": stored["meta"]})
+                   meta=stored["meta"], report=report)
+
+
+def _build_raster(settings: Settings, source: Path, declared, datum: str, folder: Path,
+                  common: dict, progress: Callable[[int, str], None]) -> Version:
+    ingest_raster.check_raster(source, settings.uploads)
+    facts = ingest_raster.to_cog(source, folder / "raster.tif", declared, datum, progress)
+    meta = {k: facts[k] for k in ("width", "height", "bands", "dtype", "nodata", "min",
+                                  "max", "dem")}
+    report = {"raster": meta, "source_crs": facts["crs_name"], "datum": datum}
+    return Version(**common, source_crs=facts["crs"], source_crs_name=facts["crs_name"],
+                   bbox=facts["bbox"], file_path=str(folder / "raster.tif"),
+                   max_zoom=facts["max_zoom"], meta=meta,
+                   report=report | _far_outside(facts["bbox"], settings))
+
+
+def _far_outside(bbox: list[float], settings: Settings) -> dict:
+    """A warning for the report when a raster or model lies far outside the municipality."""
+    margin = settings.uploads.far_outside_margin_deg
+    if not crs_mod.bbox_far_outside(bbox, margin):
+        return {}
+    return {"warnings": [f"the layer lies more than {margin}° outside Chongqing: check "
+                         "source_crs and datum"]}
 
 
 def _build_vector(conn: Connection, settings: Settings, params: dict, source: Path, declared,
@@ -243,8 +263,10 @@ def recover_interrupted(engine: Engine, uploads_dir: Path) -> list[str]:
 class JobRunner:
     """A small thread pool that runs queued jobs; ``on_published`` refreshes the registry."""
 
-    def __init__(self, engine: Engine, settings: Settings, on_published: Callable[[str], None]):
+    def __init__(self, engine: Engine, settings: Settings, on_published: Callable[[str], None],
+                 alive: Connection | None = None):
         self._engine, self._settings, self._on_published = engine, settings, on_published
+        self._alive = alive  # holds ALIVE_LOCK while this process lives
         self._pool = ThreadPoolExecutor(settings.uploads.workers,
                                         thread_name_prefix="twin-upload")
 
@@ -257,19 +279,63 @@ class JobRunner:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._alive is not None:
+            self._alive.invalidate()
         self._engine.dispose()
+
+
+# Held (shared) by every live server process. A process runs the jobs it accepted, so with
+# several worker processes (TWIN_WORKERS) a starting one may fail 'running' jobs as
+# interrupted only when it can take this lock exclusively: when no other process is alive.
+ALIVE_LOCK = 0x7477696E_6A6F6273  # "twinjobs"
+
+
+# A killed server's database sessions end a moment after it (PostgreSQL notices the closed
+# socket); a restart may come sooner, so the exclusive lock is tried for this long.
+ALIVE_WAIT_S = 2.0
+
+
+def _try_lock_for(conn: Connection, lock: dict, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not conn.execute(text("SELECT pg_try_advisory_lock(:key)"), lock).scalar_one():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _recover_if_alone(engine: Engine, uploads_dir: Path) -> Connection:
+    """Recover when no other server process is alive; returns the connection that holds this
+    process's shared lock for as long as it lives (``invalidate()`` it to let go: a
+    connection merely closed goes back to the pool, lock and all)."""
+    conn = engine.connect()
+    try:
+        lock = {"key": ALIVE_LOCK}
+        if _try_lock_for(conn, lock, ALIVE_WAIT_S):
+            recover_interrupted(engine, uploads_dir)
+            conn.execute(text("SELECT pg_advisory_lock_shared(:key)"), lock)
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), lock)
+        else:
+            # Waits while a starting sibling recovers, then lives alongside it.
+            conn.execute(text("SELECT pg_advisory_lock_shared(:key)"), lock)
+        conn.commit()  # session-level locks outlive the transaction
+    except BaseException:
+        conn.invalidate()
+        raise
+    return conn
 
 
 async def start_runner(settings: Settings, on_published: Callable[[str], None]) -> JobRunner:
     """The app's job runner, after failing what a killed server left (if the DB answers)."""
     engine = sync_engine(settings)
+    alive = None
     try:
-        await asyncio.to_thread(recover_interrupted, engine, settings.uploads_dir)
+        alive = await asyncio.to_thread(_recover_if_alone, engine, settings.uploads_dir)
     except DBAPIError as error:
         # The app starts without its database (/healthz says 503) or before its migrations;
         # recovery then waits for the next start.
         log.warning("could not check for interrupted upload jobs: %s", error.orig)
-    return JobRunner(engine, settings, on_published)
+    return JobRunner(engine, settings, on_published, alive)
 
 
 def main(argv: list[str]) -> int:

@@ -7,20 +7,27 @@ of the key, so it changes exactly when the tile can have changed.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gzip
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import morecantile
-from sqlalchemy.ext.asyncio import AsyncConnection
+import psycopg
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from layers.registry import Layer, LayerRegistry
 from tiles.vector import TileOptions, VectorTile, render_tile
+from twin.errors import DatabaseUnavailable, NotFound
 from twin.settings import TilesSettings
 
 GZIP_LEVEL = 6
+# Every screen revalidates (the ETag changes exactly when the data does), but may store.
+CACHE_CONTROL = "public, no-cache"
 
 
 @dataclass
@@ -28,6 +35,17 @@ class CachedTile:
     etag: str
     tile: VectorTile
     _gzipped: bytes | None = field(default=None, repr=False)
+    # The response headers, made once per tile rather than once per request.
+    headers: dict[str, str] = field(init=False, repr=False)
+    gzip_headers: dict[str, str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.headers = {"ETag": self.etag, "Cache-Control": CACHE_CONTROL,
+                        "Vary": "Accept-Encoding"}
+        if self.tile.truncated:
+            self.headers["X-Tile-Truncated"] = ", ".join(
+                f"{layer}={kept}" for layer, kept in self.tile.truncated.items())
+        self.gzip_headers = {**self.headers, "Content-Encoding": "gzip"}
 
     @property
     def gzipped(self) -> bytes:
@@ -93,20 +111,146 @@ def etag_of(key: tuple) -> str:
     return '"' + hashlib.blake2b(repr(key).encode(), digest_size=16).hexdigest() + '"'
 
 
-async def cached_tile(conn: AsyncConnection, registry: LayerRegistry, cache: TileCache | None,
-                      layers: Sequence[Layer], tile: morecantile.Tile,
-                      options: TileOptions, scope: str | None = None) -> CachedTile:
-    """The tile for the current data versions: from the cache, or built and cached.
+class DataVersions:
+    """Every layer's ``data_version``, read by one query that concurrent requests share.
 
-    The versions are read before the features, so a cached tile is never older than its key.
-    Without a cache the ETag is the same as with one, so revalidation still gives 304s.
+    Exact: a request joins the next query *sent after it arrived*, never one already on its
+    way, so the versions it gets are at least as new as the database when it asked. Under
+    load one query answers a whole batch of requests, which is what keeps a cached tile at
+    about one round trip's worth of work shared by all tiles waiting for it.
+
+    The query runs on one connection held for the purpose (no pool checkout, no pre-ping per
+    request). When it breaks (a database restart), the query is retried once on a new
+    connection, which is what the pool's pre-ping would have done; if that fails too, the
+    waiting requests get 503.
     """
-    versions = await registry.data_versions(conn)
-    key = tile_key(layers, tile, options, versions, scope)
+
+    _QUERY = "SELECT id, data_version FROM layers"
+
+    def __init__(self, engine: AsyncEngine):
+        self._engine = engine
+        self._conn: AsyncConnection | None = None
+        self._driver: psycopg.AsyncConnection | None = None
+        # The query the next arrivals join, and whether a reader task is running.
+        self._next: asyncio.Future | None = None
+        self._reading = False
+        self._task: asyncio.Task | None = None  # held: the loop keeps only weak references
+
+    async def read(self) -> dict[str, int]:
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+            if not self._reading:
+                self._reading = True
+                self._task = asyncio.get_running_loop().create_task(self._read_batches())
+        # shield: one caller giving up (a client gone) must not cancel the others' answer.
+        return await asyncio.shield(self._next)
+
+    async def _read_batches(self) -> None:
+        try:
+            while self._next is not None:
+                batch, self._next = self._next, None
+                try:
+                    batch.set_result(await self._query())
+                except Exception as error:  # every waiter gets the error, e.g. 503
+                    batch.set_exception(error)
+                    # Retrieved or not, the error is the waiters'; no "never retrieved" noise.
+                    batch.exception()
+        finally:
+            self._reading = False
+
+    async def _query(self) -> dict[str, int]:
+        for attempt in (1, 2):
+            driver = await self._connection()
+            try:
+                # psycopg directly: SQLAlchemy's execute costs ~150 us of CPU more than the
+                # query itself on every cached tile.
+                cursor = await driver.execute(self._QUERY, prepare=True)
+                return dict(await cursor.fetchall())
+            except psycopg.Error as error:
+                await self._drop()
+                if attempt == 2:
+                    raise DatabaseUnavailable("the database is unavailable; try again "
+                                              "shortly") from error
+        raise AssertionError("unreachable")
+
+    async def _connection(self) -> psycopg.AsyncConnection:
+        """The held connection, from the engine DataVersions was given (twin.db's options)."""
+        if self._conn is None:
+            conn = await self._engine.connect()
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            self._driver = (await conn.get_raw_connection()).driver_connection
+            self._conn = conn
+        return self._driver
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+                await conn.close()
+
+    async def close(self) -> None:
+        """Closes the connection and disposes of the engine: give DataVersions one of its own."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+        await self._engine.dispose()
+
+
+def tile_versions(layers: Sequence[Layer], versions: dict[str, int]) -> dict[str, int]:
+    """The version to key each layer's tiles by (the rule of LayerRegistry.data_versions).
+
+    An uploaded layer's rows never change in place: a publish points it at another table and
+    resolves the registry again, so until then its tiles are keyed by the version the
+    registry was resolved at, never by a newer one (which would cache old rows under it).
+    """
+    return {layer.id: layer.data_version if layer.origin == "upload"
+            else versions.get(layer.id, 0) for layer in layers}
+
+
+def registry_is_stale(registry: LayerRegistry, layer_ids: Sequence[str],
+                      versions: dict[str, int]) -> bool:
+    """Whether a requested layer was published (or published anew) since the registry was
+    resolved: by another worker process, whose publish refreshes only its own registry.
+
+    Only ids the database knows count, so asking for unknown layers never reloads anything.
+    """
+    for layer_id in layer_ids:
+        if layer_id not in versions:
+            continue
+        try:
+            layer = registry.get(layer_id)
+        except NotFound:
+            return True
+        if layer.origin == "upload" and versions[layer_id] != layer.data_version:
+            return True
+    return False
+
+
+async def cached_tile(versions: dict[str, int], connect: Callable[..., Awaitable[AsyncConnection]],
+                      cache: TileCache | None, layers: Sequence[Layer], tile: morecantile.Tile,
+                      options: TileOptions, scope: str | None = None) -> CachedTile:
+    """The tile for ``versions`` (read before the features, so a cached tile is never older
+    than its key): from the cache, or built on a connection from ``connect`` and cached.
+    ``connect(fresh=True)`` must replace the connection it gave before.
+
+    A cached tile needs no connection at all. Without a cache the ETag is the same as with
+    one, so revalidation still gives 304s.
+    """
+    key = tile_key(layers, tile, options, tile_versions(layers, versions), scope)
     found = cache.get(key) if cache is not None else None
     if found is not None:
         return found
-    made = CachedTile(etag_of(key), await render_tile(conn, layers, tile, options))
+    try:
+        built = await render_tile(await connect(), layers, tile, options)
+    except DBAPIError as error:
+        # The tile pool skips the pre-ping round trip: a connection the database dropped (a
+        # restart) fails here once, and the tile is built again on a fresh one.
+        if not error.connection_invalidated:
+            raise
+        built = await render_tile(await connect(fresh=True), layers, tile, options)
+    made = CachedTile(etag_of(key), built)
     if cache is not None:
         cache.put(key, made)
     return made

@@ -16,12 +16,17 @@ WEB_MERCATOR_URI = "http://www.opengis.net/def/tilematrixset/OGC/1.0/WebMercator
 NUMERIC_TYPES = {"smallint", "integer", "bigint", "double precision", "real", "numeric"}
 
 
-def resolve_layers(registry: LayerRegistry, layer_ids: str) -> list[Layer]:
-    """``a,b,c`` -> the layers, in order, each once; an unknown id names the available ones."""
+def split_layer_ids(layer_ids: str) -> list[str]:
+    """``a,b,c`` -> the ids, in order, each once."""
     ids = list(dict.fromkeys(part.strip() for part in layer_ids.split(",") if part.strip()))
     if not ids:
         raise InvalidParameter("no layer given; ask for one id or a comma-separated list")
-    return [registry.get(layer_id) for layer_id in ids]
+    return ids
+
+
+def resolve_layers(registry: LayerRegistry, layer_ids: str) -> list[Layer]:
+    """``a,b,c`` -> the layers, in order, each once; an unknown id names the available ones."""
+    return [registry.get(layer_id) for layer_id in split_layer_ids(layer_ids)]
 
 
 def tilejson_type(column_type: str) -> str:

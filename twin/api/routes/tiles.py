@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
-from sqlalchemy.ext.asyncio import AsyncConnection
+from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from layers.registry import Layer
 from tiles import metadata
-from tiles.cache import TileCache, cached_tile
+from tiles.cache import cached_tile, registry_is_stale
 from tiles.filters import parse_filters
 from tiles.grid import tile_address, tile_matrix_set
 from tiles.style import risk_map_style
 from tiles.vector import TileOptions
-from twin.api.deps import RegistryDep, SettingsDep
+from twin.api.deps import RegistryDep, ScopeDep, SettingsDep
+from twin.auth import Scope
+from twin.queries.scope import visible_layer
 
 router = APIRouter(tags=["tiles"])
 
@@ -30,25 +31,33 @@ CONFORMANCE: list[str] = [
     "http://www.opengis.net/spec/tms/2.0/conf/json-tilematrixset",
 ]
 
-# Every screen revalidates (the ETag changes exactly when the data does), but may store.
-CACHE_CONTROL = "public, no-cache"
+
+class _TileConnection:
+    """A connection of the tile pool, checked out on first use: a cached tile needs none.
+
+    Autocommit: a tile only reads, one statement at a time, so no transaction is opened and
+    none is rolled back when the connection goes back to the pool. ``fresh=True`` replaces a
+    connection that broke (the tile pool has no pre-ping; tiles.cache retries once).
+    """
+
+    def __init__(self, engine: AsyncEngine):
+        self._engine = engine
+        self._conn: AsyncConnection | None = None
+
+    async def __call__(self, fresh: bool = False) -> AsyncConnection:
+        if fresh:
+            await self.close()
+        if self._conn is None:
+            conn = await self._engine.connect()
+            self._conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        return self._conn
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
 
 
-def get_tile_cache(request: Request) -> TileCache | None:
-    """The app's tile cache, made in its lifespan; None when TWIN_TILES_CACHE is off."""
-    return request.app.state.tile_cache
-
-
-async def get_tile_connection(request: Request) -> AsyncIterator[AsyncConnection]:
-    """A pooled connection in autocommit: a tile only reads, one statement at a time, so no
-    transaction is opened and none is rolled back when the connection goes back to the pool
-    (one round trip less on every tile, which matters most for cached ones)."""
-    async with request.app.state.engine.connect() as conn:
-        yield await conn.execution_options(isolation_level="AUTOCOMMIT")
-
-
-TileCacheDep = Annotated[TileCache | None, Depends(get_tile_cache)]
-TileConnDep = Annotated[AsyncConnection, Depends(get_tile_connection)]
 SectorQuery = Annotated[str | None, Query(description="comma list of sector codes")]
 LevelQuery = Annotated[str | None, Query(description="comma list of risk levels, 1-4")]
 AggregateQuery = Annotated[bool, Query(
@@ -62,26 +71,39 @@ def _base(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
-async def _tile_response(request: Request, conn: AsyncConnection, registry: RegistryDep,
-                         cache: TileCache | None, layers: Sequence[Layer], z: int, x: int,
-                         y: int, sector: str | None, level: str | None, cql: str | None,
-                         aggregate: bool) -> Response:
+async def _tile_response(request: Request, layer_ids: Sequence[str], z: int, x: int, y: int,
+                         sector: str | None, level: str | None, cql: str | None,
+                         aggregate: bool, scope: Scope) -> Response:
+    """The hot path of the command hall. No dependency but the scope: a cached tile costs
+    one (shared) version query and no pooled connection (see tiles.cache.DataVersions)."""
+    state = request.app.state
     tile = tile_address(z, x, y)
-    filters = await parse_filters(conn, sector, level, cql)
-    settings = request.app.state.settings.tiles
-    options = TileOptions(filters, aggregate, settings.aggregate_below_zoom,
-                          settings.feature_cap, settings.detail_cap, settings.point_cap)
-    made = await cached_tile(conn, registry, cache, layers, tile, options)
-    headers = {"ETag": made.etag, "Cache-Control": CACHE_CONTROL, "Vary": "Accept-Encoding"}
-    if made.tile.truncated:
-        headers["X-Tile-Truncated"] = ", ".join(
-            f"{layer}={kept}" for layer, kept in made.tile.truncated.items())
+    versions = await state.tile_versions.read()
+    registry = await state.registry()
+    if registry_is_stale(registry, layer_ids, versions):
+        state.registry.invalidate()
+        registry = await state.registry()
+    # Only what lies in the caller's jurisdiction; the cache keeps each scope's tiles apart.
+    layers = [visible_layer(scope, registry.get(layer_id)) for layer_id in layer_ids]
+    settings = state.settings.tiles
+    connect = _TileConnection(state.tile_engine)
+    try:
+        # The sector list is checked against the database only when one is given.
+        filters = await parse_filters(await connect() if sector else None, sector, level, cql,
+                                      scope)
+        options = TileOptions(filters, aggregate, settings.aggregate_below_zoom,
+                              settings.feature_cap, settings.detail_cap, settings.point_cap)
+        made = await cached_tile(versions, connect, state.tile_cache, layers, tile, options,
+                                 scope.key)
+    finally:
+        await connect.close()
     if made.etag in request.headers.get("if-none-match", ""):
-        return Response(status_code=304, headers=headers)
-    content = made.tile.content
+        return Response(status_code=304, headers=made.headers)
     if "gzip" in request.headers.get("accept-encoding", ""):
-        content, headers["Content-Encoding"] = made.gzipped, "gzip"
-    return Response(content, media_type=metadata.MVT_MEDIA_TYPE, headers=headers)
+        return Response(made.gzipped, media_type=metadata.MVT_MEDIA_TYPE,
+                        headers=made.gzip_headers)
+    return Response(made.tile.content, media_type=metadata.MVT_MEDIA_TYPE,
+                    headers=made.headers)
 
 
 @router.get("/tileMatrixSets", summary="Tile matrix sets")
@@ -96,15 +118,16 @@ async def get_tile_matrix_set(tms_id: str) -> dict:
 
 
 @router.get("/collections/{collection_id}/tiles", summary="Tilesets of a collection")
-async def list_tilesets(collection_id: str, request: Request, registry: RegistryDep) -> dict:
-    layer = registry.get(collection_id)
+async def list_tilesets(collection_id: str, request: Request, registry: RegistryDep,
+                        scope: ScopeDep) -> dict:
+    layer = visible_layer(scope, registry.get(collection_id))
     return metadata.tilesets_list(layer, _base(request))
 
 
 @router.get("/collections/{collection_id}/tiles/{tms_id}", summary="Tileset metadata")
 async def get_tileset(collection_id: str, tms_id: str, request: Request,
-                      registry: RegistryDep) -> dict:
-    layer = registry.get(collection_id)
+                      registry: RegistryDep, scope: ScopeDep) -> dict:
+    layer = visible_layer(scope, registry.get(collection_id))
     tile_matrix_set(tms_id)
     return metadata.tileset(layer, _base(request))
 
@@ -113,21 +136,20 @@ async def get_tileset(collection_id: str, tms_id: str, request: Request,
             summary="A vector tile of a collection (OGC order: z/row/col)",
             response_class=Response)
 async def get_collection_tile(collection_id: str, tms_id: str, tile_matrix: int, tile_row: int,
-                              tile_col: int, request: Request, conn: TileConnDep,
-                              registry: RegistryDep, cache: TileCacheDep,
+                              tile_col: int, request: Request, scope: ScopeDep,
                               sector: SectorQuery = None, level: LevelQuery = None,
                               cql: FilterQuery = None,
                               aggregate: AggregateQuery = True) -> Response:
-    layers = [registry.get(collection_id)]
     tile_matrix_set(tms_id)
-    return await _tile_response(request, conn, registry, cache, layers, tile_matrix, tile_col,
-                                tile_row, sector, level, cql, aggregate)
+    return await _tile_response(request, [collection_id], tile_matrix, tile_col, tile_row,
+                                sector, level, cql, aggregate, scope)
 
 
 @router.get("/tiles/{layer_ids}/tilejson.json", summary="TileJSON 3.0.0 of one or more layers")
 async def get_tilejson(layer_ids: str, request: Request, registry: RegistryDep,
-                       settings: SettingsDep) -> dict:
-    layers = metadata.resolve_layers(registry, layer_ids)
+                       settings: SettingsDep, scope: ScopeDep) -> dict:
+    layers = [visible_layer(scope, layer)
+              for layer in metadata.resolve_layers(registry, layer_ids)]
     url = f"{_base(request)}/tiles/{','.join(layer.id for layer in layers)}/{{z}}/{{x}}/{{y}}.mvt"
     return metadata.tilejson(layers, url, settings.tiles.aggregate_below_zoom)
 
@@ -135,13 +157,11 @@ async def get_tilejson(layer_ids: str, request: Request, registry: RegistryDep,
 @router.get("/tiles/{layer_ids}/{z}/{x}/{y}.mvt", response_class=Response,
             summary="An XYZ vector tile; several comma-separated layers give one composite tile")
 async def get_xyz_tile(layer_ids: str, z: int, x: int, y: int, request: Request,
-                       conn: TileConnDep, registry: RegistryDep, cache: TileCacheDep,
-                       sector: SectorQuery = None, level: LevelQuery = None,
+                       scope: ScopeDep, sector: SectorQuery = None, level: LevelQuery = None,
                        cql: FilterQuery = None,
                        aggregate: AggregateQuery = True) -> Response:
-    layers = metadata.resolve_layers(registry, layer_ids)
-    return await _tile_response(request, conn, registry, cache, layers, z, x, y,
-                                sector, level, cql, aggregate)
+    return await _tile_response(request, metadata.split_layer_ids(layer_ids), z, x, y, sector,
+                                level, cql, aggregate, scope)
 
 
 @router.get("/styles/risk-map.json", summary="MapLibre style of the one map, over twin's tiles")
