@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from twin.cluster import ManagedCluster
 from twin.settings import Settings
+
+log = logging.getLogger("twin.db")
+
+# SQLSTATEs of a server that is going away: admin_shutdown (pg_ctl stop/restart),
+# crash_shutdown, cannot_connect_now (starting up or shutting down).
+SERVER_GONE = frozenset({"57P01", "57P02", "57P03"})
+
+
+def _server_gone_is_a_disconnect(context: ExceptionContext) -> None:
+    """The server's last words ("terminating connection due to administrator command") reach
+    psycopg before the socket closes, so neither psycopg nor SQLAlchemy sees a disconnect yet:
+    the connection would go back to the pool, and the ROLLBACK on its return would fail
+    outside any error handler (the client's connection dropped with no answer). Marked as a
+    disconnect, it is invalidated at once with every older pooled connection, and the
+    request gets its 503."""
+    if getattr(context.original_exception, "sqlstate", None) in SERVER_GONE:
+        context.is_disconnect = True
 
 
 def database_url(settings: Settings) -> str:
@@ -26,16 +48,60 @@ def libpq_url(settings: Settings) -> str:
 
 
 def sync_engine(settings: Settings) -> Engine:
-    return create_engine(database_url(settings), pool_pre_ping=True)
+    """For migrations, sample loads and upload ingestion: work off the request path whose
+    length grows with the data (a 5 M-feature upload, a full reload), so no statement
+    timeout applies here; uploads are bounded by the TWIN_UPLOADS_ limits instead."""
+    engine = create_engine(database_url(settings), pool_pre_ping=True)
+    event.listen(engine, "handle_error", _server_gone_is_a_disconnect)
+    return engine
 
 
-def async_engine(settings: Settings) -> AsyncEngine:
-    return create_async_engine(
+def async_engine(settings: Settings, pool_size: int | None = None,
+                 max_overflow: int | None = None, pre_ping: bool = True) -> AsyncEngine:
+    """The API's pool. Every connection carries the statement timeout, set once at connect
+    time (libpq ``options``) so it costs no round trip per request and covers every
+    statement, including the tile path's autocommit connections.
+
+    ``pool_size``/``max_overflow`` override the settings for a pool of a special purpose:
+    work a request does besides its own connection (loading the layer registry) needs a pool
+    of its own, or under load every pooled connection can be held by requests that each wait
+    for one more: a deadlock until the pool timeout.
+    """
+    db = settings.db
+    connect_args: dict = {"connect_timeout": db.connect_timeout}
+    if db.statement_timeout_ms:
+        connect_args["options"] = f"-c statement_timeout={db.statement_timeout_ms}"
+    engine = create_async_engine(
         database_url(settings),
-        pool_size=settings.db.pool_size,
-        max_overflow=settings.db.max_overflow,
-        # A connection that died with the database is noticed and replaced, so the
-        # app recovers by itself when PostgreSQL comes back.
-        pool_pre_ping=True,
-        connect_args={"connect_timeout": settings.db.connect_timeout},
+        pool_size=db.pool_size if pool_size is None else pool_size,
+        max_overflow=db.max_overflow if max_overflow is None else max_overflow,
+        # A request queues this long for a connection, then gets 503 (twin/api/errors.py).
+        pool_timeout=db.pool_timeout,
+        # A connection that died with the database is noticed at checkout and replaced, so
+        # the app recovers by itself when PostgreSQL comes back.
+        # (pre_ping=False: the tile pool, which retries a request on a fresh connection
+        # instead of paying a round trip on every checkout; see tiles.cache.cached_tile.)
+        pool_pre_ping=pre_ping,
+        connect_args=connect_args,
     )
+    event.listen(engine.sync_engine, "handle_error", _server_gone_is_a_disconnect)
+    return engine
+
+
+@asynccontextmanager
+async def pooled_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection of the pool whose release never raises.
+
+    Release rolls back the request's transaction. When the database went away after the
+    request's last statement, that ROLLBACK fails; the response is on its way by then, and an
+    error raised there would cut it off (the client sees a dropped connection). SQLAlchemy
+    has already invalidated the dead connection, so there is nothing left to do but log.
+    """
+    conn = await engine.connect()
+    try:
+        yield conn
+    finally:
+        try:
+            await conn.close()
+        except DBAPIError as error:
+            log.warning("database connection lost on release: %s", error.orig)

@@ -27,3 +27,9 @@ class NotFound(TwinError):
 
 class DatabaseUnavailable(TwinError):
     status_code = 503
+
+
+class StatementTimeout(TwinError):
+    """A statement ran past ``TWIN_DB_STATEMENT_TIMEOUT_MS`` and PostgreSQL cancelled it."""
+
+    status_code = 504

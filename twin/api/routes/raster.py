@@ -12,6 +12,7 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from tiles import raster, terrain
+from tiles.grid import tile_address
 from twin.api.deps import ConnDep, RegistryDep
 
 router = APIRouter(tags=["tiles"])
@@ -38,6 +39,7 @@ def _respond(content: bytes | None, media_type: str, etag: str) -> Response:
 async def get_terrain_tile(layer_id: str, z: int, x: int, y: int, request: Request,
                            conn: ConnDep, registry: RegistryDep,
                            encoding: EncodingQuery = "mapbox") -> Response:
+    tile_address(z, x, y)  # 400 for an address off the grid, before rasterio sees it
     layer = registry.get(layer_id)
     etag = await _etag(conn, registry, layer_id, z, x, y, encoding)
     if etag in request.headers.get("if-none-match", ""):
@@ -48,6 +50,7 @@ async def get_terrain_tile(layer_id: str, z: int, x: int, y: int, request: Reque
 
 async def _raster(request: Request, conn: ConnDep, registry: RegistryDep, layer_id: str,
                   z: int, x: int, y: int, fmt: str) -> Response:
+    tile_address(z, x, y)  # 400 for an address off the grid, before rasterio sees it
     layer = registry.get(layer_id)
     raster.raster_layer(layer)
     etag = await _etag(conn, registry, layer_id, z, x, y, fmt)

@@ -1,0 +1,295 @@
+"""Command-hall load: many screens at once on tiles and planners' queries; ``--fault``
+restarts PostGIS in the middle.
+
+Run on demand (never in ``make test``), on the full sample city:
+
+    .venv/bin/python benchmarks/load.py [--url URL] [--clients 200] [--duration 60]
+                                        [--processes 2] [--workers 1] [--fault] [--outage 5]
+
+Without ``--url`` it starts twin (uvicorn, ``--workers`` processes, on a free loopback port)
+on the database the environment names (``TWIN_DATABASE_URL``, or the managed cluster of
+``TWIN_HOME``/``TWIN_DB_PORT``: database ``twin`` by default), with anonymous viewer+planner
+access on, as ``make run``'s demo has it. ``--url`` drives a server already running instead
+(``make run``'s). The workload only reads.
+
+``--clients`` clients (spread over ``--processes`` client processes, each one asyncio loop
+with httpx, since one Python process cannot drive 200 clients on two cores by itself) send
+requests back to back for ``--duration`` seconds, each picked at random (fixed seed) from the
+mix in ``MIX``: vector tiles of the style's sources at zooms 6-16 (70 % over the central
+districts, the rest anywhere in the municipality; a fixed pool of tiles, so screens share
+tiles as they do in a hall), locate, nearest teams by distance and by road, H3 counts over a
+box, and feature pages of risk points and teams in a small bbox. A client that gets a 503
+waits 0.2 s (a hall screen retries soon, sooner than Retry-After, which the server sets for
+clients in general), then goes on. It prints requests, errors (anything but 200/304, and
+transport errors and client time-outs of ``--timeout`` s), p50/p99 per endpoint, and the
+client processes' CPU (near 100 % of a core would mean the client, not twin, is the limit).
+
+``--fault`` stops the managed cluster (``pg_ctl stop -m fast``) at 40 % of the run and starts
+it again ``--outage`` seconds later, then reports the answers given during the outage (503
+with Retry-After expected), the time from the database being back to the first 200 of a
+request sent after that, and the errors after recovery (expected: none). It restarts the
+cluster of ``TWIN_HOME``/``TWIN_DB_PORT``; on a machine others share, use a throwaway one:
+
+    export TWIN_HOME=/tmp/twin-fault TWIN_DB_PORT=55499
+    mkdir -p $TWIN_HOME && ln -s "$PWD/.twin/samples" $TWIN_HOME/samples  # reuse the sample
+    .venv/bin/twin db up && .venv/bin/twin db migrate && .venv/bin/twin sample load
+    .venv/bin/python benchmarks/load.py --fault
+
+The default cluster (port 55432) is refused unless ``--fault-default-cluster`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import morecantile
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.serving import serving  # noqa: E402
+from twin.cluster import ManagedCluster  # noqa: E402
+from twin.db import database_url  # noqa: E402
+from twin.settings import DatabaseSettings, Settings  # noqa: E402
+
+SEED = 20_260_707
+TMS = morecantile.tms.get("WebMercatorQuad")
+CENTRAL_AREA = (106.35, 29.35, 106.75, 29.75)  # Yuzhong and the districts around it
+MUNICIPALITY = (105.3, 28.2, 110.1, 32.2)
+# The style's tile sources (tiles/style.py), each one composite tile per screen tile.
+TILE_SOURCES = ("districts,streets,communities,grids", "risk_points", "response_teams",
+                "pipe_segments", "buildings")
+ZOOMS = range(6, 17)
+TILE_POOL = 4000
+# Share of each kind of request in the mix.
+MIX = {"tile": 55, "locate": 10, "nearest (distance)": 8, "nearest (road)": 5, "h3": 8,
+       "features (bbox)": 14}
+RETRY_SOON_S = 0.2
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str
+    started: float  # time.monotonic(): one clock for every process on the machine
+    finished: float
+    status: int  # -1: no HTTP answer (connection error or client time-out)
+    retry_after: bool
+    error: str = ""
+
+
+def random_spot(rng: random.Random, area: Sequence[float]) -> tuple[float, float]:
+    return rng.uniform(area[0], area[2]), rng.uniform(area[1], area[3])
+
+
+def tile_pool(rng: random.Random) -> list[str]:
+    paths = []
+    for _ in range(TILE_POOL):
+        lon, lat = random_spot(rng, CENTRAL_AREA if rng.random() < 0.7 else MUNICIPALITY)
+        tile = TMS.tile(lon, lat, rng.choice(ZOOMS))
+        paths.append(f"/tiles/{rng.choice(TILE_SOURCES)}/{tile.z}/{tile.x}/{tile.y}.mvt")
+    return paths
+
+
+def next_request(rng: random.Random, tiles: list[str]) -> tuple[str, str, dict]:
+    kind = rng.choices(list(MIX), weights=list(MIX.values()))[0]
+    lon, lat = random_spot(rng, CENTRAL_AREA)
+    if kind == "tile":
+        return kind, rng.choice(tiles), {}
+    if kind == "locate":
+        return kind, "/query/locate", {"lon": lon, "lat": lat}
+    if kind.startswith("nearest"):
+        mode = "road" if "road" in kind else "distance"
+        return kind, "/query/nearest-teams", {"lon": lon, "lat": lat, "k": 5, "mode": mode}
+    if kind == "h3":
+        return kind, "/query/h3", {"res": 8, "bbox": f"{lon - 0.05},{lat - 0.05},"
+                                                     f"{lon + 0.05},{lat + 0.05}"}
+    collection = rng.choice(("risk_points", "response_teams"))
+    return kind, f"/collections/{collection}/items", {
+        "bbox": f"{lon - 0.01},{lat - 0.01},{lon + 0.01},{lat + 0.01}", "limit": 100}
+
+
+async def client_loop(client: httpx.AsyncClient, rng: random.Random, tiles: list[str],
+                      until: float, outcomes: list[Outcome]) -> None:
+    while time.monotonic() < until:
+        kind, path, params = next_request(rng, tiles)
+        started = time.monotonic()
+        try:
+            response = await client.get(path, params=params)
+            status, retry, error = (response.status_code, "retry-after" in response.headers,
+                                    "")
+        except httpx.HTTPError as exc:
+            status, retry, error = -1, False, f"{type(exc).__name__}: {exc}"[:80]
+        outcomes.append(Outcome(kind, started, time.monotonic(), status, retry, error))
+        if status == 503:
+            await asyncio.sleep(RETRY_SOON_S)
+
+
+async def drive(base: str, clients: int, seed: int, start_at: float, until: float,
+                timeout: float) -> list[Outcome]:
+    rng = random.Random(SEED)
+    tiles = tile_pool(rng)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    outcomes: list[Outcome] = []
+    async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits,
+                                 headers={"Accept-Encoding": "gzip"}) as client:
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        await asyncio.gather(*(client_loop(client, random.Random(seed * 1000 + i), tiles,
+                                           until, outcomes) for i in range(clients)))
+    return outcomes
+
+
+def client_process(args: tuple) -> tuple[list[Outcome], float, float]:
+    """One client process: its outcomes, CPU seconds and wall seconds."""
+    base, clients, seed, start_at, until, timeout = args
+    cpu, wall = time.process_time(), time.monotonic()
+    outcomes = asyncio.run(drive(base, clients, seed, start_at, until, timeout))
+    return outcomes, time.process_time() - cpu, time.monotonic() - wall
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def failed(outcome: Outcome) -> bool:
+    return outcome.status not in (200, 304)
+
+
+def report_load(outcomes: list[Outcome], seconds: float) -> None:
+    errors = [o for o in outcomes if failed(o)]
+    print(f"requests {len(outcomes):,} ({len(outcomes) / seconds:,.0f}/s), "
+          f"errors {len(errors)}")
+    if errors:
+        print("  errors by kind:", dict(Counter((o.kind, o.status, o.error) for o in errors)))
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    for o in outcomes:
+        if not failed(o):
+            by_kind[o.kind].append((o.finished - o.started) * 1000)
+    print(f"{'endpoint':<22}{'requests':>10}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
+    for kind in MIX:
+        times = by_kind.get(kind, [])
+        if times:
+            print(f"{kind:<22}{len(times):>10,}{statistics.median(times):>10.0f}"
+                  f"{percentile(times, 99):>10.0f}{max(times):>10.0f}")
+
+
+def report_fault(outcomes: list[Outcome], down_at: float, up_at: float) -> None:
+    """During the outage: 503 with Retry-After; after it: the first 200, then only 200s."""
+    back = [o for o in outcomes if o.started >= up_at and o.status == 200]
+    if not back:
+        print(f"fault: DB down {up_at - down_at:.1f} s; NO 200 after the database came back")
+        return
+    recovered = min(o.finished for o in back)
+    during = [o for o in outcomes if o.finished >= down_at and o.started <= recovered]
+    statuses = Counter(o.status for o in during)
+    print(f"fault: database down {up_at - down_at:.1f} s (pg_ctl stop -m fast, then start)")
+    print(f"  during the outage: {len(during):,} answers {dict(statuses)}; 503 without "
+          f"Retry-After: {sum(o.status == 503 and not o.retry_after for o in during)}; "
+          f"other failures: {sum(failed(o) and o.status != 503 for o in during)}")
+    other = [o for o in during if failed(o) and o.status != 503]
+    if other:
+        print("    other failures:", dict(Counter((o.kind, o.status, o.error) for o in other)))
+    print(f"  first 200 {recovered - up_at:.2f} s after the database was back")
+    after = [o for o in outcomes if o.started > recovered]
+    print(f"  after recovery: {len(after):,} requests, errors "
+          f"{sum(failed(o) for o in after)}; before the outage: errors "
+          f"{sum(failed(o) for o in outcomes if o.finished < down_at)}")
+
+
+def restart_cluster(cluster: ManagedCluster, at: float, outage: float,
+                    marks: dict[str, float]) -> None:
+    time.sleep(max(0.0, at - time.monotonic()))
+    marks["down"] = time.monotonic()
+    cluster.down()
+    time.sleep(outage)
+    cluster.up()
+    marks["up"] = time.monotonic()
+
+
+def run_load(base: str, options: argparse.Namespace, cluster: ManagedCluster | None) -> None:
+    per_process = [options.clients // options.processes + (i < options.clients %
+                   options.processes) for i in range(options.processes)]
+    start_at = time.monotonic() + 2.0  # every process ready before the clock starts
+    until = start_at + options.duration
+    marks: dict[str, float] = {}
+    fault = None
+    if cluster is not None:
+        fault = threading.Thread(target=restart_cluster, args=(
+            cluster, start_at + 0.4 * options.duration, options.outage, marks))
+        fault.start()
+    jobs = [(base, n, i + 1, start_at, until, options.timeout)
+            for i, n in enumerate(per_process)]
+    with multiprocessing.get_context("spawn").Pool(options.processes) as pool:
+        results = pool.map(client_process, jobs)
+    if fault is not None:
+        fault.join()
+    outcomes = [o for result in results for o in result[0]]
+    print(f"load: {options.clients} clients in {options.processes} processes, "
+          f"{options.duration:.0f} s, against {base}")
+    for i, (_, cpu, wall) in enumerate(results, 1):
+        print(f"  client process {i}: {cpu / wall:.0%} of a core")
+    if cluster is None:
+        report_load(outcomes, options.duration)
+        return
+    down, up = marks["down"], marks["up"]
+    report_load([o for o in outcomes if o.finished < down], down - start_at)
+    report_fault(outcomes, down, up)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="a twin already serving (e.g. make run's)")
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers (own server)")
+    parser.add_argument("--uvicorn", nargs="*", default=[], help="more uvicorn options")
+    parser.add_argument("--timeout", type=float, default=60.0, help="client time-out, s")
+    parser.add_argument("--fault", action="store_true", help="restart PostGIS mid-run")
+    parser.add_argument("--outage", type=float, default=5.0, help="seconds PostGIS is down")
+    parser.add_argument("--fault-default-cluster", action="store_true",
+                        help="allow --fault on the default cluster (port 55432)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    options = parse_args()
+    settings = Settings()
+    cluster = None
+    if options.fault:
+        if not settings.managed:
+            raise SystemExit("--fault restarts twin's managed cluster: unset TWIN_DATABASE_URL")
+        if settings.db.port == DatabaseSettings.model_fields["port"].default and not \
+                options.fault_default_cluster:
+            raise SystemExit("--fault would restart the default cluster (port 55432); use a "
+                             "throwaway TWIN_HOME/TWIN_DB_PORT or --fault-default-cluster")
+        cluster = ManagedCluster(settings)
+    if options.url:
+        run_load(options.url.rstrip("/"), options, cluster)
+        return
+    env = {**os.environ, "TWIN_DATABASE_URL": database_url(settings),
+           "TWIN_AUTH_ANONYMOUS_ROLE": os.environ.get("TWIN_AUTH_ANONYMOUS_ROLE", "planner")}
+    # As `twin serve` runs it (twin/cli.py), keep-alive time-out included.
+    argv = [sys.executable, "-m", "uvicorn", "twin.api.app:create_app", "--factory",
+            "--workers", str(options.workers), "--timeout-keep-alive", "75", *options.uvicorn]
+    with serving("twin", argv, env, "/healthz", ROOT) as base:
+        where = database_url(settings).split("@")[-1]
+        print(f"twin: {options.workers} uvicorn worker(s) on {where}")
+        run_load(base, options, cluster)
+
+
+if __name__ == "__main__":
+    main()
