@@ -28,6 +28,11 @@ class SourceError(Exception):
     """The data cannot be placed; the message is the job's reason."""
 
 
+class MissingCrs(SourceError):
+    """Neither the file nor the form names a CRS: uploading again with source_crs= helps
+    (the job report says ``"needs": ["source_crs"]`` so a client can ask for it)."""
+
+
 def parse_source_crs(raw: str | None) -> CRS | None:
     """``EPSG:4524`` (or ``4524``) -> a CRS; anything else is refused (never passed to GDAL)."""
     if raw is None or not raw.strip():
@@ -59,7 +64,7 @@ def choose_crs(file_crs: CRS | None, declared: CRS | None, missing_reason: str) 
     """The declared CRS wins over the file's (a wrong .prj is common); one of them must exist."""
     crs = declared or file_crs
     if crs is None:
-        raise SourceError(missing_reason)
+        raise MissingCrs(missing_reason)
     return crs
 
 
@@ -87,3 +92,10 @@ def far_outside(frame: gpd.GeoDataFrame, margin_deg: float) -> int:
     outside = ((bounds.maxx < west - margin_deg) | (bounds.minx > east + margin_deg)
                | (bounds.maxy < south - margin_deg) | (bounds.miny > north + margin_deg))
     return int(outside.sum())
+
+
+def bbox_far_outside(bbox: list[float], margin_deg: float) -> bool:
+    """Whether a (west, south, east, north) box lies wholly ``margin_deg`` outside the city."""
+    west, south, east, north = MUNICIPALITY_BBOX
+    return (bbox[2] < west - margin_deg or bbox[0] > east + margin_deg
+            or bbox[3] < south - margin_deg or bbox[1] > north + margin_deg)

@@ -23,7 +23,7 @@ from sqlalchemy import Connection, text
 
 from layers import crs as crs_mod
 from layers.crs import SourceError
-from layers.safety import UploadRefused
+from layers.safety import TooLarge, UploadRefused
 from twin.settings import UploadSettings
 
 # GDAL never reaches the network from an upload (pyogrio's bundled GDAL).
@@ -78,6 +78,26 @@ def plan_layer(path: Path, fmt: str, layer: str | None) -> str | None:
         raise UploadRefused(f"layer: the file holds {len(names)} layers; choose one with "
                             f"layer= ({', '.join(names)})")
     return names[0]
+
+
+# Formats that store their feature count (Shapefile header, GeoPackage's gpkg_ogr_contents),
+# so the limit is checked in the request; others are counted when the job reads them.
+COUNTED_FORMATS = ("shapefile", "gpkg")
+
+
+def check_feature_count(path: Path, fmt: str, layer: str | None, limits: UploadSettings
+                        ) -> None:
+    """413 at once when a file's own feature count is over the limit."""
+    if fmt not in COUNTED_FORMATS:
+        return
+    try:
+        count = pyogrio.read_info(path, layer=layer)["features"]
+    except READ_ERRORS as error:
+        message = str(error).replace(str(path.parent) + "/", "")
+        raise UploadRefused(f"file: cannot be opened as {fmt} ({message})") from None
+    if count > limits.max_features:
+        raise TooLarge(f"file: {count} features is over the limit of {limits.max_features} "
+                       "(TWIN_UPLOADS_MAX_FEATURES)")
 
 
 # --- reading (in the job) ----------------------------------------------------------------
@@ -173,8 +193,9 @@ def _read_csv(path: Path, declared: CRS | None, limits: UploadSettings
     xs, ys = _numbers(table, lon_col), _numbers(table, lat_col)
     projected = lon_col.strip().lower() == "x"
     if projected and declared is None:
-        raise SourceError(f"the CSV has x/y columns ({lon_col}, {lat_col}) and no source_crs; "
-                          "give source_crs (e.g. EPSG:4524), or name the columns lon/lat")
+        raise crs_mod.MissingCrs(f"the CSV has x/y columns ({lon_col}, {lat_col}) and no "
+                                 "source_crs; give source_crs (e.g. EPSG:4524), or name the "
+                                 "columns lon/lat")
     frame = gpd.GeoDataFrame(table.drop(columns=[lon_col, lat_col]),
                              geometry=gpd.points_from_xy(xs, ys))
     crs = declared or crs_mod.WGS84

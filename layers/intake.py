@@ -14,8 +14,7 @@ from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 
 from layers import crs as crs_mod
-from layers import ingest_model, ingest_vector, safety
-from twin.errors import InvalidParameter
+from layers import ingest_model, ingest_raster, ingest_vector, safety
 from twin.settings import UploadSettings
 
 FORM_FIELDS = ("title", "id", "source_crs", "datum", "layer", "lon", "lat", "height", "heading",
@@ -33,7 +32,7 @@ def prepare(folder: Path, file_name: str, form: dict[str, str | None],
     source = folder / stored_name(file_name)
     inspected = safety.inspect(source, file_name, limits, form.get("layer"))
     crs_mod.parse_source_crs(form.get("source_crs"))
-    datum = crs_mod.parse_datum(form.get("datum"))
+    crs_mod.parse_datum(form.get("datum"))
     main = source.name
     if inspected.members:
         unpacked = folder / "unpacked"
@@ -46,9 +45,9 @@ def prepare(folder: Path, file_name: str, form: dict[str, str | None],
         layer = ingest_vector.plan_layer(folder / main, inspected.format, form.get("layer"))
         if layer:
             params["layer"] = layer
-    elif inspected.kind == "raster" and datum != "wgs84":
-        raise InvalidParameter("datum: GCJ-02/BD-09 correction applies to vector data and 3D "
-                               "anchors; upload rasters in a real CRS (source_crs=)")
+        ingest_vector.check_feature_count(folder / main, inspected.format, layer, limits)
+    elif inspected.kind == "raster":
+        ingest_raster.check_raster(folder / main, limits)
     elif inspected.kind == "3d":
         anchor = ingest_model.parse_anchor(form.get("lon"), form.get("lat"),
                                            form.get("height"), form.get("heading"),

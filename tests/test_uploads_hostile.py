@@ -8,15 +8,20 @@ import json
 import os
 import sqlite3
 import stat
+import tempfile
+import warnings
 import zipfile
+from pathlib import Path
 
+import geopandas as gpd
 import numpy as np
 import pytest
+import rasterio
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_origin
 
 from tests import test_uploads_support as support
 from tests.test_uploads_support import (
-    dem_values,
     geojson_points,
     geotiff,
     minimal_glb,
@@ -94,9 +99,32 @@ def feature_collection(geometries) -> bytes:
     return json.dumps({"type": "FeatureCollection", "features": features}).encode()
 
 
+def sparse_huge_tiff() -> bytes:
+    """A few KB on disk that declare 50,000 x 50,000 pixels (a raster decompression bomb)."""
+    with rasterio.MemoryFile() as memory:
+        with memory.open(driver="GTiff", width=50_000, height=50_000, count=1, dtype="uint8",
+                         crs="EPSG:4326", transform=from_origin(106, 30, 1e-5, 1e-5),
+                         tiled=True, compress="deflate", SPARSE_OK=True):
+            pass
+        return memory.read()
+
+
+def many_points_shapefile() -> bytes:
+    """One point more than the test server's feature limit, as a zipped Shapefile."""
+    count = support.LIMITS.max_features + 1
+    frame = gpd.GeoDataFrame({"i": np.arange(count) % 10},
+                             geometry=gpd.points_from_xy(106.5 + np.arange(count) * 1e-5,
+                                                         np.full(count, 29.5)), crs=4326)
+    with tempfile.TemporaryDirectory() as folder:
+        return support.shapefile_zip(Path(folder), frame, "utf-8")
+
+
 POINT = {"type": "Point", "coordinates": [106.5, 29.5]}
 LINE = {"type": "LineString", "coordinates": [[106.5, 29.5], [106.6, 29.6]]}
 NO_CRS_TIFF = geotiff(np.ones((10, 10)), from_origin(0, 10, 1, 1), None)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", NotGeoreferencedWarning)
+    NO_TRANSFORM_TIFF = geotiff(np.ones((10, 10)), rasterio.Affine.identity(), None)
 HUGE_TIFF = geotiff(np.zeros((1001, 1000)), from_origin(106, 30, 0.0001, 0.0001), "EPSG:4326",
                     dtype="uint8")
 
@@ -153,8 +181,9 @@ CORPUS = [
     ("bad-source-crs", "a.geojson", geojson_points(), {"source_crs": "+proj=longlat +f=/vsi"},
      400, "source_crs"),
     ("unknown-datum", "a.geojson", geojson_points(), {"datum": "wgs72"}, 400, "datum"),
-    ("datum-on-raster", "dem.tif", geotiff(*dem_values(20, 20), "EPSG:4326"),
-     {"datum": "gcj02"}, 400, "datum"),
+    ("tiff-sparse-huge-header", "dem.tif", sparse_huge_tiff(), {}, 413, "pixels"),
+    ("tiff-no-georeferencing", "dem.tif", NO_TRANSFORM_TIFF, {"source_crs": "EPSG:4326"},
+     "failed", "no georeferencing"),
     ("geojson-empty-collection", "a.geojson", feature_collection([]), {}, "failed",
      "no features"),
     ("geojson-null-geometries", "a.geojson", feature_collection([None, None]), {}, "failed",
@@ -165,7 +194,9 @@ CORPUS = [
     ("csv-xy-without-crs", "a.csv", b"name,x,y\na,500000,3270000\n", {}, "failed",
      "no source_crs"),
     ("tiff-without-crs", "a.tif", NO_CRS_TIFF, {}, "failed", "no CRS"),
-    ("tiff-too-many-pixels", "a.tif", HUGE_TIFF, {}, "failed", "pixels"),
+    ("tiff-too-many-pixels", "a.tif", HUGE_TIFF, {}, 413, "pixels"),
+    ("shapefile-too-many-features", "many.zip", many_points_shapefile(), {}, 413,
+     "TWIN_UPLOADS_MAX_FEATURES"),
     ("geojson-broken-json", "a.geojson", b'{"type": "FeatureCollection", "features": [',
      {}, "failed", "cannot be read"),
 ]

@@ -92,6 +92,16 @@ def test_gauss_kruger_shapefile_in_gbk_without_cpg(api, tmp_path):
         assert metres(points[name], place) < 1.0
 
 
+@pytest.mark.parametrize("encoding", ["GBK", "GB18030", "UTF-8"])
+def test_shapefile_cpg_encoding_is_honoured(api, tmp_path, encoding):
+    frame = gpd.GeoDataFrame({"名称": NAMES_ZH}, geometry=gpd.points_from_xy(
+        [p[0] for p in PLACES], [p[1] for p in PLACES]), crs="EPSG:4326")
+    content = shapefile_zip(tmp_path / "cpg", frame, encoding=encoding, keep_cpg=True)
+    assert zip_member(content, ".cpg").strip().upper() in (encoding.encode(), b"936")
+    job = upload_ok(api, "cpg.zip", content, title=f"cpg {encoding}")
+    assert set(landed(api, job["layer_id"], key="名称")) == set(NAMES_ZH)
+
+
 def zip_member(content: bytes, suffix: str) -> bytes:
     with zipfile.ZipFile(io.BytesIO(content)) as archive:
         name = next(n for n in archive.namelist() if n.endswith(suffix))
@@ -108,6 +118,7 @@ def test_shapefile_without_prj_needs_source_crs(api, tmp_path):
     job = wait(api, response.json())
     assert job["state"] == "failed"
     assert job["reasons"] == ["no .prj in the Shapefile and no source_crs given"]
+    assert job["report"] == {"needs": ["source_crs"]}  # what a client asks the user for
     assert api.get(f"/layers/{job['layer_id']}").status_code == 404
     job = upload_ok(api, "noprj.zip", content, title="no prj", source_crs="EPSG:4524")
     points = landed(api, job["layer_id"])

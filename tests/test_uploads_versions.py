@@ -107,6 +107,8 @@ def test_killed_job_leaves_nothing_behind(api, published, engine, database_url, 
                                   env=env, cwd=os.getcwd())
         _wait_for_step(engine, response, "publishing")
         assert (uploads_dir / "layers" / published / "v2").exists()
+        # While the new version waits to publish, the old one serves.
+        assert tile_of(api, published) == (etag1, names1)
         worker.kill()
         worker.wait()
         lock.rollback()

@@ -7,18 +7,30 @@ shapely, never from the page itself. Screenshots of the main views go to tests/a
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
+import time
+import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import geopandas as gpd
+import numpy as np
 import pytest
+import rasterio
+from pyproj import Transformer
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.io import MemoryFile
+from rasterio.transform import from_origin
 from shapely import wkb
 from shapely.geometry import Point, shape
 from sqlalchemy import Engine, text
 
 from tests.conftest import LiveServer
+from tests.test_uploads_support import minimal_glb
 from twin.settings import AuthSettings, Settings, UploadSettings
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -32,6 +44,7 @@ CHROMIUM_ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader",
                  "--ignore-gpu-blocklist", "--no-sandbox"]
 EDITOR_KEY = "web-test-editor-key"
 VIEWPORT = {"width": 1920, "height": 1080}
+LAPTOP = {"width": 1366, "height": 768}
 TIMEOUT_MS = 30_000
 
 
@@ -365,3 +378,178 @@ def test_upload_through_the_page_shows_progress_then_the_layer(
     map_page.screenshot("uploaded-layer-on-map.png")
     assert map_page.errors == []
 
+
+
+def _job_done(web_server: LiveServer, response) -> dict:
+    import httpx
+
+    assert response.status_code == 202, response.text
+    job = response.json()
+    for _ in range(600):
+        job = httpx.get(f"{web_server.url}/jobs/{job['id']}",
+                        headers={"Authorization": f"Bearer {EDITOR_KEY}"}).json()
+        if job["state"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job still {job['state']}")
+
+
+def _street_centre(engine: Engine, offset: int = 1) -> tuple[float, float]:
+    with engine.connect() as conn:
+        return tuple(conn.execute(text(
+            "SELECT ST_X(c), ST_Y(c) FROM (SELECT ST_Centroid(geom) AS c FROM admin_units "
+            "WHERE level = 'street' ORDER BY code OFFSET :n LIMIT 1) AS s"), {"n": offset}).one())
+
+
+def _magenta_geotiff(path: Path, centre: tuple[float, float], half: float = 0.01) -> None:
+    """An RGB GeoTIFF (EPSG:4326) of pure magenta around ``centre``: easy to find on screen."""
+    size = 200
+    transform = from_origin(centre[0] - half, centre[1] + half, 2 * half / size, 2 * half / size)
+    values = np.zeros((3, size, size), dtype="uint8")
+    values[0], values[2] = 255, 255
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3,
+                       dtype="uint8", crs="EPSG:4326", transform=transform) as dst:
+        dst.write(values)
+
+
+def _screen_rgb(map_page: MapPage, lon: float, lat: float, box: int = 12) -> np.ndarray:
+    """The median colour the page shows in a small box around lon/lat (a real screenshot)."""
+    x, y = map_page.page.evaluate(
+        "([lon, lat]) => { const p = window.__twinMap.project([lon, lat]);"
+        " const r = window.__twinMap.getCanvas().getBoundingClientRect();"
+        " return [r.left + p.x, r.top + p.y]; }", [lon, lat])
+    png = map_page.page.screenshot(clip={"x": x - box / 2, "y": y - box / 2, "width": box,
+                                         "height": box})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with MemoryFile(png) as memory, memory.open() as image:
+            pixels = image.read()[:3]
+    return np.median(pixels.reshape(3, -1), axis=1)
+
+
+def _is_magenta(rgb: np.ndarray) -> bool:
+    return rgb[0] > 180 and rgb[2] > 180 and rgb[1] < 120
+
+
+def test_raster_upload_is_drawn_and_3d_models_show_their_anchor(
+        map_page: MapPage, web_server: LiveServer, engine: Engine, tmp_path: Path):
+    import httpx
+
+    centre = _street_centre(engine, 3)
+    anchor = (centre[0] + 0.02, centre[1])
+    glb = _job_done(web_server, httpx.post(
+        f"{web_server.url}/layers", headers={"Authorization": f"Bearer {EDITOR_KEY}"},
+        files={"file": ("hall.glb", minimal_glb())},
+        data={"title": "指挥大厅模型", "lon": str(anchor[0]), "lat": str(anchor[1]),
+              "cim_level": "4", "heading": "45"}, timeout=60))
+    assert glb["state"] == "succeeded", glb
+    raster = tmp_path / "magenta.tif"
+    _magenta_geotiff(raster, centre)
+
+    map_page.open("#/upload")
+    page = map_page.page
+    page.locator("#upload-file").set_input_files(str(raster))
+    page.locator("#upload-title").fill("Web test raster")
+    page.locator("#upload-key").fill(EDITOR_KEY)
+    page.locator("#upload-submit").click()
+    page.wait_for_function("document.getElementById('upload-status').dataset.state "
+                           "=== 'succeeded'", timeout=60_000)
+    layer_id = page.locator("#upload-status").get_attribute("data-layer-id")
+    tile = re.compile(rf"/tiles/{layer_id}/\d+/\d+/\d+\.png$")
+    with page.expect_response(lambda r: bool(tile.search(r.url)) and r.status == 200):
+        page.locator("#upload-show").click()
+    map_page.idle()
+    raster_layer = f"collection-{layer_id}-raster"
+    assert page.evaluate(f"window.__twinMap.getLayoutProperty('{raster_layer}', "
+                         "'visibility')") == "visible"
+    assert page.locator(f"#layer-switches input[data-collection='{layer_id}']").is_checked()
+    # The oracle is the screen: magenta where the raster lies, and not once it is hidden.
+    assert _is_magenta(_screen_rgb(map_page, *centre)), _screen_rgb(map_page, *centre)
+    map_page.screenshot("uploaded-raster-on-map.png")
+    page.locator(f"#layer-switches input[data-collection='{layer_id}']").uncheck()
+    map_page.idle()
+    assert not _is_magenta(_screen_rgb(map_page, *centre))
+
+    # The 3D model: listed, and once switched on a marker at its anchor with its CIM level.
+    model_switch = page.locator(f"#layer-switches input[data-collection='{glb['layer_id']}']")
+    assert model_switch.get_attribute("data-kind") == "3d"
+    model_switch.check()
+    marker = page.locator(f".model-marker[data-layer-id='{glb['layer_id']}']")
+    marker.wait_for()
+    assert marker.inner_text().replace("\n", " ").endswith("指挥大厅模型 · CIM4")
+    box = marker.locator(".model-icon").bounding_box()
+    x, y = page.evaluate(
+        "([lon, lat]) => { const p = window.__twinMap.project([lon, lat]);"
+        " const r = window.__twinMap.getCanvas().getBoundingClientRect();"
+        " return [r.left + p.x, r.top + p.y]; }", list(anchor))
+    # The marker stands on its anchor: bottom-centre of the marker element.
+    element = marker.bounding_box()
+    assert abs(element["x"] + element["width"] / 2 - x) < 2
+    assert abs(element["y"] + element["height"] - y) < 2 and box["y"] < y
+    map_page.screenshot("3d-model-anchor.png")
+    assert map_page.errors == []
+
+
+def _shapefile_without_prj(folder: Path, centre: tuple[float, float]) -> bytes:
+    """Three points in CGCS2000 / 3-degree Gauss-Kruger zone 36 (EPSG:4524), no .prj."""
+    to_gk = Transformer.from_crs("EPSG:4326", "EPSG:4524", always_xy=True)
+    lons = [centre[0] + i * 0.003 for i in range(3)]
+    xs, ys = to_gk.transform(lons, [centre[1]] * 3)
+    frame = gpd.GeoDataFrame({"name": ["甲", "乙", "丙"]}, geometry=gpd.points_from_xy(xs, ys),
+                             crs="EPSG:4524")
+    folder.mkdir(parents=True, exist_ok=True)
+    frame.to_file(folder / "survey.shp", engine="pyogrio", encoding="UTF-8")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for part in folder.iterdir():
+            if part.suffix != ".prj":
+                archive.write(part, part.name)
+    return buffer.getvalue()
+
+
+def test_missing_crs_is_asked_for_and_the_retry_lands(
+        browser, web_server: LiveServer, engine: Engine, tmp_path: Path):
+    """On a laptop screen: a Shapefile without .prj fails, the page asks for the CRS,
+    the retry with EPSG:4524 publishes the points where they belong."""
+    centre = _street_centre(engine, 5)
+    upload = tmp_path / "survey.zip"
+    upload.write_bytes(_shapefile_without_prj(tmp_path / "shp", centre))
+    context = browser.new_context(viewport=LAPTOP, locale="zh-CN")
+    map_page = MapPage(context.new_page(), web_server.url)
+    try:
+        map_page.open("#/upload")
+        page = map_page.page
+        page.locator("#upload-file").set_input_files(str(upload))
+        page.locator("#upload-title").fill("Web test survey")
+        page.locator("#upload-key").fill(EDITOR_KEY)
+        page.locator("#upload-submit").click()
+        prompt = page.locator("#crs-prompt")
+        prompt.wait_for(state="visible", timeout=60_000)
+        assert page.locator("#upload-status").get_attribute("data-state") == "failed"
+        assert ".prj" in page.locator("#upload-reasons").inner_text()
+        assert prompt.is_visible() and page.locator("#crs-prompt-retry").is_visible()
+        map_page.screenshot("laptop-crs-prompt.png")
+        page.locator("#crs-prompt-select").select_option("EPSG:4524")
+        page.locator("#crs-prompt-retry").click()
+        page.wait_for_function("document.getElementById('upload-status').dataset.state "
+                               "=== 'succeeded'", timeout=60_000)
+        assert prompt.is_hidden()
+        layer_id = page.locator("#upload-status").get_attribute("data-layer-id")
+        with engine.connect() as conn:
+            lons = conn.execute(text(f'SELECT ST_X(geom) FROM "upload_{layer_id}_v1" '
+                                     "ORDER BY 1")).scalars().all()
+            crs = conn.execute(text("SELECT source_crs FROM layers WHERE id = :id"),
+                               {"id": layer_id}).scalar_one()
+        assert crs == "EPSG:4524"
+        assert [round(lon, 6) for lon in lons] == [round(centre[0] + i * 0.003, 6)
+                                                   for i in range(3)]
+        page.locator("#upload-show").click()
+        page.wait_for_function("!location.hash.startsWith('#/upload')")
+        map_page.idle()
+        drawn = page.evaluate(f"window.__twinMap.queryRenderedFeatures("
+                              f"{{layers: ['collection-{layer_id}-circle']}}).length")
+        assert drawn == 3
+        map_page.screenshot("laptop-uploaded-layer.png")
+        assert map_page.errors == []
+    finally:
+        context.close()

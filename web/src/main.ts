@@ -4,7 +4,9 @@ import type * as maplibregl from "maplibre-gl";
 import { type Collection, getJson, type Sector } from "./api";
 import { Card } from "./card";
 import { applyStatic, lang, onLangChange, setLang, t } from "./i18n";
-import { createMap, levelColours, RISK_POINTS_LAYER, setVisible } from "./map";
+import {
+  createMap, type LayerFacts, levelColours, RISK_POINTS_LAYER, setVisible,
+} from "./map";
 import { LayerPanel } from "./panel";
 import { PipePanel } from "./pipes";
 import { StatsStrip } from "./stats";
@@ -23,8 +25,12 @@ const HIT_PX = 6;
 const BUILDINGS_LAYER = "buildings-3d";
 
 async function loadCollections(panel: LayerPanel): Promise<Collection[]> {
-  const { collections } = await getJson<{ collections: Collection[] }>("/collections");
-  panel.setCollections(collections);
+  const [{ collections }, facts] = await Promise.all([
+    getJson<{ collections: Collection[] }>("/collections"),
+    // DEM flags and 3D anchors; the map still works (without them) if /layers is refused.
+    getJson<{ layers: LayerFacts[] }>("/layers").then((answer) => answer.layers, () => []),
+  ]);
+  panel.setCollections(collections, facts);
   return collections;
 }
 
@@ -98,6 +104,9 @@ async function main(): Promise<void> {
     collections = await loadCollections(panel);
     panel.showCollection(layerId);
     location.hash = "#/";
+    // Show the map (and let it measure its container) now, not on the later hashchange:
+    // fitBounds needs the visible size.
+    route();
     const published = collections.find((c) => c.id === layerId);
     const bbox = published?.extent.spatial.bbox[0];
     if (bbox) map.fitBounds([[bbox[0], bbox[1]], [bbox[2], bbox[3]]], { padding: 80, maxZoom: 15 });

@@ -82,11 +82,33 @@ export function setOverlay(map: maplibregl.Map, source: string,
     { type: "FeatureCollection", features });
 }
 
-/** A published collection the style does not draw, as a client-side layer over its tiles. */
-export function addCollectionLayer(map: maplibregl.Map, collection: Collection,
-                                   index: number): string[] {
+/** What GET /layers adds to a collection: kind-specific facts (3D anchor, DEM flag). */
+export interface LayerFacts {
+  id: string;
+  meta?: {
+    dem?: boolean;
+    anchor?: { lon: number; lat: number; height: number };
+    heading?: number;
+    cim_level?: number;
+  };
+}
+
+// 3D layers are drawn as a marker at the model's anchor (name and CIM level); a glTF
+// renderer would need three.js as a MapLibre custom layer, more than a wall map needs yet.
+const modelMarkers = new Map<string, maplibregl.Marker>();
+
+/** A published collection the style does not draw: vector tiles, raster tiles (a DEM also
+ *  hillshaded) or a 3D model's anchor. Hidden until switched on. */
+export function addCollectionLayer(map: maplibregl.Map, collection: Collection, index: number,
+                                   facts?: LayerFacts): void {
+  if (collection.kind === "raster") addRasterLayer(map, collection, facts);
+  else if (collection.kind === "3d") addModelMarker(collection, facts);
+  else addVectorLayer(map, collection, index);
+}
+
+function addVectorLayer(map: maplibregl.Map, collection: Collection, index: number): void {
   const source = `collection-${collection.id}`;
-  if (map.getSource(source)) return layerIdsOf(collection.id);
+  if (map.getSource(source)) return;
   map.addSource(source, { type: "vector", url: `/tiles/${collection.id}/tilejson.json` });
   const colour = collection.id === "supply_depots" ? OVERLAY.depot
     : EXTRA_PALETTE[index % EXTRA_PALETTE.length];
@@ -106,12 +128,67 @@ export function addCollectionLayer(map: maplibregl.Map, collection: Collection,
       paint: { "fill-color": colour, "fill-opacity": 0.35, "fill-outline-color": colour } },
       before);
   }
-  return layerIdsOf(collection.id);
+}
+
+/** Raster tiles (twin/api/routes/raster.py: TileJSON at raster-tilejson.json) under the
+ *  boundaries and points; a DEM also as a hillshade from its Terrarium elevation tiles. */
+function addRasterLayer(map: maplibregl.Map, collection: Collection, facts?: LayerFacts): void {
+  const source = `collection-${collection.id}`;
+  if (map.getSource(source)) return;
+  const tileJson = `/tiles/${collection.id}/raster-tilejson.json`;
+  const below = map.getStyle().layers.find((layer) => layer.type !== "background")?.id;
+  map.addSource(source, { type: "raster", url: tileJson, tileSize: 256 });
+  map.addLayer({ id: `${source}-raster`, type: "raster", source,
+    layout: { visibility: "none" }, paint: { "raster-opacity": 0.8 } }, below);
+  if (facts?.meta?.dem) {
+    map.addSource(`${source}-dem`, { type: "raster-dem", url: `${tileJson}?terrain=terrarium`,
+      encoding: "terrarium", tileSize: 256 });
+    map.addLayer({ id: `${source}-hillshade`, type: "hillshade", source: `${source}-dem`,
+      layout: { visibility: "none" }, paint: { "hillshade-exaggeration": 0.6 } }, below);
+  }
+}
+
+function addModelMarker(collection: Collection, facts?: LayerFacts): void {
+  const anchor = facts?.meta?.anchor;
+  if (!anchor || modelMarkers.has(collection.id)) return;
+  const element = document.createElement("div");
+  element.className = "model-marker";
+  element.dataset.layerId = collection.id;
+  const icon = document.createElement("span");
+  icon.className = "model-icon";
+  icon.textContent = "▲";
+  icon.style.transform = `rotate(${facts?.meta?.heading ?? 0}deg)`;
+  const label = document.createElement("span");
+  label.className = "model-label";
+  element.append(icon, label);
+  modelMarkers.set(collection.id, new maplibregl.Marker({ element, anchor: "bottom" })
+    .setLngLat([anchor.lon, anchor.lat]));
+  labelModel(collection, facts);
+}
+
+/** The marker's text: the model's title and CIM level (kept in step with the language). */
+export function labelModel(collection: Collection, facts?: LayerFacts, title?: string): void {
+  const marker = modelMarkers.get(collection.id);
+  const label = marker?.getElement().querySelector(".model-label");
+  if (!label) return;
+  const level = facts?.meta?.cim_level;
+  label.textContent = `${title ?? collection.title}${level ? ` · CIM${level}` : ""}`;
+}
+
+/** Show or hide everything drawn for a collection added by addCollectionLayer. */
+export function setCollectionVisible(map: maplibregl.Map, collectionId: string,
+                                     visible: boolean): void {
+  const marker = modelMarkers.get(collectionId);
+  if (marker) {
+    if (visible) marker.addTo(map);
+    else marker.remove();
+  }
+  setVisible(map, layerIdsOf(collectionId), visible);
 }
 
 function layerIdsOf(collectionId: string): string[] {
   const prefix = `collection-${collectionId}-`;
-  return ["circle", "line", "fill"].map((kind) => prefix + kind);
+  return ["circle", "line", "fill", "raster", "hillshade"].map((kind) => prefix + kind);
 }
 
 export function setVisible(map: maplibregl.Map, layerIds: string[], visible: boolean): void {

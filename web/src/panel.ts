@@ -4,7 +4,10 @@
 import type * as maplibregl from "maplibre-gl";
 import type { Collection, Sector } from "./api";
 import { lang, named, t } from "./i18n";
-import { addCollectionLayer, filterRiskTiles, setVisible, STYLED_COLLECTIONS } from "./map";
+import {
+  addCollectionLayer, filterRiskTiles, labelModel, type LayerFacts, setCollectionVisible,
+  setVisible, STYLED_COLLECTIONS,
+} from "./map";
 
 export const LEVELS = [1, 2, 3, 4];
 
@@ -29,6 +32,7 @@ export interface FilterState {
 export class LayerPanel {
   readonly filters: FilterState;
   private extra: Collection[] = [];
+  private facts = new Map<string, LayerFacts>();
   private shown = new Map<string, boolean>();
   private changeListeners: Array<() => void> = [];
 
@@ -42,22 +46,23 @@ export class LayerPanel {
     this.changeListeners.push(listener);
   }
 
-  /** Every published collection the style does not draw; uploads appear here automatically. */
-  setCollections(collections: Collection[]): void {
-    this.extra = collections.filter((c) => c.kind === "vector" && !STYLED_COLLECTIONS.has(c.id));
+  /** Every published collection the style does not draw (vector, raster and 3D); uploads
+   *  appear here automatically. ``facts``: GET /layers' DEM flags and 3D anchors. */
+  setCollections(collections: Collection[], facts: LayerFacts[] = []): void {
+    for (const fact of facts) this.facts.set(fact.id, fact);
+    this.extra = collections.filter((c) => !STYLED_COLLECTIONS.has(c.id));
     this.extra.forEach((collection, index) => {
-      const ids = addCollectionLayer(this.map, collection, index);
+      addCollectionLayer(this.map, collection, index, this.facts.get(collection.id));
       const key = `collection:${collection.id}`;
       if (!this.shown.has(key)) this.shown.set(key, collection.id === "supply_depots");
-      setVisible(this.map, ids, this.shown.get(key)!);
+      setCollectionVisible(this.map, collection.id, this.shown.get(key)!);
     });
     this.render();
   }
 
   showCollection(id: string): void {
     this.shown.set(`collection:${id}`, true);
-    setVisible(this.map, [`collection-${id}-circle`, `collection-${id}-line`,
-      `collection-${id}-fill`], true);
+    setCollectionVisible(this.map, id, true);
     this.render();
   }
 
@@ -97,13 +102,15 @@ export class LayerPanel {
     for (const collection of this.extra) {
       const key = `collection:${collection.id}`;
       const title = lang() === "zh" ? collection.title : collection.title_en;
-      const mark = collection.origin && collection.origin !== "builtin"
-        ? ` (${t("layers.uploaded")})` : "";
+      labelModel(collection, this.facts.get(collection.id), title);
+      const marks = [collection.kind !== "vector" ? t(`kind.${collection.kind}`) : "",
+        collection.origin && collection.origin !== "builtin" ? t("layers.uploaded") : ""]
+        .filter(Boolean);
+      const mark = marks.length ? ` (${marks.join(", ")})` : "";
       items.push(checkbox(`layer-${collection.id}`, title + mark, this.shown.get(key)!, (on) => {
         this.shown.set(key, on);
-        setVisible(this.map, [`collection-${collection.id}-circle`,
-          `collection-${collection.id}-line`, `collection-${collection.id}-fill`], on);
-      }, { collection: collection.id }));
+        setCollectionVisible(this.map, collection.id, on);
+      }, { collection: collection.id, kind: collection.kind }));
     }
     box.replaceChildren(...items);
   }

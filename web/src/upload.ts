@@ -1,5 +1,6 @@
 // The upload page for GIS staff: send a file (POST /layers, bearer key of role gis-editor),
-// follow its job (GET /jobs/{id}) on a progress bar, then show the layer or the reasons.
+// follow its job (GET /jobs/{id}) on a progress bar, then show the layer or the reasons. When
+// the file names no CRS (the job report says it needs source_crs), ask for one and retry.
 
 import { ApiError, getJson } from "./api";
 import { t } from "./i18n";
@@ -11,6 +12,7 @@ export interface Job {
   progress: number;
   step: string;
   reasons: Array<string | Record<string, unknown>>;
+  report?: { needs?: string[] };
 }
 
 const POLL_MS = 400;
@@ -29,6 +31,22 @@ export class UploadPage {
     document.getElementById("upload-show")!.addEventListener("click", () => {
       if (this.lastJob) this.onPublished(this.lastJob.layer_id);
     });
+    document.getElementById("crs-prompt-retry")!.addEventListener("click", () => {
+      const chosen = (document.getElementById("crs-prompt-select") as HTMLSelectElement).value;
+      (document.getElementById("upload-crs") as HTMLSelectElement).value = chosen;
+      void this.submit();
+    });
+  }
+
+  /** The CRS question, with the form's list of CRSs (all but "detect from the file"). */
+  private askForCrs(): void {
+    const choices = [...(document.getElementById("upload-crs") as HTMLSelectElement).options]
+      .filter((option) => option.value)
+      .map((option) => new Option(option.text, option.value));
+    const select = document.getElementById("crs-prompt-select") as HTMLSelectElement;
+    select.replaceChildren(...choices);
+    document.getElementById("crs-prompt")!.hidden = false;
+    select.focus();
   }
 
   private async submit(): Promise<void> {
@@ -73,6 +91,7 @@ export class UploadPage {
       failed: !done });
     const showButton = document.getElementById("upload-show")!;
     showButton.hidden = !done;
+    if (!done && job.report?.needs?.includes("source_crs")) this.askForCrs();
     const box = document.getElementById("upload-status")!;
     box.dataset.state = job.state;
     box.dataset.layerId = job.layer_id;
@@ -95,5 +114,6 @@ export class UploadPage {
       return item;
     }));
     document.getElementById("upload-show")!.hidden = true;
+    document.getElementById("crs-prompt")!.hidden = true;
   }
 }
