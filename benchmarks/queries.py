@@ -52,7 +52,8 @@ TARGETS_MS = {"locate": 5, "nearest (distance)": 5, "nearest (road)": 100,
 def twin_server(url: str):
     """twin under uvicorn (one worker) on a free loopback port; yields its base URL."""
     argv = [sys.executable, "-m", "uvicorn", "twin.api.app:create_app", "--factory"]
-    return serving("twin", argv, {**os.environ, "TWIN_DATABASE_URL": url}, "/healthz", ROOT)
+    env = {**os.environ, "TWIN_DATABASE_URL": url, "TWIN_AUTH_ANONYMOUS_ROLE": "planner"}
+    return serving("twin", argv, env, "/healthz", ROOT)
 
 
 def central_points(url: str, n: int, seed: int) -> list[tuple[float, float]]:
