@@ -123,7 +123,9 @@ def run_job(engine: Engine, settings: Settings, job_id: str) -> bool:
             folder.mkdir(parents=True)
             built = _build(conn, engine, settings, dict(job), version, folder)
             _set(engine, job_id, progress=95, step="publishing")
-            publish(conn, built, job["params"].get("title"), job["action"] == "create")
+            publish(conn, built, job["params"].get("title"), job["action"] == "create",
+                    owner_scope=job["params"].get("_owner_scope"),
+                    shared=job["params"].get("_shared", True))
             conn.execute(text(
                 "UPDATE upload_jobs SET state = 'succeeded', progress = 100, step = 'published', "
                 "report = CAST(:report AS jsonb), version = :version, updated_at = now() "

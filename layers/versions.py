@@ -82,10 +82,11 @@ _INSERT_VERSION = text("""
 _CREATE_LAYER = text("""
     INSERT INTO layers (id, title_zh, title_en, kind, geometry_type, source_table, fields, bbox,
                         source_crs, source_datum, file_path, min_zoom, max_zoom, origin,
-                        current_version, uploaded_by, meta)
+                        current_version, uploaded_by, meta, owner_scope, shared)
     VALUES (:layer_id, :title, :title, :kind, :geometry_type, :table_name,
             CAST(:fields AS jsonb), :bbox, :source_crs_name, :source_datum, :file_path, 0,
-            :max_zoom, 'upload', :version, :created_by, CAST(:meta AS jsonb))
+            :max_zoom, 'upload', :version, :created_by, CAST(:meta AS jsonb), :owner_scope,
+            :shared)
 """)
 
 # Points the layer at one of its versions; the data version moves on, so every cached tile
@@ -103,9 +104,15 @@ _POINT_AT_VERSION = text("""
 """)
 
 
-def publish(conn: Connection, version: Version, title: str | None, create: bool) -> None:
-    """Record ``version`` and make it the layer's published one (``create``: a new layer)."""
-    params = {**version.__dict__, "title": title,
+def publish(conn: Connection, version: Version, title: str | None, create: bool,
+            owner_scope: str | None = None, shared: bool = True) -> None:
+    """Record ``version`` and make it the layer's published one (``create``: a new layer).
+
+    A new layer belongs to its uploader's scope (``Scope.key``; None for the city); unless
+    ``shared`` it is only visible to principals whose scope overlaps that one. A new version
+    keeps the layer's owner.
+    """
+    params = {**version.__dict__, "title": title, "owner_scope": owner_scope, "shared": shared,
               "fields": json.dumps(version.fields, ensure_ascii=False),
               "meta": json.dumps(version.meta, ensure_ascii=False),
               "report": json.dumps(version.report, ensure_ascii=False)}

@@ -10,6 +10,7 @@ Yubei (a district that touches it), to show that neighbours see nothing of each 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from sqlalchemy import Engine
 
 from tests.conftest import LiveServer
 from twin.auth import CITY, Scope, parse_scope
-from twin.settings import AuthSettings, Settings
+from twin.settings import AuthSettings, Settings, UploadSettings
 
 WEB_MERCATOR = morecantile.tms.get("WebMercatorQuad")
 GEOD = Geod(ellps="WGS84")
@@ -285,6 +286,45 @@ def test_an_unshared_upload_is_seen_only_where_jurisdictions_overlap(upload_api:
         get(api, who, f"/layers/{unshared_upload}", status)
         get(api, who, f"/collections/{unshared_upload}/items", status)
         get(api, who, f"/tiles/{unshared_upload}/10/843/421.mvt", status)
+
+
+
+@pytest.fixture()
+def district_editor_api(engine: Engine, database_url: str, neighbour: str,
+                        tmp_path: Path) -> Iterator[Client]:
+    settings = scoped_settings(database_url, neighbour)
+    keys = {**settings.auth.keys,
+            "scope-editor-key-0123456789": f"gis-editor:district-editor:district={DISTRICT}"}
+    settings = settings.model_copy(update={
+        "auth": AuthSettings(keys=keys), "uploads": UploadSettings(dir=tmp_path / "uploads")})
+    with LiveServer(settings) as live, Client(base_url=live.url, timeout=60) as client:
+        yield client
+
+
+def test_a_district_upload_belongs_to_the_district(district_editor_api: Client, engine: Engine):
+    """Uploaded through the API (not written by hand): the uploader's scope is recorded."""
+    api, layer_id = district_editor_api, "district_upload_scope_test"
+    editor = {"Authorization": "Bearer scope-editor-key-0123456789"}
+    body = ('{"type": "FeatureCollection", "features": [{"type": "Feature", '
+            '"properties": {"name": "in Yubei"}, '
+            '"geometry": {"type": "Point", "coordinates": [106.63, 29.72]}}]}')
+    response = api.post("/layers", files={"file": ("yubei.geojson", body.encode())},
+                        data={"title": "Yubei only", "id": layer_id}, headers=editor)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    for _ in range(600):
+        job = api.get(f"/jobs/{job['id']}", headers=editor).json()
+        if job["state"] in ("succeeded", "failed"):
+            break
+        time.sleep(0.1)
+    assert job["state"] == "succeeded", job
+    try:
+        for who, visible in {"city": True, "district": True, "neighbour": False}.items():
+            listed = {c["id"] for c in get(api, who, "/collections").json()["collections"]}
+            assert (layer_id in listed) is visible, who
+            get(api, who, f"/collections/{layer_id}/items", 200 if visible else 404)
+    finally:
+        api.delete(f"/layers/{layer_id}", headers=editor)
 
 
 # --- tiles -------------------------------------------------------------------------------

@@ -70,6 +70,8 @@ async def _start_job(request: Request, conn: ConnDep, settings: Settings, who: P
     if kind is not None and params["_kind"] != kind:
         raise InvalidParameter(f"file: layer '{layer_id}' is a {kind} layer; a new version "
                                f"must be {kind} too, got a {params['_kind']} file")
+    # A layer is seen where its uploader's jurisdiction reaches; a city upload by everyone.
+    params |= {"_owner_scope": who.scope.key, "_shared": who.scope.is_city}
     await create_job(conn, job_id, layer_id, action, upload.file_name, params, who.name)
     request.app.state.upload_jobs.submit(job_id, layer_id)
     document = await job_document(conn, job_id)
