@@ -13,7 +13,7 @@ access on, as ``make run``'s demo has it. ``--url`` drives a server already runn
 (``make run``'s). The workload only reads.
 
 ``--clients`` clients (spread over ``--processes`` client processes, each one asyncio loop
-with httpx, since one Python process cannot drive 200 clients on two cores by itself) send
+with a bare keep-alive HTTP client, benchmarks/bare_http.py) send
 requests back to back for ``--duration`` seconds, each picked at random (fixed seed) from the
 mix in ``MIX``: vector tiles of the style's sources at zooms 6-16 (70 % over the central
 districts, the rest anywhere in the municipality; a fixed pool of tiles, so screens share
@@ -53,13 +53,14 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode
 
-import httpx
 import morecantile
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bare_http import HttpConnection  # noqa: E402
 from benchmarks.serving import serving  # noqa: E402
 from twin.cluster import ManagedCluster  # noqa: E402
 from twin.db import database_url  # noqa: E402
@@ -121,33 +122,43 @@ def next_request(rng: random.Random, tiles: list[str]) -> tuple[str, str, dict]:
         "bbox": f"{lon - 0.01},{lat - 0.01},{lon + 0.01},{lat + 0.01}", "limit": 100}
 
 
-async def client_loop(client: httpx.AsyncClient, rng: random.Random, tiles: list[str],
-                      until: float, outcomes: list[Outcome]) -> None:
-    while time.monotonic() < until:
-        kind, path, params = next_request(rng, tiles)
-        started = time.monotonic()
-        try:
-            response = await client.get(path, params=params)
-            status, retry, error = (response.status_code, "retry-after" in response.headers,
-                                    "")
-        except httpx.HTTPError as exc:
-            status, retry, error = -1, False, f"{type(exc).__name__}: {exc}"[:80]
-        outcomes.append(Outcome(kind, started, time.monotonic(), status, retry, error))
-        if status == 503:
-            await asyncio.sleep(RETRY_SOON_S)
+async def client_loop(base: str, rng: random.Random, tiles: list[str], until: float,
+                      timeout: float, outcomes: list[Outcome]) -> None:
+    """One screen: a keep-alive connection, one request at a time, until ``until``.
+
+    The bare client (benchmarks/bare_http.py) costs tens of microseconds a request where
+    httpx costs over a millisecond; with 200 clients on 2 cores, httpx took more CPU than
+    the server under test.
+    """
+    host, port = base.removeprefix("http://").split(":")
+    connection = HttpConnection(host, int(port), "gzip")
+    try:
+        while time.monotonic() < until:
+            kind, path, params = next_request(rng, tiles)
+            if params:
+                path += "?" + urlencode(params)
+            started = time.monotonic()
+            try:
+                status, headers, _ = await asyncio.wait_for(connection.request(path), timeout)
+                retry, error = "retry-after" in headers, ""
+            except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+                status, retry, error = -1, False, f"{type(exc).__name__}: {exc}"[:80]
+                await connection.close()
+            outcomes.append(Outcome(kind, started, time.monotonic(), status, retry, error))
+            if status == 503:
+                await asyncio.sleep(RETRY_SOON_S)
+    finally:
+        await connection.close()
 
 
 async def drive(base: str, clients: int, seed: int, start_at: float, until: float,
                 timeout: float) -> list[Outcome]:
     rng = random.Random(SEED)
     tiles = tile_pool(rng)
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     outcomes: list[Outcome] = []
-    async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits,
-                                 headers={"Accept-Encoding": "gzip"}) as client:
-        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
-        await asyncio.gather(*(client_loop(client, random.Random(seed * 1000 + i), tiles,
-                                           until, outcomes) for i in range(clients)))
+    await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+    await asyncio.gather(*(client_loop(base, random.Random(seed * 1000 + i), tiles, until,
+                                       timeout, outcomes) for i in range(clients)))
     return outcomes
 
 
