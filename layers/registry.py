@@ -8,6 +8,7 @@ published, never per request; only the cheap ``data_version`` column is read per
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,6 +164,21 @@ class LayerRegistry:
         except KeyError:
             known = ", ".join(sorted(self._layers))
             raise NotFound(f"unknown layer '{layer_id}'; available layers: {known}") from None
+
+    def is_stale_for(self, layer_ids: Sequence[str], versions: dict[str, int]) -> bool:
+        """Whether a requested layer was published (or published anew) since this registry
+        was resolved: by another worker process, whose publish refreshes only its own.
+
+        Only ids the database knows count, so asking for unknown layers never reloads anything.
+        """
+        for layer_id in layer_ids:
+            if layer_id not in versions:
+                continue
+            layer = self._layers.get(layer_id)
+            if layer is None or (layer.origin == "upload"
+                                 and versions[layer_id] != layer.data_version):
+                return True
+        return False
 
     async def data_versions(self, conn: AsyncConnection) -> dict[str, int]:
         rows = await conn.execute(text("SELECT id, data_version FROM layers"))

@@ -7,6 +7,12 @@ import pandas as pd
 from sqlalchemy import Engine, text
 
 
+def road_nodes(engine: Engine) -> pd.DataFrame:
+    """Every road node's id, lon and lat, by id."""
+    return pd.read_sql(text("SELECT id, ST_X(geom) AS lon, ST_Y(geom) AS lat FROM road_nodes "
+                            "ORDER BY id"), engine)
+
+
 def drive_graph(engine: Engine) -> nx.DiGraph:
     """The road graph as driven: u->v costs cost_s, v->u reverse_cost_s (< 0: closed).
 

@@ -19,6 +19,7 @@ from httpx import Client
 from pyproj import Geod
 from sqlalchemy import Engine, text
 
+from tests import oracles
 from tests.oracles import drive_graph
 from twin.models import TEAM_TYPES
 from twin.queries.routing import MAX_MINUTES, SNAP_SPEED_KMH
@@ -48,8 +49,7 @@ def nearest_nodes(lon: np.ndarray, lat: np.ndarray, nodes: pd.DataFrame):
 
 @pytest.fixture(scope="module")
 def sample(engine: Engine) -> dict:
-    nodes = pd.read_sql(text("SELECT id, ST_X(geom) AS lon, ST_Y(geom) AS lat FROM road_nodes "
-                             "ORDER BY id"), engine)
+    nodes = oracles.road_nodes(engine)
     points = pd.read_sql(text("SELECT id, level, left(grid_code, 6) AS district, "
                               "ST_X(geom) AS lon, ST_Y(geom) AS lat FROM risk_points "
                               "ORDER BY id"), engine)

@@ -23,6 +23,7 @@ from pyproj import Geod, Transformer
 from shapely.ops import substring
 from sqlalchemy import Engine, text
 
+from tests import oracles
 from tests.oracles import drive_graph
 from twin.queries.reach import MAX_REACH_MINUTES, ROADSIDE_M
 from twin.queries.routing import SNAP_SPEED_KMH
@@ -46,8 +47,7 @@ def outward_graph(engine: Engine) -> nx.DiGraph:
 
 @pytest.fixture(scope="module")
 def nodes(engine: Engine) -> pd.DataFrame:
-    return pd.read_sql(text("SELECT id, ST_X(geom) AS lon, ST_Y(geom) AS lat FROM road_nodes "
-                            "ORDER BY id"), engine).set_index("id", drop=False)
+    return oracles.road_nodes(engine).set_index("id", drop=False)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from httpx import Client
 from pyproj import Geod
 from sqlalchemy import Engine, text
 
+from tests import oracles
 from tests.oracles import drive_graph
 from twin.queries.routing import SNAP_SPEED_KMH
 
@@ -30,8 +31,7 @@ def road_graph(engine: Engine) -> nx.DiGraph:
 
 @pytest.fixture(scope="module")
 def road_nodes(engine: Engine) -> pd.DataFrame:
-    return pd.read_sql(text("SELECT id, ST_X(geom) AS lon, ST_Y(geom) AS lat FROM road_nodes "
-                            "ORDER BY id"), engine)
+    return oracles.road_nodes(engine)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ from httpx import Client
 from pyproj import Geod
 from sqlalchemy import Engine, text
 
+from tests import oracles
+
 GEOD = Geod(ellps="WGS84")
 TEAM_TYPE = "medical"
 # Offsets (degrees) of the new team from the incident, tried in turn until one is clear of
@@ -32,8 +34,7 @@ def metres(lon, lat, lons, lats) -> np.ndarray:
 
 
 def _layout(engine: Engine) -> dict:
-    nodes = pd.read_sql(text("SELECT id, ST_X(geom) AS lon, ST_Y(geom) AS lat FROM road_nodes "
-                             "ORDER BY id"), engine)
+    nodes = oracles.road_nodes(engine)
     teams = pd.read_sql(text("SELECT ST_X(geom) AS lon, ST_Y(geom) AS lat FROM response_teams"),
                         engine)
     incident = nodes.iloc[int(np.argmin(metres(106.55, 29.56, nodes["lon"], nodes["lat"])))]

@@ -20,9 +20,9 @@ import psycopg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from layers.registry import Layer, LayerRegistry
+from layers.registry import Layer
 from tiles.vector import TileOptions, VectorTile, render_tile
-from twin.errors import DatabaseUnavailable, NotFound
+from twin.errors import DatabaseUnavailable
 from twin.settings import TilesSettings
 
 GZIP_LEVEL = 6
@@ -207,25 +207,6 @@ def tile_versions(layers: Sequence[Layer], versions: dict[str, int]) -> dict[str
     """
     return {layer.id: layer.data_version if layer.origin == "upload"
             else versions.get(layer.id, 0) for layer in layers}
-
-
-def registry_is_stale(registry: LayerRegistry, layer_ids: Sequence[str],
-                      versions: dict[str, int]) -> bool:
-    """Whether a requested layer was published (or published anew) since the registry was
-    resolved: by another worker process, whose publish refreshes only its own registry.
-
-    Only ids the database knows count, so asking for unknown layers never reloads anything.
-    """
-    for layer_id in layer_ids:
-        if layer_id not in versions:
-            continue
-        try:
-            layer = registry.get(layer_id)
-        except NotFound:
-            return True
-        if layer.origin == "upload" and versions[layer_id] != layer.data_version:
-            return True
-    return False
 
 
 async def cached_tile(versions: dict[str, int], connect: Callable[..., Awaitable[AsyncConnection]],

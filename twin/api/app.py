@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -54,6 +55,15 @@ class RegistryCache:
                     async with self._engine.connect() as conn:
                         self._registry = await LayerRegistry.load(conn)
         return self._registry
+
+    async def current(self, layer_ids: Sequence[str], versions: dict[str, int]) -> LayerRegistry:
+        """The registry, resolved again first if ``versions`` show that another process
+        published one of ``layer_ids`` since it was resolved."""
+        registry = await self()
+        if registry.is_stale_for(layer_ids, versions):
+            self.invalidate()
+            registry = await self()
+        return registry
 
     def invalidate(self) -> None:
         self._registry = None

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tiles import metadata
-from tiles.cache import cached_tile, registry_is_stale
+from tiles.cache import cached_tile
 from tiles.filters import parse_filters
 from tiles.grid import tile_address, tile_matrix_set
 from tiles.style import risk_map_style
@@ -79,10 +79,7 @@ async def _tile_response(request: Request, layer_ids: Sequence[str], z: int, x: 
     state = request.app.state
     tile = tile_address(z, x, y)
     versions = await state.tile_versions.read()
-    registry = await state.registry()
-    if registry_is_stale(registry, layer_ids, versions):
-        state.registry.invalidate()
-        registry = await state.registry()
+    registry = await state.registry.current(layer_ids, versions)
     # Only what lies in the caller's jurisdiction; the cache keeps each scope's tiles apart.
     layers = [visible_layer(scope, registry.get(layer_id)) for layer_id in layer_ids]
     settings = state.settings.tiles
