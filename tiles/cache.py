@@ -21,6 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from layers.registry import Layer
+from tiles.sql import ConnectionLost
 from tiles.vector import TileOptions, VectorTile, render_tile
 from twin.errors import DatabaseUnavailable
 from twin.settings import TilesSettings
@@ -103,7 +104,8 @@ def tile_key(layers: Sequence[Layer], tile: morecantile.Tile, options: TileOptio
     return (tuple(layer.id for layer in layers), tile.z, tile.x, tile.y,
             options.filters.sectors, options.filters.levels, options.filters.cql,
             options.aggregate, options.aggregate_below, options.feature_cap,
-            options.detail_cap, options.point_cap, scope,
+            options.detail_cap, options.point_cap, options.stored_counts, options.sectors,
+            scope,
             tuple(versions.get(layer.id, 0) for layer in layers))
 
 
@@ -225,10 +227,10 @@ async def cached_tile(versions: dict[str, int], connect: Callable[..., Awaitable
         return found
     try:
         built = await render_tile(await connect(), layers, tile, options)
-    except DBAPIError as error:
+    except (DBAPIError, ConnectionLost) as error:
         # The tile pool skips the pre-ping round trip: a connection the database dropped (a
         # restart) fails here once, and the tile is built again on a fresh one.
-        if not error.connection_invalidated:
+        if isinstance(error, DBAPIError) and not error.connection_invalidated:
             raise
         built = await render_tile(await connect(fresh=True), layers, tile, options)
     made = CachedTile(etag_of(key), built)

@@ -12,6 +12,7 @@ scope separately (``tiles.cache.tile_key``).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import text
@@ -63,20 +64,45 @@ def _split(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
-async def parse_filters(conn: AsyncConnection | None, sector: str | None, level: str | None,
-                        cql: str | None = None, scope: Scope = CITY) -> TileFilters:
-    """Comma lists from the query string, checked against the sectors table and levels 1-4
-    (``conn`` is needed only when ``sector`` is given).
+class SectorCodes:
+    """The sector codes (the ``sectors`` table), read once per process: reference data that
+    ``sector=`` is checked against and hexagons are counted by. Read again when a client
+    names a sector not known yet (one added since)."""
+
+    def __init__(self) -> None:
+        self._codes: tuple[str, ...] | None = None
+
+    async def get(self, connect: Callable[[], Awaitable[AsyncConnection]],
+                  refresh: bool = False) -> tuple[str, ...]:
+        if self._codes is None or refresh:
+            conn = await connect()
+            self._codes = tuple((await conn.execute(_SECTOR_CODES)).scalars().all())
+        return self._codes
+
+
+async def read_filters(codes: SectorCodes, connect: Callable[[], Awaitable[AsyncConnection]],
+                       sector: str | None, level: str | None, cql: str | None = None,
+                       scope: Scope = CITY) -> TileFilters:
+    """``parse_filters`` against the sector codes, read again if ``sector`` names one that
+    is not among them (``connect`` is called only when the codes are read)."""
+    known = await codes.get(connect)
+    if set(_split(sector)) - set(known):
+        known = await codes.get(connect, refresh=True)
+    return parse_filters(known, sector, level, cql, scope)
+
+
+def parse_filters(known: Sequence[str], sector: str | None, level: str | None,
+                  cql: str | None = None, scope: Scope = CITY) -> TileFilters:
+    """Comma lists from the query string, checked against the ``known`` sector codes and
+    levels 1-4.
 
     The CQL2 filter is checked against each layer's fields when the tile is built.
     """
     sectors = _split(sector)
-    if sectors:
-        known = (await conn.execute(_SECTOR_CODES)).scalars().all()
-        unknown = sorted(set(sectors) - set(known))
-        if unknown:
-            raise InvalidParameter(f"unknown sector {', '.join(unknown)}; "
-                                   f"known sectors: {', '.join(known)}")
+    unknown = sorted(set(sectors) - set(known))
+    if unknown:
+        raise InvalidParameter(f"unknown sector {', '.join(unknown)}; "
+                               f"known sectors: {', '.join(known)}")
     levels = _split(level)
     bad = [value for value in levels if value not in {str(n) for n in RISK_LEVELS}]
     if bad:

@@ -8,7 +8,6 @@ empty MVT layers, so a client always finds every layer it asked for.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,9 +15,9 @@ import morecantile
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from layers.registry import Layer
-from tiles import hexagons, points
+from tiles import hexagons, outlines, points
 from tiles.filters import TileFilters, cql_sql, filter_sql, quote
-from tiles.sql import sql_text
+from tiles.sql import fetch_row
 from twin.errors import InvalidParameter
 
 EXTENT = 4096
@@ -45,6 +44,11 @@ class TileOptions:
     # Byte budget of risk-point tiles (see tiles.points).
     detail_cap: int = points.DETAIL_CAP
     point_cap: int = points.POINT_CAP
+    # Hexagons from the stored counts where they apply (None), or always from the points
+    # (False: tests compare both; the tile is the same).
+    stored_counts: bool | None = None
+    # The sector codes hexagons count separately (``count_<code>``): the sectors table.
+    sectors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class _LayerPart:
     cte: str
     params: dict
     feature_id: str | None
+    # Hexagon parts also answer which of their cells have no stored outline yet.
+    hexagons: bool = False
 
 
 def feature_id_column(layer: Layer) -> str | None:
@@ -132,41 +138,11 @@ def _features_part(i: int, layer: Layer, z: int, filters: TileFilters) -> _Layer
     return _LayerPart(layer.id, cte, params, feature_id_column(layer))
 
 
-_HEXAGONS = """
-    rows_{i} AS (
-        SELECT * FROM (
-            SELECT ST_AsMVTGeom(ST_Transform(shape.geom, 3857), tile.env, {extent}, {buffer},
-                                true) AS geom,
-                   hex.cell, to_hex(hex.cell) AS h3, hex.count, hex.worst_level,
-                   CAST(:resolution_{i} AS int) AS resolution, hex.centroid_in_tile{sectors}
-              FROM tile, ST_Dump(ST_GeomFromWKB(:shapes_{i}, 4326)) AS shape
-              JOIN json_to_recordset(CAST(:hexagons_{i} AS json))
-                   AS hex(n int, cell bigint, count int, worst_level int,
-                          centroid_in_tile boolean{columns})
-                ON hex.n = shape.path[1]
-        ) AS cut
-         WHERE geom IS NOT NULL
-         LIMIT :cap + 1)
-"""
-
-
-def _hexagons_part(i: int, layer: Layer, z: int, rows: hexagons.HexagonRows) -> _LayerPart:
-    # The cells travel as one JSON array of records (n: the cell's polygon in the shapes):
-    # one text value for psycopg to send, where a dozen arrays cost ~1 ms to dump.
-    sectors = list(rows.sector_counts.items())
-    records = [{"n": k + 1, "cell": cell, "count": rows.counts[k],
-                "worst_level": rows.worst_levels[k], "centroid_in_tile": rows.centroid_in_tile[k],
-                **{f"s{j}": counts[k] for j, (_, counts) in enumerate(sectors)
-                   if counts[k] is not None}}
-               for k, cell in enumerate(rows.cells)]
-    params = {f"resolution_{i}": hexagons.resolution_for_zoom(z), f"shapes_{i}": rows.boundaries,
-              f"hexagons_{i}": json.dumps(records, separators=(",", ":"))}
-    # One count_<sector> column per sector present; NULLs (absent keys) are left out of the MVT.
-    columns = "".join(f", s{j} int" for j in range(len(sectors)))
-    names = "".join(f", hex.s{j} AS {quote('count_' + sector)}"
-                    for j, (sector, _) in enumerate(sectors))
-    cte = _HEXAGONS.format(i=i, extent=EXTENT, buffer=BUFFER, sectors=names, columns=columns)
-    return _LayerPart(layer.id, cte, params, "cell")
+def _hexagons_part(i: int, layer: Layer, tile: morecantile.Tile,
+                   options: TileOptions) -> _LayerPart:
+    ctes, params = hexagons.hexagon_sql(i, layer, tile, options.filters, options.sectors,
+                                        EXTENT, BUFFER, options.stored_counts)
+    return _LayerPart(layer.id, ctes, params, "cell", hexagons=True)
 
 
 def _budgeted_part(i: int, layer: Layer, filters: TileFilters) -> _LayerPart:
@@ -179,11 +155,14 @@ def _composite_query(parts: Sequence[_LayerPart], options: TileOptions) -> tuple
     outputs = ",\n".join(
         f"(SELECT ST_AsMVT(r, :name_{i}, {EXTENT}, 'geom', :fid_{i}) "
         f"FROM (SELECT * FROM rows_{i} LIMIT :cap) AS r) AS mvt_{i}, "
-        f"(SELECT count(*) FROM rows_{i}) AS n_{i}"
-        for i in range(len(parts)))
+        f"(SELECT count(*) FROM rows_{i}) AS n_{i}, "
+        + (f"(SELECT cells FROM missing_{i})" if part.hexagons else "NULL::bigint[]")
+        + f" AS missing_{i}"
+        for i, part in enumerate(parts))
     query = f"""
         WITH tile AS (
             SELECT ST_TileEnvelope(:z, :x, :y) AS env,
+                   ST_TileEnvelope(:z, :x, :y, margin => :margin) AS env_drawn,
                    ST_Transform(ST_TileEnvelope(:z, :x, :y, margin => :margin), 4326) AS env_4326,
                    ST_Transform(ST_TileEnvelope(:z, :x, :y, margin => :ring), 4326) AS ring_4326,
                    CAST(:cell AS float8) AS cell,
@@ -202,29 +181,44 @@ def _composite_query(parts: Sequence[_LayerPart], options: TileOptions) -> tuple
     return query, params
 
 
-async def render_tile(conn: AsyncConnection, layers: Sequence[Layer], tile: morecantile.Tile,
-                      options: TileOptions = TileOptions()) -> VectorTile:
-    """One MVT holding one layer per requested layer, in the order asked."""
-    check_vector_layers(layers, options.filters)
+def _parts(layers: Sequence[Layer], tile: morecantile.Tile,
+           options: TileOptions) -> list[_LayerPart]:
     parts: list[_LayerPart] = []
     for layer in layers:
         if tile.z < layer.min_zoom:
             continue
         i = len(parts)
         if options.aggregate and hexagons.aggregates(layer, tile.z, options.aggregate_below):
-            rows = await hexagons.aggregate(conn, layer, tile, options.filters)
-            parts.append(_hexagons_part(i, layer, tile.z, rows))
+            parts.append(_hexagons_part(i, layer, tile, options))
         elif options.aggregate and points.budgeted(layer):
             parts.append(_budgeted_part(i, layer, options.filters))
         else:
             parts.append(_features_part(i, layer, tile.z, options.filters))
+    return parts
+
+
+async def _run(conn: AsyncConnection, parts: Sequence[_LayerPart], tile: morecantile.Tile,
+               options: TileOptions) -> tuple:
+    query, params = _composite_query(parts, options)
+    width = WEB_MERCATOR_WIDTH_M / 2**tile.z
+    params.update(z=tile.z, x=tile.x, y=tile.y, cell=width * points.CLUSTER_CELL / EXTENT)
+    return await fetch_row(conn, query, params)
+
+
+async def render_tile(conn: AsyncConnection, layers: Sequence[Layer], tile: morecantile.Tile,
+                      options: TileOptions = TileOptions()) -> VectorTile:
+    """One MVT holding one layer per requested layer, in the order asked."""
+    check_vector_layers(layers, options.filters)
+    parts = _parts(layers, tile, options)
     made: dict[str, tuple[bytes, int]] = {}
     if parts:
-        query, params = _composite_query(parts, options)
-        width = WEB_MERCATOR_WIDTH_M / 2**tile.z
-        params.update(z=tile.z, x=tile.x, y=tile.y, cell=width * points.CLUSTER_CELL / EXTENT)
-        row = (await conn.execute(sql_text(query), params)).one()
-        made = {part.name: (bytes(row[2 * i]), row[2 * i + 1]) for i, part in enumerate(parts)}
+        row = await _run(conn, parts, tile, options)
+        missing = {cell for i in range(len(parts)) for cell in row[3 * i + 2] or ()}
+        if missing:
+            # Cells no outline was stored for (points written since): store them, draw again.
+            await outlines.store(conn, missing)
+            row = await _run(conn, parts, tile, options)
+        made = {part.name: (row[3 * i], row[3 * i + 1]) for i, part in enumerate(parts)}
     content, truncated = b"", {}
     for layer in layers:
         mvt, count = made.get(layer.id, (b"", 0))

@@ -168,6 +168,22 @@ class RiskPointH3Count(Base):
     anchor = mapped_column(Geometry("POINT", srid=SRID, spatial_index=False), nullable=False)
 
 
+class H3CellOutline(Base):
+    """An H3 cell's outline and centre in Web Mercator (tiles/outlines.py), so a hexagon
+    tile is drawn by PostGIS alone. Derived and never edited: a cell's shape never changes.
+
+    Not EPSG:4326 like the city model: these exist only to be cut into tiles.
+    """
+
+    __tablename__ = "h3_cell_outlines"
+
+    cell: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    res: Mapped[int] = mapped_column(SmallInteger)
+    outline = mapped_column(Geometry("POLYGON", srid=3857, spatial_index=False), nullable=False)
+    # Decides which tile owns the cell (tiles/hexagons.py).
+    centre = mapped_column(Geometry("POINT", srid=3857, spatial_index=False), nullable=False)
+
+
 class ResponseTeam(Base):
     __tablename__ = "response_teams"
     __table_args__ = (

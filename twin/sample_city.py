@@ -19,12 +19,14 @@ from sqlalchemy import Connection, Engine, text
 
 from data_samples.output import MANIFEST, TABLE_ORDER, file_sha256, read_manifest
 from layers.registry import register_builtin_layers
+from tiles import outlines
 from twin.errors import LoadError
 
 log = logging.getLogger("twin.sample")
 
 DATASET = "sample_city"
 COPY_BLOCK = 1 << 20
+COUNTS_ORDER = Path(__file__).resolve().parent / "sql" / "risk_point_h3_counts_order.sql"
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,10 @@ def load_sample(engine: Engine, sample_dir: Path, verify: bool = True,
         conn.execute(text(f"TRUNCATE {', '.join(TABLE_ORDER)} CASCADE"))
         rows = {table: _copy_table(conn, sample_dir / f"{table}.csv", table)
                 for table in TABLE_ORDER}
+        # The triggers counted the points per H3 cell; hexagon tiles draw those cells and
+        # read their counts in the order of place.
+        outlines.store_missing(conn)
+        conn.execute(text(COUNTS_ORDER.read_text()))
         register_builtin_layers(conn, sample_dir)
         conn.execute(text("""
             INSERT INTO dataset_loads (name, sha256, row_count) VALUES (:name, :sha, :rows)

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from layers.jobs import start_runner
 from layers.registry import LayerRegistry
 from tiles.cache import DataVersions, tile_cache
+from tiles.filters import SectorCodes
 from twin import apikeys
 from twin.api import access
 from twin.api.deps import auth_error
@@ -106,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.upload_jobs = await start_runner(
             settings, lambda layer_id: app.state.registry.invalidate())
         app.state.tile_cache = tile_cache(settings.tiles)
+        app.state.sector_codes = SectorCodes()
         # Layer data versions for the tile cache keys, one query shared by concurrent tiles,
         # on a connection of its own (never waiting for the requests' pool).
         app.state.tile_versions = DataVersions(async_engine(settings, pool_size=1,

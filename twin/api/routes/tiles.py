@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tiles import metadata
 from tiles.cache import cached_tile
-from tiles.filters import parse_filters
+from tiles.filters import read_filters
 from tiles.grid import tile_address, tile_matrix_set
 from tiles.style import risk_map_style
 from tiles.vector import TileOptions
@@ -85,11 +85,10 @@ async def _tile_response(request: Request, layer_ids: Sequence[str], z: int, x: 
     settings = state.settings.tiles
     connect = _TileConnection(state.tile_engine)
     try:
-        # The sector list is checked against the database only when one is given.
-        filters = await parse_filters(await connect() if sector else None, sector, level, cql,
-                                      scope)
+        filters = await read_filters(state.sector_codes, connect, sector, level, cql, scope)
         options = TileOptions(filters, aggregate, settings.aggregate_below_zoom,
-                              settings.feature_cap, settings.detail_cap, settings.point_cap)
+                              settings.feature_cap, settings.detail_cap, settings.point_cap,
+                              sectors=await state.sector_codes.get(connect))
         made = await cached_tile(versions, connect, state.tile_cache, layers, tile, options,
                                  scope.key)
     finally:
