@@ -3,6 +3,7 @@ hanging, and a PostGIS restart under load that the server rides out by itself.""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from sqlalchemy import Engine, create_engine, text
 from tests.conftest import LiveServer
 from tests.test_cluster import own_cluster  # noqa: F401  (a fixture: a throwaway cluster)
 from twin.cluster import ManagedCluster
+from twin.db import async_engine
 from twin.migrate import upgrade
 from twin.sample_city import load_sample
 from twin.settings import AuthSettings, DatabaseSettings, Settings
@@ -244,3 +246,37 @@ def test_postgis_restart_under_load(own_cluster, sample_dir, spot):  # noqa: F81
     assert back - up_at < 5.0
     after = [o for o in outcomes if o.started > back]
     assert len(after) > 20 and all(o.status == 200 for o in after)
+
+
+def test_a_stuck_tile_gets_504_and_the_next_one_is_served(engine, database_url):
+    """Tiles run on the driver directly (tiles/sql.py): its cancelled statement must still
+    be a 504 naming the timeout, not a 500, and the connection must serve the next tile."""
+    tile = TMS.tile(106.55, 29.56, 14)
+    path = f"/tiles/risk_points/14/{tile.x}/{tile.y}.mvt?aggregate=false&level=1,2"
+    with LiveServer(api_settings(database_url, statement_timeout_ms=800)) as live, \
+            httpx.Client(base_url=live.url, headers=AUTH, timeout=30) as client:
+        with table_locked(database_url, "risk_points"):
+            stuck = client.get(path)
+            assert stuck.status_code == 504, stuck.text
+            assert stuck.json()["code"] == "StatementTimeout"
+            assert "TWIN_DB_STATEMENT_TIMEOUT_MS" in stuck.json()["description"]
+        served = client.get(path)
+        assert served.status_code == 200 and served.content
+    assert busy_backends(database_url) == []
+
+
+def test_pool_connections_carry_their_server_settings(database_url):
+    """The tile pool's connections run no parallel workers, and keep the statement timeout."""
+
+    async def show() -> tuple[str, str]:
+        pool = async_engine(api_settings(database_url, statement_timeout_ms=1234),
+                            server_settings={"max_parallel_workers_per_gather": "0"})
+        try:
+            async with pool.connect() as conn:
+                workers = (await conn.execute(text("SHOW max_parallel_workers_per_gather")))
+                timeout = (await conn.execute(text("SHOW statement_timeout")))
+                return workers.scalar_one(), timeout.scalar_one()
+        finally:
+            await pool.dispose()
+
+    assert asyncio.run(show()) == ("0", "1234ms")

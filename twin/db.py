@@ -57,11 +57,13 @@ def sync_engine(settings: Settings) -> Engine:
 
 
 def async_engine(settings: Settings, pool_size: int | None = None,
-                 max_overflow: int | None = None, pre_ping: bool = True) -> AsyncEngine:
+                 max_overflow: int | None = None, pre_ping: bool = True,
+                 server_settings: dict[str, str] | None = None) -> AsyncEngine:
     """The API's pool. Every connection carries the statement timeout, set once at connect
     time (libpq ``options``) so it costs no round trip per request and covers every
     statement, including the tile path's autocommit connections.
 
+    ``server_settings`` are more PostgreSQL settings for every connection of the pool.
     ``pool_size``/``max_overflow`` override the settings for a pool of a special purpose:
     work a request does besides its own connection (loading the layer registry) needs a pool
     of its own, or under load every pooled connection can be held by requests that each wait
@@ -69,8 +71,12 @@ def async_engine(settings: Settings, pool_size: int | None = None,
     """
     db = settings.db
     connect_args: dict = {"connect_timeout": db.connect_timeout}
+    options = dict(server_settings or {})
     if db.statement_timeout_ms:
-        connect_args["options"] = f"-c statement_timeout={db.statement_timeout_ms}"
+        options["statement_timeout"] = str(db.statement_timeout_ms)
+    if options:
+        connect_args["options"] = " ".join(f"-c {name}={value}"
+                                           for name, value in options.items())
     engine = create_async_engine(
         database_url(settings),
         pool_size=db.pool_size if pool_size is None else pool_size,

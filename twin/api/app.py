@@ -113,7 +113,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.tile_versions = DataVersions(async_engine(settings, pool_size=1,
                                                             max_overflow=0))
         # Tiles' own pool, without a pre-ping round trip per checkout (tiles retry instead).
-        app.state.tile_engine = async_engine(settings, pre_ping=False)
+        app.state.tile_engine = async_engine(settings, pre_ping=False, server_settings={
+            "max_parallel_workers_per_gather": str(settings.tiles.parallel_workers)})
         try:
             yield
         finally:
