@@ -79,14 +79,18 @@ _INSERT_VERSION = text("""
             :source_datum, CAST(:meta AS jsonb), CAST(:report AS jsonb), :created_by)
 """)
 
+# A new layer's data version starts at this transaction's id, not at 1: a layer deleted and
+# uploaded again under the same id must never repeat a version the deleted one had (caches
+# and other workers' registries tell layers apart by it). Each of the deleted layer's
+# publishes (+1) ran in an earlier transaction, so its last version is below this id.
 _CREATE_LAYER = text("""
     INSERT INTO layers (id, title_zh, title_en, kind, geometry_type, source_table, fields, bbox,
                         source_crs, source_datum, file_path, min_zoom, max_zoom, origin,
-                        current_version, uploaded_by, meta, owner_scope, shared)
+                        current_version, uploaded_by, meta, owner_scope, shared, data_version)
     VALUES (:layer_id, :title, :title, :kind, :geometry_type, :table_name,
             CAST(:fields AS jsonb), :bbox, :source_crs_name, :source_datum, :file_path, 0,
             :max_zoom, 'upload', :version, :created_by, CAST(:meta AS jsonb), :owner_scope,
-            :shared)
+            :shared, CAST(CAST(pg_current_xact_id() AS text) AS bigint))
 """)
 
 # Points the layer at one of its versions; the data version moves on, so every cached tile

@@ -171,6 +171,29 @@ def test_delete_removes_tables_files_and_the_layer(api, published, engine, uploa
     assert not (uploads_dir / "layers" / published).exists()
 
 
+def test_a_layer_uploaded_again_under_a_deleted_id_never_repeats_its_versions(api, engine):
+    """Caches and other workers' registries tell layers apart by (id, data version): a new
+    layer under a deleted one's id must not start where the deleted one stood."""
+    layer_id = f"again_{uuid.uuid4().hex[:8]}"
+
+    def data_version() -> int:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT data_version FROM layers WHERE id = :id"),
+                                {"id": layer_id}).scalar_one()
+
+    upload_ok(api, "first.geojson", geojson_points(), id=layer_id, title="again")
+    first_etag, first_names = tile_of(api, layer_id)
+    first_version = data_version()
+    assert api.delete(f"/layers/{layer_id}", headers=EDITOR).status_code == 204
+    renamed = geojson_points(names=["重建一", "重建二", "重建三"])
+    upload_ok(api, "second.geojson", renamed, id=layer_id, title="again")
+    second_etag, second_names = tile_of(api, layer_id)
+    assert data_version() > first_version
+    assert second_etag != first_etag
+    assert second_names == {"重建一", "重建二", "重建三"} != first_names
+    assert api.delete(f"/layers/{layer_id}", headers=EDITOR).status_code == 204
+
+
 def test_builtin_layers_cannot_be_changed(api):
     assert api.delete("/layers/risk_points", headers=EDITOR).status_code == 403
     response = put_layer(api, "risk_points", "x.geojson", geojson_points())
