@@ -4,9 +4,10 @@ restarts PostGIS in the middle.
 Run on demand (never in ``make test``), on the full sample city:
 
     .venv/bin/python benchmarks/load.py [--url URL] [--clients 200] [--duration 60]
-                                        [--processes 2] [--workers 1] [--fault] [--outage 5]
+                                        [--processes 2] [--workers N] [--fault] [--outage 5]
 
-Without ``--url`` it starts twin (uvicorn, ``--workers`` processes, on a free loopback port)
+Without ``--url`` it starts twin (uvicorn, ``--workers`` processes, twin's default
+``TWIN_WORKERS`` unless given, on a free loopback port)
 on the database the environment names (``TWIN_DATABASE_URL``, or the managed cluster of
 ``TWIN_HOME``/``TWIN_DB_PORT``: database ``twin`` by default), with anonymous viewer+planner
 access on, as ``make run``'s demo has it. ``--url`` drives a server already running instead
@@ -266,7 +267,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers (own server)")
+    parser.add_argument("--workers", type=int, default=Settings().workers,
+                        help="uvicorn workers (own server); TWIN_WORKERS or its default")
     parser.add_argument("--uvicorn", nargs="*", default=[], help="more uvicorn options")
     parser.add_argument("--timeout", type=float, default=60.0, help="client time-out, s")
     parser.add_argument("--fault", action="store_true", help="restart PostGIS mid-run")

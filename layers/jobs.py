@@ -6,6 +6,10 @@ point, rolls the transaction back: no table, no version row, no half-published l
 written to the version's own folder and removed on failure; ``recover_interrupted`` (run at
 start-up) fails the jobs a killed server left behind and sweeps their folders.
 
+Every statement of that transaction is bounded by ``TWIN_UPLOADS_STATEMENT_TIMEOUT_S`` (set
+for the transaction only, so a pathological file cannot hold the database for ever); a job
+that exceeds it fails like any other, and names the bound and the step it was at.
+
 Run one job by hand: ``python -m layers.jobs <job id>``.
 """
 
@@ -45,6 +49,8 @@ log = logging.getLogger("twin.uploads")
 INTERRUPTED = "the server stopped while this job was running; nothing was published"
 NEVER_RAN = "the server stopped before this job ran; nothing was published, upload again"
 INTERNAL = "internal error while ingesting (see the server log); nothing was published"
+# SQLSTATE query_canceled: the statement timeout (or an administrator's cancel).
+QUERY_CANCELED = "57014"
 
 
 def job_dir(uploads_dir: Path, job_id: str) -> Path:
@@ -115,6 +121,7 @@ def run_job(engine: Engine, settings: Settings, job_id: str) -> bool:
     folder = None
     try:
         with engine.begin() as conn:
+            _bound_statements(conn, settings.uploads.statement_timeout_s)
             version = next_version(conn, job["layer_id"])
             # Recorded before any file exists, so recovery knows which folder to sweep.
             _set(engine, job_id, version=version, progress=5, step="reading")
@@ -136,12 +143,43 @@ def run_job(engine: Engine, settings: Settings, job_id: str) -> bool:
     except (SourceError, TwinError) as error:
         needs = {"needs": ["source_crs"]} if isinstance(error, crs_mod.MissingCrs) else {}
         _fail(engine, job_id, [str(error)], folder, needs)
-    except Exception:
-        log.exception("upload job %s failed", job_id)
-        _fail(engine, job_id, [INTERNAL], folder)
+    except Exception as error:
+        if not _timed_out(error):
+            log.exception("upload job %s failed", job_id)
+            _fail(engine, job_id, [INTERNAL], folder)
+        else:
+            _fail(engine, job_id, [_timeout_reason(engine, job_id, settings)], folder)
     finally:
         shutil.rmtree(job_dir(settings.uploads_dir, job_id), ignore_errors=True)
     return False
+
+
+def _bound_statements(conn: Connection, seconds: float) -> None:
+    """Cancel any statement of this transaction that runs longer than ``seconds`` (0: never).
+
+    ``SET LOCAL`` (set_config's third argument): the job's progress updates and its failure,
+    which run on other connections, are never cut short by it.
+    """
+    if seconds > 0:
+        conn.execute(text("SELECT set_config('statement_timeout', :ms, true)"),
+                     {"ms": str(max(1, round(seconds * 1000)))})
+
+
+def _timed_out(error: BaseException) -> bool:
+    """Whether PostgreSQL cancelled a statement for its timeout. SQLAlchemy wraps the driver's
+    error (``orig``); the COPY of ingest_vector runs on the driver's cursor, unwrapped."""
+    cause = getattr(error, "orig", None) or error
+    return (getattr(cause, "sqlstate", None) == QUERY_CANCELED
+            and "statement timeout" in str(cause))
+
+
+def _timeout_reason(engine: Engine, job_id: str, settings: Settings) -> str:
+    with engine.connect() as conn:
+        step = conn.execute(text("SELECT step FROM upload_jobs WHERE id = :id"),
+                            {"id": job_id}).scalar()
+    return (f"the upload's database work exceeded {settings.uploads.statement_timeout_s:g} s "
+            f"(one statement, while {step}; TWIN_UPLOADS_STATEMENT_TIMEOUT_S); nothing was "
+            "published")
 
 
 def _fail(engine: Engine, job_id: str, reasons: list[str], folder: Path | None,

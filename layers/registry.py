@@ -166,19 +166,37 @@ class LayerRegistry:
             raise NotFound(f"unknown layer '{layer_id}'; available layers: {known}") from None
 
     def is_stale_for(self, layer_ids: Sequence[str], versions: dict[str, int]) -> bool:
-        """Whether a requested layer was published (or published anew) since this registry
-        was resolved: by another worker process, whose publish refreshes only its own.
+        """Whether a requested layer was published, published anew, rolled back or deleted
+        since this registry was resolved (``versions``: every layer's data version, read
+        after the request arrived): by another worker process, whose change refreshes only
+        its own registry.
 
-        Only ids the database knows count, so asking for unknown layers never reloads anything.
+        Ids unknown to both the registry and the database never count, so asking for unknown
+        layers never reloads anything.
         """
-        for layer_id in layer_ids:
-            if layer_id not in versions:
-                continue
-            layer = self._layers.get(layer_id)
-            if layer is None or (layer.origin == "upload"
-                                 and versions[layer_id] != layer.data_version):
-                return True
-        return False
+        return any(self._changed(layer_id, versions) for layer_id in layer_ids)
+
+    def is_stale(self, versions: dict[str, int]) -> bool:
+        """Whether any layer changed since this registry was resolved (see ``is_stale_for``):
+        for routes that list or may read any layer. A layer added or deleted shows as a
+        different set of ids; re-publishing and rolling back move an upload's data version.
+        """
+        if versions.keys() != self._layers.keys():
+            return True
+        return any(self._changed(layer_id, versions) for layer_id in self._layers)
+
+    def _changed(self, layer_id: str, versions: dict[str, int]) -> bool:
+        layer = self._layers.get(layer_id)
+        if layer_id not in versions:
+            return layer is not None  # deleted since
+        if layer is None:
+            return True  # published since
+        # Built-in layers change rows in place (their version moves on every write, and the
+        # registry's entry stays right); an upload's version moves only when it is pointed at
+        # another table. Equality, not order: a layer deleted and uploaded again under the
+        # same id starts over at version 1. (If the deleted one was at 1 too, nothing here
+        # can tell them apart: the versions are all that is read.)
+        return layer.origin == "upload" and versions[layer_id] != layer.data_version
 
     async def data_versions(self, conn: AsyncConnection) -> dict[str, int]:
         rows = await conn.execute(text("SELECT id, data_version FROM layers"))

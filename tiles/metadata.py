@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from layers.registry import Layer, LayerRegistry
+from layers.registry import Layer
 from tiles import hexagons, points
 from tiles.filters import TileFilters
 from tiles.grid import MAX_ZOOM, WEB_MERCATOR
@@ -22,11 +22,6 @@ def split_layer_ids(layer_ids: str) -> list[str]:
     if not ids:
         raise InvalidParameter("no layer given; ask for one id or a comma-separated list")
     return ids
-
-
-def resolve_layers(registry: LayerRegistry, layer_ids: str) -> list[Layer]:
-    """``a,b,c`` -> the layers, in order, each once; an unknown id names the available ones."""
-    return [registry.get(layer_id) for layer_id in split_layer_ids(layer_ids)]
 
 
 def tilejson_type(column_type: str) -> str:

@@ -1,15 +1,24 @@
 """The audit log: every write request (who, when, what, outcome), refused and failed ones too.
 
-twin/api/middleware.py records; admins read with ``GET /audit``.
+twin/api/middleware.py records; admins read with ``GET /audit``. Rows older than
+``TWIN_AUDIT_RETENTION_DAYS`` are pruned by one server process (``AuditPruner``: at start-up,
+then daily) and by ``twin audit prune``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import datetime
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from twin.db import async_engine
+from twin.settings import AuditSettings, Settings
+
+log = logging.getLogger("twin.audit")
 
 MAX_LIMIT = 1000
 
@@ -42,3 +51,124 @@ async def entries(conn: AsyncConnection, since: datetime | None = None,
         "ORDER BY at DESC, id DESC LIMIT :limit"),
         {"since": since, "principal": principal, "limit": limit})
     return [dict(row) for row in rows.mappings()]
+
+
+# --- retention ---------------------------------------------------------------------------
+
+# Rows deleted per transaction: each batch is a short statement (well inside the API's
+# statement timeout) and holds few row locks, so pruning a year's backlog never stalls the
+# writes being audited meanwhile.
+PRUNE_BATCH = 5000
+# The batch walks the index on ``at`` (audit_log_at, migration 0004) from the oldest row.
+_PRUNE_BATCH = text("""
+    DELETE FROM audit_log WHERE id IN (
+        SELECT id FROM audit_log WHERE at < :cutoff ORDER BY at LIMIT :batch)
+""")
+
+
+async def prune(conn: AsyncConnection, retention_days: int, batch: int = PRUNE_BATCH) -> int:
+    """Delete the rows older than ``retention_days`` (0: none); returns how many.
+
+    Commits after every batch. The cutoff is the database's clock, the one ``at`` was
+    stamped with, fixed once so the rows written while pruning are never candidates.
+    """
+    if retention_days <= 0:
+        return 0
+    cutoff = (await conn.execute(text("SELECT now() - make_interval(days => :days)"),
+                                 {"days": retention_days})).scalar_one()
+    await conn.commit()
+    deleted = 0
+    while True:
+        result = await conn.execute(_PRUNE_BATCH, {"cutoff": cutoff, "batch": batch})
+        await conn.commit()
+        deleted += result.rowcount
+        if result.rowcount < batch:
+            return deleted
+
+
+async def prune_database(settings: Settings, retention_days: int) -> int:
+    """``prune`` on a connection of its own (``twin audit prune``)."""
+    engine = async_engine(settings, pool_size=1, max_overflow=0)
+    try:
+        async with engine.connect() as conn:
+            return await prune(conn, retention_days)
+    finally:
+        await engine.dispose()
+
+
+# Held by the one server process that prunes; "twinaudt".
+PRUNE_LOCK = 0x7477696E_61756474
+# How often the other processes try to take over (the pruning one may have ended).
+RETRY_S = 3600.0
+
+
+class AuditPruner:
+    """Prunes at start-up and then every ``prune_every_s``, in one server process of several.
+
+    The process that takes ``PRUNE_LOCK`` (a session-level advisory lock) keeps it, on a
+    connection of its own, for as long as it lives, and is the only one that prunes; the
+    others try again every ``RETRY_S``, so when it ends another takes over (and prunes at
+    once). A connection lost with the database lets go of the lock; the next try takes it
+    again. Nothing runs when retention is 0.
+    """
+
+    def __init__(self, settings: Settings):
+        self._settings: AuditSettings = settings.audit
+        self._engine: AsyncEngine = async_engine(settings, pool_size=1, max_overflow=0)
+        self._conn: AsyncConnection | None = None
+        self._task: asyncio.Task | None = None
+
+    @classmethod
+    def start(cls, settings: Settings) -> AuditPruner:
+        pruner = cls(settings)
+        if settings.audit.retention_days:
+            pruner._task = asyncio.create_task(pruner._run(), name="twin-audit-prune")
+        return pruner
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._let_go()
+        await self._engine.dispose()
+
+    async def _run(self) -> None:
+        days, every = self._settings.retention_days, self._settings.prune_every_s
+        while True:
+            wait = min(every, RETRY_S)
+            try:
+                if await self._lead():
+                    deleted = await prune(self._conn, days)
+                    log.log(logging.INFO if deleted else logging.DEBUG,
+                            "audit log: %d rows older than %d days pruned "
+                            "(TWIN_AUDIT_RETENTION_DAYS)", deleted, days)
+                    wait = every
+            except Exception as error:  # the loop outlives any one failure
+                log.warning("audit log: pruning failed, retrying in %.0f s: %s", wait, error)
+                await self._let_go()
+            await asyncio.sleep(wait)
+
+    async def _lead(self) -> bool:
+        """Whether this process holds ``PRUNE_LOCK`` (taking it when it is free)."""
+        if self._conn is not None:
+            return True
+        conn = await self._engine.connect()
+        taken = (await conn.execute(text("SELECT pg_try_advisory_lock(:key)"),
+                                    {"key": PRUNE_LOCK})).scalar_one()
+        await conn.commit()  # a session-level lock outlives the transaction
+        if taken:
+            self._conn = conn
+        else:
+            await conn.close()
+        return taken
+
+    async def _let_go(self) -> None:
+        """Close the lock's connection for good (returned to the pool, it would keep the
+        lock)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await conn.invalidate()
+                await conn.close()
+            except Exception as error:
+                log.warning("audit log: closing the pruning connection: %s", error)

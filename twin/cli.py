@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import ctypes
 import logging
 import os
 import pickle
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -114,6 +116,23 @@ def keys_revoke(settings: Settings, ident: str) -> dict:
     return row
 
 
+def audit_prune(settings: Settings, days: int | None) -> int:
+    """Delete audit rows older than ``days`` (default TWIN_AUDIT_RETENTION_DAYS; 0 keeps all)."""
+    import asyncio
+
+    from twin.audit import prune_database
+
+    days = settings.audit.retention_days if days is None else days
+    if days < 0:
+        raise TwinError(f"--days: a number of days, 0 or more (0 keeps every row); got {days}")
+    if days == 0:
+        log.info("audit log: retention 0 days keeps every row; nothing pruned")
+        return 0
+    deleted = asyncio.run(prune_database(settings, days))
+    log.info("audit log: %d rows older than %d days pruned", deleted, days)
+    return deleted
+
+
 EDITOR_KEY_COMMAND = ".venv/bin/twin keys add --name <who> --role gis-editor"
 
 
@@ -137,13 +156,25 @@ def log_access(settings: Settings) -> None:
                  "(%s) or a JWT", EDITOR_KEY_COMMAND.replace("gis-editor", "<role>"))
 
 
+def log_workers(settings: Settings) -> None:
+    limits = settings.limits
+    log.info("serving the API and the web map on http://%s:%d/ with %d worker process%s "
+             "(TWIN_WORKERS)", settings.host, settings.port, settings.workers,
+             "" if settings.workers == 1 else "es")
+    if limits.rate_per_s and settings.workers > 1:
+        log.info("rate limits are enforced per worker process: with %d workers a key may "
+                 "get up to %d x TWIN_LIMITS_RATE_PER_S (%g/s) and %d x TWIN_LIMITS_BURST "
+                 "(%d), as its connections land on different processes", settings.workers,
+                 settings.workers, limits.rate_per_s, settings.workers, limits.burst)
+
+
 def serve(settings: Settings) -> None:
     import uvicorn
 
     from twin.api.app import create_app
 
     log_access(settings)
-    log.info("serving the API and the web map on http://%s:%d/", settings.host, settings.port)
+    log_workers(settings)
     # Idle keep-alive connections stay open 75 s (nginx's default), not uvicorn's 5 s: under
     # load a busy event loop can run the idle timer before the next request on that
     # connection is read, and the client gets a closed connection instead of an answer.
@@ -155,19 +186,41 @@ def serve(settings: Settings) -> None:
     # Worker processes build their own app from an import string; the settings travel to
     # them whole (pickled: secrets included, overrides such as demo_access kept).
     os.environ[WORKER_SETTINGS_ENV] = base64.b64encode(pickle.dumps(settings)).decode()
-    log.info("%d worker processes", settings.workers)
+    os.environ[SERVER_PID_ENV] = str(os.getpid())
     uvicorn.run("twin.cli:worker_app", factory=True, workers=settings.workers, **options)
 
 
 WORKER_SETTINGS_ENV = "_TWIN_WORKER_SETTINGS"
+SERVER_PID_ENV = "_TWIN_SERVER_PID"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def worker_app():
     """The app of one ``twin serve`` worker process, with the settings ``serve`` was given."""
     from twin.api.app import create_app
 
+    # A spawned process starts with logging unconfigured: twin's own lines would go out bare.
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    _die_with_server()
     settings = pickle.loads(base64.b64decode(os.environ[WORKER_SETTINGS_ENV]))
     return create_app(settings)
+
+
+def _die_with_server() -> None:
+    """End this worker process when the ``twin serve`` process that started it ends.
+
+    uvicorn stops its workers when it is stopped (Ctrl-C, SIGTERM), but a server killed
+    outright (SIGKILL, the OOM killer) would leave them serving on its port and running its
+    upload jobs: a restart could not bind the port, and no starting process could fail those
+    jobs (layers/jobs.py recovers only when no other process is alive). So the workers get
+    SIGKILL too, as the server did, and the next start recovers what they were doing.
+    """
+    server = int(os.environ.get(SERVER_PID_ENV, "0"))
+    if not server or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != server:  # the server was gone before the line above took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run(settings: Settings, scale: str) -> None:
@@ -207,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key", help="the key's id or name")
 
+    audit = commands.add_parser("audit", help="the audit log").add_subparsers(dest="action",
+                                                                             required=True)
+    prune = audit.add_parser("prune", help="delete rows older than the retention")
+    prune.add_argument("--days", type=int, default=None,
+                       help="keep this many days (default TWIN_AUDIT_RETENTION_DAYS; 0: all)")
+
     commands.add_parser("serve", help="serve the API and the web map")
     run_parser = commands.add_parser("run", help="db up, migrate, load the sample, serve")
     run_parser.add_argument("--scale", default=None, choices=("full", "small"))
@@ -228,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         ("keys", "add"): lambda: keys_add(settings, args.name, args.role, args.scope),
         ("keys", "list"): lambda: keys_list(settings),
         ("keys", "revoke"): lambda: keys_revoke(settings, args.key),
+        ("audit", "prune"): lambda: audit_prune(settings, args.days),
         ("serve", None): lambda: serve(settings),
         ("run", None): lambda: run(settings, scale),
     }

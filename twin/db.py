@@ -49,8 +49,9 @@ def libpq_url(settings: Settings) -> str:
 
 def sync_engine(settings: Settings) -> Engine:
     """For migrations, sample loads and upload ingestion: work off the request path whose
-    length grows with the data (a 5 M-feature upload, a full reload), so no statement
-    timeout applies here; uploads are bounded by the TWIN_UPLOADS_ limits instead."""
+    length grows with the data (a 5 M-feature upload, a full reload), so the API's statement
+    timeout does not apply here. Upload jobs bound their own transaction instead
+    (TWIN_UPLOADS_STATEMENT_TIMEOUT_S, layers/jobs.py), besides the TWIN_UPLOADS_ limits."""
     engine = create_engine(database_url(settings), pool_pre_ping=True)
     event.listen(engine, "handle_error", _server_gone_is_a_disconnect)
     return engine

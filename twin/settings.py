@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -27,8 +28,9 @@ class DatabaseSettings(BaseSettings):
     # Seconds a request waits for a connection before the database counts as unavailable.
     connect_timeout: int = 3
     # Every statement the API runs is cancelled after this long (504 to the client), so one
-    # runaway query cannot hold a connection and a core; 0 turns it off. Upload ingestion,
-    # migrations and sample loads run on their own engine without it (see twin/db.py).
+    # runaway query cannot hold a connection and a core; 0 turns it off. Upload ingestion
+    # (bounded by TWIN_UPLOADS_STATEMENT_TIMEOUT_S instead), migrations and sample loads run
+    # on their own engine without it (see twin/db.py).
     statement_timeout_ms: int = Field(default=15_000, ge=0)
     # Seconds a request queues for a pooled connection when all are busy before it gets 503.
     pool_timeout: float = Field(default=30.0, gt=0)
@@ -52,6 +54,10 @@ class UploadSettings(BaseSettings):
     max_features: int = 5_000_000
     # Features whose centre lies this far (degrees) outside the municipality's bbox are flagged.
     far_outside_margin_deg: float = 0.5
+    # Seconds any one statement of an upload's ingestion may run (COPY, index, publish) before
+    # PostgreSQL cancels it and the job fails with nothing published; 0: no limit. Longer
+    # than the API's TWIN_DB_STATEMENT_TIMEOUT_MS: ingestion grows with the file.
+    statement_timeout_s: float = Field(default=600.0, ge=0)
 
 
 class AuthSettings(BaseSettings):
@@ -144,6 +150,30 @@ class SensorSettings(BaseSettings):
     future_tolerance_s: float = Field(default=60.0, ge=0)
 
 
+def default_workers() -> int:
+    """2 server processes where at least 2 cores are usable, else 1.
+
+    One process saturates its event loop (one core) before PostgreSQL saturates on the 2-core
+    reference machine; a second uses the other core. More are left to TWIN_WORKERS: PostGIS
+    shares the machine's cores, and each process adds its own pools (tens of connections) and
+    tile cache. On one core a second process only adds those costs. The cores this process
+    may run on (affinity: containers, taskset), not the machine's.
+    """
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return min(2, usable or os.cpu_count() or 1)
+
+
+class AuditSettings(BaseSettings):
+    """The audit log of writes (``TWIN_AUDIT_``): how long its rows are kept."""
+
+    model_config = SettingsConfigDict(env_prefix="TWIN_AUDIT_")
+
+    # Rows older than this many days are deleted (at server start-up, then every
+    # prune_every_s, and by `twin audit prune`); 0 keeps every row forever.
+    retention_days: int = Field(default=365, ge=0)
+    prune_every_s: float = Field(default=24 * 3600.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TWIN_")
 
@@ -151,9 +181,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
-    # Server processes (`twin serve`/`run`). 2 uses both cores of the reference machine for
-    # cached tiles, which are Python-bound; see the README for what each process keeps alone.
-    workers: int = Field(default=1, ge=1)
+    # Server processes (`twin serve`/`run`): 2, or 1 where this process may use only one
+    # core (see default_workers). The README says what each process keeps alone.
+    workers: int = Field(default_factory=default_workers, ge=1)
     sample_scale: str = "full"
     db: DatabaseSettings = Field(default_factory=DatabaseSettings)
     tiles: TilesSettings = Field(default_factory=TilesSettings)
@@ -162,6 +192,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     cors: CorsSettings = Field(default_factory=CorsSettings)
     sensors: SensorSettings = Field(default_factory=SensorSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @property
     def pgdata(self) -> Path:

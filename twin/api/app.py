@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -21,6 +21,7 @@ from twin.api import access
 from twin.api.deps import auth_error
 from twin.api.errors import install_error_handlers
 from twin.api.middleware import AuditMiddleware, BodyLimitMiddleware
+from twin.api.openapi import install_security
 from twin.api.routes import areas as area_routes
 from twin.api.routes import audit as audit_routes
 from twin.api.routes import collections, features, health, landing, queries, tiles
@@ -31,6 +32,7 @@ from twin.api.routes import pipes as pipe_routes
 from twin.api.routes import raster as raster_routes
 from twin.api.routes import reference as reference_routes
 from twin.api.routes import sensors as sensor_routes
+from twin.audit import AuditPruner
 from twin.auth import Authenticator, AuthError
 from twin.db import async_engine
 from twin.settings import Settings, get_settings
@@ -39,7 +41,15 @@ log = logging.getLogger("twin.api")
 
 
 class RegistryCache:
-    """Resolves the layer registry on first use and after a publish, never per request.
+    """This process's layer registry: resolved on first use and again when it is older than
+    the database, never per request.
+
+    A route first reads every layer's data version (``tiles.cache.DataVersions``: one query
+    shared by concurrent requests, sent after they arrived), then asks for the registry with
+    them: one those versions show to be older (a layer published, published anew, rolled back
+    or deleted, by this process or another worker) is resolved again, by a load that starts
+    after the versions were read, unless a concurrent request's load already matches them.
+    So a request that starts after a change committed, in any process, sees it.
 
     Lazy, so the app starts (and /healthz answers 503) even while the database is down.
     """
@@ -50,24 +60,38 @@ class RegistryCache:
         self._lock = asyncio.Lock()
 
     async def __call__(self) -> LayerRegistry:
-        if self._registry is None:
-            async with self._lock:
-                if self._registry is None:
-                    async with self._engine.connect() as conn:
-                        self._registry = await LayerRegistry.load(conn)
-        return self._registry
+        """The registry as last resolved (resolved now the first time and after invalidate)."""
+        return await self._resolved(lambda registry: False)
 
     async def current(self, layer_ids: Sequence[str], versions: dict[str, int]) -> LayerRegistry:
-        """The registry, resolved again first if ``versions`` show that another process
-        published one of ``layer_ids`` since it was resolved."""
-        registry = await self()
-        if registry.is_stale_for(layer_ids, versions):
-            self.invalidate()
-            registry = await self()
-        return registry
+        """The registry, resolved again first if ``versions`` (read before this call) show
+        that one of ``layer_ids`` changed since it was resolved."""
+        return await self._resolved(lambda registry: registry.is_stale_for(layer_ids, versions))
+
+    async def current_all(self, versions: dict[str, int]) -> LayerRegistry:
+        """The registry, resolved again first if ``versions`` (read before this call) show
+        that any layer changed since it was resolved: for routes that list layers or take
+        one by id."""
+        return await self._resolved(lambda registry: registry.is_stale(versions))
 
     def invalidate(self) -> None:
+        """After this process committed a change; safe from any thread (upload jobs call it
+        from theirs). A shortcut only: the next versions read would show the change too."""
         self._registry = None
+
+    async def _resolved(self, stale: Callable[[LayerRegistry], bool]) -> LayerRegistry:
+        """The held registry unless ``stale``; else one that is not, or one loaded after the
+        caller's versions were read. Callers that found it stale at once share one load:
+        each checks again what the load before it brought."""
+        registry = self._registry
+        if registry is None or stale(registry):
+            async with self._lock:
+                registry = self._registry
+                if registry is None or stale(registry):
+                    async with self._engine.connect() as conn:
+                        registry = await LayerRegistry.load(conn)
+                    self._registry = registry
+        return registry
 
 
 def mount_web_assets(app: FastAPI) -> None:
@@ -106,6 +130,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Upload jobs run in a thread pool; jobs a killed server left running are failed first.
         app.state.upload_jobs = await start_runner(
             settings, lambda layer_id: app.state.registry.invalidate())
+        # Audit rows past TWIN_AUDIT_RETENTION_DAYS go now and daily, in one process of several.
+        app.state.audit_pruner = AuditPruner.start(settings)
         app.state.tile_cache = tile_cache(settings.tiles)
         app.state.sector_codes = SectorCodes()
         # Layer data versions for the tile cache keys, one query shared by concurrent tiles,
@@ -118,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.audit_pruner.stop()
             await app.state.tile_versions.close()
             await app.state.tile_engine.dispose()
             app.state.upload_jobs.shutdown()
@@ -148,4 +175,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router, dependencies=access.GUARD)
     mount_web_assets(app)
     install_middleware(app, settings)
+    # /api declares the bearer schemes and each operation's role, from access.RULES.
+    install_security(app, settings.auth.anonymous_role)
     return app

@@ -27,7 +27,11 @@ async def get_connection(request: Request) -> AsyncIterator[AsyncConnection]:
 
 
 async def get_registry(request: Request) -> LayerRegistry:
-    return await request.app.state.registry()
+    """The layer registry, exact across worker processes: the shared versions read (one
+    query for all concurrent requests, as tiles use) tells whether a layer was published,
+    rolled back or deleted since this process resolved it; if so it is resolved again."""
+    state = request.app.state
+    return await state.registry.current_all(await state.tile_versions.read())
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

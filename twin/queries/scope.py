@@ -38,7 +38,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from layers.registry import Layer, LayerRegistry
-from twin.auth import CITY, Scope
+from twin.auth import CITY, Forbidden, Scope
 from twin.errors import NotFound
 
 DISTRICT_DIGITS, STREET_DIGITS = 6, 9
@@ -196,16 +196,44 @@ def layer_visible(scope: Scope, owner_scope: str | None, shared: bool | None) ->
     return scopes_overlap(scope, _owner(owner_scope))
 
 
-def visible_layer(scope: Scope, layer: Layer) -> Layer:
-    """The layer, or NotFound as if it did not exist (its existence is not the caller's)."""
-    if not layer_visible(scope, layer.owner_scope, layer.shared):
-        raise NotFound(f"unknown layer '{layer.id}'")
+def visible_layer(scope: Scope, registry: LayerRegistry, layer_id: str) -> Layer:
+    """The layer, or NotFound as if it did not exist (its existence is not the caller's),
+    naming only the layers the caller may see."""
+    try:
+        layer = registry.get(layer_id)
+    except NotFound:
+        layer = None
+    if layer is None or not layer_visible(scope, layer.owner_scope, layer.shared):
+        known = ", ".join(sorted(layer.id for layer in visible_layers(scope, registry)))
+        raise NotFound(f"unknown layer '{layer_id}'; available layers: {known}")
     return layer
 
 
 def visible_layers(scope: Scope, registry: LayerRegistry) -> list[Layer]:
     return [layer for layer in registry
             if layer_visible(scope, layer.owner_scope, layer.shared)]
+
+
+def scope_holds(outer: Scope, inner: Scope) -> bool:
+    """Whether ``outer`` holds all of ``inner``: each of inner's codes lies under one of
+    outer's (a district holds its streets; the city holds everything)."""
+    if outer.is_city:
+        return True
+    if inner.is_city:
+        return False
+    return all(any(q.startswith(p) for p in outer.prefixes) for q in inner.prefixes)
+
+
+def check_layer_writable(scope: Scope, layer: Layer) -> None:
+    """Replacing, rolling back or deleting an upload is for a centre whose jurisdiction holds
+    the uploader's: the uploader's own, the district above a street, the city. Seeing a layer
+    (shared, or a district's seen by its streets) is not enough to change it."""
+    if layer.origin != "upload" or scope.is_city:
+        return
+    if not layer.owner_scope or not scope_holds(scope, _owner(layer.owner_scope)):
+        owner = layer.owner_scope or "the city"
+        raise Forbidden(f"layer '{layer.id}' was uploaded for {owner}; only a centre whose "
+                        "jurisdiction holds that may change or delete it")
 
 
 # --- feature counts in a scope -----------------------------------------------------------

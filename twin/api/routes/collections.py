@@ -71,7 +71,7 @@ async def list_collections(request: Request, conn: ConnDep, registry: RegistryDe
 @router.get("/collections/{collection_id}", summary="One published layer")
 async def get_collection(collection_id: str, request: Request, conn: ConnDep,
                          registry: RegistryDep, scope: ScopeDep) -> dict:
-    layer = visible_layer(scope, registry.get(collection_id))
+    layer = visible_layer(scope, registry, collection_id)
     version = (await registry.data_versions(conn)).get(layer.id, 0)
     count = await feature_count(conn, registry, layer, version, scope)
     return collection_document(layer, str(request.base_url).rstrip("/"), count, version)

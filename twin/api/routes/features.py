@@ -75,7 +75,7 @@ async def items(
     filter_lang: str | None = Query(None, alias="filter-lang"),
     filter_crs: str | None = Query(None, alias="filter-crs"),
 ) -> JSONResponse:
-    layer = queries.vector_layer(visible_layer(scope, registry.get(collection_id)))
+    layer = queries.vector_layer(visible_layer(scope, registry, collection_id))
     _check_parameters(request, filter_lang, filter_crs)
     query = queries.ItemsQuery(
         bbox=queries.parse_bbox(bbox) if bbox is not None else None,
@@ -99,7 +99,7 @@ async def items(
             response_class=JSONResponse)
 async def item(collection_id: str, feature_id: str, request: Request, conn: ConnDep,
                registry: RegistryDep, scope: ScopeDep) -> JSONResponse:
-    layer = queries.vector_layer(visible_layer(scope, registry.get(collection_id)))
+    layer = queries.vector_layer(visible_layer(scope, registry, collection_id))
     feature = await queries.feature_by_id(conn, layer, feature_id, scope)
     collection = f"{str(request.base_url).rstrip('/')}/collections/{layer.id}"
     feature["links"] = [
@@ -113,6 +113,6 @@ async def item(collection_id: str, feature_id: str, request: Request, conn: Conn
             response_class=JSONResponse)
 async def queryables(collection_id: str, request: Request, registry: RegistryDep,
                      scope: ScopeDep) -> JSONResponse:
-    layer = queries.vector_layer(visible_layer(scope, registry.get(collection_id)))
+    layer = queries.vector_layer(visible_layer(scope, registry, collection_id))
     schema = {"$id": str(request.url), **queries.queryables(layer)}
     return JSONResponse(schema, media_type="application/schema+json")

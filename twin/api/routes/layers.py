@@ -18,7 +18,7 @@ from layers.receive import Received, boundary_of, content_length_check, receive_
 from twin.api.deps import ConnDep, EditorDep, RegistryDep, ScopeDep, SettingsDep
 from twin.auth import Principal
 from twin.errors import InvalidParameter, NotFound
-from twin.queries.scope import visible_layer
+from twin.queries.scope import check_layer_writable, visible_layer
 from twin.settings import Settings
 
 router = APIRouter(tags=["layers"])
@@ -106,7 +106,8 @@ async def upload_layer(request: Request, who: EditorDep, conn: ConnDep,
 @router.put("/layers/{layer_id}", status_code=202, openapi_extra=_FORM_SCHEMA,
             summary="Upload a new version of an uploaded layer (gis-editor); 202 with the job")
 async def replace_layer(layer_id: str, request: Request, who: EditorDep, conn: ConnDep,
-                        settings: SettingsDep) -> JSONResponse:
+                        settings: SettingsDep, registry: RegistryDep) -> JSONResponse:
+    check_layer_writable(who.scope, visible_layer(who.scope, registry, layer_id))
     kind = (await conn.execute(text("SELECT kind FROM layers WHERE id = :id AND origin = "
                                     "'upload'"), {"id": layer_id})).scalar()
     await conn.rollback()
@@ -131,8 +132,10 @@ async def get_layer(layer_id: str, request: Request, conn: ConnDep,
 
 @router.post("/layers/{layer_id}/rollback", summary="Publish an earlier version (gis-editor)")
 async def rollback_layer(layer_id: str, request: Request, who: EditorDep, conn: ConnDep,
+                         registry: RegistryDep,
                          version: int | None = Query(None, description="the version to publish")
                          ) -> dict:
+    check_layer_writable(who.scope, visible_layer(who.scope, registry, layer_id))
     if version is None and request.headers.get("content-type", "").startswith("application/json"):
         body = await request.json()
         version = body.get("version") if isinstance(body, dict) else None
@@ -148,7 +151,8 @@ async def rollback_layer(layer_id: str, request: Request, who: EditorDep, conn: 
 @router.delete("/layers/{layer_id}", status_code=204, response_class=Response,
                summary="Delete an uploaded layer and all its versions (gis-editor)")
 async def delete_layer(layer_id: str, request: Request, who: EditorDep, conn: ConnDep,
-                       settings: SettingsDep) -> Response:
+                       settings: SettingsDep, registry: RegistryDep) -> Response:
+    check_layer_writable(who.scope, visible_layer(who.scope, registry, layer_id))
     folders = await conn.run_sync(versions.delete, layer_id, settings.uploads_dir)
     await conn.commit()
     request.app.state.registry.invalidate()
@@ -159,7 +163,7 @@ async def delete_layer(layer_id: str, request: Request, who: EditorDep, conn: Co
 @router.get("/layers/{layer_id}/model", response_class=FileResponse,
             summary="The glTF/GLB file of a 3D layer")
 async def get_model(layer_id: str, registry: RegistryDep, scope: ScopeDep) -> FileResponse:
-    layer = visible_layer(scope, registry.get(layer_id))
+    layer = visible_layer(scope, registry, layer_id)
     if layer.kind != "3d" or not layer.file_path:
         raise NotFound(f"layer '{layer_id}' is a {layer.kind} layer and has no 3D model")
     glb = layer.file_path.endswith(".glb")

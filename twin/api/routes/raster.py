@@ -2,6 +2,10 @@
 
 Suffixes differ from the vector tiles' ``.mvt`` so both share the ``/tiles/{layer}/…`` space;
 ``.terrain.png`` is declared before ``.png`` so it is matched first.
+
+A raster layer outside the caller's jurisdiction (an unshared upload of another centre) is
+404 on every route, as a hidden vector collection is, and before the ETag is compared, so a
+304 never tells a caller that the layer exists.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from starlette.concurrency import run_in_threadpool
 
 from tiles import raster, terrain
 from tiles.grid import tile_address
-from twin.api.deps import ConnDep, RegistryDep
+from twin.api.deps import ConnDep, RegistryDep, ScopeDep
+from twin.queries.scope import visible_layer
 
 router = APIRouter(tags=["tiles"])
 
@@ -37,10 +42,10 @@ def _respond(content: bytes | None, media_type: str, etag: str) -> Response:
 @router.get("/tiles/{layer_id}/{z}/{x}/{y}.terrain.png", response_class=Response,
             summary="Terrain-RGB/Terrarium tile of a DEM layer (MapLibre raster-dem)")
 async def get_terrain_tile(layer_id: str, z: int, x: int, y: int, request: Request,
-                           conn: ConnDep, registry: RegistryDep,
+                           conn: ConnDep, registry: RegistryDep, scope: ScopeDep,
                            encoding: EncodingQuery = "mapbox") -> Response:
     tile_address(z, x, y)  # 400 for an address off the grid, before rasterio sees it
-    layer = registry.get(layer_id)
+    layer = visible_layer(scope, registry, layer_id)
     etag = await _etag(conn, registry, layer_id, z, x, y, encoding)
     if etag in request.headers.get("if-none-match", ""):
         return _respond(None, "image/png", etag)
@@ -48,10 +53,10 @@ async def get_terrain_tile(layer_id: str, z: int, x: int, y: int, request: Reque
     return _respond(content, "image/png", etag)
 
 
-async def _raster(request: Request, conn: ConnDep, registry: RegistryDep, layer_id: str,
-                  z: int, x: int, y: int, fmt: str) -> Response:
+async def _raster(request: Request, conn: ConnDep, registry: RegistryDep, scope: ScopeDep,
+                  layer_id: str, z: int, x: int, y: int, fmt: str) -> Response:
     tile_address(z, x, y)  # 400 for an address off the grid, before rasterio sees it
-    layer = registry.get(layer_id)
+    layer = visible_layer(scope, registry, layer_id)
     raster.raster_layer(layer)
     etag = await _etag(conn, registry, layer_id, z, x, y, fmt)
     media_type = raster.FORMATS[fmt][1]
@@ -64,26 +69,26 @@ async def _raster(request: Request, conn: ConnDep, registry: RegistryDep, layer_
 @router.get("/tiles/{layer_id}/{z}/{x}/{y}.png", response_class=Response,
             summary="PNG tile of a raster layer")
 async def get_png_tile(layer_id: str, z: int, x: int, y: int, request: Request, conn: ConnDep,
-                       registry: RegistryDep) -> Response:
-    return await _raster(request, conn, registry, layer_id, z, x, y, "png")
+                       registry: RegistryDep, scope: ScopeDep) -> Response:
+    return await _raster(request, conn, registry, scope, layer_id, z, x, y, "png")
 
 
 @router.get("/tiles/{layer_id}/{z}/{x}/{y}.webp", response_class=Response,
             summary="WebP tile of a raster layer")
 async def get_webp_tile(layer_id: str, z: int, x: int, y: int, request: Request,
-                        conn: ConnDep, registry: RegistryDep) -> Response:
-    return await _raster(request, conn, registry, layer_id, z, x, y, "webp")
+                        conn: ConnDep, registry: RegistryDep, scope: ScopeDep) -> Response:
+    return await _raster(request, conn, registry, scope, layer_id, z, x, y, "webp")
 
 
 @router.get("/tiles/{layer_id}/raster-tilejson.json",
             summary="TileJSON 3.0.0 of a raster layer (?terrain=mapbox|terrarium for raster-dem)")
 async def get_raster_tilejson(layer_id: str, request: Request, registry: RegistryDep,
-                              terrain_encoding: Annotated[
+                              scope: ScopeDep, terrain_encoding: Annotated[
                                   Literal["mapbox", "terrarium"] | None,
                                   Query(alias="terrain")] = None,
                               fmt: Annotated[Literal["png", "webp"],
                                              Query(alias="format")] = "png") -> dict:
-    layer = registry.get(layer_id)
+    layer = visible_layer(scope, registry, layer_id)
     raster.raster_layer(layer)
     base = f"{str(request.base_url).rstrip('/')}/tiles/{layer_id}/{{z}}/{{x}}/{{y}}"
     url = (f"{base}.terrain.png?encoding={terrain_encoding}" if terrain_encoding

@@ -81,7 +81,7 @@ async def _tile_response(request: Request, layer_ids: Sequence[str], z: int, x: 
     versions = await state.tile_versions.read()
     registry = await state.registry.current(layer_ids, versions)
     # Only what lies in the caller's jurisdiction; the cache keeps each scope's tiles apart.
-    layers = [visible_layer(scope, registry.get(layer_id)) for layer_id in layer_ids]
+    layers = [visible_layer(scope, registry, layer_id) for layer_id in layer_ids]
     settings = state.settings.tiles
     connect = _TileConnection(state.tile_engine)
     try:
@@ -116,14 +116,14 @@ async def get_tile_matrix_set(tms_id: str) -> dict:
 @router.get("/collections/{collection_id}/tiles", summary="Tilesets of a collection")
 async def list_tilesets(collection_id: str, request: Request, registry: RegistryDep,
                         scope: ScopeDep) -> dict:
-    layer = visible_layer(scope, registry.get(collection_id))
+    layer = visible_layer(scope, registry, collection_id)
     return metadata.tilesets_list(layer, _base(request))
 
 
 @router.get("/collections/{collection_id}/tiles/{tms_id}", summary="Tileset metadata")
 async def get_tileset(collection_id: str, tms_id: str, request: Request,
                       registry: RegistryDep, scope: ScopeDep) -> dict:
-    layer = visible_layer(scope, registry.get(collection_id))
+    layer = visible_layer(scope, registry, collection_id)
     tile_matrix_set(tms_id)
     return metadata.tileset(layer, _base(request))
 
@@ -144,8 +144,8 @@ async def get_collection_tile(collection_id: str, tms_id: str, tile_matrix: int,
 @router.get("/tiles/{layer_ids}/tilejson.json", summary="TileJSON 3.0.0 of one or more layers")
 async def get_tilejson(layer_ids: str, request: Request, registry: RegistryDep,
                        settings: SettingsDep, scope: ScopeDep) -> dict:
-    layers = [visible_layer(scope, layer)
-              for layer in metadata.resolve_layers(registry, layer_ids)]
+    layers = [visible_layer(scope, registry, layer_id)
+              for layer_id in metadata.split_layer_ids(layer_ids)]
     url = f"{_base(request)}/tiles/{','.join(layer.id for layer in layers)}/{{z}}/{{x}}/{{y}}.mvt"
     return metadata.tilejson(layers, url, settings.tiles.aggregate_below_zoom)
 
