@@ -79,7 +79,7 @@ BUILTIN_LAYERS: tuple[BuiltinLayer, ...] = (
     ),
     BuiltinLayer(
         "buildings", "建筑", "Buildings", "vector", "Polygon", "buildings",
-        ("id", "name", "use", "height_m", "floors", "cim_level"),
+        ("id", "name", "use", "height", "base_height", "floors", "cim_level"),
         min_zoom=13,
     ),
     BuiltinLayer(

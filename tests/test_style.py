@@ -57,8 +57,8 @@ def test_style_draws_what_the_one_map_needs(client: Client):
     assert '["get", "count"]' in json.dumps(points["paint"]["circle-radius"])
     buildings = layers["buildings-3d"]
     assert buildings["type"] == "fill-extrusion"
-    assert ["get", "height_m"] in buildings["paint"]["fill-extrusion-height"]
-    assert buildings["paint"]["fill-extrusion-base"] == 0
+    assert ["get", "height"] in buildings["paint"]["fill-extrusion-height"]
+    assert ["get", "base_height"] in buildings["paint"]["fill-extrusion-base"]
     assert layers["pipe-segments"]["paint"]["line-color"][1] == ["get", "network"]
     assert layers["response-teams"]["type"] == "circle"
     assert not any(source["type"] == "raster-dem" for source in style["sources"].values())

@@ -196,6 +196,26 @@ def test_composite_layers_match_a_geopandas_oracle(client: Client, sample_dir: P
     assert served_teams, "no response team in a central tile"
 
 
+def test_building_tiles_carry_what_extrusion_needs(client: Client, sample_dir: Path):
+    """height (the roof), base_height (0 on the ground) and cim_level of every building in
+    the tile, as the sample file has them."""
+    frame = pd.read_csv(sample_dir / "buildings.csv")
+    centres = shapely.centroid(shapely.from_wkb(frame.geom))
+    frame = frame.assign(lon=shapely.get_x(centres), lat=shapely.get_y(centres))
+    tallest = frame.loc[frame.height_m.idxmax()]
+    tile = WEB_MERCATOR.tile(tallest.lon, tallest.lat, 15)
+    layer = get_tile(client, f"/tiles/buildings/15/{tile.x}/{tile.y}.mvt")["buildings"]
+    served = {feature["id"]: feature["properties"] for feature in layer["features"]}
+    expected = inside(frame, tile).set_index("id")
+    assert int(tallest.id) in served and set(expected.index) <= set(served)
+    for building_id, row in expected.iterrows():
+        props = served[building_id]
+        assert props["height"] == pytest.approx(row.height_m)
+        assert props["base_height"] == 0
+        assert props["cim_level"] == row.cim_level
+        assert "height_m" not in props
+
+
 def test_tilejson_describes_the_layers(client: Client):
     doc = client.get("/tiles/districts,risk_points/tilejson.json").json()
     assert doc["tilejson"] == "3.0.0"

@@ -107,8 +107,8 @@ def _building_layer(registry: LayerRegistry) -> dict:
             "source-layer": "buildings", "minzoom": registry.get("buildings").min_zoom,
             "paint": {
                 "fill-extrusion-color": "#cfd8dc",
-                "fill-extrusion-height": ["to-number", ["get", "height_m"], 0],
-                "fill-extrusion-base": 0,
+                "fill-extrusion-height": ["to-number", ["get", "height"], 0],
+                "fill-extrusion-base": ["to-number", ["get", "base_height"], 0],
                 "fill-extrusion-opacity": 0.85,
             }}
 

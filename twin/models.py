@@ -14,6 +14,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Computed,
     DateTime,
     Double,
     ForeignKey,
@@ -348,13 +349,21 @@ class HazardSource(Base):
 
 class Building(Base):
     __tablename__ = "buildings"
-    __table_args__ = (CheckConstraint("cim_level BETWEEN 1 AND 6", name="building_cim_level"),)
+    __table_args__ = (
+        CheckConstraint("cim_level BETWEEN 1 AND 6", name="building_cim_level"),
+        CheckConstraint("base_height >= 0 AND base_height <= height_m",
+                        name="building_base_below_roof"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     name: Mapped[str | None] = mapped_column(Text)
     # residential, commercial, office, industrial, public, school, hospital
     use: Mapped[str] = mapped_column(String(16))
     height_m: Mapped[float] = mapped_column(Double)
+    # What maps extrude by (migration 0007): the roof above the ground, generated from
+    # height_m, and where the extrusion starts (0 on the ground; higher for a podium tower).
+    height: Mapped[float | None] = mapped_column(Double, Computed("height_m"))
+    base_height: Mapped[float] = mapped_column(Double, server_default="0")
     floors: Mapped[int] = mapped_column(SmallInteger)
     cim_level: Mapped[int] = mapped_column(SmallInteger)
     district_code: Mapped[str] = mapped_column(ForeignKey("admin_units.code"))
