@@ -3,8 +3,19 @@
 A job builds its version (table, COG or model file) and publishes it inside ONE database
 transaction, and marks itself succeeded in that same transaction. A failure, or a kill at any
 point, rolls the transaction back: no table, no version row, no half-published layer. Files are
-written to the version's own folder and removed on failure; ``recover_interrupted`` (run at
-start-up) fails the jobs a killed server left behind and sweeps their folders.
+written to the version's own folder and removed on failure.
+
+A process may die while its siblings live (``twin serve`` runs several worker processes and
+restarts one that dies), so whether a job is still alive is asked of PostgreSQL, not of any
+process: the connection that runs a job holds a session advisory lock keyed by the job
+(``JOB_LOCK``) from the moment it claims it until its end is committed, and each process holds
+a lock keyed by a token of its own (``OWNER_LOCK``), recorded on the jobs it queues. A lock is
+let go when its connection dies, which is also when the job's transaction can no longer
+commit. ``reap_dead_jobs`` (at start-up, every ``REAP_EVERY_S`` in every process, and when
+GET /jobs/{id} reads an unfinished job) fails a running job whose lock it can take
+(interrupted) and a queued job whose owner's lock it can take (never ran), and sweeps their
+folders. ``recover_interrupted`` fails every unfinished job at a start with no other server
+process alive (rows from before the locks, or inserted by hand, included).
 
 Every statement of that transaction is bounded by ``TWIN_UPLOADS_STATEMENT_TIMEOUT_S`` (set
 for the transaction only, so a pathological file cannot hold the database for ever); a job
@@ -18,8 +29,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import secrets
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +66,32 @@ INTERNAL = "internal error while ingesting (see the server log); nothing was pub
 # SQLSTATE query_canceled: the statement timeout (or an administrator's cancel).
 QUERY_CANCELED = "57014"
 
+# Advisory locks of two int4 keys (apart from ALIVE_LOCK's single bigint): a namespace, then
+# hashtext(job id) for the lock of the connection running a job, or the token of the process
+# that queued it (``process_owner``).
+JOB_LOCK = 0x74776A62  # "twjb"
+OWNER_LOCK = 0x74776F77  # "twow"
+# How often every process looks for the jobs of dead ones (GET /jobs/{id} looks at once).
+REAP_EVERY_S = 5.0
+# A backend busy with a long statement notices its client died only when it next talks to it;
+# checking this often, a killed process's job lets go of its lock within a second, not at the
+# end of its CREATE INDEX.
+CLIENT_CHECK_MS = 1000
+RUNNING = ("running",)
+NOT_SUCCEEDED = ("queued", "running", "failed")
+
+_process: tuple[int, int] = (0, 0)
+_process_lock = threading.Lock()
+
+
+def process_owner() -> int:
+    """This process's token, the key of its OWNER_LOCK (a forked child gets one of its own)."""
+    global _process
+    with _process_lock:
+        if _process[0] != os.getpid():
+            _process = (os.getpid(), secrets.randbelow(2**31 - 2) + 1)
+        return _process[1]
+
 
 def job_dir(uploads_dir: Path, job_id: str) -> Path:
     return uploads_dir / "jobs" / job_id
@@ -59,10 +99,21 @@ def job_dir(uploads_dir: Path, job_id: str) -> Path:
 
 # --- rows --------------------------------------------------------------------------------
 
+# The queuing process is recorded as the job's owner only while it holds its OWNER_LOCK (its
+# runner takes it at start-up, again after losing the database): a job with no owner is never
+# taken for a dead process's; a start with no other process alive fails it.
 _INSERT_JOB = text("""
     INSERT INTO upload_jobs (id, layer_id, action, state, progress, step, reasons, report,
                              params, file_name, created_by)
-    VALUES (:id, :layer_id, :action, 'queued', 0, 'queued', '[]', '{}', CAST(:params AS jsonb),
+    VALUES (:id, :layer_id, :action, 'queued', 0, 'queued', '[]', '{}',
+            CAST(:params AS jsonb) || CASE WHEN EXISTS (
+                SELECT 1 FROM pg_locks
+                 WHERE locktype = 'advisory' AND granted AND objsubid = 2
+                   AND database = (SELECT oid FROM pg_database
+                                    WHERE datname = current_database())
+                   AND classid = CAST(:owner_lock AS oid) AND objid = CAST(:owner_key AS oid))
+                THEN jsonb_build_object('_owner', CAST(:owner AS integer))
+                ELSE CAST('{}' AS jsonb) END,
             :file_name, :created_by)
 """)
 
@@ -73,7 +124,8 @@ async def create_job(conn: AsyncConnection, job_id: str, layer_id: str, action: 
     try:
         await conn.execute(_INSERT_JOB, {
             "id": job_id, "layer_id": layer_id, "action": action, "file_name": file_name,
-            "params": json.dumps(params, ensure_ascii=False), "created_by": created_by})
+            "params": json.dumps(params, ensure_ascii=False), "created_by": created_by,
+            "owner_lock": OWNER_LOCK, "owner_key": process_owner(), "owner": process_owner()})
         await conn.commit()
     except IntegrityError:
         await conn.rollback()
@@ -97,8 +149,10 @@ async def job_document(conn: AsyncConnection, job_id: str) -> dict:
     return job
 
 
-def _set(engine: Engine, job_id: str, **values) -> None:
-    """Progress and state, committed at once (outside the job's publishing transaction)."""
+def _set(engine: Engine, job_id: str, states: tuple[str, ...], **values) -> None:
+    """Progress and state, committed at once (outside the job's publishing transaction), of
+    a job in one of ``states``: a failure never overwrites a success, progress never a
+    failure."""
     columns = ", ".join(f"{name} = :{name}" for name in values)
     for name in ("reasons", "report"):
         if name in values:
@@ -106,39 +160,76 @@ def _set(engine: Engine, job_id: str, **values) -> None:
             columns = columns.replace(f"{name} = :{name}", f"{name} = CAST(:{name} AS jsonb)")
     with engine.begin() as conn:
         conn.execute(text(f"UPDATE upload_jobs SET {columns}, updated_at = now() "
-                          "WHERE id = :job_id"), {**values, "job_id": job_id})
+                          "WHERE id = :job_id AND state = ANY(:states)"),
+                     {**values, "job_id": job_id, "states": list(states)})
 
 
 # --- running -----------------------------------------------------------------------------
 
+_LOCK_JOB = text("SELECT pg_advisory_lock(CAST(:lock AS integer), hashtext(:id))")
+_UNLOCK_JOB = text("SELECT pg_advisory_unlock(CAST(:lock AS integer), hashtext(:id))")
+# Claimed under the job's lock: a 'running' job is alive exactly while its lock is held. The
+# mark tells reapers that it is (rows from before the locks, or written by hand, are not).
+_CLAIM = text("""
+    UPDATE upload_jobs
+       SET state = 'running', progress = 2, step = 'starting', updated_at = now(),
+           params = params || jsonb_build_object('_job_lock', true)
+     WHERE id = :id AND state = 'queued'
+ RETURNING id, layer_id, action, params, file_name, created_by
+""")
+
+
 def run_job(engine: Engine, settings: Settings, job_id: str) -> bool:
-    """Ingest and publish one queued job; True when a version was published."""
-    with engine.connect() as conn:
-        job = conn.execute(_SELECT_JOB, {"id": job_id}).mappings().one()
-    if job["state"] != "queued":
-        return False
-    _set(engine, job_id, state="running", progress=2, step="starting")
+    """Claim, ingest and publish one queued job; True when a version was published.
+
+    One connection, the job's, holds its lock (session-level) from the claim until its end
+    is committed, and runs its publishing transaction: the lock is free only once that
+    transaction is over, committed or rolled back (a dead connection's backend rolls back
+    before it lets go of its locks).
+    """
+    conn = engine.connect()
+    try:
+        conn.execute(_LOCK_JOB, {"lock": JOB_LOCK, "id": job_id})
+        job = conn.execute(_CLAIM, {"id": job_id}).mappings().first()
+        conn.commit()  # a session-level lock outlives the transaction
+        return job is not None and _run_claimed(conn, engine, settings, dict(job))
+    finally:
+        _let_go(conn, job_id)
+
+
+def _let_go(conn: Connection, job_id: str) -> None:
+    """Release the job's lock. A connection that cannot is closed for good: back in the pool
+    it would keep the lock, and the job would look alive for ever."""
+    try:
+        conn.rollback()
+        conn.execute(_UNLOCK_JOB, {"lock": JOB_LOCK, "id": job_id})
+        conn.commit()
+    except Exception:
+        conn.invalidate()
+    finally:
+        conn.close()
+
+
+def _run_claimed(conn: Connection, engine: Engine, settings: Settings, job: dict) -> bool:
+    job_id = job["id"]
     folder = None
     try:
-        with engine.begin() as conn:
+        with conn.begin():
             _bound_statements(conn, settings.uploads.statement_timeout_s)
+            conn.execute(text("SELECT set_config('client_connection_check_interval', :ms, "
+                              "true)"), {"ms": str(CLIENT_CHECK_MS)})
             version = next_version(conn, job["layer_id"])
             # Recorded before any file exists, so recovery knows which folder to sweep.
-            _set(engine, job_id, version=version, progress=5, step="reading")
+            _set(engine, job_id, RUNNING, version=version, progress=5, step="reading")
             folder = version_dir(settings.uploads_dir, job["layer_id"], version)
             shutil.rmtree(folder, ignore_errors=True)  # left by a killed job, never published
             folder.mkdir(parents=True)
-            built = _build(conn, engine, settings, dict(job), version, folder)
-            _set(engine, job_id, progress=95, step="publishing")
+            built = _build(conn, engine, settings, job, version, folder)
+            _set(engine, job_id, RUNNING, progress=95, step="publishing")
             publish(conn, built, job["params"].get("title"), job["action"] == "create",
                     owner_scope=job["params"].get("_owner_scope"),
                     shared=job["params"].get("_shared", True))
-            conn.execute(text(
-                "UPDATE upload_jobs SET state = 'succeeded', progress = 100, step = 'published', "
-                "report = CAST(:report AS jsonb), version = :version, updated_at = now() "
-                "WHERE id = :id"),
-                {"id": job_id, "version": version,
-                 "report": json.dumps(built.report, ensure_ascii=False)})
+            _succeed(conn, job_id, version, built.report)
         return True
     except (SourceError, TwinError) as error:
         needs = {"needs": ["source_crs"]} if isinstance(error, crs_mod.MissingCrs) else {}
@@ -152,6 +243,18 @@ def run_job(engine: Engine, settings: Settings, job_id: str) -> bool:
     finally:
         shutil.rmtree(job_dir(settings.uploads_dir, job_id), ignore_errors=True)
     return False
+
+
+def _succeed(conn: Connection, job_id: str, version: int, report: dict) -> None:
+    """In the publishing transaction; only a job still running (recovery at a lone start
+    fails every unfinished job, even one a ``python -m layers.jobs`` runs) publishes."""
+    marked = conn.execute(text(
+        "UPDATE upload_jobs SET state = 'succeeded', progress = 100, step = 'published', "
+        "report = CAST(:report AS jsonb), version = :version, updated_at = now() "
+        "WHERE id = :id AND state = 'running'"),
+        {"id": job_id, "version": version, "report": json.dumps(report, ensure_ascii=False)})
+    if marked.rowcount != 1:
+        raise RuntimeError(f"upload job {job_id} was failed by recovery while it ran")
 
 
 def _bound_statements(conn: Connection, seconds: float) -> None:
@@ -186,7 +289,8 @@ def _fail(engine: Engine, job_id: str, reasons: list[str], folder: Path | None,
           report: dict | None = None) -> None:
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
-    _set(engine, job_id, state="failed", step="failed", reasons=reasons, report=report or {})
+    _set(engine, job_id, NOT_SUCCEEDED, state="failed", step="failed", reasons=reasons,
+         report=report or {})
 
 
 def _build(conn: Connection, engine: Engine, settings: Settings, job: dict, version: int,
@@ -200,7 +304,7 @@ def _build(conn: Connection, engine: Engine, settings: Settings, job: dict, vers
               "created_by": job["created_by"]}
 
     def progress(percent: int, step: str) -> None:
-        _set(engine, job["id"], progress=percent, step=step)
+        _set(engine, job["id"], RUNNING, progress=percent, step=step)
 
     if params["_kind"] == "vector":
         return _build_vector(conn, settings, params, source, declared, datum, common, progress)
@@ -268,47 +372,130 @@ def _build_vector(conn: Connection, settings: Settings, params: dict, source: Pa
                    table_name=table, report=report)
 
 
-# --- start-up ----------------------------------------------------------------------------
+# --- jobs of dead processes ------------------------------------------------------------------
 
-_FAIL_LEFTOVERS = text("""
-    UPDATE upload_jobs AS j
-       SET state = 'failed', step = 'failed', updated_at = now(),
+_FAILED = """
            reasons = CASE j.state WHEN 'running' THEN CAST(:interrupted AS jsonb)
                                   ELSE CAST(:never_ran AS jsonb) END
-     WHERE j.state IN ('queued', 'running')
+"""
+_RETURNING = """
  RETURNING j.id, j.layer_id, j.version,
            EXISTS (SELECT 1 FROM layer_versions AS v
                     WHERE v.layer_id = j.layer_id AND v.version = j.version) AS published
+"""
+
+# The unfinished jobs nobody runs: a running one whose lock this transaction can take, a
+# queued one whose owner's lock it can take (held shared by every live runner of that
+# process). The locks are kept until the commit; the CTE is a fence, so only unfinished
+# jobs' locks are tried. A job is failed only in the state it was judged dead in.
+_DEAD = text("""
+    WITH unfinished AS MATERIALIZED (
+        SELECT id, state, params ->> '_job_lock' IS NOT NULL AS locked,
+               CAST(params ->> '_owner' AS integer) AS owner
+          FROM upload_jobs
+         WHERE state IN ('queued', 'running') AND id = COALESCE(CAST(:id AS varchar), id))
+    SELECT id, state FROM unfinished
+     WHERE CASE WHEN state = 'running' AND locked
+                THEN pg_try_advisory_xact_lock(CAST(:job_lock AS integer), hashtext(id))
+                WHEN state = 'queued' AND owner IS NOT NULL
+                THEN pg_try_advisory_xact_lock(CAST(:owner_lock AS integer), owner)
+                ELSE false END
 """)
 
+# A statement of its own, so its snapshot is younger than the locks: a job that committed
+# its success just before letting go of its lock is seen succeeded, and left alone.
+_FAIL_DEAD = text(f"""
+    UPDATE upload_jobs AS j
+       SET state = 'failed', step = 'failed', updated_at = now(), {_FAILED}
+     WHERE (j.state = 'running' AND j.id = ANY(:running))
+        OR (j.state = 'queued' AND j.id = ANY(:queued))
+    {_RETURNING}
+""")
 
-def recover_interrupted(engine: Engine, uploads_dir: Path) -> list[str]:
-    """Fail the jobs a stopped server left queued or running, and remove their files.
+_FAIL_LEFTOVERS = text(f"""
+    UPDATE upload_jobs AS j
+       SET state = 'failed', step = 'failed', updated_at = now(), {_FAILED}
+     WHERE j.state IN ('queued', 'running')
+    {_RETURNING}
+""")
 
-    Only the folders those jobs own are touched (their spool folder and the folder of the
-    version they were building, unless it got published), never a sweep of the whole tree.
-    """
-    with engine.begin() as conn:
-        failed = conn.execute(_FAIL_LEFTOVERS, {"interrupted": json.dumps([INTERRUPTED]),
-                                                "never_ran": json.dumps([NEVER_RAN])}).all()
+_REASONS = {"interrupted": json.dumps([INTERRUPTED]), "never_ran": json.dumps([NEVER_RAN])}
+
+
+def _dead_params(job_id: str | None) -> dict:
+    return {"id": job_id, "job_lock": JOB_LOCK, "owner_lock": OWNER_LOCK}
+
+
+def _fail_params(dead: list) -> dict:
+    return {"running": [job_id for job_id, state in dead if state == "running"],
+            "queued": [job_id for job_id, state in dead if state == "queued"], **_REASONS}
+
+
+def _sweep(uploads_dir: Path, failed: list) -> None:
+    """Remove the folders failed jobs own: their spool folder and the folder of the version
+    they were building, unless it got published; never a sweep of the whole tree. Done before
+    the failure commits: until then no new job of the layer can start (one unfinished job
+    per layer) and make the same version folder."""
     for job_id, layer_id, version, published in failed:
         shutil.rmtree(job_dir(uploads_dir, job_id), ignore_errors=True)
         if version is not None and not published:
             shutil.rmtree(version_dir(uploads_dir, layer_id, version), ignore_errors=True)
+
+
+def reap_dead_jobs(engine: Engine, uploads_dir: Path, job_id: str | None = None) -> list[str]:
+    """Fail the unfinished jobs (or the one ``job_id``) whose process is gone, and remove
+    their files; safe at any time in any process."""
+    with engine.begin() as conn:
+        dead = conn.execute(_DEAD, _dead_params(job_id)).all()
+        failed = conn.execute(_FAIL_DEAD, _fail_params(dead)).all() if dead else []
+        _sweep(uploads_dir, failed)
+    if failed:
+        log.warning("marked %d upload jobs of dead processes failed", len(failed))
+    return [row[0] for row in failed]
+
+
+async def reap_if_dead(conn: AsyncConnection, job_id: str, uploads_dir: Path) -> bool:
+    """``reap_dead_jobs`` for one job, on the API's connection (its transaction commits):
+    whoever polls a job learns that its process died at once."""
+    dead = (await conn.execute(_DEAD, _dead_params(job_id))).all()
+    failed = (await conn.execute(_FAIL_DEAD, _fail_params(dead))).all() if dead else []
+    await asyncio.to_thread(_sweep, uploads_dir, failed)
+    await conn.commit()
+    if failed:
+        log.warning("marked upload job %s of a dead process failed", job_id)
+    return bool(failed)
+
+
+def recover_interrupted(engine: Engine, uploads_dir: Path) -> list[str]:
+    """Fail every job a stopped server left queued or running, and remove their files: for a
+    start with no other server process alive (see ``_recover_if_alone``)."""
+    with engine.begin() as conn:
+        failed = conn.execute(_FAIL_LEFTOVERS, _REASONS).all()
+        _sweep(uploads_dir, failed)
     if failed:
         log.warning("marked %d interrupted upload jobs failed", len(failed))
     return [row[0] for row in failed]
 
 
+# --- the runner ------------------------------------------------------------------------------
+
 class JobRunner:
-    """A small thread pool that runs queued jobs; ``on_published`` refreshes the registry."""
+    """A small thread pool that runs queued jobs (``on_published`` refreshes the registry),
+    and a thread that keeps this process's locks and, every REAP_EVERY_S, fails the jobs of
+    dead processes."""
 
     def __init__(self, engine: Engine, settings: Settings, on_published: Callable[[str], None],
                  alive: Connection | None = None):
         self._engine, self._settings, self._on_published = engine, settings, on_published
-        self._alive = alive  # holds ALIVE_LOCK while this process lives
+        # Holds ALIVE_LOCK and this process's OWNER_LOCK while it lives; None while the
+        # database is away (the watcher takes them again).
+        self._alive = alive
         self._pool = ThreadPoolExecutor(settings.uploads.workers,
                                         thread_name_prefix="twin-upload")
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="twin-upload-reaper",
+                                         daemon=True)
+        self._watcher.start()
 
     def submit(self, job_id: str, layer_id: str) -> None:
         self._pool.submit(self._run, job_id, layer_id)
@@ -317,22 +504,52 @@ class JobRunner:
         if run_job(self._engine, self._settings, job_id):
             self._on_published(layer_id)
 
+    def _watch(self) -> None:
+        failing = False
+        while not self._stopping.wait(REAP_EVERY_S):
+            try:
+                self._keep_locks()
+                reap_dead_jobs(self._engine, self._settings.uploads_dir)
+                failing = False
+            except Exception as error:  # the loop outlives any one failure (database away)
+                if not failing:  # once per outage, not every REAP_EVERY_S
+                    log.warning("upload jobs: could not look for jobs of dead processes "
+                                "(trying again every %g s): %s", REAP_EVERY_S, error)
+                failing = True
+
+    def _keep_locks(self) -> None:
+        """Take this process's locks again, on a new connection, when theirs was lost."""
+        if self._alive is not None:
+            try:
+                self._alive.execute(text("SELECT 1"))
+                self._alive.rollback()
+                return
+            except DBAPIError:
+                self._alive.invalidate()
+                self._alive = None
+        self._alive = _hold_locks(self._engine)
+
     def shutdown(self) -> None:
+        self._stopping.set()
+        self._watcher.join(timeout=10)
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._alive is not None:
             self._alive.invalidate()
         self._engine.dispose()
 
 
-# Held (shared) by every live server process. A process runs the jobs it accepted, so with
-# several worker processes (TWIN_WORKERS) a starting one may fail 'running' jobs as
-# interrupted only when it can take this lock exclusively: when no other process is alive.
+# Held (shared) by every live server process. A starting one fails every unfinished job
+# (``recover_interrupted``: rows without the locks that ``reap_dead_jobs`` asks, too) only
+# when it can take this lock exclusively: when no other process is alive.
 ALIVE_LOCK = 0x7477696E_6A6F6273  # "twinjobs"
 
 
 # A killed server's database sessions end a moment after it (PostgreSQL notices the closed
 # socket); a restart may come sooner, so the exclusive lock is tried for this long.
 ALIVE_WAIT_S = 2.0
+
+_LOCK_OWNER = text("SELECT pg_advisory_lock_shared(CAST(:lock AS integer), "
+                   "CAST(:owner AS integer))")
 
 
 def _try_lock_for(conn: Connection, lock: dict, seconds: float) -> bool:
@@ -365,15 +582,41 @@ def _recover_if_alone(engine: Engine, uploads_dir: Path) -> Connection:
     return conn
 
 
+def _hold_locks(engine: Engine, conn: Connection | None = None) -> Connection:
+    """This process's OWNER_LOCK (and ALIVE_LOCK, on a new connection) for as long as it
+    lives."""
+    fresh = conn is None
+    conn = engine.connect() if fresh else conn
+    try:
+        if fresh:
+            conn.execute(text("SELECT pg_advisory_lock_shared(:key)"), {"key": ALIVE_LOCK})
+        conn.execute(_LOCK_OWNER, {"lock": OWNER_LOCK, "owner": process_owner()})
+        conn.commit()
+    except BaseException:
+        conn.invalidate()
+        raise
+    return conn
+
+
+def _start_locks(engine: Engine, uploads_dir: Path) -> Connection:
+    alive = _hold_locks(engine, _recover_if_alone(engine, uploads_dir))
+    try:
+        reap_dead_jobs(engine, uploads_dir)  # e.g. a worker replacing a dead one: its jobs
+    except DBAPIError as error:
+        log.warning("could not look for upload jobs of dead processes: %s", error.orig)
+    return alive
+
+
 async def start_runner(settings: Settings, on_published: Callable[[str], None]) -> JobRunner:
-    """The app's job runner, after failing what a killed server left (if the DB answers)."""
+    """The app's job runner, after failing what a killed server (or worker) left, if the
+    database answers."""
     engine = sync_engine(settings)
     alive = None
     try:
-        alive = await asyncio.to_thread(_recover_if_alone, engine, settings.uploads_dir)
+        alive = await asyncio.to_thread(_start_locks, engine, settings.uploads_dir)
     except DBAPIError as error:
         # The app starts without its database (/healthz says 503) or before its migrations;
-        # recovery then waits for the next start.
+        # the runner's watcher takes its locks and looks for dead jobs once it answers.
         log.warning("could not check for interrupted upload jobs: %s", error.orig)
     return JobRunner(engine, settings, on_published, alive)
 

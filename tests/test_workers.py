@@ -213,7 +213,7 @@ def test_workers_die_with_a_killed_server(two_workers: ServerProcess):
     # What the start-up log told the operator, once (the workers log nothing of it).
     log = two_workers.process.stderr.read().decode()
     assert log.count("with 2 worker processes (TWIN_WORKERS)") == 1, log
-    assert log.count("rate limits are enforced per worker process: with 2 workers") == 1, log
+    assert log.count("are shared by the 2 worker processes through") == 1, log
 
 
 def gone(pid: int) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection
 
+from twin import ratelimit
 from twin.cluster import ManagedCluster
 from twin.errors import TwinError
 from twin.settings import Settings, get_settings
@@ -156,16 +157,22 @@ def log_access(settings: Settings) -> None:
                  "(%s) or a JWT", EDITOR_KEY_COMMAND.replace("gis-editor", "<role>"))
 
 
-def log_workers(settings: Settings) -> None:
+def log_workers(settings: Settings, rate_table: Path | None) -> None:
     limits = settings.limits
     log.info("serving the API and the web map on http://%s:%d/ with %d worker process%s "
              "(TWIN_WORKERS)", settings.host, settings.port, settings.workers,
              "" if settings.workers == 1 else "es")
-    if limits.rate_per_s and settings.workers > 1:
-        log.info("rate limits are enforced per worker process: with %d workers a key may "
-                 "get up to %d x TWIN_LIMITS_RATE_PER_S (%g/s) and %d x TWIN_LIMITS_BURST "
-                 "(%d), as its connections land on different processes", settings.workers,
-                 settings.workers, limits.rate_per_s, settings.workers, limits.burst)
+    if not limits.rate_per_s or settings.workers == 1:
+        return
+    if rate_table:
+        log.info("rate limits (TWIN_LIMITS_RATE_PER_S %g/s, TWIN_LIMITS_BURST %d per key) are "
+                 "shared by the %d worker processes through %s", limits.rate_per_s,
+                 limits.burst, settings.workers, rate_table)
+    else:
+        log.warning("rate limits are enforced per worker process: with %d workers a key may "
+                    "get up to %d x TWIN_LIMITS_RATE_PER_S (%g/s) and %d x TWIN_LIMITS_BURST "
+                    "(%d), as its connections land on different processes", settings.workers,
+                    settings.workers, limits.rate_per_s, settings.workers, limits.burst)
 
 
 def serve(settings: Settings) -> None:
@@ -174,24 +181,34 @@ def serve(settings: Settings) -> None:
     from twin.api.app import create_app
 
     log_access(settings)
-    log_workers(settings)
     # Idle keep-alive connections stay open 75 s (nginx's default), not uvicorn's 5 s: under
     # load a busy event loop can run the idle timer before the next request on that
     # connection is read, and the client gets a closed connection instead of an answer.
     options = {"host": settings.host, "port": settings.port, "log_level": "info",
                "access_log": False, "timeout_keep_alive": 75}
     if settings.workers == 1:
+        log_workers(settings, None)
         uvicorn.run(create_app(settings), **options)
         return
+    # The workers share one set of rate-limit buckets, in a table made before they start.
+    rate_table = (ratelimit.create_table(settings.home, settings.port)
+                  if settings.limits.rate_per_s else None)
+    log_workers(settings, rate_table)
     # Worker processes build their own app from an import string; the settings travel to
     # them whole (pickled: secrets included, overrides such as demo_access kept).
     os.environ[WORKER_SETTINGS_ENV] = base64.b64encode(pickle.dumps(settings)).decode()
     os.environ[SERVER_PID_ENV] = str(os.getpid())
-    uvicorn.run("twin.cli:worker_app", factory=True, workers=settings.workers, **options)
+    os.environ[RATE_TABLE_ENV] = str(rate_table or "")
+    try:
+        uvicorn.run("twin.cli:worker_app", factory=True, workers=settings.workers, **options)
+    finally:  # (a server killed outright leaves it: the next start removes it)
+        if rate_table:
+            ratelimit.remove_table(rate_table)
 
 
 WORKER_SETTINGS_ENV = "_TWIN_WORKER_SETTINGS"
 SERVER_PID_ENV = "_TWIN_SERVER_PID"
+RATE_TABLE_ENV = "_TWIN_RATE_TABLE"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -203,7 +220,11 @@ def worker_app():
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     _die_with_server()
     settings = pickle.loads(base64.b64decode(os.environ[WORKER_SETTINGS_ENV]))
-    return create_app(settings)
+    app = create_app(settings)
+    table = os.environ.get(RATE_TABLE_ENV)
+    app.state.rate_buckets = ratelimit.open_buckets(
+        Path(table) if table else None, settings.limits.rate_per_s, settings.limits.burst)
+    return app
 
 
 def _die_with_server() -> None:

@@ -89,9 +89,10 @@ class LimitsSettings(BaseSettings):
     """Per-caller rate limits and request body limits (``TWIN_LIMITS_``).
 
     The rate is a token bucket per key (per client IP for anonymous callers): ``burst``
-    requests at once, refilled at ``rate_per_s``. The defaults are generous on purpose: one
-    process on a small machine serves fewer requests than that, so they only stop a runaway
-    client; a deployment with many key holders sets e.g. ``TWIN_LIMITS_RATE_PER_S=20``.
+    requests at once, refilled at ``rate_per_s``, for the whole server (its worker processes
+    share the buckets: twin/ratelimit.py). The defaults are generous on purpose: twin on a
+    small machine serves fewer requests than that, so they only stop a runaway client; a
+    deployment with many key holders sets e.g. ``TWIN_LIMITS_RATE_PER_S=20``.
     """
 
     model_config = SettingsConfigDict(env_prefix="TWIN_LIMITS_")

@@ -22,7 +22,7 @@ from twin import auth
 from twin.api.deps import get_principal
 from twin.auth import Principal, Unauthenticated
 from twin.errors import TwinError
-from twin.ratelimit import TokenBuckets, retry_after
+from twin.ratelimit import SharedTokenBuckets, TokenBuckets, retry_after
 
 PUBLIC = "public"
 READ = frozenset({"GET", "HEAD"})
@@ -104,7 +104,9 @@ async def rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
                         headers={"Retry-After": exc.retry_after})
 
 
-def _buckets(request: Request) -> TokenBuckets:
+def _buckets(request: Request) -> TokenBuckets | SharedTokenBuckets:
+    """The app's rate-limit buckets: ``twin serve``'s worker processes are given the
+    server's shared table (twin/cli.py ``worker_app``); a single process keeps its own."""
     buckets = getattr(request.app.state, "rate_buckets", None)
     if buckets is None:
         limits = request.app.state.settings.limits
