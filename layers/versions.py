@@ -57,6 +57,11 @@ def version_dir(uploads_dir: Path, layer_id: str, version: int) -> Path:
     return uploads_dir / "layers" / layer_id / f"v{version}"
 
 
+def job_dir(uploads_dir: Path, job_id: str) -> Path:
+    """Where an upload is spooled while its job runs."""
+    return uploads_dir / "jobs" / job_id
+
+
 def check_layer_id(layer_id: str) -> str:
     if not LAYER_ID.match(layer_id):
         raise InvalidParameter(f"id: {layer_id!r} is not a usable layer id; use 1-40 lower-case "

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
-from layers.jobs import (
+from layers.job_liveness import (
     _FAIL_DEAD,
     INTERRUPTED,
     JOB_LOCK,
@@ -34,13 +34,11 @@ from layers.jobs import (
     OWNER_LOCK,
     REAP_EVERY_S,
     _fail_params,
-    create_job,
-    job_dir,
     process_owner,
     reap_dead_jobs,
-    start_runner,
 )
-from layers.versions import version_dir
+from layers.jobs import create_job, start_runner
+from layers.versions import job_dir, version_dir
 from tests.conftest import EDITOR, ServerProcess, sibling_database
 from tests.test_workers import descendants, owner, socket_inode
 from twin.db import async_engine

@@ -25,7 +25,7 @@ from httpx import Client
 from sqlalchemy import Engine, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from layers.jobs import _recover_if_alone
+from layers.job_liveness import _recover_if_alone
 from layers.registry import LayerRegistry
 from tiles import hexagons
 from tiles.cache import DataVersions

@@ -16,7 +16,8 @@ import pytest
 from sqlalchemy import Engine, text
 
 from layers.intake import FORM_FIELDS, prepare, stored_name
-from layers.jobs import job_dir, recover_interrupted
+from layers.job_liveness import recover_interrupted
+from layers.versions import job_dir
 from tests import test_uploads_support as support
 from tests.test_uploads_support import (
     EDITOR,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from layers.jobs import job_document, reap_if_dead
+from layers.job_liveness import reap_if_dead
+from layers.jobs import job_document
 from twin.api.deps import ConnDep, SettingsDep
 
 router = APIRouter(tags=["layers"])

@@ -13,8 +13,9 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from layers import catalog, intake, versions
-from layers.jobs import create_job, job_dir, job_document
+from layers.jobs import create_job, job_document
 from layers.receive import Received, boundary_of, content_length_check, receive_upload
+from layers.versions import job_dir
 from twin.api.deps import ConnDep, EditorDep, RegistryDep, ScopeDep, SettingsDep
 from twin.auth import Principal
 from twin.errors import InvalidParameter, NotFound
