@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import io
 import json
 import os
 import signal
@@ -40,24 +39,13 @@ from layers.job_liveness import (
 from layers.jobs import create_job, start_runner
 from layers.versions import job_dir, version_dir
 from tests.conftest import EDITOR, ServerProcess, sibling_database
+from tests.test_uploads_support import points_csv
 from tests.test_workers import descendants, owner, socket_inode
 from twin.db import async_engine
 from twin.settings import Settings, UploadSettings
 
 BIG, SMALL = "dead_worker_big", "dead_worker_small"
 POINTS = 200_000
-
-
-def points_csv(count: int, seed: int) -> tuple[bytes, np.ndarray]:
-    """``count`` points over central Chongqing; 200,000 take several seconds to ingest."""
-    rng = np.random.default_rng(seed)
-    lon = rng.uniform(106.30, 106.80, count).round(6)
-    lat = rng.uniform(29.35, 29.75, count).round(6)
-    out = io.StringIO()
-    out.write("id,name,lon,lat\n")
-    for i, (x, y) in enumerate(zip(lon, lat, strict=True)):
-        out.write(f"{i},point {i},{x},{y}\n")
-    return out.getvalue().encode(), np.column_stack([lon, lat])
 
 
 @pytest.fixture(scope="module")

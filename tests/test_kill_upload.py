@@ -4,7 +4,6 @@ upload then succeeds. Oracle for the retry: the generated file's own row count a
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 
 from tests.conftest import ServerProcess, sibling_database
+from tests.test_uploads_support import points_csv
 
 KEY = "kill-upload-editor-key-0123456789"
 EDITOR = {"Authorization": f"Bearer {KEY}"}
@@ -24,16 +24,7 @@ POINTS = 200_000
 
 @pytest.fixture(scope="module")
 def big_csv() -> tuple[bytes, np.ndarray]:
-    """200,000 points over central Chongqing (lon, lat, a name and a value): several seconds of
-    ingestion, so a kill lands while the job is still writing its table."""
-    rng = np.random.default_rng(7)
-    lon = rng.uniform(106.30, 106.80, POINTS).round(6)
-    lat = rng.uniform(29.35, 29.75, POINTS).round(6)
-    out = io.StringIO()
-    out.write("id,name,lon,lat,value\n")
-    for i, (x, y) in enumerate(zip(lon, lat, strict=True)):
-        out.write(f"{i},point {i},{x},{y},{i % 97}\n")
-    return out.getvalue().encode(), np.column_stack([lon, lat])
+    return points_csv(POINTS, seed=7)
 
 
 @pytest.fixture()

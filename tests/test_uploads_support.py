@@ -95,6 +95,20 @@ def geojson_points(places=PLACES, names=NAMES_ZH) -> bytes:
                       ensure_ascii=False).encode()
 
 
+def points_csv(count: int, seed: int) -> tuple[bytes, np.ndarray]:
+    """``count`` random points over central Chongqing as a CSV (id, name, lon, lat, value)
+    and their coordinates: 200,000 take several seconds to ingest, so a kill or a timeout
+    lands while the job is still writing its table."""
+    rng = np.random.default_rng(seed)
+    lon = rng.uniform(106.30, 106.80, count).round(6)
+    lat = rng.uniform(29.35, 29.75, count).round(6)
+    out = io.StringIO()
+    out.write("id,name,lon,lat,value\n")
+    for i, (x, y) in enumerate(zip(lon, lat, strict=True)):
+        out.write(f"{i},point {i},{x},{y},{i % 97}\n")
+    return out.getvalue().encode(), np.column_stack([lon, lat])
+
+
 def zip_bytes(members: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
