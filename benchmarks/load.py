@@ -6,7 +6,7 @@ Run on demand (never in ``make test``), on the full sample city:
     .venv/bin/python benchmarks/load.py [--url URL] [--clients 200] [--duration 60]
                                         [--processes 2] [--workers N] [--fault] [--outage 5]
 
-Without ``--url`` it starts twin (uvicorn, ``--workers`` processes, twin's default
+Without ``--url`` it starts ``twin serve`` (``--workers`` processes, twin's default
 ``TWIN_WORKERS`` unless given, on a free loopback port)
 on the database the environment names (``TWIN_DATABASE_URL``, or the managed cluster of
 ``TWIN_HOME``/``TWIN_DB_PORT``: database ``twin`` by default), with anonymous viewer+planner
@@ -268,8 +268,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--workers", type=int, default=Settings().workers,
-                        help="uvicorn workers (own server); TWIN_WORKERS or its default")
-    parser.add_argument("--uvicorn", nargs="*", default=[], help="more uvicorn options")
+                        help="worker processes of its own twin serve (TWIN_WORKERS)")
     parser.add_argument("--timeout", type=float, default=60.0, help="client time-out, s")
     parser.add_argument("--fault", action="store_true", help="restart PostGIS mid-run")
     parser.add_argument("--outage", type=float, default=5.0, help="seconds PostGIS is down")
@@ -294,13 +293,13 @@ def main() -> None:
         run_load(options.url.rstrip("/"), options, cluster)
         return
     env = {**os.environ, "TWIN_DATABASE_URL": database_url(settings),
+           "TWIN_WORKERS": str(options.workers),
            "TWIN_AUTH_ANONYMOUS_ROLE": os.environ.get("TWIN_AUTH_ANONYMOUS_ROLE", "planner")}
-    # As `twin serve` runs it (twin/cli.py), keep-alive time-out included.
-    argv = [sys.executable, "-m", "uvicorn", "twin.api.app:create_app", "--factory",
-            "--workers", str(options.workers), "--timeout-keep-alive", "75", *options.uvicorn]
-    with serving("twin", argv, env, "/healthz", ROOT) as base:
+    # `twin serve` itself, as make run's server (workers, shared rate limits, keep-alive).
+    argv = [sys.executable, "-m", "twin.cli", "serve"]
+    with serving("twin", argv, env, "/healthz", ROOT, uvicorn_cli=False) as base:
         where = database_url(settings).split("@")[-1]
-        print(f"twin: {options.workers} uvicorn worker(s) on {where}")
+        print(f"twin serve: {options.workers} worker process(es) on {where}")
         run_load(base, options, cluster)
 
 

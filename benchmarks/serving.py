@@ -21,14 +21,20 @@ def free_port() -> int:
 
 @contextmanager
 def serving(name: str, argv: list[str], env: dict[str, str], ready_path: str,
-            cwd: Path) -> Iterator[str]:
-    """Runs ``argv`` (a uvicorn command line) until ``ready_path`` answers 200; yields its
-    base URL and stops it afterwards. Its output goes to a log file named in any error."""
+            cwd: Path, uvicorn_cli: bool = True) -> Iterator[str]:
+    """Runs ``argv`` until ``ready_path`` answers 200; yields its base URL and stops it
+    afterwards. Its output goes to a log file named in any error.
+
+    ``argv`` is a uvicorn command line (the address goes in its flags), or with
+    ``uvicorn_cli=False`` ``twin serve`` (the address goes in TWIN_HOST/TWIN_PORT)."""
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
-    process = subprocess.Popen(
-        [*argv, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-         "--no-access-log"], env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    if uvicorn_cli:
+        argv = [*argv, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+                "--no-access-log"]
+    else:
+        env = {**env, "TWIN_HOST": "127.0.0.1", "TWIN_PORT": str(port)}
+    process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
