@@ -174,6 +174,15 @@ def describe_raster(path: Path) -> dict:
         }
 
 
+# What a raster layer's ``meta`` keeps of ``describe_raster`` (the web map draws a hillshade
+# for a ``dem``).
+META_KEYS = ("width", "height", "bands", "dtype", "nodata", "min", "max", "dem")
+
+
+def raster_meta(facts: dict) -> dict:
+    return {key: facts[key] for key in META_KEYS}
+
+
 def _json_number(value: float | None) -> float | str | None:
     """NaN is no JSON number: the layer's meta says 'nan'."""
     return "nan" if value is not None and math.isnan(value) else value

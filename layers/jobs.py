@@ -296,8 +296,7 @@ def _build_raster(settings: Settings, source: Path, declared, datum: str, folder
                   common: dict, progress: Callable[[int, str], None]) -> Version:
     ingest_raster.check_raster(source, settings.uploads)
     facts = ingest_raster.to_cog(source, folder / "raster.tif", declared, datum, progress)
-    meta = {k: facts[k] for k in ("width", "height", "bands", "dtype", "nodata", "min",
-                                  "max", "dem")}
+    meta = ingest_raster.raster_meta(facts)
     report = {"raster": meta, "source_crs": facts["crs_name"], "datum": datum}
     return Version(**common, source_crs=facts["crs"], source_crs_name=facts["crs_name"],
                    bbox=facts["bbox"], file_path=str(folder / "raster.tif"),

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from layers.builtin import BUILTIN_LAYERS, BuiltinLayer
+from layers.ingest_raster import describe_raster, raster_meta
 from twin.errors import NotFound
 
 
@@ -56,23 +57,24 @@ class Layer:
 _UPSERT_LAYER = text("""
     INSERT INTO layers (id, title_zh, title_en, kind, geometry_type, source_table, source_filter,
                         fields, bbox, file_path, min_zoom, max_zoom, origin, source_crs,
-                        source_datum)
+                        source_datum, meta)
     VALUES (:id, :title_zh, :title_en, :kind, :geometry_type, :source_table, :source_filter,
             CAST(:fields AS jsonb), :bbox, :file_path, :min_zoom, :max_zoom, 'builtin',
-            'EPSG:4326', 'wgs84')
+            'EPSG:4326', 'wgs84', CAST(:meta AS jsonb))
     ON CONFLICT (id) DO UPDATE SET
         title_zh = EXCLUDED.title_zh, title_en = EXCLUDED.title_en, kind = EXCLUDED.kind,
         geometry_type = EXCLUDED.geometry_type, source_table = EXCLUDED.source_table,
         source_filter = EXCLUDED.source_filter, fields = EXCLUDED.fields, bbox = EXCLUDED.bbox,
         file_path = EXCLUDED.file_path, min_zoom = EXCLUDED.min_zoom,
-        max_zoom = EXCLUDED.max_zoom, data_version = layers.data_version + 1, updated_at = now()
+        max_zoom = EXCLUDED.max_zoom, meta = EXCLUDED.meta,
+        data_version = layers.data_version + 1, updated_at = now()
     WHERE (layers.title_zh, layers.title_en, layers.kind, layers.geometry_type,
            layers.source_table, layers.source_filter, layers.fields, layers.bbox,
-           layers.file_path, layers.min_zoom, layers.max_zoom)
+           layers.file_path, layers.min_zoom, layers.max_zoom, layers.meta)
           IS DISTINCT FROM
           (EXCLUDED.title_zh, EXCLUDED.title_en, EXCLUDED.kind, EXCLUDED.geometry_type,
            EXCLUDED.source_table, EXCLUDED.source_filter, EXCLUDED.fields, EXCLUDED.bbox,
-           EXCLUDED.file_path, EXCLUDED.min_zoom, EXCLUDED.max_zoom)
+           EXCLUDED.file_path, EXCLUDED.min_zoom, EXCLUDED.max_zoom, EXCLUDED.meta)
 """)
 
 # Built-in layers that a newer twin no longer defines (renamed or dropped).
@@ -115,9 +117,12 @@ def register_builtin_layers(conn: Connection, samples_dir: Path) -> int:
     """
     conn.execute(_DELETE_STALE_BUILTINS, {"ids": [layer.id for layer in BUILTIN_LAYERS]})
     for layer in BUILTIN_LAYERS:
+        meta: dict = {}
         if layer.kind == "raster":
             path = samples_dir / layer.file_name
             fields, bbox, file_path = [], _raster_bbox(path), str(path)
+            # As an uploaded raster's: the web map draws a hillshade for a DEM.
+            meta = raster_meta(describe_raster(path))
         else:
             fields, bbox, file_path = _vector_fields(conn, layer), _vector_bbox(conn, layer), None
         conn.execute(_UPSERT_LAYER, {
@@ -125,7 +130,7 @@ def register_builtin_layers(conn: Connection, samples_dir: Path) -> int:
             "kind": layer.kind, "geometry_type": layer.geometry_type,
             "source_table": layer.source_table, "source_filter": layer.source_filter,
             "fields": json.dumps(fields), "bbox": bbox, "file_path": file_path,
-            "min_zoom": layer.min_zoom, "max_zoom": layer.max_zoom,
+            "min_zoom": layer.min_zoom, "max_zoom": layer.max_zoom, "meta": json.dumps(meta),
         })
     return len(BUILTIN_LAYERS)
 

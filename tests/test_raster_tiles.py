@@ -149,3 +149,17 @@ def test_projected_geotiff_bbox_is_reprojected(api):
         densify_pts=21)
     assert layer["bbox"] == pytest.approx(list(expected), abs=1e-6)
     assert layer["source_crs"] == "EPSG:4524"
+
+
+@pytest.mark.parametrize(("layer_id", "file_name"), [("terrain", "dem_municipality.tif"),
+                                                     ("terrain_central", "dem_central.tif")])
+def test_builtin_dems_say_they_are_dems(api, sample_dir, layer_id, file_name):
+    """As an uploaded DEM does: the web map draws a hillshade for a layer whose meta says dem."""
+    meta = api.get(f"/layers/{layer_id}").json()["meta"]
+    with rasterio.open(sample_dir / file_name) as dem:
+        values = dem.read(1, masked=True)
+        assert meta["dem"] is True and meta["bands"] == dem.count == 1
+        assert (meta["width"], meta["height"], meta["dtype"]) == (dem.width, dem.height,
+                                                                   dem.dtypes[0])
+        # From a decimated read: within the full raster's range.
+        assert float(values.min()) <= meta["min"] < meta["max"] <= float(values.max())
