@@ -39,7 +39,7 @@ from layers.job_liveness import (
 from layers.jobs import create_job, start_runner
 from layers.versions import job_dir, version_dir
 from tests.conftest import EDITOR, ServerProcess, sibling_database
-from tests.test_uploads_support import points_csv
+from tests.test_uploads_support import points_csv, poll_job
 from tests.test_workers import descendants, owner, socket_inode
 from twin.db import async_engine
 from twin.settings import Settings, UploadSettings
@@ -129,16 +129,6 @@ def wait_for_step(engine: Engine, job_id: str, step: str, timeout: float = 120) 
         time.sleep(0.02)
 
 
-def poll(url: str, job_id: str, timeout: float) -> dict:
-    """GET /jobs/{id} on new connections until the job has ended (or ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        job = httpx.get(f"{url}/jobs/{job_id}", headers=EDITOR, timeout=30).json()
-        if job["state"] in ("succeeded", "failed") or time.monotonic() > deadline:
-            return job
-        time.sleep(0.1)
-
-
 def leftovers(engine: Engine, uploads: Path, layer_id: str, job_ids: list[str]) -> dict:
     with engine.connect() as conn:
         facts = dict(conn.execute(text(
@@ -170,12 +160,12 @@ def test_a_killed_worker_s_jobs_fail_and_retries_succeed(two_workers: ServerProc
     killed_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)
 
-    failed = poll(server.url, running["id"], timeout=15)
+    failed = poll_job(server.url, running["id"], 15, EDITOR)
     seconds = time.monotonic() - killed_at
     print(f"\nkilled worker's running job reported failed {seconds:.2f} s after the kill")
     assert failed["state"] == "failed" and failed["reasons"] == [INTERRUPTED], failed
     assert seconds < 15
-    never_ran = poll(server.url, queued["id"], timeout=15)
+    never_ran = poll_job(server.url, queued["id"], 15, EDITOR)
     assert never_ran["state"] == "failed" and never_ran["reasons"] == [NEVER_RAN], never_ran
     # The server was not restarted: the same supervisor, the sibling still serving.
     assert server.process.poll() is None and sibling <= descendants(server.process.pid)
@@ -187,7 +177,7 @@ def test_a_killed_worker_s_jobs_fail_and_retries_succeed(two_workers: ServerProc
         with httpx.Client(timeout=60) as http:
             response = http.send(upload_request(server.url, layer_id, data))
         assert response.status_code == 202, response.text
-        assert poll(server.url, response.json()["id"], timeout=180)["state"] == "succeeded"
+        assert poll_job(server.url, response.json()["id"], 180, EDITOR)["state"] == "succeeded"
     layer = httpx.get(f"{server.url}/layers/{BIG}", headers=EDITOR).json()
     assert layer["feature_count"] == POINTS and layer["current_version"] == 1
     assert layer["bbox"] == pytest.approx([*points.min(axis=0), *points.max(axis=0)], abs=1e-6)

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 
 from tests.conftest import ServerProcess, sibling_database
-from tests.test_uploads_support import points_csv
+from tests.test_uploads_support import points_csv, poll_job
 
 KEY = "kill-upload-editor-key-0123456789"
 EDITOR = {"Authorization": f"Bearer {KEY}"}
@@ -84,15 +84,6 @@ def leftovers(engine: Engine) -> dict:
         }
 
 
-def wait_for_job(base_url: str, job_id: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = httpx.get(f"{base_url}/jobs/{job_id}", headers=EDITOR, timeout=30).json()
-        if job["state"] in ("succeeded", "failed") or time.monotonic() > deadline:
-            return job
-        time.sleep(0.2)
-
-
 def test_server_killed_mid_upload(own_db, editor_env, big_csv):
     database_url, engine = own_db
     content, points = big_csv
@@ -115,7 +106,7 @@ def test_server_killed_mid_upload(own_db, editor_env, big_csv):
         assert not any((editor_env / "layers" / LAYER).glob("v*"))
         assert httpx.get(f"{second.url}/layers/{LAYER}", headers=EDITOR).status_code == 404
 
-        retried = wait_for_job(second.url, upload(second.url, content)["id"])
+        retried = poll_job(second.url, upload(second.url, content)["id"], 120, EDITOR)
         assert retried["state"] == "succeeded", retried
         layer = httpx.get(f"{second.url}/layers/{LAYER}", headers=EDITOR).json()
     assert layer["feature_count"] == POINTS and layer["current_version"] == 1

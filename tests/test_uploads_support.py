@@ -85,6 +85,17 @@ def upload_ok(api: httpx.Client, name: str, content: bytes, **data) -> dict:
     return job
 
 
+def poll_job(url: str, job_id: str, timeout: float, headers: dict) -> dict:
+    """GET /jobs/{id} of the server at ``url``, on new connections (which land on any worker
+    process), until the job has ended or ``timeout`` s have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = httpx.get(f"{url}/jobs/{job_id}", headers=headers, timeout=30).json()
+        if job["state"] in ("succeeded", "failed") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.1)
+
+
 # --- fixture files, made by code -------------------------------------------------------
 
 def geojson_points(places=PLACES, names=NAMES_ZH) -> bytes:
