@@ -341,18 +341,9 @@ def test_upload_through_the_page_shows_progress_then_the_layer(
     has_layers = map_page.page.context.request.get(f"{map_page.base_url}/api").json()
     if "/layers" not in has_layers["paths"] or "/jobs/{job_id}" not in has_layers["paths"]:
         pytest.skip("POST /layers and GET /jobs/{id} are not served yet")
-    with engine.connect() as conn:
-        centre = conn.execute(text("SELECT ST_X(c), ST_Y(c) FROM (SELECT ST_Centroid(geom) AS c "
-                                   "FROM admin_units WHERE level = 'street' ORDER BY code "
-                                   "LIMIT 1) AS s")).one()
     upload = tmp_path / "shelters.geojson"
-    _sample_geojson(upload, tuple(centre))
-    map_page.open("#/upload")
-    page = map_page.page
-    page.locator("#upload-file").set_input_files(str(upload))
-    page.locator("#upload-title").fill("Web test shelters")
-    page.locator("#upload-key").fill(EDITOR_KEY)
-    page.locator("#upload-submit").click()
+    _sample_geojson(upload, _street_centre(engine, 0))
+    page = _submit_upload(map_page, upload, "Web test shelters")
     page.locator("#upload-status .progress-bar").wait_for()
     page.wait_for_function(
         "['succeeded', 'failed'].includes(document.getElementById('upload-status')"
@@ -392,6 +383,17 @@ def _job_done(web_server: LiveServer, response) -> dict:
             return job
         time.sleep(0.1)
     raise AssertionError(f"job still {job['state']}")
+
+
+def _submit_upload(map_page: MapPage, path: Path, title: str):
+    """The upload page, filled in (file, title, the editor's key) and sent; returns the page."""
+    map_page.open("#/upload")
+    page = map_page.page
+    page.locator("#upload-file").set_input_files(str(path))
+    page.locator("#upload-title").fill(title)
+    page.locator("#upload-key").fill(EDITOR_KEY)
+    page.locator("#upload-submit").click()
+    return page
 
 
 def _street_centre(engine: Engine, offset: int = 1) -> tuple[float, float]:
@@ -446,12 +448,7 @@ def test_raster_upload_is_drawn_and_3d_models_show_their_anchor(
     raster = tmp_path / "magenta.tif"
     _magenta_geotiff(raster, centre)
 
-    map_page.open("#/upload")
-    page = map_page.page
-    page.locator("#upload-file").set_input_files(str(raster))
-    page.locator("#upload-title").fill("Web test raster")
-    page.locator("#upload-key").fill(EDITOR_KEY)
-    page.locator("#upload-submit").click()
+    page = _submit_upload(map_page, raster, "Web test raster")
     page.wait_for_function("document.getElementById('upload-status').dataset.state "
                            "=== 'succeeded'", timeout=60_000)
     layer_id = page.locator("#upload-status").get_attribute("data-layer-id")
@@ -517,12 +514,7 @@ def test_missing_crs_is_asked_for_and_the_retry_lands(
     context = browser.new_context(viewport=LAPTOP, locale="zh-CN")
     map_page = MapPage(context.new_page(), web_server.url)
     try:
-        map_page.open("#/upload")
-        page = map_page.page
-        page.locator("#upload-file").set_input_files(str(upload))
-        page.locator("#upload-title").fill("Web test survey")
-        page.locator("#upload-key").fill(EDITOR_KEY)
-        page.locator("#upload-submit").click()
+        page = _submit_upload(map_page, upload, "Web test survey")
         prompt = page.locator("#crs-prompt")
         prompt.wait_for(state="visible", timeout=60_000)
         assert page.locator("#upload-status").get_attribute("data-state") == "failed"
