@@ -13,17 +13,20 @@ PYTEST_ARGS ?=
 run: system-deps venv web
 	$(VENV)/bin/twin run
 
-test: system-deps browser-deps venv web
+test: system-deps browser-deps venv web lint
 	[ -d tests/js/node_modules ] || npm ci --prefix tests/js --no-audit --no-fund
 	$(VENV)/bin/twin db up
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# Style (ruff), the import contracts of pyproject.toml (import-linter: roof -> libraries ->
+# floor, no sample city in production, frozen migrations) and types (mypy).
 lint: venv
 	$(VENV)/bin/ruff check twin tiles layers data_samples tests benchmarks
+	$(VENV)/bin/lint-imports
 
 # Debian packages: PostgreSQL with PostGIS and pgRouting, Python's venv module, and Node.js
 # (npm runs the MapLibre style validator in the tests).
-# Debian's own 'main' cluster is not created: twin runs its own (see twin/cluster.py).
+# Debian's own 'main' cluster is not created: twin runs its own (see twin/core/cluster.py).
 system-deps:
 	@missing=0; \
 	for f in /usr/lib/postgresql/$(PG_VERSION)/bin/initdb $(PG_SHARE)/postgis.control $(PG_SHARE)/pgrouting.control; do \

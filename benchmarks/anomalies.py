@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from twin.models import NETWORKS  # noqa: E402
-from twin.settings import get_settings  # noqa: E402
+from twin.core.models import NETWORKS  # noqa: E402
+from twin.core.settings import get_settings  # noqa: E402
 
 DEFAULT_TRUTH = Path(__file__).resolve().parent.parent / ".twin/samples/full/anomalies_truth.json"
 
@@ -74,7 +74,7 @@ def score(zones: list[dict], anomalies: list[dict]) -> dict:
 
 
 async def run(truth_path: Path, repeat: int) -> None:
-    from twin.db import async_engine
+    from twin.core.db import async_engine
     from twin.queries.anomalies import pipe_anomalies
 
     truth = json.loads(truth_path.read_text())["anomalies"]

@@ -63,9 +63,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bare_http import HttpConnection  # noqa: E402
 from benchmarks.serving import serving  # noqa: E402
-from twin.cluster import ManagedCluster  # noqa: E402
-from twin.db import database_url  # noqa: E402
-from twin.settings import DatabaseSettings, Settings  # noqa: E402
+from twin.core.cluster import ManagedCluster  # noqa: E402
+from twin.core.db import database_url  # noqa: E402
+from twin.core.settings import DatabaseSettings, Settings  # noqa: E402
 
 SEED = 20_260_707
 TMS = morecantile.tms.get("WebMercatorQuad")

@@ -36,9 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.serving import serving  # noqa: E402
-from twin.db import database_url, libpq_url  # noqa: E402
-from twin.models import TEAM_TYPES  # noqa: E402
-from twin.settings import Settings  # noqa: E402
+from twin.core.db import database_url, libpq_url  # noqa: E402
+from twin.core.models import TEAM_TYPES  # noqa: E402
+from twin.core.settings import Settings  # noqa: E402
 
 # Yuzhong, Dadukou, Jiangbei, Shapingba, Jiulongpo, Nan'an, Beibei, Yubei, Banan.
 CENTRAL_DISTRICTS = ("500103", "500104", "500105", "500106", "500107", "500108", "500109",

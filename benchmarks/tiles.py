@@ -54,8 +54,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bare_http import HttpConnection  # noqa: E402
 from benchmarks.serving import serving  # noqa: E402
-from twin.db import libpq_url  # noqa: E402
-from twin.settings import Settings  # noqa: E402
+from twin.core.db import libpq_url  # noqa: E402
+from twin.core.settings import Settings  # noqa: E402
 
 TIPG_VENV = ROOT / "benchmarks" / ".venv-tipg"
 # uvicorn[standard] (uvloop, httptools) for tipg too, as twin has: the same HTTP stack.

@@ -30,9 +30,9 @@ import psycopg  # noqa: E402
 from sqlalchemy import create_engine  # noqa: E402
 
 from tests.conftest import LiveServer  # noqa: E402
-from twin.cluster import ManagedCluster  # noqa: E402
+from twin.core.cluster import ManagedCluster  # noqa: E402
+from twin.core.settings import AuthSettings, Settings, UploadSettings  # noqa: E402
 from twin.migrate import upgrade  # noqa: E402
-from twin.settings import AuthSettings, Settings, UploadSettings  # noqa: E402
 
 DATABASE = "twin_bench_uploads"
 KEY = "bench-editor-key"

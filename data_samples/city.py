@@ -1,6 +1,6 @@
 """The city part of the sample: admin hierarchy, sectors, risk points, plans, teams, supplies.
 
-``build_city`` returns one frame per table, columns exactly as in ``twin.models`` (without the
+``build_city`` returns one frame per table, columns exactly as in ``twin.core.models`` (without the
 server-defaulted ``updated_at``); frames with geometry are GeoDataFrames in EPSG:4326. Each part
 draws from its own generator seeded from (seed, 1, part), so the output is byte-identical for a
 seed and changing one part leaves the others' draws alone.

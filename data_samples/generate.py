@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from data_samples.city import build_city
-from data_samples.datum import load_districts
+from data_samples.districts import load_districts
 from data_samples.infrastructure import build_infrastructure
 from data_samples.output import TABLE_ORDER, write_manifest, write_table
 from data_samples.scales import SCALES

@@ -15,7 +15,7 @@ from h3.api import basic_int as h3
 
 from data_samples.admin import Hierarchy
 from data_samples.partition import points_inside, rank_within
-from twin.models import H3_RESOLUTIONS
+from twin.core.models import H3_RESOLUTIONS
 
 # The seven sectors (七大板块) of DOMAIN.md, in their customary order.
 SECTORS = (

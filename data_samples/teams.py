@@ -14,7 +14,7 @@ import shapely
 from data_samples.admin import CENSUS_2020, Hierarchy, apportion
 from data_samples.partition import KM_PER_DEG_LAT, KM_PER_DEG_LON, points_inside, rank_within
 from data_samples.scales import CENTRAL_DISTRICTS
-from twin.models import TEAM_TYPES
+from twin.core.models import TEAM_TYPES
 
 # Per team type: code letters, Chinese and English station names, headcount range.
 TEAM_KINDS = {

@@ -2,7 +2,7 @@
 
 Built-in layers are listed too (origin 'builtin', no versions); uploaded layers add their
 versions, uploader and the published version's report. A caller sees the layers their
-jurisdiction may see (twin/queries/scope.py), built-in feature counts within it.
+jurisdiction may see (twin/core/scope.py), built-in feature counts within it.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from layers.registry import LayerRegistry
-from twin.auth import CITY, Scope
-from twin.errors import NotFound
-from twin.queries.scope import feature_count, layer_visible
+from twin.core.errors import NotFound
+from twin.core.layer import LayerRegistry
+from twin.core.principal import CITY, Scope
+from twin.core.scope import feature_count, layer_visible
 
 _LAYERS = """
     SELECT l.id, l.title_zh, l.title_en, l.kind, l.geometry_type, l.fields, l.bbox,

@@ -1,7 +1,7 @@
 """Source CRS and offset datum of an upload, and the way to EPSG:4326.
 
 pyproj knows CGCS2000 and its Gauss-Krüger zones (EPSG:4491-4554); GCJ-02 and BD-09 are not CRSs
-at all but obfuscations of WGS84 coordinates, undone with prcoords (data_samples.datum) after the
+at all but obfuscations of WGS84 coordinates, undone with prcoords (twin.core.datum) after the
 reprojection, and only when the uploader declares them.
 """
 
@@ -14,8 +14,8 @@ import numpy as np
 from pyproj import CRS
 from pyproj.exceptions import CRSError
 
-from data_samples.datum import coords_to_wgs84, geometries_to_wgs84
-from twin.errors import InvalidParameter
+from twin.core.datum import coords_to_wgs84, geometries_to_wgs84
+from twin.core.errors import InvalidParameter
 
 DATUMS = ("wgs84", "gcj02", "bd09")
 WGS84 = CRS.from_epsg(4326)

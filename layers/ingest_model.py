@@ -15,7 +15,7 @@ from pathlib import Path
 
 from layers.crs import point_to_wgs84
 from layers.safety import check_gltf_json
-from twin.errors import InvalidParameter
+from twin.core.errors import InvalidParameter
 
 CIM_LEVELS = range(1, 8)
 

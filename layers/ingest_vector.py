@@ -24,7 +24,7 @@ from sqlalchemy import Connection, text
 from layers import crs as crs_mod
 from layers.crs import SourceError
 from layers.safety import TooLarge, UploadRefused
-from twin.settings import UploadSettings
+from twin.core.settings import UploadSettings
 
 # GDAL never reaches the network from an upload (pyogrio's bundled GDAL).
 pyogrio.set_gdal_config_options({

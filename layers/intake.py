@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from layers import crs as crs_mod
 from layers import ingest_model, ingest_raster, ingest_vector, safety
-from twin.settings import UploadSettings
+from twin.core.settings import UploadSettings
 
 FORM_FIELDS = ("title", "id", "source_crs", "datum", "layer", "lon", "lat", "height", "heading",
                "cim_level")

@@ -53,9 +53,10 @@ from layers.versions import (
     table_name,
     version_dir,
 )
-from twin.db import sync_engine
-from twin.errors import NotFound, TwinError
-from twin.settings import Settings
+from twin.core.db import sync_engine
+from twin.core.errors import NotFound, TwinError
+from twin.core.raster_facts import raster_meta
+from twin.core.settings import Settings
 
 log = logging.getLogger("twin.uploads")
 
@@ -296,7 +297,7 @@ def _build_raster(settings: Settings, source: Path, declared, datum: str, folder
                   common: dict, progress: Callable[[int, str], None]) -> Version:
     ingest_raster.check_raster(source, settings.uploads)
     facts = ingest_raster.to_cog(source, folder / "raster.tif", declared, datum, progress)
-    meta = ingest_raster.raster_meta(facts)
+    meta = raster_meta(facts)
     report = {"raster": meta, "source_crs": facts["crs_name"], "datum": datum}
     return Version(**common, source_crs=facts["crs"], source_crs_name=facts["crs_name"],
                    bbox=facts["bbox"], file_path=str(folder / "raster.tif"),

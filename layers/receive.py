@@ -18,8 +18,8 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from layers.safety import TooLarge, UnsupportedFormat, UploadRefused, format_of
-from twin.errors import InvalidParameter
-from twin.settings import UploadSettings
+from twin.core.errors import InvalidParameter
+from twin.core.settings import UploadSettings
 
 # Multipart framing and the small form fields around the file.
 FORM_OVERHEAD_BYTES = 64 * 1024

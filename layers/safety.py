@@ -16,8 +16,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from twin.errors import InvalidParameter, TwinError
-from twin.settings import UploadSettings
+from twin.core.errors import InvalidParameter, TwinError
+from twin.core.settings import UploadSettings
 
 
 class UploadRefused(InvalidParameter):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection, text
 
-from twin.errors import InvalidParameter, NotFound, TwinError
+from twin.core.errors import InvalidParameter, NotFound, TwinError
 
 LAYER_ID = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 

@@ -24,11 +24,11 @@ import uvicorn
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 
+from data_samples.load import load_sample
 from twin.api.app import create_app
-from twin.cluster import ManagedCluster
+from twin.core.cluster import ManagedCluster
+from twin.core.settings import Settings
 from twin.migrate import upgrade
-from twin.sample_city import load_sample
-from twin.settings import Settings
 
 # Parallel runs (several working copies on one cluster) each set their own database name.
 TEST_DATABASE = os.environ.get("TWIN_TEST_DATABASE", "twin_test")

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.conftest import ADMIN, LiveServer, sibling_database
 from twin.audit import PRUNE_LOCK, prune
-from twin.settings import AuditSettings, AuthSettings, Settings
+from twin.core.settings import AuditSettings, AuthSettings, Settings
 
 WHO = "retention-test"
 # Days old each test row is written with; the default retention is 365.

@@ -17,8 +17,8 @@ from sqlalchemy import Engine
 from tests.conftest import EDITOR, LiveServer
 from twin.api import access
 from twin.api.app import create_app
-from twin.auth import ROLES
-from twin.settings import AuthSettings, Settings
+from twin.core.principal import ROLES
+from twin.core.settings import AuthSettings, Settings
 
 ROLE_KEYS = {f"role-test-{role}-key-0123456789": f"{role}:role-test-{role}" for role in ROLES}
 HEADERS = {role: {"Authorization": f"Bearer role-test-{role}-key-0123456789"} for role in ROLES}

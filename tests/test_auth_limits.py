@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from tests.conftest import ADMIN, EDITOR, LiveServer
-from twin.settings import AuthSettings, CorsSettings, LimitsSettings, Settings, UploadSettings
+from twin.core.settings import AuthSettings, CorsSettings, LimitsSettings, Settings, UploadSettings
 
 LOCATE = "/query/locate?lon=106.55&lat=29.56"
 ORIGIN = "https://hall.example"

@@ -24,8 +24,8 @@ from sqlalchemy import Engine, text
 
 from tests.conftest import ADMIN, LiveServer
 from twin import cli
-from twin.errors import InvalidParameter, NotFound
-from twin.settings import AuthSettings, Settings
+from twin.core.errors import InvalidParameter, NotFound
+from twin.core.settings import AuthSettings, Settings
 
 SECRET = "test-jwt-secret-with-at-least-32-bytes!!"
 LOCATE = "/query/locate?lon=106.55&lat=29.56"

@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from tests.conftest import LiveServer, free_port
-from twin.cluster import ManagedCluster
-from twin.settings import DatabaseSettings, Settings
+from twin.core.cluster import ManagedCluster
+from twin.core.settings import DatabaseSettings, Settings
 
 
 @pytest.fixture()

@@ -21,7 +21,7 @@ from sqlalchemy import Engine, text
 
 from tests import oracles
 from tests.oracles import drive_graph
-from twin.models import TEAM_TYPES
+from twin.core.models import TEAM_TYPES
 from twin.queries.routing import MAX_MINUTES, SNAP_SPEED_KMH
 
 GEOD = Geod(ellps="WGS84")

@@ -8,7 +8,8 @@ import pytest
 import shapely
 from pyproj import Geod
 
-from data_samples.datum import DISTRICTS_FILE, load_districts, to_wgs84
+from data_samples.districts import DISTRICTS_FILE, load_districts
+from twin.core.datum import to_wgs84
 
 GEOD = Geod(ellps="WGS84")
 

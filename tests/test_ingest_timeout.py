@@ -16,7 +16,7 @@ from sqlalchemy import Engine, text
 
 from tests.conftest import EDITOR, LiveServer
 from tests.test_uploads_support import geojson_points, wait
-from twin.settings import Settings, UploadSettings
+from twin.core.settings import Settings, UploadSettings
 
 TIGHT_S = 0.1
 # Enough points that writing their table (COPY, then the spatial index) takes far longer

@@ -41,8 +41,8 @@ from layers.versions import job_dir, version_dir
 from tests.conftest import EDITOR, ServerProcess, sibling_database
 from tests.test_uploads_support import points_csv, poll_job
 from tests.test_workers import descendants, owner, socket_inode
-from twin.db import async_engine
-from twin.settings import Settings, UploadSettings
+from twin.core.db import async_engine
+from twin.core.settings import Settings, UploadSettings
 
 BIG, SMALL = "dead_worker_big", "dead_worker_small"
 POINTS = 200_000

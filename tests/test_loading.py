@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, text
 
+from data_samples.load import load_sample
 from data_samples.output import TABLE_ORDER, read_manifest
-from twin.errors import LoadError
-from twin.sample_city import load_sample
+from twin.core.errors import LoadError
 
 
 def table_counts(engine: Engine) -> dict[str, int]:

@@ -6,8 +6,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, text
 
+from twin.core.models import Base
 from twin.migrate import current_revision, include_object, upgrade
-from twin.models import Base
 
 
 def test_migrated_database_matches_the_models(engine: Engine):

@@ -20,8 +20,8 @@ from sqlalchemy import Engine
 
 from tests.conftest import LiveServer
 from twin.api.access import RULES
-from twin.auth import ROLES
-from twin.settings import AuthSettings, Settings
+from twin.core.principal import ROLES
+from twin.core.settings import AuthSettings, Settings
 
 KEYS = {role: f"openapi-{role}-key-0123456789" for role in ROLES}
 BEARER_SCHEMES = {"apiKey": "twin API key", "jwt": "JWT"}

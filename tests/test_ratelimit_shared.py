@@ -28,8 +28,8 @@ import pytest
 from tests.conftest import ServerProcess
 from tests.test_workers import descendants, owner, socket_inode
 from twin import ratelimit
+from twin.core.settings import Settings
 from twin.ratelimit import SharedTokenBuckets, TokenBuckets
-from twin.settings import Settings
 
 
 class Clock:

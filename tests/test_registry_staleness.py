@@ -6,11 +6,11 @@ import asyncio
 
 from sqlalchemy import Engine, text
 
-from layers.registry import Layer, LayerRegistry
 from tiles.cache import DataVersions
 from twin.api.app import RegistryCache
-from twin.db import async_engine
-from twin.settings import Settings
+from twin.core.db import async_engine
+from twin.core.layer import Layer, LayerRegistry
+from twin.core.settings import Settings
 
 
 def layer(layer_id: str, origin: str, data_version: int) -> Layer:

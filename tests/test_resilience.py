@@ -18,13 +18,13 @@ import psycopg
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
+from data_samples.load import load_sample
 from tests.conftest import LiveServer
 from tests.test_cluster import own_cluster  # noqa: F401  (a fixture: a throwaway cluster)
-from twin.cluster import ManagedCluster
-from twin.db import async_engine
+from twin.core.cluster import ManagedCluster
+from twin.core.db import async_engine
+from twin.core.settings import AuthSettings, DatabaseSettings, Settings
 from twin.migrate import upgrade
-from twin.sample_city import load_sample
-from twin.settings import AuthSettings, DatabaseSettings, Settings
 
 KEY = "resilience-editor-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -19,11 +19,11 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from sqlalchemy import create_engine
 
+from data_samples.load import load_sample
 from layers.builtin import BUILTIN_LAYERS
 from tests.conftest import ADMIN, LiveServer, sibling_database
 from twin.api.app import create_app
-from twin.sample_city import load_sample
-from twin.settings import Settings, UploadSettings
+from twin.core.settings import Settings, UploadSettings
 
 # The fixture's admin key (every LiveServer knows it): the strongest role there is.
 AUTH = ADMIN

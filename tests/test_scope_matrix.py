@@ -26,8 +26,8 @@ from pyproj import Geod
 from sqlalchemy import Engine
 
 from tests.conftest import LiveServer
-from twin.auth import CITY, Scope, parse_scope
-from twin.settings import AuthSettings, Settings, UploadSettings
+from twin.core.principal import CITY, Scope, parse_scope
+from twin.core.settings import AuthSettings, Settings, UploadSettings
 
 WEB_MERCATOR = morecantile.tms.get("WebMercatorQuad")
 GEOD = Geod(ellps="WGS84")

@@ -23,7 +23,7 @@ from layers.builtin import BUILTIN_LAYERS
 from tests.conftest import EDITOR as CITY_EDITOR
 from tests.conftest import LiveServer
 from tests.test_uploads_support import dem_values, geotiff
-from twin.settings import AuthSettings, Settings, UploadSettings
+from twin.core.settings import AuthSettings, Settings, UploadSettings
 
 DISTRICT, STREET, OTHER_DISTRICT = "500112", "500112002", "500103"
 KEYS = {
@@ -161,7 +161,7 @@ def test_built_in_dems_are_everyones(api: httpx.Client):
 
 def test_the_style_lists_only_built_in_layers_the_same_for_everyone(api: httpx.Client,
                                                                       uploaded: dict):
-    """Built-in layers are city-wide (twin/queries/scope.py: no owner scope), so a style made
+    """Built-in layers are city-wide (twin/core/scope.py: no owner scope), so a style made
     of them only is everyone's; an upload, hidden or shared, is not in it."""
     builtin = {layer.id for layer in BUILTIN_LAYERS}
     styles = {who: api.get("/styles/risk-map.json", headers=auth(who)).json() for who in KEYS}

@@ -1,11 +1,11 @@
-"""The pure parts of the jurisdiction rules (twin/queries/scope.py): no database needed."""
+"""The pure parts of the jurisdiction rules (twin/core/scope.py): no database needed."""
 
 from __future__ import annotations
 
 import pytest
 
-from twin.auth import CITY, parse_scope
-from twin.queries.scope import (
+from twin.core.principal import CITY, parse_scope
+from twin.core.scope import (
     code_in_scope,
     code_predicate,
     layer_visible,

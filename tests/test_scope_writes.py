@@ -17,7 +17,7 @@ from sqlalchemy import Engine, text
 
 from tests.conftest import LiveServer
 from tests.test_uploads_support import geojson_points
-from twin.settings import AuthSettings, Settings, UploadSettings
+from twin.core.settings import AuthSettings, Settings, UploadSettings
 
 DISTRICT, STREET, OTHER = "500112", "500112002", "500103"
 KEYS = {

@@ -25,7 +25,7 @@ from tiles.cache import tile_key
 from tiles.filters import TileFilters
 from tiles.points import CLUSTER_CELL
 from tiles.vector import BUFFER, EXTENT, TileOptions
-from twin.settings import Settings, TilesSettings
+from twin.core.settings import Settings, TilesSettings
 
 WEB_MERCATOR = morecantile.tms.get("WebMercatorQuad")
 DETAIL_CAP, POINT_CAP = 5, 20
@@ -209,7 +209,7 @@ def test_cache_off_serves_the_same_tile_and_etag(uncached_client: httpx.Client, 
 
 
 def test_cache_key_carries_scope_and_every_option(client):
-    from layers.registry import Layer
+    from twin.core.layer import Layer
 
     layer = Layer("risk_points", "风险点", "Risk points", "vector", "Point", "risk_points", None)
     tile = morecantile.Tile(1, 2, 3)

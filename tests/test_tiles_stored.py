@@ -26,14 +26,14 @@ from sqlalchemy import Engine, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from layers.job_liveness import _recover_if_alone
-from layers.registry import LayerRegistry
 from tiles import hexagons
 from tiles.cache import DataVersions
 from tiles.filters import SectorCodes, TileFilters
 from tiles.vector import TileOptions, render_tile
 from twin import cli
-from twin.auth import Scope
-from twin.settings import Settings
+from twin.core.layer import LayerRegistry
+from twin.core.principal import Scope
+from twin.core.settings import Settings
 
 WEB_MERCATOR = morecantile.tms.get("WebMercatorQuad")
 RESOLUTIONS = range(3, 10)

@@ -19,7 +19,7 @@ from rasterio.transform import from_origin
 from sqlalchemy import Engine
 
 from tests.conftest import LiveServer
-from twin.settings import AuthSettings, Settings, UploadSettings
+from twin.core.settings import AuthSettings, Settings, UploadSettings
 
 EDITOR_KEY = "test-editor-key-0123456789"
 VIEWER_KEY = "test-viewer-key-0123456789"

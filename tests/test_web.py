@@ -31,7 +31,7 @@ from sqlalchemy import Engine, text
 
 from tests.conftest import LiveServer
 from tests.test_uploads_support import minimal_glb
-from twin.settings import AuthSettings, Settings, UploadSettings
+from twin.core.settings import AuthSettings, Settings, UploadSettings
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 

@@ -20,11 +20,11 @@ import psycopg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from layers.registry import Layer
 from tiles.sql import ConnectionLost
 from tiles.vector import TileOptions, VectorTile, render_tile
-from twin.errors import DatabaseUnavailable
-from twin.settings import TilesSettings
+from twin.core.errors import DatabaseUnavailable
+from twin.core.layer import Layer
+from twin.core.settings import TilesSettings
 
 GZIP_LEVEL = 6
 # Every screen revalidates (the ETag changes exactly when the data does), but may store.
@@ -176,7 +176,7 @@ class DataVersions:
         raise AssertionError("unreachable")
 
     async def _connection(self) -> psycopg.AsyncConnection:
-        """The held connection, from the engine DataVersions was given (twin.db's options)."""
+        """The held connection, from the engine DataVersions was given (twin.core.db's options)."""
         if self._conn is None:
             conn = await self._engine.connect()
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from layers.registry import Layer
-from twin.auth import CITY, Scope
-from twin.errors import InvalidParameter
-from twin.queries.cql2 import compile_filter
-from twin.queries.scope import table_predicate
+from twin.core.cql2 import compile_filter
+from twin.core.errors import InvalidParameter
+from twin.core.layer import Layer
+from twin.core.principal import CITY, Scope
+from twin.core.scope import table_predicate
 
 RISK_LEVELS = (1, 2, 3, 4)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import morecantile
 
-from twin.errors import InvalidParameter, NotFound
+from twin.core.errors import InvalidParameter, NotFound
 
 TILE_MATRIX_SETS = ("WebMercatorQuad",)
 MIN_ZOOM, MAX_ZOOM = 0, 22

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import h3
 import morecantile
 
-from layers.registry import Layer
 from tiles.filters import TileFilters, filter_sql, quote
+from twin.core.layer import Layer
 
 AGGREGATED_TABLE = "risk_points"
 AGGREGATE_BELOW_ZOOM = 12

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from layers.registry import Layer
 from tiles import hexagons, points
 from tiles.filters import TileFilters
 from tiles.grid import MAX_ZOOM, WEB_MERCATOR
 from tiles.vector import check_vector_layers, feature_id_column
-from twin.errors import InvalidParameter
+from twin.core.errors import InvalidParameter
+from twin.core.layer import Layer
 
 MVT_MEDIA_TYPE = "application/vnd.mapbox-vector-tile"
 WEB_MERCATOR_URI = "http://www.opengis.net/def/tilematrixset/OGC/1.0/WebMercatorQuad"

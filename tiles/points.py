@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from layers.registry import Layer
 from tiles.filters import TileFilters, filter_sql, quote
+from twin.core.layer import Layer
 
 DETAIL_CAP = 800
 POINT_CAP = 4000

@@ -18,9 +18,9 @@ from rio_tiler.errors import TileOutsideBounds
 from rio_tiler.io import Reader
 from rio_tiler.models import ImageData
 
-from layers.ingest_raster import GDAL_OPTIONS, describe_raster
-from layers.registry import Layer
-from twin.errors import InvalidParameter, NotFound
+from twin.core.errors import InvalidParameter, NotFound
+from twin.core.layer import Layer
+from twin.core.raster_facts import GDAL_OPTIONS, describe_raster
 
 TILE_SIZE = 256
 FORMATS = {"png": ("PNG", "image/png"), "webp": ("WEBP", "image/webp")}

@@ -18,8 +18,8 @@ from sqlalchemy import TextClause, text
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from twin.db import SERVER_GONE
-from twin.errors import DatabaseUnavailable, StatementTimeout
+from twin.core.db import SERVER_GONE
+from twin.core.errors import DatabaseUnavailable, StatementTimeout
 
 _DIALECT = psycopg_dialect()
 

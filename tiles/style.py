@@ -7,9 +7,9 @@ which rarely change, share one composite source; everything else has its own.
 
 from __future__ import annotations
 
-from layers.registry import LayerRegistry
 from tiles.hexagons import AGGREGATE_BELOW_ZOOM
 from tiles.metadata import union_bounds
+from twin.core.layer import LayerRegistry
 
 STYLE_ID = "risk-map"
 ADMIN_LAYERS = ("districts", "streets", "communities", "grids")

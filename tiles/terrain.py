@@ -12,7 +12,7 @@ import numpy as np
 from rio_tiler.utils import render
 
 from tiles.raster import raster_layer, read_tile
-from twin.errors import InvalidParameter
+from twin.core.errors import InvalidParameter
 
 ENCODINGS = ("mapbox", "terrarium")
 

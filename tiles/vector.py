@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import morecantile
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from layers.registry import Layer
 from tiles import hexagons, outlines, points
 from tiles.filters import TileFilters, cql_sql, filter_sql, quote
 from tiles.sql import fetch_row
-from twin.errors import InvalidParameter
+from twin.core.errors import InvalidParameter
+from twin.core.layer import Layer
 
 EXTENT = 4096
 BUFFER = 64

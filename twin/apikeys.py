@@ -11,16 +11,9 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from twin.auth import (
-    Principal,
-    check_role,
-    hash_key,
-    key_matches,
-    key_prefix,
-    new_api_key,
-    parse_scope,
-)
-from twin.errors import InvalidParameter, NotFound
+from twin.auth import hash_key, key_matches, key_prefix, new_api_key
+from twin.core.errors import InvalidParameter, NotFound
+from twin.core.principal import Principal, check_role, parse_scope
 
 NAME_MAX = 64
 COLUMNS = "id, name, prefix, role, scope, created_at, revoked_at"

@@ -15,8 +15,8 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from twin.db import async_engine
-from twin.settings import AuditSettings, Settings
+from twin.core.db import async_engine
+from twin.core.settings import AuditSettings, Settings
 
 log = logging.getLogger("twin.audit")
 

@@ -19,9 +19,9 @@ from pathlib import Path
 from sqlalchemy import Connection
 
 from twin import ratelimit
-from twin.cluster import ManagedCluster
-from twin.errors import TwinError
-from twin.settings import Settings, get_settings
+from twin.core.cluster import ManagedCluster
+from twin.core.errors import TwinError
+from twin.core.settings import Settings, get_settings
 
 log = logging.getLogger("twin")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -47,7 +47,7 @@ def db_status(settings: Settings) -> None:
 
 
 def db_migrate(settings: Settings) -> None:
-    from twin.db import sync_engine
+    from twin.core.db import sync_engine
     from twin.migrate import current_revision, upgrade
 
     engine = sync_engine(settings)
@@ -55,23 +55,28 @@ def db_migrate(settings: Settings) -> None:
     log.info("database schema at revision %s", current_revision(engine))
 
 
-def sample_generate(settings: Settings, scale: str, out: Path | None) -> None:
-    from data_samples.generate import generate
+def _sample(action: str, *args: str) -> None:
+    """``python -m data_samples <action>`` in a child process: the sample city is a tool beside
+    twin, never imported by it (its generator and loader stay out of the server)."""
+    import subprocess
 
-    generate(out or settings.samples_dir / scale, scale)
+    done = subprocess.run([sys.executable, "-m", "data_samples", action, *args], check=False)
+    if done.returncode != 0:
+        raise TwinError(f"the sample city's '{action}' failed (exit {done.returncode}); "
+                        "see the lines above")
 
 
-def sample_load(settings: Settings, scale: str, force: bool) -> None:
-    from twin.db import sync_engine
-    from twin.sample_city import ensure_generated, load_sample
+def sample_generate(scale: str, out: Path | None) -> None:
+    _sample("generate", "--scale", scale, *(["--out", str(out)] if out else []))
 
-    sample_dir = ensure_generated(settings.samples_dir, scale)
-    load_sample(sync_engine(settings), sample_dir, force=force)
+
+def sample_load(scale: str, force: bool) -> None:
+    _sample("load", "--scale", scale, *(["--force"] if force else []))
 
 
 @contextmanager
 def _transaction(settings: Settings) -> Iterator[Connection]:
-    from twin.db import sync_engine
+    from twin.core.db import sync_engine
 
     engine = sync_engine(settings)
     try:
@@ -247,7 +252,7 @@ def _die_with_server() -> None:
 def run(settings: Settings, scale: str) -> None:
     db_up(settings)
     db_migrate(settings)
-    sample_load(settings, scale, force=False)
+    sample_load(scale, force=False)
     serve(demo_access(settings))
 
 
@@ -303,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         ("db", "down"): lambda: db_down(settings),
         ("db", "status"): lambda: db_status(settings),
         ("db", "migrate"): lambda: db_migrate(settings),
-        ("sample", "generate"): lambda: sample_generate(settings, scale, args.out),
-        ("sample", "load"): lambda: sample_load(settings, scale, args.force),
+        ("sample", "generate"): lambda: sample_generate(scale, args.out),
+        ("sample", "load"): lambda: sample_load(scale, args.force),
         ("keys", "add"): lambda: keys_add(settings, args.name, args.role, args.scope),
         ("keys", "list"): lambda: keys_list(settings),
         ("keys", "revoke"): lambda: keys_revoke(settings, args.key),

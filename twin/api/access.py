@@ -18,10 +18,9 @@ from functools import lru_cache
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 
-from twin import auth
 from twin.api.deps import get_principal
-from twin.auth import Principal, Unauthenticated
-from twin.errors import TwinError
+from twin.core.errors import TwinError
+from twin.core.principal import Principal, Unauthenticated, require_role
 from twin.ratelimit import SharedTokenBuckets, TokenBuckets, retry_after
 
 PUBLIC = "public"
@@ -144,7 +143,7 @@ async def enforce(request: Request) -> None:
         _charge(request, _client(request))
     else:
         _charge(request, "key:" + principal.name)
-    auth.require_role(principal, role)
+    require_role(principal, role)
 
 
 GUARD = [Depends(enforce)]

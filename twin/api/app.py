@@ -13,7 +13,6 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from layers.jobs import start_runner
-from layers.registry import LayerRegistry
 from tiles.cache import DataVersions, tile_cache
 from tiles.filters import SectorCodes
 from twin import apikeys
@@ -33,9 +32,11 @@ from twin.api.routes import raster as raster_routes
 from twin.api.routes import reference as reference_routes
 from twin.api.routes import sensors as sensor_routes
 from twin.audit import AuditPruner
-from twin.auth import Authenticator, AuthError
-from twin.db import async_engine
-from twin.settings import Settings, get_settings
+from twin.auth import Authenticator
+from twin.core.db import async_engine
+from twin.core.layer import LayerRegistry
+from twin.core.principal import AuthError
+from twin.core.settings import Settings, get_settings
 
 log = logging.getLogger("twin.api")
 

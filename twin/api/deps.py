@@ -10,11 +10,19 @@ from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from layers.registry import LayerRegistry
-from twin import apikeys, auth
-from twin.auth import Authenticator, AuthError, Forbidden, Principal, Scope, Unauthenticated
-from twin.db import pooled_connection
-from twin.settings import Settings
+from twin import apikeys
+from twin.auth import Authenticator
+from twin.core import principal as principals
+from twin.core.db import pooled_connection
+from twin.core.layer import LayerRegistry
+from twin.core.principal import (
+    AuthError,
+    Forbidden,
+    Principal,
+    Scope,
+    Unauthenticated,
+)
+from twin.core.settings import Settings
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -71,7 +79,7 @@ def require_role(role: str) -> Callable[[Request], Awaitable[Principal]]:
     """A dependency that lets through only callers with ``role`` (or a stronger one)."""
 
     async def dependency(request: Request) -> Principal:
-        return auth.require_role(await get_principal(request), role)
+        return principals.require_role(await get_principal(request), role)
 
     return dependency
 

@@ -17,7 +17,7 @@ from psycopg.errors import QueryCanceled
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from twin.errors import StatementTimeout, TwinError
+from twin.core.errors import StatementTimeout, TwinError
 
 log = logging.getLogger("twin.api")
 

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from twin import audit
 from twin.api.access import is_write
-from twin.errors import TwinError
+from twin.core.errors import TwinError
 
 log = logging.getLogger("twin.api")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from twin.api.access import PUBLIC, role_for
-from twin.auth import ROLES
+from twin.core.principal import ROLES
 
 API_KEY, JWT = "apiKey", "jwt"
 ROLE_EXTENSION = "x-twin-role"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from geoalchemy2 import alembic_helpers
 
+from twin.core.models import Base
 from twin.migrate import include_object
-from twin.models import Base
 
 config = context.config
 

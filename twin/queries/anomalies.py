@@ -21,7 +21,7 @@
 5. **Jurisdiction.** Zones are found over the whole network (an incident does not stop at a
    border), then a district or street principal gets the zones that meet its jurisdiction,
    with the communities, risk points and buildings counted only where they lie in it
-   (twin/queries/scope.py). Such a zone keeps its sensors and segments whole: they describe
+   (twin/core/scope.py). Such a zone keeps its sensors and segments whole: they describe
    one incident, part of which may lie next door.
 
 The readings come in one query, one row per sensor holding its readings as 16-byte records
@@ -44,11 +44,11 @@ from scipy.sparse.csgraph import connected_components
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from twin.auth import CITY, Scope
-from twin.errors import InvalidParameter
-from twin.models import NETWORKS
+from twin.core.errors import InvalidParameter
+from twin.core.models import NETWORKS
+from twin.core.principal import CITY, Scope
+from twin.core.scope import spatial_predicate, table_predicate
 from twin.queries.pipe_graph import PipeGraph, load_graph
-from twin.queries.scope import spatial_predicate, table_predicate
 
 Z_THRESHOLD = 5.0
 # A floor under 1.4826 MAD, as a share of the median, so a sensor that barely moves is not
@@ -372,7 +372,7 @@ async def group_runs(conn: AsyncConnection, network: str,
 # ------------------------------------------------------------------ what a zone touches
 
 # {zone_scope}, {community_scope}, {risk_scope}, {building_scope}: the caller's
-# jurisdiction (twin/queries/scope.py), fixed SQL with bound values.
+# jurisdiction (twin/core/scope.py), fixed SQL with bound values.
 _IMPACT = """
     WITH zone AS (
         SELECT z.zone,

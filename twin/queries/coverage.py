@@ -22,7 +22,7 @@ about where teams are stationed, not about who is free right now.
 
 In a district's or street's jurisdiction both sides are the caller's: its risk points (by
 their grid) and its teams (stationed in it or answering for one of its streets; see
-twin/queries/scope.py), because a district centre plans with the teams it dispatches. The
+twin/core/scope.py), because a district centre plans with the teams it dispatches. The
 teams still drive over the whole road graph.
 """
 
@@ -37,11 +37,11 @@ from scipy.spatial import cKDTree
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from twin.auth import CITY, Scope
-from twin.errors import InvalidParameter
-from twin.models import TEAM_TYPES
+from twin.core.errors import InvalidParameter
+from twin.core.models import TEAM_TYPES
+from twin.core.principal import CITY, Scope
+from twin.core.scope import code_predicate, team_predicate
 from twin.queries.routing import EDGES_SQL, MAX_MINUTES, SNAP_SPEED_KMH
-from twin.queries.scope import code_predicate, team_predicate
 
 SNAP_CANDIDATES = 8
 DEFAULT_LIMIT = 1000
@@ -95,7 +95,7 @@ class RoadSnapper:
 
 _NODES = text("SELECT array_agg(id ORDER BY id) AS ids, array_agg(ST_X(geom) ORDER BY id) AS lon, "
               "array_agg(ST_Y(geom) ORDER BY id) AS lat FROM road_nodes")
-# {scope}: the caller's teams or points (twin/queries/scope.py), fixed SQL, bound values.
+# {scope}: the caller's teams or points (twin/core/scope.py), fixed SQL, bound values.
 _TEAMS = ("SELECT array_agg(ST_X(geom)) AS lon, array_agg(ST_Y(geom)) AS lat "
           "FROM response_teams WHERE team_type = :team_type{scope}")
 _POINTS = ("SELECT array_agg(id) AS ids, array_agg(level) AS level, "

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from layers.registry import Layer
-from twin.auth import CITY, Scope
-from twin.errors import InvalidParameter, NotFound
-from twin.queries.cql2 import GEOMETRY_PROPERTIES, compile_filter, quote_identifier, value_kind
-from twin.queries.scope import table_predicate
+from twin.core.cql2 import GEOMETRY_PROPERTIES, compile_filter, quote_identifier, value_kind
+from twin.core.errors import InvalidParameter, NotFound
+from twin.core.layer import Layer
+from twin.core.principal import CITY, Scope
+from twin.core.scope import table_predicate
 
 MAX_LIMIT = 10_000
 _INTEGER_TYPES = {"smallint", "integer", "bigint"}

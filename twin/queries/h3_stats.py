@@ -10,10 +10,10 @@ import h3
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from twin.auth import CITY, Scope
-from twin.errors import InvalidParameter
+from twin.core.errors import InvalidParameter
+from twin.core.principal import CITY, Scope
+from twin.core.scope import code_predicate
 from twin.queries.features import parse_bbox
-from twin.queries.scope import code_predicate
 
 H3_RESOLUTIONS = tuple(range(3, 10))
 RISK_LEVELS = (1, 2, 3, 4)

@@ -5,7 +5,7 @@ A circle is tested exactly on the WGS84 ellipsoid (``ST_DWithin`` on geography);
 (PostGIS's geography buffer, a 32-gon) is only drawn, and a slightly larger one serves the
 index lookup. Buildings count when any part of their footprint lies in the area; their floor
 area is footprint area (geodesic m²) times floors. Only what lies in the caller's
-jurisdiction is counted or returned (twin/queries/scope.py); the area itself is drawn whole.
+jurisdiction is counted or returned (twin/core/scope.py); the area itself is drawn whole.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from shapely.geometry import shape
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from twin.auth import CITY, Scope
-from twin.errors import InvalidParameter
+from twin.core.errors import InvalidParameter
+from twin.core.principal import CITY, Scope
+from twin.core.scope import table_predicate
 from twin.queries.nearest import check_point
-from twin.queries.scope import table_predicate
 
 MAX_RADIUS_M = 100_000.0
 # Features of each kind returned with an impact; the summary always counts every feature.

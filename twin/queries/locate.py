@@ -13,10 +13,10 @@ from dataclasses import asdict
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from twin.auth import CITY, Scope
-from twin.errors import NotFound
+from twin.core.errors import NotFound
+from twin.core.principal import CITY, Scope
+from twin.core.scope import code_in_scope, team_predicate
 from twin.queries.nearest import check_point, nearest_teams
-from twin.queries.scope import code_in_scope, team_predicate
 
 LEVELS = ("grid", "community", "street", "district")
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from twin.auth import CITY, Scope
-from twin.errors import InvalidParameter
-from twin.models import TEAM_TYPES
-from twin.queries.scope import team_predicate
+from twin.core.errors import InvalidParameter
+from twin.core.models import TEAM_TYPES
+from twin.core.principal import CITY, Scope
+from twin.core.scope import team_predicate
 
 MAX_K = 100
 MODES = ("distance", "road")
@@ -58,7 +58,7 @@ class Team:
     distance_m: float
 
 
-# {scope}: the caller's teams (twin/queries/scope.py), a fixed predicate with bound values.
+# {scope}: the caller's teams (twin/core/scope.py), a fixed predicate with bound values.
 _CANDIDATES = """
     WITH candidates AS (
         SELECT t.*, t.geom <-> ST_SetSRID(ST_MakePoint(:lon, :lat), 4326) AS planar_deg

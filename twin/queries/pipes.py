@@ -28,10 +28,10 @@ import json
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from twin.auth import CITY, Scope
-from twin.errors import InvalidParameter, NotFound
-from twin.models import NETWORKS
-from twin.queries.scope import table_predicate
+from twin.core.errors import InvalidParameter, NotFound
+from twin.core.models import NETWORKS
+from twin.core.principal import CITY, Scope
+from twin.core.scope import table_predicate
 
 DIRECTIONS = ("upstream", "downstream")
 # Far above any pipe node id: the private vertices of valve ends.

@@ -35,8 +35,8 @@ import math
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from twin.auth import CITY, Scope
-from twin.errors import InvalidParameter
+from twin.core.errors import InvalidParameter
+from twin.core.principal import CITY, Scope
 from twin.queries.impact import Area, area_summary
 from twin.queries.nearest import check_point
 from twin.queries.routing import EDGES_SQL, SNAP_SPEED_KMH, snap_seconds, snap_to_road

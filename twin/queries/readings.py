@@ -27,8 +27,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from twin.errors import InvalidParameter, TwinError
-from twin.settings import SensorSettings
+from twin.core.errors import InvalidParameter, TwinError
+from twin.core.settings import SensorSettings
 
 SHAPE = 'a JSON object {"readings": [{"sensor_id": 1, "ts": "2026-11-20T08:00:00+08:00", ' \
         '"value": 0.42}, ...]}'

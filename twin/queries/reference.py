@@ -8,7 +8,7 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from twin.errors import InvalidParameter, NotFound
+from twin.core.errors import InvalidParameter, NotFound
 
 _SECTORS = text("SELECT code, name_zh, name_en, sort_order FROM sectors ORDER BY sort_order, code")
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from twin.auth import CITY, Scope
-from twin.errors import InvalidParameter
+from twin.core.errors import InvalidParameter
+from twin.core.principal import CITY, Scope
+from twin.core.scope import team_predicate
 from twin.queries.nearest import Team, check_nearest, check_point
-from twin.queries.scope import team_predicate
 
 SNAP_SPEED_KMH = 15.0
 MIN_CANDIDATES = 20
@@ -72,7 +72,7 @@ _SNAP_INCIDENT = text(f"""
      LIMIT 1
 """)
 
-# {{scope}}: the caller's teams (twin/queries/scope.py), a fixed predicate with bound values.
+# {{scope}}: the caller's teams (twin/core/scope.py), a fixed predicate with bound values.
 # Teams drive over the whole road graph: a route may leave the jurisdiction.
 _CANDIDATES = f"""
     WITH p AS (SELECT ST_SetSRID(ST_MakePoint(:lon, :lat), 4326) AS geom),

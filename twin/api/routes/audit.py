@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from twin import audit
 from twin.api.deps import ConnDep
-from twin.errors import InvalidParameter
+from twin.core.errors import InvalidParameter
 
 router = APIRouter(tags=["admin"])
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from layers.registry import Layer
 from twin.api.deps import ConnDep, RegistryDep, ScopeDep
-from twin.queries.scope import feature_count, visible_layer, visible_layers
+from twin.core.layer import Layer
+from twin.core.scope import feature_count, visible_layer, visible_layers
 
 router = APIRouter(tags=["collections"])
 

@@ -6,9 +6,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from twin.api.deps import ConnDep, RegistryDep, ScopeDep
-from twin.errors import InvalidParameter
+from twin.core.errors import InvalidParameter
+from twin.core.scope import visible_layer
 from twin.queries import features as queries
-from twin.queries.scope import visible_layer
 
 router = APIRouter(tags=["features"])
 

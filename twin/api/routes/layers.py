@@ -17,10 +17,10 @@ from layers.jobs import create_job, job_document
 from layers.receive import Received, boundary_of, content_length_check, receive_upload
 from layers.versions import job_dir
 from twin.api.deps import ConnDep, EditorDep, RegistryDep, ScopeDep, SettingsDep
-from twin.auth import Principal
-from twin.errors import InvalidParameter, NotFound
-from twin.queries.scope import check_layer_writable, visible_layer
-from twin.settings import Settings
+from twin.core.errors import InvalidParameter, NotFound
+from twin.core.principal import Principal
+from twin.core.scope import check_layer_writable, visible_layer
+from twin.core.settings import Settings
 
 router = APIRouter(tags=["layers"])
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
 from twin.api.deps import ConnDep, ScopeDep
-from twin.errors import InvalidParameter
+from twin.core.errors import InvalidParameter
 from twin.queries.h3_stats import h3_counts
 from twin.queries.locate import locate as locate_point
 from twin.queries.nearest import check_nearest

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from tiles import raster, terrain
 from tiles.grid import tile_address
 from twin.api.deps import ConnDep, RegistryDep, ScopeDep
-from twin.queries.scope import visible_layer
+from twin.core.scope import visible_layer
 
 router = APIRouter(tags=["tiles"])
 

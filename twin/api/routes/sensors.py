@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from twin.api.deps import ConnDep, SettingsDep
-from twin.errors import InvalidParameter
+from twin.core.errors import InvalidParameter
 from twin.queries.readings import SHAPE, BatchTooLarge, store_readings
 
 router = APIRouter(tags=["sensors"])

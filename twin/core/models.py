@@ -142,7 +142,7 @@ H3_RESOLUTIONS = range(3, 10)  # risk_points.h3_r3 .. h3_r9
 class RiskPointH3Count(Base):
     """Risk points per H3 cell, sector and level, for hexagon tiles (tiles/hexagons.py).
 
-    Kept exact by statement-level triggers on risk_points (twin/sql/risk_point_h3_counts.sql);
+    Kept exact by statement-level triggers on risk_points (migration 0005);
     a row whose count drops to 0 is deleted.
     """
 
@@ -506,7 +506,7 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     hash: Mapped[str] = mapped_column(String(64))
     role: Mapped[str] = mapped_column(String(16))
-    # Same text format as twin.auth.parse_scope: city | district=... | street=...
+    # Same text format as twin.core.principal.parse_scope: city | district=... | street=...
     scope: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

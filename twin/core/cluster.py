@@ -20,10 +20,10 @@ from pathlib import Path
 
 import psycopg
 
-from twin.errors import ClusterError
-from twin.settings import Settings
+from twin.core.errors import ClusterError
+from twin.core.settings import Settings
 
-log = logging.getLogger("twin.cluster")
+log = logging.getLogger("twin.core.cluster")
 
 # Tuned for a 2-core, 24 GiB machine serving tiles: JIT only adds latency to short queries.
 SERVER_CONFIG = """

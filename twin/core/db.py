@@ -11,10 +11,10 @@ from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from twin.cluster import ManagedCluster
-from twin.settings import Settings
+from twin.core.cluster import ManagedCluster
+from twin.core.settings import Settings
 
-log = logging.getLogger("twin.db")
+log = logging.getLogger("twin.core.db")
 
 # SQLSTATEs of a server that is going away: admin_shutdown (pg_ctl stop/restart),
 # crash_shutdown, cannot_connect_now (starting up or shutting down).

@@ -14,7 +14,7 @@ from datetime import date, datetime
 
 import shapely
 
-from twin.errors import InvalidParameter
+from twin.core.errors import InvalidParameter
 
 GEOMETRY_PROPERTIES = ("geometry", "geom")
 WKT_TYPES = ("POINT", "LINESTRING", "POLYGON", "MULTIPOINT", "MULTILINESTRING",

@@ -37,9 +37,9 @@ from weakref import WeakKeyDictionary
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from layers.registry import Layer, LayerRegistry
-from twin.auth import CITY, Forbidden, Scope
-from twin.errors import NotFound
+from twin.core.errors import NotFound
+from twin.core.layer import Layer, LayerRegistry
+from twin.core.principal import CITY, Forbidden, Scope
 
 DISTRICT_DIGITS, STREET_DIGITS = 6, 9
 

@@ -30,7 +30,7 @@ class DatabaseSettings(BaseSettings):
     # Every statement the API runs is cancelled after this long (504 to the client), so one
     # runaway query cannot hold a connection and a core; 0 turns it off. Upload ingestion
     # (bounded by TWIN_UPLOADS_STATEMENT_TIMEOUT_S instead), migrations and sample loads run
-    # on their own engine without it (see twin/db.py).
+    # on their own engine without it (see twin/core/db.py).
     statement_timeout_ms: int = Field(default=15_000, ge=0)
     # Seconds a request queues for a pooled connection when all are busy before it gets 503.
     pool_timeout: float = Field(default=30.0, gt=0)

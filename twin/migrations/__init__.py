@@ -1,0 +1,1 @@
+"""Alembic: the environment (env.py) and the frozen revisions (versions/)."""
