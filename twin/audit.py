@@ -137,8 +137,9 @@ class AuditPruner:
         while True:
             wait = min(every, RETRY_S)
             try:
-                if await self._lead():
-                    deleted = await prune(self._conn, days)
+                conn = await self._lead()
+                if conn is not None:
+                    deleted = await prune(conn, days)
                     log.log(logging.INFO if deleted else logging.DEBUG,
                             "audit log: %d rows older than %d days pruned "
                             "(TWIN_AUDIT_RETENTION_DAYS)", deleted, days)
@@ -148,19 +149,20 @@ class AuditPruner:
                 await self._let_go()
             await asyncio.sleep(wait)
 
-    async def _lead(self) -> bool:
-        """Whether this process holds ``PRUNE_LOCK`` (taking it when it is free)."""
+    async def _lead(self) -> AsyncConnection | None:
+        """The connection holding ``PRUNE_LOCK`` when this process holds it (taking it when it
+        is free), else None."""
         if self._conn is not None:
-            return True
+            return self._conn
         conn = await self._engine.connect()
         taken = (await conn.execute(text("SELECT pg_try_advisory_lock(:key)"),
                                     {"key": PRUNE_LOCK})).scalar_one()
         await conn.commit()  # a session-level lock outlives the transaction
         if taken:
             self._conn = conn
-        else:
-            await conn.close()
-        return taken
+            return conn
+        await conn.close()
+        return None
 
     async def _let_go(self) -> None:
         """Close the lock's connection for good (returned to the pool, it would keep the

@@ -22,6 +22,7 @@ import json
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import jwt
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -124,7 +125,7 @@ class JwtVerifier:
     def configured(self) -> bool:
         return bool(self._secret or self._jwks)
 
-    def _key(self, header: dict) -> object:
+    def _key(self, header: dict) -> Any:  # the secret, or a cryptography public key
         alg, kid = header.get("alg"), header.get("kid")
         if alg == "HS256":
             if not self._secret:
@@ -145,7 +146,7 @@ class JwtVerifier:
         try:
             header = jwt.get_unverified_header(token)
             claims = jwt.decode(
-                token, self._key(header), algorithms=[header.get("alg")],
+                token, self._key(header), algorithms=[str(header.get("alg"))],
                 audience=self._audience, issuer=self._issuer, leeway=self._leeway,
                 options={"require": list(REQUIRED_CLAIMS)})
         except jwt.ExpiredSignatureError:

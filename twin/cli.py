@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection
 
@@ -189,7 +190,7 @@ def serve(settings: Settings) -> None:
     # Idle keep-alive connections stay open 75 s (nginx's default), not uvicorn's 5 s: under
     # load a busy event loop can run the idle timer before the next request on that
     # connection is read, and the client gets a closed connection instead of an answer.
-    options = {"host": settings.host, "port": settings.port, "log_level": "info",
+    options: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": "info",
                "access_log": False, "timeout_keep_alive": 75}
     if settings.workers == 1:
         log_workers(settings, None)

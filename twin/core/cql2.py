@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from typing import NoReturn
 
 import shapely
 
@@ -64,7 +65,7 @@ def tokenize(source: str) -> list[Token]:
             raise InvalidParameter(f"filter: unexpected character {source[pos]!r} at position "
                                    f"{pos}")
         if match.lastgroup != "space":
-            tokens.append(Token(match.lastgroup, match.group(), pos, match.end()))
+            tokens.append(Token(match.lastgroup or "", match.group(), pos, match.end()))
         pos = match.end()
     return tokens
 
@@ -121,7 +122,7 @@ class Cql2Parser:
         self.index += 1
         return token
 
-    def _fail(self, expected: str):
+    def _fail(self, expected: str) -> NoReturn:
         token = self._peek()
         where = (f"near {token.text!r} at position {token.start}" if token
                  else "at the end of the filter")
@@ -207,7 +208,7 @@ class Cql2Parser:
     def _in_list(self, left: _Operand, negate: str) -> str:
         self._expect("(")
         items = [self._scalar()]
-        while self._peek() is not None and self._peek().text == ",":
+        while (comma := self._peek()) is not None and comma.text == ",":
             self.index += 1
             items.append(self._scalar())
         self._expect(")")
@@ -241,7 +242,8 @@ class Cql2Parser:
         if self._is_word("TRUE", "FALSE"):
             self.index += 1
             return _Operand(self._bind(token.text.upper() == "TRUE"), "boolean", token.text)
-        if self._is_word("DATE", "TIMESTAMP") and self._peek(1) and self._peek(1).text == "(":
+        after = self._peek(1)
+        if self._is_word("DATE", "TIMESTAMP") and after is not None and after.text == "(":
             return self._temporal()
         if token.kind in ("word", "quoted"):
             return self._property()

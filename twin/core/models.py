@@ -136,9 +136,6 @@ class RiskPoint(Base):
     geom = mapped_column(Geometry("POINT", srid=SRID, spatial_index=True), nullable=False)
 
 
-H3_RESOLUTIONS = range(3, 10)  # risk_points.h3_r3 .. h3_r9
-
-
 class RiskPointH3Count(Base):
     """Risk points per H3 cell, sector and level, for hexagon tiles (tiles/hexagons.py).
 

@@ -20,7 +20,7 @@ branch_labels = None
 depends_on = None
 
 
-def _now() -> sa.Column:
+def _now() -> sa.TextClause:
     return sa.text("now()")
 
 
