@@ -8,16 +8,26 @@ reprojection, and only when the uploader declares them.
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 
 import geopandas as gpd
 import numpy as np
 from pyproj import CRS
-from pyproj.exceptions import CRSError
+from pyproj.exceptions import CRSError, ProjError
 
 from twin.core.datum import coords_to_wgs84, geometries_to_wgs84
 from twin.core.errors import InvalidParameter
 
-DATUMS = ("wgs84", "gcj02", "bd09")
+
+class Datum(StrEnum):
+    """The datum an upload's coordinates were recorded in (a str: 'wgs84', 'gcj02', 'bd09')."""
+
+    WGS84 = "wgs84"
+    GCJ02 = "gcj02"
+    BD09 = "bd09"
+
+
+DATUMS = tuple(datum.value for datum in Datum)
 WGS84 = CRS.from_epsg(4326)
 _EPSG = re.compile(r"^(?:EPSG:)?(\d{4,6})$", re.IGNORECASE)
 # The municipality of Chongqing (105.28-110.20 E, 28.15-32.21 N; data_samples.terrain).
@@ -47,11 +57,11 @@ def parse_source_crs(raw: str | None) -> CRS | None:
         raise InvalidParameter(f"source_crs: EPSG:{match.group(1)} is not a known CRS") from None
 
 
-def parse_datum(raw: str | None) -> str:
+def parse_datum(raw: str | None) -> Datum:
     datum = (raw or "wgs84").strip().lower().replace("-", "")
     if datum not in DATUMS:
         raise InvalidParameter(f"datum: expected one of {', '.join(DATUMS)}, got {raw!r}")
-    return datum
+    return Datum(datum)
 
 
 def describe(crs: CRS) -> str:
@@ -68,18 +78,23 @@ def choose_crs(file_crs: CRS | None, declared: CRS | None, missing_reason: str) 
     return crs
 
 
-def to_wgs84(frame: gpd.GeoDataFrame, crs: CRS, datum: str) -> gpd.GeoDataFrame:
+def to_wgs84(frame: gpd.GeoDataFrame, crs: CRS, datum: Datum) -> gpd.GeoDataFrame:
     """Reproject to EPSG:4326 with pyproj, then undo a declared GCJ-02/BD-09 offset."""
     frame = frame.set_crs(crs, allow_override=True)
     if not crs.equals(WGS84):
-        frame = frame.to_crs(WGS84)
-    if datum != "wgs84":
+        try:
+            frame = frame.to_crs(WGS84)
+        except (CRSError, ProjError) as error:
+            # A .prj naming a local or engineering CRS has no way to the earth.
+            raise SourceError(f"the data's CRS ({describe(crs)}) cannot be transformed to "
+                              f"WGS84 ({error}); give source_crs (e.g. EPSG:4524)") from None
+    if datum != Datum.WGS84:
         frame["geometry"] = geometries_to_wgs84(frame.geometry.values, datum)
     return frame.set_crs(WGS84, allow_override=True)
 
 
-def point_to_wgs84(lon: float, lat: float, datum: str) -> tuple[float, float]:
-    if datum == "wgs84":
+def point_to_wgs84(lon: float, lat: float, datum: Datum) -> tuple[float, float]:
+    if datum == Datum.WGS84:
         return lon, lat
     out = coords_to_wgs84(np.array([[lon, lat]]), datum)
     return float(out[0, 0]), float(out[0, 1])

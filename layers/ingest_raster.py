@@ -22,6 +22,7 @@ from rasterio.warp import calculate_default_transform, reproject, transform_boun
 from rio_cogeo.cogeo import cog_translate
 from rio_cogeo.profiles import cog_profiles
 
+from layers.coordinates import check_extent
 from layers.crs import SourceError, choose_crs, describe
 from layers.safety import TooLarge, UploadRefused
 from twin.core.datum import coords_to_wgs84
@@ -69,6 +70,8 @@ def to_cog(source: Path, target: Path, declared: CRS | None, datum: str = "wgs84
                 src.crs = rasterio.crs.CRS.from_wkt(crs.to_wkt())
             if src.transform.is_identity:
                 raise SourceError("the GeoTIFF has no georeferencing (no geotransform)")
+            # Before any pixel moves: a raster placed nowhere on the earth is refused.
+            check_extent(tuple(src.bounds), crs)
         if datum != "wgs84":
             progress(15, f"moving pixels from {datum.upper()} to WGS84 positions")
             corrected = target.with_suffix(".corrected.tif")

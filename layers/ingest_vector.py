@@ -39,6 +39,10 @@ MULTI = {"Point": "MultiPoint", "LineString": "MultiLineString", "Polygon": "Mul
 LON_NAMES = ("lon", "lng", "long", "longitude", "经度", "x")
 LAT_NAMES = ("lat", "latitude", "纬度", "y")
 RESERVED = {"id", "geom"}
+# PostgreSQL's limit of columns per table, less the id and geometry columns.
+MAX_ATTRIBUTES = 1600 - 2
+# Longest column name PostgreSQL keeps (NAMEDATALEN - 1, in bytes); longer ones it truncates.
+MAX_NAME_BYTES = 63
 COPY_BATCH_ROWS = 20_000
 COPY_SPECIALS = r"[\\\t\n\r\x00]"
 READ_ERRORS = (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError,
@@ -64,7 +68,8 @@ def plan_layer(path: Path, fmt: str, layer: str | None) -> str | None:
     try:
         listed = pyogrio.list_layers(path)
     except Exception as error:  # noqa: BLE001 - GDAL's message is the useful part
-        raise UploadRefused(f"file: cannot be opened as {fmt.upper()} ({error})") from None
+        message = str(error).replace(str(path), path.name).replace(str(path.parent) + "/", "")
+        raise UploadRefused(f"file: cannot be opened as {fmt.upper()} ({message})") from None
     names = [str(name) for name, geometry_type in listed if geometry_type is not None]
     if not names:
         raise UploadRefused(f"file: the {fmt.upper()} holds no spatial layer (non-spatial "
@@ -114,15 +119,41 @@ def read_frame(path: Path, fmt: str, layer: str | None, declared: CRS | None,
     try:
         info = pyogrio.read_info(path, **kwargs)
         _check_count(info["features"], limits)
-        frame = _declared_dtypes(pyogrio.read_dataframe(path, **kwargs), info)
+        try:
+            frame = pyogrio.read_dataframe(path, **kwargs)
+        except shapely.errors.GEOSException:
+            frame, notes["malformed_geometries"] = _read_malformed(path, kwargs)
+        frame = _declared_dtypes(frame, info)
     except READ_ERRORS as error:
         # GDAL's message, without the server's folder names.
         message = str(error).replace(str(path.parent) + "/", "")
         raise SourceError(f"the {fmt.upper()} file cannot be read: {message}") from None
     file_crs = CRS.from_user_input(frame.crs) if frame.crs is not None else None
-    missing = ("no .prj in the Shapefile and no source_crs given" if fmt == "shapefile"
-               else f"the {fmt.upper()} file names no CRS and no source_crs was given")
+    missing = f"the {fmt.upper()} file names no CRS and no source_crs was given"
+    if fmt == "shapefile":
+        has_prj = any(p.suffix.lower() == ".prj" for p in path.parent.iterdir())
+        missing = ("the Shapefile's .prj names no CRS GDAL knows; give source_crs"
+                   if has_prj else "no .prj in the Shapefile and no source_crs given")
     return frame, crs_mod.choose_crs(file_crs, declared, missing), notes
+
+
+def _read_malformed(path: Path, kwargs: dict) -> tuple[gpd.GeoDataFrame, dict]:
+    """Read a file some of whose geometries GEOS refuses (a line of one point, a ring that
+    is not closed): those repair can close are kept, the others have no geometry."""
+    meta, _, wkb, _ = pyogrio.raw.read(path, columns=[], **kwargs)
+    attributes = pyogrio.read_dataframe(path, read_geometry=False, **kwargs)
+    strict = shapely.from_wkb(wkb, on_invalid="ignore")
+    geoms = shapely.from_wkb(wkb, on_invalid="fix")
+    malformed = np.flatnonzero(pd.notna(wkb) & pd.isna(strict))
+    repaired = int(pd.notna(geoms[malformed]).sum())
+    first = int(malformed[0]) + 1
+    if pd.isna(geoms).all():
+        raise SourceError(f"no geometry can be read: {len(malformed)} are malformed (a line "
+                          f"of one point, a polygon ring that is not closed or has under 4 "
+                          f"points); first: feature {first}")
+    frame = gpd.GeoDataFrame(attributes, geometry=geoms, crs=meta["crs"])
+    return frame, {"count": len(malformed), "repaired": repaired,
+                   "dropped": len(malformed) - repaired, "first_feature": first}
 
 
 def _declared_dtypes(frame: gpd.GeoDataFrame, info: dict) -> gpd.GeoDataFrame:
@@ -187,7 +218,21 @@ def _read_csv(path: Path, declared: CRS | None, limits: UploadSettings
         raw.decode(encoding)
     except UnicodeDecodeError:
         encoding = "gb18030"
-    table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding)
+        try:
+            raw.decode(encoding)
+        except UnicodeDecodeError as error:
+            line = raw.count(b"\n", 0, error.start) + 1
+            raise SourceError(f"the CSV is neither UTF-8 nor GB18030 text (byte "
+                              f"{raw[error.start]:#04x} on line {line} is neither); save it "
+                              "as UTF-8") from None
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding)
+    except pd.errors.EmptyDataError:
+        raise SourceError("the CSV holds no header line (no columns)") from None
+    except pd.errors.ParserError as error:
+        # pandas names the line and the problem ("Expected 3 fields in line 3, saw 4").
+        message = str(error).removeprefix("Error tokenizing data. C error: ").strip()
+        raise SourceError(f"the CSV cannot be read: {message}") from None
     _check_count(len(table), limits)
     lon_col, lat_col = _coordinate_columns(table.columns)
     xs, ys = _numbers(table, lon_col), _numbers(table, lat_col)
@@ -311,19 +356,27 @@ def _drop_reasons(missing: int, collapsed: int, family: str) -> list[str]:
 def column_names(names: list[str]) -> list[str]:
     """PostgreSQL-safe, readable names: Chinese kept, at most 63 bytes, unique, not id/geom."""
     out: list[str] = []
+    taken: set[str] = set()
     for i, raw in enumerate(names):
         name = unicodedata.normalize("NFC", str(raw)).strip().lower()
         name = "".join(c if c.isalnum() or c == "_" else "_" for c in name).strip("_")
-        while len(name.encode()) > 60:
-            name = name[:-1]
-        name = name or f"field_{i + 1}"
+        name = _fit(name, 60) or f"field_{i + 1}"
         if name in RESERVED:
             name += "_src"
         base, n = name, 2
-        while name in out:
-            name, n = f"{base}_{n}", n + 1
+        while name in taken:
+            # The suffix must survive PostgreSQL's truncation to 63 bytes.
+            suffix = f"_{n}"
+            name, n = _fit(base, MAX_NAME_BYTES - len(suffix)) + suffix, n + 1
         out.append(name)
+        taken.add(name)
     return out
+
+
+def _fit(name: str, max_bytes: int) -> str:
+    while len(name.encode()) > max_bytes:
+        name = name[:-1]
+    return name
 
 
 def _column_type(series: pd.Series) -> str:
@@ -387,6 +440,9 @@ def write_table(conn: Connection, table: str, frame: gpd.GeoDataFrame, geometry_
                 ) -> list[dict]:
     """CREATE the version's table and COPY the rows in; returns the layer's fields."""
     attributes = [c for c in frame.columns if c != frame.geometry.name]
+    if len(attributes) > MAX_ATTRIBUTES:
+        raise SourceError(f"the file has {len(attributes)} attribute fields; a layer holds at "
+                          f"most {MAX_ATTRIBUTES} (drop the fields the map does not need)")
     names = column_names(attributes)
     types = [_column_type(frame[c]) for c in attributes]
     columns = "".join(f", {quote(n)} {t}" for n, t in zip(names, types, strict=True))

@@ -1,24 +1,20 @@
 """What an upload request does before it queues a job: every check that can answer 4xx at once.
 
 The file is already spooled into the job's folder; here it is checked (layers.safety), an
-archive is unpacked, the layer of a multi-layer file is chosen, and the form fields are parsed.
-What remains for the job (reading, reprojecting, cleaning, writing) can only fail with reasons
-in the job report.
+archive is unpacked, the layer of a multi-layer file is chosen, and the parsed form
+(layers.plan.UploadForm) becomes the job's plan. What remains for the job (reading,
+reprojecting, cleaning, writing) can only fail with reasons in the job report.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 
-from layers import crs as crs_mod
 from layers import ingest_model, ingest_raster, ingest_vector, safety
+from layers.plan import JobPlan, UploadForm
 from twin.core.settings import UploadSettings
-
-FORM_FIELDS = ("title", "id", "source_crs", "datum", "layer", "lon", "lat", "height", "heading",
-               "cim_level")
 
 
 def stored_name(file_name: str) -> str:
@@ -26,34 +22,28 @@ def stored_name(file_name: str) -> str:
     return "source" + PurePosixPath(file_name.lower()).suffix
 
 
-def prepare(folder: Path, file_name: str, form: dict[str, str | None],
-            limits: UploadSettings) -> dict:
-    """Check the spooled file and the form; returns the job's params (``_``: internal)."""
+def prepare(folder: Path, file_name: str, form: UploadForm, limits: UploadSettings,
+            owner_scope: str | None = None, shared: bool = True) -> JobPlan:
+    """Check the spooled file against the form; returns the job's plan."""
     source = folder / stored_name(file_name)
-    inspected = safety.inspect(source, file_name, limits, form.get("layer"))
-    crs_mod.parse_source_crs(form.get("source_crs"))
-    crs_mod.parse_datum(form.get("datum"))
+    inspected = safety.inspect(source, file_name, limits, form.layer)
     main = source.name
     if inspected.members:
         unpacked = folder / "unpacked"
         unpacked.mkdir()
         paths = safety.extract(source, inspected.members, unpacked, limits)
         main = str(paths[inspected.main_member].relative_to(folder))
-    params = {k: v for k, v in form.items() if v not in (None, "") and k != "id"}
-    params |= {"_format": inspected.format, "_kind": inspected.kind, "_main": main}
+    layer, anchor = form.layer, None
     if inspected.kind == "vector":
-        layer = ingest_vector.plan_layer(folder / main, inspected.format, form.get("layer"))
-        if layer:
-            params["layer"] = layer
+        layer = ingest_vector.plan_layer(folder / main, inspected.format, form.layer)
         ingest_vector.check_feature_count(folder / main, inspected.format, layer, limits)
     elif inspected.kind == "raster":
         ingest_raster.check_raster(folder / main, limits)
     elif inspected.kind == "3d":
-        anchor = ingest_model.parse_anchor(form.get("lon"), form.get("lat"),
-                                           form.get("height"), form.get("heading"),
-                                           form.get("cim_level"))
-        params["_anchor"] = asdict(anchor)
-    return params
+        anchor = ingest_model.parse_anchor(**dict(form.anchor_fields))
+    return JobPlan(kind=inspected.kind, format=inspected.format, main=main, title=form.title,
+                   layer=layer, source_crs=form.source_crs, datum=form.datum, anchor=anchor,
+                   owner_scope=owner_scope, shared=shared, form=form.sent)
 
 
 def suggested_id(title: str, file_name: str, taken: set[str]) -> str:

@@ -69,12 +69,13 @@ _RETURNING = """
 
 # The unfinished jobs nobody runs: a running one whose lock this transaction can take, a
 # queued one whose owner's lock it can take (held shared by every live runner of that
-# process). The locks are kept until the commit; the CTE is a fence, so only unfinished
-# jobs' locks are tried. A job is failed only in the state it was judged dead in.
+# process); layers/jobs.py marks both in the row's params.runner. The locks are kept until
+# the commit; the CTE is a fence, so only unfinished jobs' locks are tried. A job is failed
+# only in the state it was judged dead in.
 _DEAD = text("""
     WITH unfinished AS MATERIALIZED (
-        SELECT id, state, params ->> '_job_lock' IS NOT NULL AS locked,
-               CAST(params ->> '_owner' AS integer) AS owner
+        SELECT id, state, params #>> '{runner,claimed}' IS NOT NULL AS locked,
+               CAST(params #>> '{runner,owner}' AS integer) AS owner
           FROM upload_jobs
          WHERE state IN ('queued', 'running') AND id = COALESCE(CAST(:id AS varchar), id))
     SELECT id, state FROM unfinished

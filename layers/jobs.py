@@ -32,9 +32,9 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from layers import coordinates, ingest_model, ingest_raster, ingest_vector
 from layers import crs as crs_mod
-from layers import ingest_model, ingest_raster, ingest_vector
-from layers.crs import SourceError
+from layers.crs import Datum, SourceError
 from layers.job_liveness import (
     JOB_LOCK,
     OWNER_LOCK,
@@ -44,6 +44,7 @@ from layers.job_liveness import (
     reap_dead_jobs,
     start_process_locks,
 )
+from layers.plan import JobPlan, sent_form
 from layers.versions import (
     Conflict,
     Version,
@@ -73,9 +74,9 @@ NOT_SUCCEEDED = ("queued", "running", "failed")
 
 # --- rows --------------------------------------------------------------------------------
 
-# The queuing process is recorded as the job's owner only while it holds its OWNER_LOCK (its
-# runner takes it at start-up, again after losing the database): a job with no owner is never
-# taken for a dead process's; a start with no other process alive fails it.
+# The queuing process is recorded as the job's owner (params.runner.owner) only while it holds
+# its OWNER_LOCK (its runner takes it at start-up, again after losing the database): a job with
+# no owner is never taken for a dead process's; a start with no other process alive fails it.
 _INSERT_JOB = text("""
     INSERT INTO upload_jobs (id, layer_id, action, state, progress, step, reasons, report,
                              params, file_name, created_by)
@@ -86,15 +87,17 @@ _INSERT_JOB = text("""
                    AND database = (SELECT oid FROM pg_database
                                     WHERE datname = current_database())
                    AND classid = CAST(:owner_lock AS oid) AND objid = CAST(:owner_key AS oid))
-                THEN jsonb_build_object('_owner', CAST(:owner AS integer))
+                THEN jsonb_build_object('runner', jsonb_build_object(
+                         'owner', CAST(:owner AS integer)))
                 ELSE CAST('{}' AS jsonb) END,
             :file_name, :created_by)
 """)
 
 
 async def create_job(conn: AsyncConnection, job_id: str, layer_id: str, action: str,
-                     file_name: str, params: dict, created_by: str) -> None:
+                     file_name: str, plan: JobPlan | None, created_by: str) -> None:
     """Queue a job; a second active job for the same layer is refused (409)."""
+    params = {} if plan is None else plan.to_row()
     try:
         await conn.execute(_INSERT_JOB, {
             "id": job_id, "layer_id": layer_id, "action": action, "file_name": file_name,
@@ -119,7 +122,7 @@ async def job_document(conn: AsyncConnection, job_id: str) -> dict:
     if row is None:
         raise NotFound(f"unknown job '{job_id}'")
     job = dict(row)
-    job["params"] = {k: v for k, v in job["params"].items() if not k.startswith("_")}
+    job["params"] = sent_form(job["params"])
     return job
 
 
@@ -143,11 +146,13 @@ def _set(engine: Engine, job_id: str, states: tuple[str, ...], **values) -> None
 _LOCK_JOB = text("SELECT pg_advisory_lock(CAST(:lock AS integer), hashtext(:id))")
 _UNLOCK_JOB = text("SELECT pg_advisory_unlock(CAST(:lock AS integer), hashtext(:id))")
 # Claimed under the job's lock: a 'running' job is alive exactly while its lock is held. The
-# mark tells reapers that it is (rows from before the locks, or written by hand, are not).
+# mark (params.runner.claimed) tells reapers that it is (rows from before the locks, or
+# written by hand, are not).
 _CLAIM = text("""
     UPDATE upload_jobs
        SET state = 'running', progress = 2, step = 'starting', updated_at = now(),
-           params = params || jsonb_build_object('_job_lock', true)
+           params = params || jsonb_build_object('runner', COALESCE(
+               params -> 'runner', CAST('{}' AS jsonb)) || jsonb_build_object('claimed', true))
      WHERE id = :id AND state = 'queued'
  RETURNING id, layer_id, action, params, file_name, created_by
 """)
@@ -188,6 +193,7 @@ def _run_claimed(conn: Connection, engine: Engine, settings: Settings, job: dict
     job_id = job["id"]
     folder = None
     try:
+        plan = JobPlan.from_row(job["params"])
         with conn.begin():
             _bound_statements(conn, settings.uploads.statement_timeout_s)
             conn.execute(text("SELECT set_config('client_connection_check_interval', :ms, "
@@ -198,11 +204,10 @@ def _run_claimed(conn: Connection, engine: Engine, settings: Settings, job: dict
             folder = version_dir(settings.uploads_dir, job["layer_id"], version)
             shutil.rmtree(folder, ignore_errors=True)  # left by a killed job, never published
             folder.mkdir(parents=True)
-            built = _build(conn, engine, settings, job, version, folder)
+            built = _build(conn, engine, settings, job, plan, version, folder)
             _set(engine, job_id, RUNNING, progress=95, step="publishing")
-            publish(conn, built, job["params"].get("title"), job["action"] == "create",
-                    owner_scope=job["params"].get("_owner_scope"),
-                    shared=job["params"].get("_shared", True))
+            publish(conn, built, plan.title, job["action"] == "create",
+                    owner_scope=plan.owner_scope, shared=plan.shared)
             _succeed(conn, job_id, version, built.report)
         return True
     except (SourceError, TwinError) as error:
@@ -267,38 +272,35 @@ def _fail(engine: Engine, job_id: str, reasons: list[str], folder: Path | None,
          report=report or {})
 
 
-def _build(conn: Connection, engine: Engine, settings: Settings, job: dict, version: int,
-           folder: Path) -> Version:
-    params = job["params"]
-    source = job_dir(settings.uploads_dir, job["id"]) / params["_main"]
-    declared = crs_mod.parse_source_crs(params.get("source_crs"))
-    datum = crs_mod.parse_datum(params.get("datum"))
-    common = {"layer_id": job["layer_id"], "version": version, "kind": params["_kind"],
-              "source_file_name": job["file_name"], "source_datum": datum,
+def _build(conn: Connection, engine: Engine, settings: Settings, job: dict, plan: JobPlan,
+           version: int, folder: Path) -> Version:
+    source = job_dir(settings.uploads_dir, job["id"]) / plan.main
+    common = {"layer_id": job["layer_id"], "version": version, "kind": plan.kind,
+              "source_file_name": job["file_name"], "source_datum": plan.datum.value,
               "created_by": job["created_by"]}
 
     def progress(percent: int, step: str) -> None:
         _set(engine, job["id"], RUNNING, progress=percent, step=step)
 
-    if params["_kind"] == "vector":
-        return _build_vector(conn, settings, params, source, declared, datum, common, progress)
-    if params["_kind"] == "raster":
-        return _build_raster(settings, source, declared, datum, folder, common, progress)
+    if plan.kind == "vector":
+        return _build_vector(conn, settings, plan, source, common, progress)
+    if plan.kind == "raster":
+        return _build_raster(settings, source, plan.source_crs, plan.datum, folder, common,
+                             progress)
     progress(20, "storing the model")
-    anchor = ingest_model.Anchor(**params["_anchor"])
-    stored = ingest_model.store_model(source, params["_format"], folder, anchor, datum)
+    stored = ingest_model.store_model(source, plan.format, folder, plan.anchor, plan.datum)
     report = {"model": stored["meta"]} | _far_outside(stored["bbox"], settings)
     return Version(**common, source_crs="EPSG:4326", source_crs_name="EPSG:4326",
                    geometry_type="Point", bbox=stored["bbox"], file_path=str(stored["path"]),
                    meta=stored["meta"], report=report)
 
 
-def _build_raster(settings: Settings, source: Path, declared, datum: str, folder: Path,
+def _build_raster(settings: Settings, source: Path, declared, datum: Datum, folder: Path,
                   common: dict, progress: Callable[[int, str], None]) -> Version:
     ingest_raster.check_raster(source, settings.uploads)
     facts = ingest_raster.to_cog(source, folder / "raster.tif", declared, datum, progress)
     meta = raster_meta(facts)
-    report = {"raster": meta, "source_crs": facts["crs_name"], "datum": datum}
+    report = {"raster": meta, "source_crs": facts["crs_name"], "datum": datum.value}
     return Version(**common, source_crs=facts["crs"], source_crs_name=facts["crs_name"],
                    bbox=facts["bbox"], file_path=str(folder / "raster.tif"),
                    max_zoom=facts["max_zoom"], meta=meta,
@@ -314,20 +316,25 @@ def _far_outside(bbox: list[float], settings: Settings) -> dict:
                          "source_crs and datum"]}
 
 
-def _build_vector(conn: Connection, settings: Settings, params: dict, source: Path, declared,
-                  datum: str, common: dict, progress: Callable[[int, str], None]) -> Version:
-    limits = settings.uploads
-    frame, crs, notes = ingest_vector.read_frame(source, params["_format"], params.get("layer"),
-                                                 declared, limits)
+def _build_vector(conn: Connection, settings: Settings, plan: JobPlan, source: Path,
+                  common: dict, progress: Callable[[int, str], None]) -> Version:
+    limits, declared, datum = settings.uploads, plan.source_crs, plan.datum
+    frame, crs, notes = ingest_vector.read_frame(source, plan.format, plan.layer, declared,
+                                                 limits)
+    # Impossible coordinates (NaN, beyond the CRS's range, swapped columns) refuse the file:
+    # published, they would sit on the map somewhere absurd with only a warning.
+    places = coordinates.Places.of(frame, plan.format, notes.get("coordinates"))
+    coordinates.check_source(places, crs)
     progress(30, "reprojecting to EPSG:4326")
     frame = crs_mod.to_wgs84(frame, crs, datum)
+    coordinates.check_reprojected(places, frame, crs)
     progress(45, "validating geometries")
     frame, geometry_type, report = ingest_vector.clean(frame)
     if frame.empty:
         raise SourceError("no feature is left after dropping empty or broken geometries: "
                           + "; ".join(report["dropped_reasons"]))
     report |= notes | {"features": len(frame), "source_crs": crs_mod.describe(crs),
-                       "datum": datum,
+                       "datum": datum.value,
                        "far_outside_municipality": crs_mod.far_outside(
                            frame, limits.far_outside_margin_deg)}
     if report["far_outside_municipality"]:

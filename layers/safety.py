@@ -50,6 +50,9 @@ GDAL_VIRTUAL = re.compile(r"/vsi[a-z0-9_]+/|<VRTDataset|\bvrt://", re.IGNORECASE
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 TEXT_FORMATS = {"geojson", "kml", "csv", "gltf"}
 SQLITE_MAGIC = b"SQLite format 3\x00"
+# Top-level glTF 2.0 properties that are arrays of objects.
+GLTF_ARRAYS = ("accessors", "animations", "buffers", "bufferViews", "cameras", "images",
+               "materials", "meshes", "nodes", "samplers", "scenes", "skins", "textures")
 GPKG_APPLICATION_ID = 0x47504B47  # "GPKG", at byte 68 of the SQLite header
 
 
@@ -180,13 +183,21 @@ def check_gltf_json(raw: bytes, embedded_buffer: bool) -> dict:
         raise UploadRefused(f"file: the glTF JSON does not parse ({error})") from None
     if not isinstance(document, dict):
         raise UploadRefused("file: the glTF JSON must be an object")
-    version = str((document.get("asset") or {}).get("version", ""))
+    # The glTF 2.0 schema's shapes, checked before anything reads the document.
+    if not isinstance(document.get("asset"), dict):
+        raise UploadRefused("file: glTF 'asset' must be an object with a 'version'")
+    for kind in GLTF_ARRAYS:
+        items = document.get(kind)
+        if items is not None and not (isinstance(items, list)
+                                      and all(isinstance(item, dict) for item in items)):
+            raise UploadRefused(f"file: glTF '{kind}' must be an array of objects")
+    version = str(document["asset"].get("version", ""))
     if not version.startswith("2."):
         raise UploadRefused(f"file: glTF asset.version is {version or 'missing'}; "
                             "only glTF 2.0 is read")
     for kind in ("buffers", "images"):
         for i, item in enumerate(document.get(kind) or []):
-            uri = item.get("uri") if isinstance(item, dict) else None
+            uri = item.get("uri")
             if uri is None:
                 if kind == "buffers" and not (embedded_buffer and i == 0):
                     raise UploadRefused(f"file: glTF {kind}[{i}] has no uri and no GLB chunk")

@@ -233,6 +233,10 @@ def test_a_live_sibling_s_job_is_never_failed(two_workers: ServerProcess, own_db
 
 # --- the liveness signals, one at a time ---------------------------------------------------
 
+# The mark a runner puts on the row of a job it claimed (layers/jobs.py, _CLAIM).
+CLAIMED = {"runner": {"claimed": True}}
+
+
 def insert_job(engine: Engine, state: str, params: dict, version: int | None = None) -> str:
     job_id = uuid.uuid4().hex
     with engine.begin() as conn:
@@ -267,7 +271,7 @@ def reap_once_gone(engine: Engine, uploads: Path) -> list[str]:
 def test_a_running_job_fails_once_its_lock_is_free_and_only_its_folders_go(own_db,
                                                                              uploads: Path):
     engine = own_db[1]
-    job_id = insert_job(engine, "running", {"_job_lock": True}, version=1)
+    job_id = insert_job(engine, "running", CLAIMED, version=1)
     layer_id = f"probe_{job_id[:8]}"
     spool, version = job_dir(uploads, job_id), version_dir(uploads, layer_id, 1)
     other = version_dir(uploads, layer_id, 2)  # not this job's
@@ -293,7 +297,7 @@ def test_a_failure_never_overwrites_a_committed_success(own_db):
     """A reaper that judged the job dead on a stale view waits for the job's row and then
     sees its success."""
     engine = own_db[1]
-    job_id = insert_job(engine, "running", {"_job_lock": True})
+    job_id = insert_job(engine, "running", CLAIMED)
     results: list = []
     with engine.connect() as job:
         job.execute(text("UPDATE upload_jobs SET state = 'succeeded' WHERE id = :id"),
@@ -318,7 +322,7 @@ async def queue(url: str, job_id: str) -> None:
     engine = async_engine(Settings(database_url=url))
     try:
         async with engine.connect() as conn:
-            await create_job(conn, job_id, f"probe_{job_id[:8]}", "create", "x.csv", {},
+            await create_job(conn, job_id, f"probe_{job_id[:8]}", "create", "x.csv", None,
                              "test")
     finally:
         await engine.dispose()

@@ -15,8 +15,9 @@ import morecantile
 import pytest
 from sqlalchemy import Engine, text
 
-from layers.intake import FORM_FIELDS, prepare, stored_name
+from layers.intake import prepare, stored_name
 from layers.job_liveness import recover_interrupted
+from layers.plan import FORM_FIELDS, UploadForm
 from layers.versions import job_dir
 from tests import test_uploads_support as support
 from tests.test_uploads_support import (
@@ -129,13 +130,13 @@ def _queue_directly(engine: Engine, uploads_dir, layer_id: str) -> str:
     folder = job_dir(uploads_dir, job_id)
     folder.mkdir(parents=True)
     (folder / stored_name("v2.geojson")).write_bytes(geojson_points(V2_PLACES, ["甲", "乙"]))
-    params = prepare(folder, "v2.geojson", dict.fromkeys(FORM_FIELDS), LIMITS)
+    plan = prepare(folder, "v2.geojson", UploadForm.parse(dict.fromkeys(FORM_FIELDS)), LIMITS)
     with engine.begin() as conn:
         conn.execute(text(
             "INSERT INTO upload_jobs (id, layer_id, action, state, progress, step, reasons, "
             "report, params, file_name, created_by) VALUES (:id, :layer, 'replace', 'queued', "
             "0, 'queued', '[]', '{}', CAST(:params AS jsonb), 'v2.geojson', 'test')"),
-            {"id": job_id, "layer": layer_id, "params": json.dumps(params)})
+            {"id": job_id, "layer": layer_id, "params": json.dumps(plan.to_row())})
     return job_id
 
 

@@ -12,7 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from layers.jobs import start_runner
+from layers.uploads import start_uploads
 from tiles.cache import DataVersions, tile_cache
 from tiles.filters import SectorCodes
 from twin import apikeys
@@ -128,8 +128,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Not the requests' pool: a request holding a pooled connection may need the registry.
         registry_engine = async_engine(settings, pool_size=1, max_overflow=0)
         app.state.registry = RegistryCache(registry_engine)
-        # Upload jobs run in a thread pool; jobs a killed server left running are failed first.
-        app.state.upload_jobs = await start_runner(
+        # The upload service; its jobs run in a thread pool, and jobs a killed server left
+        # running are failed first.
+        app.state.uploads = await start_uploads(
             settings, lambda layer_id: app.state.registry.invalidate())
         # Audit rows past TWIN_AUDIT_RETENTION_DAYS go now and daily, in one process of several.
         app.state.audit_pruner = AuditPruner.start(settings)
@@ -148,7 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.audit_pruner.stop()
             await app.state.tile_versions.close()
             await app.state.tile_engine.dispose()
-            app.state.upload_jobs.shutdown()
+            app.state.uploads.shutdown()
             await app.state.engine.dispose()
             await registry_engine.dispose()
 
