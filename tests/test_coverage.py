@@ -161,4 +161,4 @@ def test_missing_coverage_parameters_are_4xx(client: Client, missing):
     params = {"team_type": "fire", "minutes": 10}
     del params[missing]
     response = client.get("/query/coverage", params=params)
-    assert response.status_code == 422 and missing in response.text
+    assert response.status_code == 400 and missing in response.text

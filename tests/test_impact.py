@@ -206,4 +206,4 @@ def test_bad_circle_parameters_are_400_naming_the_parameter(client: Client, para
 
 def test_missing_radius_is_4xx(client: Client):
     response = client.get("/query/impact", params={"lon": 106.55, "lat": 29.56})
-    assert response.status_code == 422 and "radius_m" in response.text
+    assert response.status_code == 400 and "radius_m" in response.text

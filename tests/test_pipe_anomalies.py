@@ -205,7 +205,7 @@ def test_an_unencoded_plus_in_the_offset_is_read_as_plus(client: Client):
     assert response.json()["query"]["since"] == "2026-11-20T08:00:00+08:00"
 
 
-def test_missing_network_is_422(client: Client):
+def test_missing_network_is_400(client: Client):
     response = client.get("/query/pipe-anomalies")
-    assert response.status_code == 422
+    assert response.status_code == 400
     assert "network" in response.text

@@ -147,7 +147,7 @@ def test_segment_of_another_network_is_400(client: Client, segments):
 
 @pytest.mark.parametrize("params", [{"network": "water"}, {"segment_id": "x",
                                                            "network": "water"}])
-def test_missing_or_non_integer_segment_is_422(client: Client, params):
+def test_missing_or_non_integer_segment_is_400(client: Client, params):
     response = client.get("/query/pipe-trace", params=params)
-    assert response.status_code == 422
+    assert response.status_code == 400
     assert "segment_id" in response.text

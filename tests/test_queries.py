@@ -135,7 +135,7 @@ def test_bad_query_parameters_are_400_naming_the_parameter(client: Client, path,
 
 
 @pytest.mark.parametrize("params", [{"lat": 29.5}, {"lon": 106.5}, {"lon": "east", "lat": 1}])
-def test_missing_or_non_numeric_coordinates_are_422(client: Client, params):
+def test_missing_or_non_numeric_coordinates_are_400(client: Client, params):
     response = client.get("/query/nearest-teams", params=params)
-    assert response.status_code == 422
+    assert response.status_code == 400
     assert "lon" in response.text or "lat" in response.text

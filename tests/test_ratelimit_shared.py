@@ -4,11 +4,14 @@ The bucket rules (burst, refill, Retry-After wait) are checked on both stores, i
 the shared table, with a clock the test moves; then several processes hammer one key through
 one table (what they were granted, against burst + rate x elapsed); then a real ``twin serve``
 with two workers, whose answers on fresh connections come from both processes (told apart
-through /proc, as in tests/test_workers.py) and grant the burst once, not once per worker.
+through /proc, as in tests/test_workers.py) and grant the burst once, not once per worker;
+and the demo's own limits (``twin run``'s), which never throttle a hall of screens behind one
+address reading tiles as fast as the server serves them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import logging
@@ -21,11 +24,15 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+import morecantile
 import pytest
 
-from tests.conftest import ServerProcess
+from benchmarks.bare_http import HttpConnection
+from tests.conftest import ServerProcess, free_port
 from tests.test_workers import descendants, owner, socket_inode
 from twin import ratelimit
 from twin.core.settings import Settings
@@ -360,3 +367,85 @@ def test_a_killed_servers_table_does_not_stop_the_next_start(engine, database_ur
         assert not table.exists()  # swept by the next start
         assert table_of(server).exists()
         assert [fresh_get(server, LOCATE)[0] for _ in range(BURST + 1)] == [200] * BURST + [429]
+
+
+# --- the demo's defaults: a hall behind one address -------------------------------------------
+
+HALL_CONNECTIONS = 16  # a wall of screens, each loading tiles, all behind one NAT address
+HALL_SECONDS = 5.0
+CITY = (106.55, 29.56)
+
+
+@contextmanager
+def demo_server(database_url: str) -> Iterator[str]:
+    """``twin serve`` with the settings ``twin run`` gives it (``demo_access`` over the
+    defaults: anonymous planner, the default rate limits), two workers; its URL."""
+    port = free_port()
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith(("TWIN_LIMITS_", "TWIN_AUTH_"))}
+    env |= {"TWIN_DATABASE_URL": database_url, "TWIN_PORT": str(port), "TWIN_WORKERS": "2"}
+    demo = "from twin.cli import demo_access, serve; from twin.core.settings import " \
+           "get_settings; serve(demo_access(get_settings()))"
+    process = subprocess.Popen([sys.executable, "-c", demo], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"the demo server did not start: {process.stderr.read()!r}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def city_tiles() -> list[str]:
+    """The tiles a screen of the city map shows at z10-z13 (risk points and districts)."""
+    tms = morecantile.tms.get("WebMercatorQuad")
+    paths = []
+    for z in (10, 11, 12, 13):
+        centre = tms.tile(*CITY, z)
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                paths.append(f"/tiles/risk_points,districts/{z}/{centre.x + dx}/"
+                             f"{centre.y + dy}.mvt")
+    return paths
+
+
+async def hall(port: int, paths: list[str], seconds: float) -> Counter:
+    """HALL_CONNECTIONS keep-alive connections from one address, each requesting the tiles
+    round and round without pause for ``seconds``; the statuses answered."""
+    statuses: Counter = Counter()
+
+    async def screen(offset: int) -> None:
+        conn = HttpConnection("127.0.0.1", port, "gzip")
+        try:
+            for path in paths:  # warm both workers' caches: every connection asks for each
+                statuses[(await conn.get(path))[0]] += 1
+            stop = time.monotonic() + seconds
+            n = offset
+            while time.monotonic() < stop:
+                statuses[(await conn.get(paths[n % len(paths)]))[0]] += 1
+                n += 1
+        finally:
+            await conn.close()
+
+    await asyncio.gather(*(screen(i) for i in range(HALL_CONNECTIONS)))
+    return statuses
+
+
+def test_the_demo_never_throttles_a_hall_behind_one_address(engine, database_url: str):
+    with demo_server(database_url) as url:
+        statuses = asyncio.run(hall(int(url.rsplit(":", 1)[1]), city_tiles(), HALL_SECONDS))
+    assert set(statuses) == {200}, statuses

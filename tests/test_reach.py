@@ -241,5 +241,5 @@ def test_missing_reach_parameters_are_4xx(client: Client, missing):
     params = {"lon": 106.55, "lat": 29.56, "minutes": 10}
     del params[missing]
     response = client.get("/query/reach", params=params)
-    assert response.status_code == 422
+    assert response.status_code == 400
     assert missing in response.text

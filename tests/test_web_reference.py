@@ -31,4 +31,4 @@ def test_unknown_or_bad_plan_ids_are_refused(client: httpx.Client):
     assert missing.status_code == 404 and "2147483647" in missing.json()["description"]
     bad = client.get("/emergency-plans/0")
     assert bad.status_code == 400 and "plan_id" in bad.json()["description"]
-    assert client.get("/emergency-plans/abc").status_code == 422
+    assert client.get("/emergency-plans/abc").status_code == 400

@@ -34,6 +34,8 @@ from twin.core.principal import CITY, Scope
 from twin.core.scope import table_predicate
 
 DIRECTIONS = ("upstream", "downstream")
+# Segment ids are bigint.
+MAX_SEGMENT_ID = 2**63 - 1
 # Far above any pipe node id: the private vertices of valve ends.
 VALVE_VERTEX_BASE = 1 << 40
 # Larger than any hop count, so the search is never cut short.
@@ -160,7 +162,7 @@ async def pipe_trace(conn: AsyncConnection, segment_id: int, direction: str,
     """GeoJSON FeatureCollection of the segments and nodes reached from ``segment_id``
     (those in the caller's scope)."""
     check_trace(network, direction)
-    if not 0 < segment_id < 2**63:
+    if not 1 <= segment_id <= MAX_SEGMENT_ID:
         raise InvalidParameter(f"segment_id: must be a positive integer, got {segment_id}")
     segments_in = table_predicate(scope, "pipe_segments", "s", "scope_s")
     nodes_in = table_predicate(scope, "pipe_nodes", "n", "scope_n")

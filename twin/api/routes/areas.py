@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Body, Query
 from fastapi.responses import JSONResponse
 
 from twin.api.deps import ConnDep, ScopeDep
+from twin.api.routes.queries import Lat, Lon
+from twin.core.models import TEAM_TYPES
 from twin.queries.coverage import DEFAULT_LIMIT as COVERAGE_LIMIT
+from twin.queries.coverage import MAX_LIMIT as COVERAGE_MAX_LIMIT
 from twin.queries.coverage import coverage as uncovered_points
-from twin.queries.impact import DEFAULT_FEATURE_LIMIT, area_from_geojson, circle, impact
+from twin.queries.impact import (
+    DEFAULT_FEATURE_LIMIT,
+    MAX_FEATURE_LIMIT,
+    MAX_RADIUS_M,
+    area_from_geojson,
+    circle,
+    impact,
+)
+from twin.queries.reach import MAX_REACH_MINUTES
+from twin.queries.reach import MODES as REACH_MODES
 from twin.queries.reach import reach as reach_area
+from twin.queries.routing import MAX_MINUTES
 
 router = APIRouter(tags=["queries"])
 
-Lon = Query(description="longitude, WGS84 degrees in [-180, 180]")
-Lat = Query(description="latitude, WGS84 degrees in [-90, 90]")
-Limit = Query(DEFAULT_FEATURE_LIMIT, description="features of each kind returned, 0 to "
-              "10000; the summary always counts all")
+# Bounds: the query modules' constants (see twin/api/routes/queries.py).
+Limit = Query(DEFAULT_FEATURE_LIMIT, ge=0, le=MAX_FEATURE_LIMIT,
+              description=f"features of each kind returned, 0 to {MAX_FEATURE_LIMIT}; the "
+              "summary always counts all")
 
 GeometryBody = Body(..., description="a GeoJSON Polygon or MultiPolygon in EPSG:4326 (or a "
                     "Feature of one), or {\"point\": [lon, lat], \"radius_m\": r}")
@@ -33,8 +46,10 @@ def _geojson(body: dict) -> JSONResponse:
             response_class=JSONResponse)
 async def reach(
     conn: ConnDep, scope: ScopeDep, lon: float = Lon, lat: float = Lat,
-    minutes: float = Query(..., description="travel time budget, minutes in (0, 60]"),
-    mode: str = Query("road", description="'road' (the only mode)"),
+    minutes: float = Query(..., gt=0, le=MAX_REACH_MINUTES, allow_inf_nan=False,
+                           description="travel time budget, minutes in "
+                           f"(0, {MAX_REACH_MINUTES}]"),
+    mode: Literal[REACH_MODES] = Query("road", description="'road' (the only mode)"),
 ) -> JSONResponse:
     return _geojson(await reach_area(conn, lon, lat, minutes, mode, scope))
 
@@ -43,7 +58,8 @@ async def reach(
             "features (GeoJSON)", response_class=JSONResponse)
 async def impact_circle(
     conn: ConnDep, scope: ScopeDep, lon: float = Lon, lat: float = Lat,
-    radius_m: float = Query(..., description="radius in metres, (0, 100000]"),
+    radius_m: float = Query(..., gt=0, le=MAX_RADIUS_M, allow_inf_nan=False,
+                            description=f"radius in metres, (0, {MAX_RADIUS_M:g}]"),
     limit: int = Limit,
 ) -> JSONResponse:
     return _geojson(await impact(conn, circle(lon, lat, radius_m), limit, scope))
@@ -64,9 +80,11 @@ async def impact_area(
             "by road, counted by district and level (GeoJSON)", response_class=JSONResponse)
 async def coverage(
     conn: ConnDep, scope: ScopeDep,
-    team_type: str = Query(..., description="team type, e.g. fire or medical"),
-    minutes: float = Query(..., description="travel time budget, minutes in (0, 1440]"),
-    limit: int = Query(COVERAGE_LIMIT, description="uncovered points returned as features "
-                       "(most severe first), 0 to 200000; the counts cover every point"),
+    team_type: Literal[TEAM_TYPES] = Query(..., description="team type"),
+    minutes: float = Query(..., gt=0, le=MAX_MINUTES, allow_inf_nan=False,
+                           description=f"travel time budget, minutes in (0, {MAX_MINUTES}]"),
+    limit: int = Query(COVERAGE_LIMIT, ge=0, le=COVERAGE_MAX_LIMIT,
+                       description="uncovered points returned as features (most severe "
+                       f"first), 0 to {COVERAGE_MAX_LIMIT}; the counts cover every point"),
 ) -> JSONResponse:
     return _geojson(await uncovered_points(conn, team_type, minutes, limit, scope))

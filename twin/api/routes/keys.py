@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Literal
+
+from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
 from twin import apikeys
 from twin.api.deps import ConnDep
+from twin.core.principal import ROLES
 
 router = APIRouter(tags=["admin"])
 
 
+# A street scope may list every street of the city (~1,031 codes of 9 digits).
+SCOPE_MAX_LENGTH = 16_384
+
+
 class NewKey(BaseModel):
-    name: str = Field(description="who holds the key (shown as 'uploaded by' and in the audit)")
-    role: str = Field(description="viewer, planner, gis-editor or admin")
-    scope: str = Field("city", description="city | district=<adcodes> | street=<codes>")
+    # apikeys checks the name further (printable, not all digits) with the same bound.
+    name: str = Field(min_length=1, max_length=apikeys.NAME_MAX,
+                      description="who holds the key (shown as 'uploaded by' and in the audit)")
+    role: Literal[ROLES] = Field(description="what the key may call")
+    scope: str = Field("city", max_length=SCOPE_MAX_LENGTH,
+                       description="city | district=<adcodes> | street=<codes>")
 
 
 def _jsonable(row: dict) -> dict:
@@ -35,7 +45,11 @@ async def add_key(body: NewKey, conn: ConnDep) -> dict:
 
 
 @router.delete("/keys/{key}", summary="Revoke an API key by id or name (admin)")
-async def revoke_key(key: str, conn: ConnDep) -> dict:
+async def revoke_key(
+    conn: ConnDep,
+    key: str = Path(min_length=1, max_length=apikeys.NAME_MAX,
+                    description="the key's id or the name of a live key"),
+) -> dict:
     row = await conn.run_sync(apikeys.revoke_key, key)
     await conn.commit()
     return _jsonable(row)

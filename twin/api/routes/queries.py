@@ -3,31 +3,52 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
 from twin.api.deps import ConnDep, ScopeDep
 from twin.core.errors import InvalidParameter
-from twin.queries.h3_stats import h3_counts
+from twin.core.models import TEAM_TYPES
+from twin.queries.h3_stats import H3_RESOLUTIONS, h3_counts
 from twin.queries.locate import locate as locate_point
-from twin.queries.nearest import check_nearest
+from twin.queries.nearest import MAX_K, MODES, check_nearest
 from twin.queries.nearest import nearest_teams as rank_teams
-from twin.queries.routing import SNAP_SPEED_KMH, check_max_minutes, nearest_teams_by_road
+from twin.queries.routing import (
+    MAX_MINUTES,
+    SNAP_SPEED_KMH,
+    check_max_minutes,
+    nearest_teams_by_road,
+)
 
 router = APIRouter(tags=["queries"])
 
 # OGC conformance classes this module implements, collected by /conformance.
 CONFORMANCE: list[str] = []
 
-Lon = Query(description="longitude, WGS84 degrees in [-180, 180]")
-Lat = Query(description="latitude, WGS84 degrees in [-90, 90]")
+# Every parameter declares its bounds here, so /api shows them and FastAPI refuses a value
+# outside them (400 InvalidParameter, twin/api/errors.py) before the query runs. The bounds
+# are the query modules' own constants, which their checks (for callers without HTTP) use.
+Lon = Query(ge=-180, le=180, allow_inf_nan=False,
+            description="longitude, WGS84 degrees in [-180, 180]")
+Lat = Query(ge=-90, le=90, allow_inf_nan=False,
+            description="latitude, WGS84 degrees in [-90, 90]")
+K = Query(5, ge=1, le=MAX_K, description=f"how many nearest teams, 1 to {MAX_K}")
+TeamType = Literal[TEAM_TYPES]
+TypeQuery = Query(None, description="team type; every type when absent")
+Mode = Literal[MODES]
+ModeQuery = Query("distance", description="'distance' (geodesic metres) or 'road' (travel "
+                  "time over the road graph)")
+# Comma-separated lists are parsed (and their items checked) by the query; the length
+# only keeps a pasted novel out of the parser.
+LIST_MAX_LENGTH = 200
 
 
 @router.get("/query/locate", summary="The grid, community, street and district of a spot, "
             "its responsible teams and the nearest teams")
 async def locate(conn: ConnDep, scope: ScopeDep, lon: float = Lon, lat: float = Lat,
-                 k: int = Query(5, description="how many nearest teams, 1 to 100")) -> dict:
+                 k: int = K) -> dict:
     check_nearest(k, None, "distance")
     return await locate_point(conn, lon, lat, k, scope)
 
@@ -46,12 +67,13 @@ def _team_feature(rank: int, team) -> dict:
             "distance or by road travel time (GeoJSON)", response_class=JSONResponse)
 async def nearest_teams(
     conn: ConnDep, scope: ScopeDep, lon: float = Lon, lat: float = Lat,
-    type: str | None = Query(None, description="team type; every type when absent"),
-    k: int = Query(5, description="how many teams, 1 to 100"),
-    mode: str = Query("distance", description="'distance' (geodesic metres) or 'road' "
-                      "(travel time over the road graph)"),
-    max_minutes: float | None = Query(None, description="road mode: teams slower than this "
-                                      "get route_status 'beyond_cutoff'"),
+    type: TeamType | None = TypeQuery,
+    k: int = K,
+    mode: Mode = ModeQuery,
+    max_minutes: float | None = Query(
+        None, gt=0, le=MAX_MINUTES, allow_inf_nan=False,
+        description=f"road mode: teams slower than this (minutes in (0, {MAX_MINUTES}]) get "
+        "route_status 'beyond_cutoff'"),
     route: bool = Query(False, description="road mode: add each team's route as a "
                         "LineString in its properties"),
 ) -> JSONResponse:
@@ -81,9 +103,14 @@ async def nearest_teams(
 @router.get("/query/h3", summary="Risk points counted per H3 cell (hex cell ids)")
 async def h3_cells(
     conn: ConnDep, scope: ScopeDep,
-    res: int = Query(..., description="H3 resolution, 3 to 9"),
-    sector: str | None = Query(None, description="comma-separated sector codes"),
-    level: str | None = Query(None, description="comma-separated risk levels, 1 to 4"),
-    bbox: str | None = Query(None, description="west,south,east,north in CRS84"),
+    res: int = Query(..., ge=H3_RESOLUTIONS[0], le=H3_RESOLUTIONS[-1],
+                     description="H3 resolution, one of "
+                     f"{', '.join(map(str, H3_RESOLUTIONS))}"),
+    sector: str | None = Query(None, max_length=LIST_MAX_LENGTH,
+                               description="comma-separated sector codes (GET /sectors)"),
+    level: str | None = Query(None, max_length=LIST_MAX_LENGTH,
+                              description="comma-separated risk levels, 1 to 4"),
+    bbox: str | None = Query(None, max_length=LIST_MAX_LENGTH,
+                             description="west,south,east,north in CRS84"),
 ) -> dict:
     return await h3_counts(conn, res, sector, level, bbox, scope)

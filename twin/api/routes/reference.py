@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 
 from twin.api.deps import ConnDep
 from twin.queries import reference
@@ -16,5 +16,8 @@ async def list_sectors(conn: ConnDep) -> dict:
 
 
 @router.get("/emergency-plans/{plan_id}", summary="One emergency plan (应急预案)")
-async def get_emergency_plan(plan_id: int, conn: ConnDep) -> dict:
+async def get_emergency_plan(
+    conn: ConnDep,
+    plan_id: int = Path(ge=1, le=reference.MAX_PLAN_ID, description="the plan's id"),
+) -> dict:
     return await reference.emergency_plan(conn, plan_id)
