@@ -90,16 +90,21 @@ class LimitsSettings(BaseSettings):
 
     The rate is a token bucket per key (per client IP for anonymous callers): ``burst``
     requests at once, refilled at ``rate_per_s``, for the whole server (its worker processes
-    share the buckets: twin/ratelimit.py). The defaults are generous on purpose: twin on a
-    small machine serves fewer requests than that, so they only stop a runaway client; a
-    deployment with many key holders sets e.g. ``TWIN_LIMITS_RATE_PER_S=20``.
+    share the buckets: twin/ratelimit.py). The defaults are a ceiling, not a quota: they sit
+    well above what the server can serve (2 workers answer ~5,000-15,000 warm tiles a
+    second), because one client address is often a whole command hall behind NAT, its wall
+    of screens loading tiles at once, and one key a whole centre.
+    The former 2,000/s (burst 4,000) answered 429 to half of such a hall's warm tile requests
+    in ``make run``'s demo. So by default they only stop a runaway client on a big machine; a
+    deployment whose key holders must share the server sets a quota, e.g.
+    ``TWIN_LIMITS_RATE_PER_S=20`` (anonymous callers, by IP, then get it too).
     """
 
     model_config = SettingsConfigDict(env_prefix="TWIN_LIMITS_")
 
     # 0 turns rate limiting off.
-    rate_per_s: float = Field(default=2000.0, ge=0)
-    burst: int = Field(default=4000, ge=1)
+    rate_per_s: float = Field(default=50_000.0, ge=0)
+    burst: int = Field(default=100_000, ge=1)
     # Bytes of any request body but an upload (uploads: TWIN_UPLOADS_MAX_FILE_BYTES).
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=0)
 
