@@ -52,17 +52,26 @@ browser-deps:
 	    --no-install-recommends chromium fonts-wqy-microhei; \
 	fi
 
-# The command-hall map (web/): npm ci when the lockfile changes, vite build when a source does.
-WEB_SOURCES := $(shell find web/src -type f 2>/dev/null) web/index.html web/package.json \
-	web/vite.config.ts web/tsconfig.json
+# The command-hall map (web/): npm ci when the lockfile changes, a build (API types, tsc, vite)
+# when a source or twin's API does. The API's OpenAPI document is dumped on every make (no
+# database needed) but rewritten only when it changed, so an API change rebuilds the map and
+# tsc checks the map against the new types (web/src/generated/, not committed).
+WEB_SOURCES := $(shell find web/src -type f -not -path 'web/src/generated/*' 2>/dev/null) \
+	web/index.html web/package.json web/vite.config.ts web/tsconfig.json
+WEB_OPENAPI := web/src/generated/openapi.json
 
 web: web/dist/index.html
 
 web/node_modules/.package-lock.json: web/package-lock.json
 	npm ci --prefix web --no-audit --no-fund
 
-web/dist/index.html: web/node_modules/.package-lock.json $(WEB_SOURCES)
+$(WEB_OPENAPI): FORCE | venv
+	$(VENV)/bin/python -m twin.api.openapi_dump $@
+
+web/dist/index.html: web/node_modules/.package-lock.json $(WEB_OPENAPI) $(WEB_SOURCES)
 	npm run --prefix web build
+
+FORCE:
 
 venv: $(VENV)/.installed
 

@@ -3,24 +3,15 @@
 
 import * as maplibregl from "maplibre-gl";
 import {
-  apiHas, ApiError, getJson, type Located, type Plan, query, type RoadTeam, type Sector,
+  ApiError, apiGet, type Located, type Plan, type ReachAnswer, type RiskPoint, type RoadTeam,
+  type Sector,
 } from "./api";
+import { lngLats } from "./bounds";
 import { named, t } from "./i18n";
 import { setOverlay } from "./map";
 
 export const REACH_MINUTES = [15, 10, 5];
 const NEAREST_K = 3;
-
-interface RiskPoint {
-  id: number;
-  code: string;
-  name: string;
-  sector_code: string;
-  category: string;
-  level: number;
-  grid_code: string;
-  plan_id: number | null;
-}
 
 export class Card {
   private box = document.getElementById("card")!;
@@ -51,16 +42,17 @@ export class Card {
 
   async openRiskPoint(featureId: number): Promise<void> {
     const generation = this.begin();
-    const feature = await getJson<GeoJSON.Feature<GeoJSON.Point, RiskPoint>>(
-      `/collections/risk_points/items/${featureId}`);
+    const feature = await apiGet("/collections/{collection_id}/items/{feature_id}",
+      { path: { collection_id: "risk_points", feature_id: String(featureId) } },
+    ) as GeoJSON.Feature<GeoJSON.Point, RiskPoint>;
     const [lon, lat] = feature.geometry.coordinates;
     const point = feature.properties;
     const [located, teams, plan] = await Promise.all([
-      getJson<Located>(`/query/locate?${query({ lon, lat, k: 1 })}`),
-      getJson<GeoJSON.FeatureCollection<GeoJSON.Point, RoadTeam>>(
-        `/query/nearest-teams?${query({ lon, lat, k: NEAREST_K, mode: "road", route: true })}`),
+      apiGet("/query/locate", { query: { lon, lat, k: 1 } }),
+      apiGet("/query/nearest-teams",
+        { query: { lon, lat, k: NEAREST_K, mode: "road", route: true } }),
       point.plan_id === null ? Promise.resolve(null)
-        : getJson<Plan>(`/emergency-plans/${point.plan_id}`),
+        : apiGet("/emergency-plans/{plan_id}", { path: { plan_id: point.plan_id } }),
     ]);
     if (generation !== this.generation) return;
     setOverlay(this.map, "twin-locate", [{ type: "Feature", geometry: feature.geometry,
@@ -110,10 +102,9 @@ export class Card {
     const route = team.properties.route!;
     setOverlay(this.map, "twin-route", [{ type: "Feature", geometry: route,
       properties: { team_id: team.properties.id } }]);
-    const first = route.coordinates[0] as [number, number];
-    const bounds = route.coordinates.reduce(
-      (b, c) => b.extend(c as [number, number]), new maplibregl.LngLatBounds(first, first));
-    this.map.fitBounds(bounds, { padding: 120, maxZoom: 16, duration: 600 });
+    const bounds = new maplibregl.LngLatBounds();
+    for (const position of lngLats(route.coordinates)) bounds.extend(position);
+    if (!bounds.isEmpty()) this.map.fitBounds(bounds, { padding: 120, maxZoom: 16, duration: 600 });
   }
 
   /** Any other spot: who owns it, and the area reachable by road in 5, 10 and 15 minutes. */
@@ -123,7 +114,7 @@ export class Card {
       geometry: { type: "Point", coordinates: [lon, lat] } }]);
     let located: Located;
     try {
-      located = await getJson<Located>(`/query/locate?${query({ lon, lat, k: 1 })}`);
+      located = await apiGet("/query/locate", { query: { lon, lat, k: 1 } });
     } catch (error) {
       if (generation !== this.generation) return;
       const outside = error instanceof ApiError && error.status === 404;
@@ -139,9 +130,8 @@ export class Card {
   }
 
   private async reach(lon: number, lat: number): Promise<ReachResult[]> {
-    if (!(await apiHas("/query/reach"))) return [];
     const results = await Promise.all(REACH_MINUTES.map((minutes) =>
-      getJson<ReachAnswer>(`/query/reach?${query({ lon, lat, minutes, mode: "road" })}`)
+      apiGet("/query/reach", { query: { lon, lat, minutes, mode: "road" } })
         .then((answer) => ({ minutes, answer }))));
     const polygons = results.filter((r) => r.answer.features.length > 0).map((r) => ({
       type: "Feature" as const, geometry: r.answer.features[0].geometry,
@@ -176,12 +166,6 @@ export class Card {
     }
     this.box.replaceChildren(...parts);
   }
-}
-
-interface ReachAnswer {
-  type: "FeatureCollection";
-  features: GeoJSON.Feature<GeoJSON.Polygon | GeoJSON.MultiPolygon>[];
-  summary?: Record<string, { total?: number }>;
 }
 
 interface ReachResult {

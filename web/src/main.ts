@@ -1,12 +1,11 @@
 import "maplibre-gl/dist/maplibre-gl.css";
 import "./style.css";
 import type * as maplibregl from "maplibre-gl";
-import { type Collection, getJson, type Sector } from "./api";
+import { apiGet, type Collection } from "./api";
+import { checkedBbox } from "./bounds";
 import { Card } from "./card";
 import { applyStatic, lang, onLangChange, setLang, t } from "./i18n";
-import {
-  createMap, type LayerFacts, levelColours, RISK_POINTS_LAYER, setVisible,
-} from "./map";
+import { createMap, levelColours, RISK_POINTS_LAYER, setVisible } from "./map";
 import { LayerPanel } from "./panel";
 import { PipePanel } from "./pipes";
 import { StatsStrip } from "./stats";
@@ -26,12 +25,18 @@ const BUILDINGS_LAYER = "buildings-3d";
 
 async function loadCollections(panel: LayerPanel): Promise<Collection[]> {
   const [{ collections }, facts] = await Promise.all([
-    getJson<{ collections: Collection[] }>("/collections"),
+    apiGet("/collections"),
     // DEM flags and 3D anchors; the map still works (without them) if /layers is refused.
-    getJson<{ layers: LayerFacts[] }>("/layers").then((answer) => answer.layers, () => []),
+    apiGet("/layers").then((answer) => answer.layers, () => []),
   ]);
   panel.setCollections(collections, facts);
   return collections;
+}
+
+/** A collection's extent, when it has one MapLibre can fit (else none, and a warning). */
+function boundsOf(collections: Collection[], id: string): [number, number, number, number] | null {
+  const collection = collections.find((c) => c.id === id);
+  return collection ? checkedBbox(collection.extent.spatial.bbox[0], `layer '${id}'`) : null;
 }
 
 function route(): void {
@@ -54,7 +59,7 @@ async function main(): Promise<void> {
 
   const [map, { sectors }] = await Promise.all([
     createMap(document.getElementById("map")!),
-    getJson<{ sectors: Sector[] }>("/sectors"),
+    apiGet("/sectors"),
   ]);
   window.__twinMap = map;
   const colours = levelColours(map);
@@ -66,8 +71,8 @@ async function main(): Promise<void> {
   panel.render();
   let collections = await loadCollections(panel);
   // The whole municipality on a wall screen, whatever the style's default view.
-  const city = collections.find((c) => c.id === "districts")?.extent.spatial.bbox[0];
-  if (city) map.fitBounds([[city[0], city[1]], [city[2], city[3]]], { padding: 20, animate: false });
+  const city = boundsOf(collections, "districts");
+  if (city) map.fitBounds(city, { padding: 20, animate: false });
 
   map.on("click", (event) => {
     const { x, y } = event.point;
@@ -107,9 +112,8 @@ async function main(): Promise<void> {
     // Show the map (and let it measure its container) now, not on the later hashchange:
     // fitBounds needs the visible size.
     route();
-    const published = collections.find((c) => c.id === layerId);
-    const bbox = published?.extent.spatial.bbox[0];
-    if (bbox) map.fitBounds([[bbox[0], bbox[1]], [bbox[2], bbox[3]]], { padding: 80, maxZoom: 15 });
+    const bbox = boundsOf(collections, layerId);
+    if (bbox) map.fitBounds(bbox, { padding: 80, maxZoom: 15 });
   });
 
   await Promise.all([stats.update(), pipes.load()]);

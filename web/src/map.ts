@@ -3,10 +3,16 @@
 
 import * as maplibregl from "maplibre-gl";
 import type {
-  StyleSpecification, VectorSourceSpecification, VectorTileSource,
+  RasterDEMSourceSpecification, RasterSourceSpecification, SourceSpecification,
+  VectorSourceSpecification, VectorTileSource,
 } from "maplibre-gl";
 import workerUrl from "maplibre-gl/dist/maplibre-gl-worker.mjs?url";
-import { type Collection, getJson } from "./api";
+import {
+  apiGet, apiUrl, type Collection, fetchJson, type LayerFacts, type TileJson,
+} from "./api";
+import { checkedBbox, isLngLat, warnBad, WORLD } from "./bounds";
+
+export type { LayerFacts } from "./api";
 
 // Bundled with the app: command halls are often offline.
 maplibregl.setWorkerUrl(workerUrl);
@@ -24,8 +30,8 @@ const OVERLAY = { route: "#d500f9", reach: ["#1b5e20", "#43a047", "#a5d6a7"], zo
 const EXTRA_PALETTE = ["#00897b", "#5e35b1", "#c0ca33", "#8d6e63", "#3949ab", "#d81b60"];
 
 export async function createMap(container: HTMLElement): Promise<maplibregl.Map> {
-  const style = await getJson<StyleSpecification>("/styles/risk-map.json");
-  await inlineTileJson(style, RISK_SOURCE);
+  const style = await apiGet("/styles/risk-map.json");
+  await Promise.all(Object.keys(style.sources).map((id) => inlineTileJson(style.sources, id)));
   const map = new maplibregl.Map({
     container, style, attributionControl: { compact: true }, maxPitch: 70,
   });
@@ -36,14 +42,38 @@ export async function createMap(container: HTMLElement): Promise<maplibregl.Map>
   return map;
 }
 
-/** The source's TileJSON written into the style, so a filter change (setTiles) reloads tiles
- *  directly instead of refetching the TileJSON first. */
-async function inlineTileJson(style: StyleSpecification, sourceId: string): Promise<void> {
-  const source = style.sources[sourceId] as VectorSourceSpecification;
-  if (!source?.url) return;
-  const tileJson = await getJson<VectorSourceSpecification>(source.url);
-  const { tiles, bounds, minzoom, maxzoom, attribution } = tileJson;
-  style.sources[sourceId] = { type: "vector", tiles, bounds, minzoom, maxzoom, attribution };
+type TiledSource = VectorSourceSpecification | RasterSourceSpecification
+  | RasterDEMSourceSpecification;
+
+/** A style source's TileJSON written into the style, its bounds checked: MapLibre would throw
+ *  on a layer's impossible bbox. Also lets a filter change (setTiles) reload tiles directly
+ *  instead of refetching the TileJSON first. A TileJSON that fails to load is left to MapLibre
+ *  (which reports it): the rest of the map still starts. */
+async function inlineTileJson(sources: Record<string, SourceSpecification>,
+                              id: string): Promise<void> {
+  const source = sources[id] as TiledSource;
+  if (!("url" in source) || !source.url) return;
+  let tileJson: TileJson;
+  try {
+    tileJson = await fetchJson<TileJson>(source.url);
+  } catch {
+    return;
+  }
+  const { url: _url, ...explicit } = source;
+  const { tiles, minzoom, maxzoom, attribution, scheme } = tileJson;
+  const fromTileJson = Object.fromEntries(Object.entries({ tiles, minzoom, maxzoom, attribution,
+    scheme }).filter(([, value]) => value !== undefined));
+  // The style's own options win over the TileJSON's, as they would in MapLibre.
+  const whose = `the tile source '${id}'${tileJson.name ? ` (layers ${tileJson.name})` : ""}`;
+  const bounds = checkedBbox(explicit.bounds ?? tileJson.bounds, whose) ?? WORLD;
+  sources[id] = { ...fromTileJson, ...explicit, bounds } as TiledSource;
+}
+
+/** A collection's own bounds for its tile source: given explicitly, they take precedence over
+ *  its TileJSON's (which MapLibre would throw on when impossible). */
+function sourceBounds(collection: Collection): [number, number, number, number] {
+  return checkedBbox(collection.extent.spatial.bbox[0],
+    `layer '${collection.id}'`) ?? WORLD;
 }
 
 function emptyCollection(): GeoJSON.FeatureCollection {
@@ -82,17 +112,6 @@ export function setOverlay(map: maplibregl.Map, source: string,
     { type: "FeatureCollection", features });
 }
 
-/** What GET /layers adds to a collection: kind-specific facts (3D anchor, DEM flag). */
-export interface LayerFacts {
-  id: string;
-  meta?: {
-    dem?: boolean;
-    anchor?: { lon: number; lat: number; height: number };
-    heading?: number;
-    cim_level?: number;
-  };
-}
-
 // 3D layers are drawn as a marker at the model's anchor (name and CIM level); a glTF
 // renderer would need three.js as a MapLibre custom layer, more than a wall map needs yet.
 const modelMarkers = new Map<string, maplibregl.Marker>();
@@ -109,7 +128,8 @@ export function addCollectionLayer(map: maplibregl.Map, collection: Collection, 
 function addVectorLayer(map: maplibregl.Map, collection: Collection, index: number): void {
   const source = `collection-${collection.id}`;
   if (map.getSource(source)) return;
-  map.addSource(source, { type: "vector", url: `/tiles/${collection.id}/tilejson.json` });
+  map.addSource(source, { type: "vector", bounds: sourceBounds(collection),
+    url: apiUrl("/tiles/{layer_ids}/tilejson.json", { path: { layer_ids: collection.id } }) });
   const colour = collection.id === "supply_depots" ? OVERLAY.depot
     : EXTRA_PALETTE[index % EXTRA_PALETTE.length];
   const common = { source, "source-layer": collection.id, minzoom: collection.minZoom,
@@ -135,13 +155,15 @@ function addVectorLayer(map: maplibregl.Map, collection: Collection, index: numb
 function addRasterLayer(map: maplibregl.Map, collection: Collection, facts?: LayerFacts): void {
   const source = `collection-${collection.id}`;
   if (map.getSource(source)) return;
-  const tileJson = `/tiles/${collection.id}/raster-tilejson.json`;
+  const tileJson = (terrain?: "terrarium") => apiUrl("/tiles/{layer_id}/raster-tilejson.json",
+    { path: { layer_id: collection.id }, query: { terrain } });
+  const bounds = sourceBounds(collection);
   const below = map.getStyle().layers.find((layer) => layer.type !== "background")?.id;
-  map.addSource(source, { type: "raster", url: tileJson, tileSize: 256 });
+  map.addSource(source, { type: "raster", url: tileJson(), bounds, tileSize: 256 });
   map.addLayer({ id: `${source}-raster`, type: "raster", source,
     layout: { visibility: "none" }, paint: { "raster-opacity": 0.8 } }, below);
   if (facts?.meta?.dem) {
-    map.addSource(`${source}-dem`, { type: "raster-dem", url: `${tileJson}?terrain=terrarium`,
+    map.addSource(`${source}-dem`, { type: "raster-dem", url: tileJson("terrarium"), bounds,
       encoding: "terrarium", tileSize: 256 });
     map.addLayer({ id: `${source}-hillshade`, type: "hillshade", source: `${source}-dem`,
       layout: { visibility: "none" }, paint: { "hillshade-exaggeration": 0.6 } }, below);
@@ -151,6 +173,10 @@ function addRasterLayer(map: maplibregl.Map, collection: Collection, facts?: Lay
 function addModelMarker(collection: Collection, facts?: LayerFacts): void {
   const anchor = facts?.meta?.anchor;
   if (!anchor || modelMarkers.has(collection.id)) return;
+  if (!isLngLat(anchor.lon, anchor.lat)) {
+    warnBad(`layer '${collection.id}'`, "3D anchor", anchor);
+    return;
+  }
   const element = document.createElement("div");
   element.className = "model-marker";
   element.dataset.layerId = collection.id;

@@ -1,13 +1,17 @@
 // The pipe-anomaly panel: current anomaly zones by severity; choosing one zooms to it and shows
 // the zone, the affected segments, the traced downstream network and what is at risk.
+// ``?until=<ISO 8601>`` in the page's address shows the zones as of that moment.
 
 import * as maplibregl from "maplibre-gl";
-import { apiHas, getJson, query } from "./api";
+import { apiGet, type Query, type ZoneProperties } from "./api";
+import { lngLats } from "./bounds";
 import { el } from "./card";
 import { named, t } from "./i18n";
 import { setOverlay } from "./map";
 
-type Zone = GeoJSON.Feature<GeoJSON.Polygon | GeoJSON.MultiPolygon, Record<string, unknown>>;
+type Zone = GeoJSON.Feature<GeoJSON.Polygon | GeoJSON.MultiPolygon, ZoneProperties>;
+// The networks the server knows (the <select> in index.html offers them).
+type Network = Query<"/query/pipe-anomalies">["network"];
 
 export class PipePanel {
   private zones: Zone[] = [];
@@ -20,20 +24,22 @@ export class PipePanel {
     document.getElementById("pipe-network")!.addEventListener("change", () => void this.load());
   }
 
-  private network(): string {
-    return (document.getElementById("pipe-network") as HTMLSelectElement).value;
+  private network(): Network {
+    return (document.getElementById("pipe-network") as HTMLSelectElement).value as Network;
   }
 
   async load(): Promise<void> {
-    this.available = await apiHas("/query/pipe-anomalies");
     this.select(null);
-    if (!this.available) {
+    try {
+      const answer = await apiGet("/query/pipe-anomalies",
+        { query: { network: this.network(), until: asOf() } });
+      this.zones = answer.features.sort((a, b) => severityRank(b) - severityRank(a));
+      this.available = true;
+    } catch (error) {
+      // Refused (a role without sensor access) or failed: the panel says so, the map goes on.
+      console.warn("twin map: pipe anomalies unavailable:", error);
       this.zones = [];
-    } else {
-      const answer = await getJson<GeoJSON.FeatureCollection>(
-        `/query/pipe-anomalies?${query({ network: this.network() })}`);
-      this.zones = (answer.features as Zone[]).sort(
-        (a, b) => severityRank(b) - severityRank(a));
+      this.available = false;
     }
     this.renderList();
   }
@@ -78,12 +84,12 @@ export class PipePanel {
     this.select(zone);
     this.renderList();
     const bounds = new maplibregl.LngLatBounds();
-    for (const ring of polygonsOf(zone.geometry)) for (const c of ring) bounds.extend(c as [number, number]);
+    for (const ring of polygonsOf(zone.geometry)) for (const c of lngLats(ring)) bounds.extend(c);
     if (!bounds.isEmpty()) this.map.fitBounds(bounds, { padding: 160, maxZoom: 17, duration: 600 });
     const source = zone.properties.source_segment_id;
-    if (source !== undefined && (await apiHas("/query/pipe-trace"))) {
-      const trace = await getJson<GeoJSON.FeatureCollection>(`/query/pipe-trace?${query({
-        segment_id: String(source), direction: "downstream", network: this.network() })}`);
+    if (source !== undefined) {
+      const trace = await apiGet("/query/pipe-trace", { query: {
+        segment_id: source, direction: "downstream", network: this.network() } });
       if (this.selected !== zone) return;
       this.trace = trace;
       setOverlay(this.map, "twin-trace", trace.features);
@@ -98,7 +104,7 @@ export class PipePanel {
       box.replaceChildren();
       return;
     }
-    const p = zone.properties as unknown as ZoneProperties;
+    const p = zone.properties;
     const facts = el("dl", "facts");
     const add = (term: string, value: string) => facts.append(el("dt", "", term), el("dd", "", value));
     add(t("severity"), `${t(`severity.${p.severity_level}`)} (z ${p.severity})`);
@@ -126,19 +132,10 @@ export class PipePanel {
   }
 }
 
-// The zone properties as twin/queries/anomalies.py writes them.
-interface ZoneProperties {
-  id: string;
-  severity: number;
-  severity_level: string;
-  start: string;
-  end: string;
-  source_segment_id: number;
-  affected_segment_ids: number[];
-  sensors: Array<{ code: string; kind: string }>;
-  communities: Array<{ code: string; name_zh: string; name_en: string }>;
-  risk_points: { count: number; by_level: Record<string, number> };
-  buildings: { count: number };
+/** ``?until=`` in the page's address: the zones as of that moment (an incident reviewed
+ *  afterwards); by default the server's, the network's newest reading. */
+function asOf(): string | undefined {
+  return new URLSearchParams(location.search).get("until") ?? undefined;
 }
 
 function shortTime(iso: string): string {
@@ -155,7 +152,7 @@ function affectedIds(zone: Zone): number[] {
 }
 
 function zoneLabel(zone: Zone): string {
-  const p = zone.properties as unknown as ZoneProperties;
+  const p = zone.properties;
   const place = p.communities.length ? named(p.communities[0]) : "";
   return [shortTime(p.start), place].filter(Boolean).join(" · ");
 }

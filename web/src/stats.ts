@@ -2,7 +2,7 @@
 // (one call per sector, each giving its counts by level), drawn as stacked SVG bars.
 
 import type * as maplibregl from "maplibre-gl";
-import { getJson, type H3Counts, query, type Sector } from "./api";
+import { apiGet, type Sector } from "./api";
 import { named, t } from "./i18n";
 import type { LayerPanel } from "./panel";
 import { LEVELS } from "./panel";
@@ -43,9 +43,9 @@ export class StatsStrip {
     const chosen = this.sectors.filter((s) => this.panel.filters.sectors.has(s.code));
     const empty = this.panel.filters.levels.size === 0;
     const counts = await Promise.all(chosen.map(async (sector) => {
-      const answer = empty ? null : await getJson<H3Counts>(`/query/h3?${query({
+      const answer = empty ? null : await apiGet("/query/h3", { query: {
         res: RESOLUTION, bbox, sector: sector.code, level: levels?.join(","),
-      })}`);
+      } });
       const byLevel: Record<number, number> = {};
       for (const cell of answer?.cells ?? []) {
         for (const [level, n] of Object.entries(cell.by_level)) {

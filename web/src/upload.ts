@@ -2,18 +2,8 @@
 // follow its job (GET /jobs/{id}) on a progress bar, then show the layer or the reasons. When
 // the file names no CRS (the job report says it needs source_crs), ask for one and retry.
 
-import { ApiError, getJson } from "./api";
+import { ApiError, apiGet, apiPost, type Job, type UploadFields } from "./api";
 import { t } from "./i18n";
-
-export interface Job {
-  id: string;
-  layer_id: string;
-  state: "queued" | "running" | "succeeded" | "failed";
-  progress: number;
-  step: string;
-  reasons: Array<string | Record<string, unknown>>;
-  report?: { needs?: string[] };
-}
 
 const POLL_MS = 400;
 
@@ -54,8 +44,9 @@ export class UploadPage {
     if (!file) return;
     sessionStorage.setItem("twin.key", this.key.value);
     const body = new FormData();
-    body.set("file", file);
-    const fields: Array<[string, string]> = [["title", "upload-title"],
+    body.set("file" satisfies keyof UploadFields, file);
+    // Field names from the document: a renamed form field fails the build, not the upload.
+    const fields: Array<[keyof UploadFields, string]> = [["title", "upload-title"],
       ["source_crs", "upload-crs"], ["datum", "upload-datum"]];
     for (const [name, id] of fields) {
       const value = (document.getElementById(id) as HTMLInputElement).value.trim();
@@ -65,10 +56,9 @@ export class UploadPage {
     const submit = document.getElementById("upload-submit") as HTMLButtonElement;
     submit.disabled = true;
     try {
-      const answer = await getJson<{ job?: Job } & Partial<Job>>("/layers", {
-        method: "POST", body, headers: { Authorization: `Bearer ${this.key.value}` },
-      });
-      await this.follow((answer.job ?? answer) as Job);
+      const answer = await apiPost("/layers", body,
+        { headers: { Authorization: `Bearer ${this.key.value}` } });
+      await this.follow("job" in answer ? answer.job : answer);
     } catch (error) {
       const message = error instanceof ApiError ? error.message : String(error);
       this.show({ progress: 0, step: t("upload.failed"), reasons: [message], failed: true });
@@ -81,8 +71,8 @@ export class UploadPage {
     while (job.state === "queued" || job.state === "running") {
       this.show({ progress: job.progress, step: job.step, reasons: [] });
       await new Promise((resolve) => setTimeout(resolve, POLL_MS));
-      job = await getJson<Job>(`/jobs/${encodeURIComponent(job.id)}`, {
-        headers: { Authorization: `Bearer ${this.key.value}` } });
+      job = await apiGet("/jobs/{job_id}", { path: { job_id: job.id } },
+        { headers: { Authorization: `Bearer ${this.key.value}` } });
     }
     this.lastJob = job;
     const done = job.state === "succeeded";
