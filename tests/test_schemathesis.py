@@ -1,5 +1,6 @@
 """schemathesis over twin's own OpenAPI document (/api): whatever a client sends that the
-document allows, or almost allows, twin answers without a 5xx.
+document allows, or almost allows, twin answers without a 5xx, and every refusal (4xx) in
+twin's one error shape, ``{code, description}``.
 
 One test per operation, a bounded, derandomized number of examples each (the suite stays
 reproducible and within about a minute). The calls carry the strongest key there is, so
@@ -70,12 +71,22 @@ def realistic(document: dict) -> dict:
 schema = schemathesis.openapi.from_dict(realistic(create_app(Settings()).openapi()))
 
 
+def error_shape(ctx, response, case) -> None:
+    """A 4xx answer's body is ``{code, description}``, two non-empty strings, as the document
+    declares for every 4xx (FastAPI's own refusals included: twin/api/errors.py)."""
+    if 400 <= response.status_code < 500:
+        body = response.json()
+        assert isinstance(body, dict) and set(body) == {"code", "description"}, (
+            response.status_code, response.text)
+        assert all(isinstance(body[name], str) and body[name] for name in body), response.text
+
+
 @schema.parametrize()
 @settings(max_examples=8, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
 def test_no_server_error(case, api_server: LiveServer):
-    case.call_and_validate(base_url=api_server.url, headers=AUTH, checks=[not_a_server_error],
-                           timeout=30)
+    case.call_and_validate(base_url=api_server.url, headers=AUTH,
+                           checks=[not_a_server_error, error_shape], timeout=30)
 
 
 # Cases schemathesis found that once gave 5xx, kept so they stay fixed whatever it draws.
