@@ -12,6 +12,7 @@ from layers import catalog
 from layers.coordinates import GEOGRAPHIC_RANGE
 from layers.crs import DATUMS
 from layers.ingest_model import CIM_LEVELS
+from layers.receive import MAX_FIELD_BYTES
 from layers.uploads import IncomingUpload, UploadService
 from layers.versions import LAYER_ID
 from twin.api.deps import ConnDep, EditorDep, RegistryDep, ScopeDep
@@ -35,8 +36,9 @@ _FORM_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-da
     "properties": {
         "file": {"type": "string", "format": "binary",
                  "description": ".geojson .zip(Shapefile) .gpkg .kml .kmz .csv .tif .glb .gltf"},
-        "title": {"type": "string", "maxLength": 4096,
-                  "description": "the layer's name on the map; required on POST"},
+        "title": {"type": "string", "maxLength": MAX_FIELD_BYTES // 4,
+                  "description": f"the layer's name on the map (at most {MAX_FIELD_BYTES} "
+                                 "bytes of UTF-8); required on POST"},
         "id": {"type": "string", "pattern": LAYER_ID.pattern,
                "description": "layer id (POST; default: from the title)"},
         "source_crs": {"type": "string", "pattern": r"^(?:[Ee][Pp][Ss][Gg]:)?\d{4,6}$",
