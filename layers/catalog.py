@@ -39,7 +39,7 @@ def _document(row: dict, base: str) -> dict:
 
 def _links(row: dict, base: str) -> list[dict]:
     here = f"{base}/layers/{row['id']}"
-    links = [{"href": here, "rel": "self", "type": "application/json"}]
+    links: list[dict] = [{"href": here, "rel": "self", "type": "application/json"}]
     if row["kind"] == "vector":
         links += [{"href": f"{base}/collections/{row['id']}/items", "rel": "items",
                    "type": "application/geo+json"},
@@ -59,8 +59,8 @@ async def list_layers(conn: AsyncConnection, registry: LayerRegistry, base: str,
                       scope: Scope = CITY) -> list[dict]:
     rows = (await conn.execute(text(_LAYERS + " ORDER BY l.origin DESC, l.id"))).mappings().all()
     out = []
-    for row in rows:
-        row = dict(row)
+    for found in rows:
+        row = dict(found)
         if not layer_visible(scope, row["owner_scope"], row["shared"]):
             continue
         if row["origin"] == "builtin" and row["kind"] == "vector":
@@ -71,11 +71,11 @@ async def list_layers(conn: AsyncConnection, registry: LayerRegistry, base: str,
 
 async def layer_detail(conn: AsyncConnection, registry: LayerRegistry, layer_id: str,
                        base: str, scope: Scope = CITY) -> dict:
-    row = (await conn.execute(text(_LAYERS + " WHERE l.id = :id"), {"id": layer_id})
-           ).mappings().first()
-    if row is None or not layer_visible(scope, row["owner_scope"], row["shared"]):
+    found = (await conn.execute(text(_LAYERS + " WHERE l.id = :id"), {"id": layer_id})
+             ).mappings().first()
+    if found is None or not layer_visible(scope, found["owner_scope"], found["shared"]):
         raise NotFound(f"unknown layer '{layer_id}'")
-    row = dict(row)
+    row = dict(found)
     if row["origin"] == "builtin" and row["kind"] == "vector":
         row["feature_count"] = await _builtin_count(conn, registry, row, scope)
     document = _document(row, base)

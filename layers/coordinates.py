@@ -46,7 +46,7 @@ class Places:
                           if c != frame.geometry.name and str(c).lower() == "id"), None)
         ids = None if id_column is None else tuple(frame[id_column].tolist())
         return cls(xy, feature, len(frame), "row" if fmt == "csv" else "feature",
-                   tuple(columns) if columns else None, ids)
+                   (columns[0], columns[1]) if columns else None, ids)
 
     def name(self, position: int) -> str:
         label = f"{self.unit} {position + 1}"
@@ -141,9 +141,10 @@ def valid_range(crs: CRS) -> tuple[tuple[float, float, float, float], str] | Non
         return None
     if not np.isfinite(bounds).all():
         return None
+    xmin, ymin, xmax, ymax = (float(b) for b in bounds)
     what = (f"its area of use, {area.name.rstrip('.')}: {area.west:g}..{area.east:g}°E, "
             f"{area.south:g}..{area.north:g}°N, with a {margin:g}° margin")
-    return tuple(bounds), what
+    return (xmin, ymin, xmax, ymax), what
 
 
 def _area_of_use(crs: CRS):

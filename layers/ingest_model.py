@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from layers.crs import point_to_wgs84
+from layers.crs import Datum, point_to_wgs84
 from layers.safety import check_gltf_json
 from twin.core.errors import InvalidParameter
 
@@ -56,7 +56,8 @@ def parse_anchor(lon: str | None, lat: str | None, height: str | None, heading: 
     return Anchor(values["lon"], values["lat"], values["height"], values["heading"] % 360, level)
 
 
-def store_model(source: Path, fmt: str, target_dir: Path, anchor: Anchor, datum: str) -> dict:
+def store_model(source: Path, fmt: str, target_dir: Path, anchor: Anchor, datum: Datum
+                ) -> dict:
     """Copy the model into its version folder; returns the layer's meta and bbox."""
     target = target_dir / f"model.{fmt}"
     shutil.copyfile(source, target)

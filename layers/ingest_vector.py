@@ -445,15 +445,17 @@ def write_table(conn: Connection, table: str, frame: gpd.GeoDataFrame, geometry_
                           f"most {MAX_ATTRIBUTES} (drop the fields the map does not need)")
     names = column_names(attributes)
     types = [_column_type(frame[c]) for c in attributes]
-    columns = "".join(f", {quote(n)} {t}" for n, t in zip(names, types, strict=True))
+    declared = "".join(f", {quote(n)} {t}" for n, t in zip(names, types, strict=True))
     conn.execute(text(f"CREATE TABLE {quote(table)} (id bigint PRIMARY KEY, "
-                      f"geom geometry({geometry_type}, 4326) NOT NULL{columns})"))
+                      f"geom geometry({geometry_type}, 4326) NOT NULL{declared})"))
     columns = [pd.Series(np.arange(1, len(frame) + 1).astype(str)),
                pd.Series(ewkb_hex(frame.geometry.values))]
     columns += [_copy_text(frame[c], t) for c, t in zip(attributes, types, strict=True)]
     rows = columns[0].str.cat(columns[1:], sep="\t") if len(columns) > 1 else columns[0]
     target = ", ".join(quote(n) for n in ["id", "geom", *names])
-    with conn.connection.driver_connection.cursor() as cursor:
+    driver = conn.connection.driver_connection
+    assert driver is not None  # a checked-out connection always has its driver's
+    with driver.cursor() as cursor:
         with cursor.copy(f"COPY {quote(table)} ({target}) FROM STDIN") as copy:
             for start in range(0, len(rows), COPY_BATCH_ROWS):
                 copy.write(("\n".join(rows.iloc[start:start + COPY_BATCH_ROWS]) + "\n").encode())

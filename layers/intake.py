@@ -28,7 +28,7 @@ def prepare(folder: Path, file_name: str, form: UploadForm, limits: UploadSettin
     source = folder / stored_name(file_name)
     inspected = safety.inspect(source, file_name, limits, form.layer)
     main = source.name
-    if inspected.members:
+    if inspected.members and inspected.main_member:
         unpacked = folder / "unpacked"
         unpacked.mkdir()
         paths = safety.extract(source, inspected.members, unpacked, limits)

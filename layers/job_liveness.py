@@ -24,6 +24,7 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, text
@@ -110,12 +111,12 @@ def _dead_params(job_id: str | None) -> dict:
     return {"id": job_id, "job_lock": JOB_LOCK, "owner_lock": OWNER_LOCK}
 
 
-def _fail_params(dead: list) -> dict:
+def _fail_params(dead: Sequence) -> dict:
     return {"running": [job_id for job_id, state in dead if state == "running"],
             "queued": [job_id for job_id, state in dead if state == "queued"], **_REASONS}
 
 
-def _sweep(uploads_dir: Path, failed: list) -> None:
+def _sweep(uploads_dir: Path, failed: Sequence) -> None:
     """Remove the folders failed jobs own: their spool folder and the folder of the version
     they were building, unless it got published; never a sweep of the whole tree. Done before
     the failure commits: until then no new job of the layer can start (one unfinished job
@@ -209,7 +210,8 @@ def hold_process_locks(engine: Engine, conn: Connection | None = None) -> Connec
     """This process's OWNER_LOCK (and ALIVE_LOCK, on a new connection) for as long as it
     lives."""
     fresh = conn is None
-    conn = engine.connect() if fresh else conn
+    if conn is None:
+        conn = engine.connect()
     try:
         if fresh:
             conn.execute(text("SELECT pg_advisory_lock_shared(:key)"), {"key": ALIVE_LOCK})

@@ -287,6 +287,8 @@ def _build(conn: Connection, engine: Engine, settings: Settings, job: dict, plan
     if plan.kind == "raster":
         return _build_raster(settings, source, plan.source_crs, plan.datum, folder, common,
                              progress)
+    if plan.anchor is None:  # intake gives every 3D plan its anchor
+        raise SourceError("a 3D model needs its anchor (lon=, lat=); upload it again")
     progress(20, "storing the model")
     stored = ingest_model.store_model(source, plan.format, folder, plan.anchor, plan.datum)
     report = {"model": stored["meta"]} | _far_outside(stored["bbox"], settings)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -20,6 +20,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from layers.safety import TooLarge, UnsupportedFormat, UploadRefused, format_of
 from twin.core.errors import InvalidParameter
 from twin.core.settings import UploadSettings
+
+if TYPE_CHECKING:  # python-multipart declares its callbacks' type for checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 # Multipart framing and the small form fields around the file.
 FORM_OVERHEAD_BYTES = 64 * 1024
@@ -32,7 +35,7 @@ class Received:
     """What a multipart upload held: the file (already on disk) and the form fields."""
 
     fields: dict[str, str | None]
-    file_name: str | None = None
+    file_name: str = ""  # set with path: receive_upload returns none without a file
     path: Path | None = None
     size: int = 0
 
@@ -73,7 +76,7 @@ class _Receiver:
         self.header_name = self.header_value = b""
         self.ended = False
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {"on_part_begin": self.on_part_begin, "on_part_data": self.on_part_data,
                 "on_part_end": self.on_part_end, "on_header_field": self.on_header_field,
                 "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,

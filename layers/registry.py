@@ -51,7 +51,8 @@ _COLUMN_TYPES = text("""
 
 
 def _vector_fields(conn: Connection, layer: BuiltinLayer) -> list[dict]:
-    types = dict(conn.execute(_COLUMN_TYPES, {"table": layer.source_table}).all())
+    types: dict[str, str] = {name: kind for name, kind in conn.execute(
+        _COLUMN_TYPES, {"table": layer.source_table})}
     return [{"name": name, "type": types[name]} for name in layer.fields]
 
 
@@ -79,8 +80,9 @@ def register_builtin_layers(conn: Connection, samples_dir: Path) -> int:
     conn.execute(_DELETE_STALE_BUILTINS, {"ids": [layer.id for layer in BUILTIN_LAYERS]})
     for layer in BUILTIN_LAYERS:
         meta: dict = {}
+        bbox: list[float] | None
         if layer.kind == "raster":
-            path = samples_dir / layer.file_name
+            path = samples_dir / str(layer.file_name)
             fields, bbox, file_path = [], _raster_bbox(path), str(path)
             # As an uploaded raster's: the web map draws a hillshade for a DEM.
             meta = raster_meta(describe_raster(path))
