@@ -23,6 +23,13 @@ figures), ``--passes`` times, in each scenario:
 
 Then, on twin with the cache off: risk tiles z0-z8 generated one at a time (target
 < 100 ms each), and the largest risk-point tile per zoom z0-z16 (target <= 100 KB).
+
+Every run also measures the warm path against the framework's ceiling: a bare FastAPI route
+(``ceiling_app``) that returns the same tile bytes from a dict, with the same uvicorn, worker
+count, client and connections, and prints twin's share of it (target >= 50%, p99 <= 10 ms).
+``--warm-only`` runs just that (no tipg):
+
+    .venv/bin/python benchmarks/tiles.py --warm-only --workers 2 --concurrency 16
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ import uvloop
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from fastapi import FastAPI, Response  # noqa: E402
 
 from benchmarks.bare_http import HttpConnection  # noqa: E402
 from benchmarks.serving import serving  # noqa: E402
@@ -212,6 +221,74 @@ def tipg_path(tile: morecantile.Tile) -> str:
             f"?properties={RISK_FIELDS}")
 
 
+# The ceiling's tiles: {path: bytes}, written by the benchmark, read by each ceiling worker.
+CEILING_TILES_ENV = "BENCH_CEILING_TILES"
+WARM_TARGET_SHARE = 0.5
+WARM_TARGET_P99_MS = 10.0
+
+
+def ceiling_app() -> FastAPI:
+    """The framework's ceiling: FastAPI returning cached bytes by path, nothing else."""
+    tiles = {path: bytes.fromhex(data) for path, data in
+             json.loads(Path(os.environ[CEILING_TILES_ENV]).read_text()).items()}
+    app = FastAPI()
+
+    @app.get("/tiles/{layer}/{z}/{x}/{y}.mvt")
+    async def tile(layer: str, z: int, x: int, y: int) -> Response:
+        return Response(tiles[f"/tiles/{layer}/{z}/{x}/{y}.mvt"],
+                        media_type="application/vnd.mapbox-vector-tile")
+
+    return app
+
+
+def ceiling_server(paths: Sequence[str], twin_base: str, workers: int, workdir: Path):
+    """The ceiling, serving the bytes twin served for ``paths``."""
+    with httpx.Client(base_url=twin_base, timeout=60,
+                      headers={"Accept-Encoding": "identity"}) as client:
+        tiles = {path: client.get(path).content.hex() for path in paths}
+    store = workdir / "ceiling-tiles.json"
+    store.write_text(json.dumps(tiles))
+    env = {**os.environ, CEILING_TILES_ENV: str(store)}
+    argv = [sys.executable, "-m", "uvicorn", "benchmarks.tiles:ceiling_app", "--factory",
+            "--workers", str(workers)]
+    return serving("ceiling", argv, env, paths[0], ROOT)
+
+
+def merged(results: Sequence[LoadResult]) -> LoadResult:
+    return LoadResult(sum(r.requests for r in results), sum(r.seconds for r in results),
+                      [x for r in results for x in r.latencies],
+                      [x for r in results for x in r.sizes], [x for r in results for x in r.zooms])
+
+
+def warm_against_ceiling(url: str, tiles: Sequence[morecantile.Tile], concurrency: int,
+                         passes: int, workers: int) -> dict:
+    """Warm twin (cache primed) and the ceiling, same tiles, client and connections; their
+    passes alternate, so a burst of other work on the machine falls on both alike."""
+    paths = [twin_path(tile, True) for tile in tiles]
+    with tempfile.TemporaryDirectory() as workdir, twin_server(url, True, workers) as twin:
+        load(twin, paths, concurrency, 1, False)  # priming pass
+        with ceiling_server(paths, twin, workers, Path(workdir)) as ceiling:
+            load(ceiling, paths, concurrency, 1, False)
+            runs: dict[str, list[LoadResult]] = {"twin": [], "ceiling": []}
+            for _ in range(passes):
+                runs["ceiling"].append(load(ceiling, paths, concurrency, 1, False))
+                runs["twin"].append(load(twin, paths, concurrency, 1, False))
+    twin_result, ceiling_result = merged(runs["twin"]), merged(runs["ceiling"])
+    share = twin_result.rate / ceiling_result.rate
+    print(f"\nwarm path against the framework's ceiling ({workers} worker(s), "
+          f"{concurrency} connections)\n" + HEADER)
+    print(row("warm (cache on)", "twin", twin_result))
+    print(row("", "bare", ceiling_result))
+    p99 = twin_result.percentile(99)
+    print(f"  -> twin/ceiling = {share:.0%} (target >= {WARM_TARGET_SHARE:.0%}: "
+          f"{'met' if share >= WARM_TARGET_SHARE else 'MISSED'}); twin p99 {p99:.1f} ms "
+          f"(target <= {WARM_TARGET_P99_MS:g} ms: "
+          f"{'met' if p99 <= WARM_TARGET_P99_MS else 'MISSED'})")
+    return {"twin_rps": twin_result.rate, "ceiling_rps": ceiling_result.rate,
+            "share": share, "twin_p99_ms": p99,
+            "ceiling_p99_ms": ceiling_result.percentile(99)}
+
+
 # --- load ---------------------------------------------------------------------------------
 
 async def drive(base: str, paths: Sequence[str], concurrency: int, passes: int,
@@ -338,6 +415,8 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1,
                         help="uvicorn workers, the same for both servers")
+    parser.add_argument("--warm-only", action="store_true",
+                        help="only the warm path against the framework's ceiling (no tipg)")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # progress as it happens, also into a pipe
     url = args.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
@@ -350,6 +429,11 @@ def main() -> None:
           + ", ".join(f"z{z}:{n}" for z, n in sorted(zooms.items())))
     print(f"{args.concurrency} concurrent clients, {args.passes} passes, "
           f"{args.workers} uvicorn worker(s) per server, {os.cpu_count()} CPUs")
+    if args.warm_only:
+        summary = {"warm vs ceiling": warm_against_ceiling(url, tiles, args.concurrency,
+                                                            args.passes, args.workers)}
+        print("\n" + json.dumps(summary, indent=1))
+        return
     tipg_python = ensure_tipg()
     twin_paths = {flag: [twin_path(tile, flag) for tile in tiles] for flag in (False, True)}
     tipg_paths = [tipg_path(tile) for tile in tiles]
@@ -373,6 +457,8 @@ def main() -> None:
             summary[scenario.name] = {"twin_rps": twin_result.rate, "tipg_rps": tipg_result.rate,
                                       "twin_p99_ms": twin_result.percentile(99),
                                       "tipg_p99_ms": tipg_result.percentile(99)}
+    summary["warm vs ceiling"] = warm_against_ceiling(url, tiles, args.concurrency,
+                                                      args.passes, args.workers)
     with twin_server(url, False, args.workers) as twin:
         low_zoom_times(twin, points)
         size_survey(twin, points, args.concurrency)

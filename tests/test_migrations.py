@@ -21,7 +21,7 @@ def test_migrated_database_matches_the_models(engine: Engine):
 def test_migrating_again_is_a_no_op(engine: Engine):
     before = current_revision(engine)
     upgrade(engine)
-    assert current_revision(engine) == before == "0007"
+    assert current_revision(engine) == before == "0008"
 
 
 def test_every_layer_table_bumps_its_data_version_on_write(engine: Engine):

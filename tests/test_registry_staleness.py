@@ -6,11 +6,10 @@ import asyncio
 
 from sqlalchemy import Engine, text
 
-from tiles.cache import DataVersions
-from twin.api.app import RegistryCache
 from twin.core.db import async_engine
-from twin.core.layer import Layer, LayerRegistry
+from twin.core.layer import Layer, LayerRegistry, RegistryCache
 from twin.core.settings import Settings
+from twin.core.versions import DataVersions
 
 
 def layer(layer_id: str, origin: str, data_version: int) -> Layer:

@@ -17,6 +17,7 @@ from sqlalchemy import Engine, text
 
 from tiles.hexagons import resolution_for_zoom
 from tiles.vector import BUFFER, EXTENT
+from twin.core.versions import announce
 
 WEB_MERCATOR = morecantile.tms.get("WebMercatorQuad")
 MVT = "application/vnd.mapbox-vector-tile"
@@ -278,6 +279,9 @@ def test_a_new_risk_point_shows_on_the_next_request(client: Client, engine: Engi
     with engine.begin() as conn:
         conn.execute(insert, {"grid": risk_points.grid_code.iloc[0], "lon": lon, "lat": lat,
                               **cells})
+    # A writer outside twin waits for the server to have the new version, as twin's own
+    # writes do before they answer (twin/core/versions.py).
+    assert announce(engine.url.render_as_string(hide_password=False)) == set()
     try:
         after = client.get(here_path, headers={"If-None-Match": before.headers["etag"]})
         assert after.status_code == 200 and after.headers["etag"] != before.headers["etag"]
@@ -287,6 +291,7 @@ def test_a_new_risk_point_shows_on_the_next_request(client: Client, engine: Engi
     finally:
         with engine.begin() as conn:
             conn.execute(text("DELETE FROM risk_points WHERE id = 999999"))
+        assert announce(engine.url.render_as_string(hide_password=False)) == set()
     gone = decode(client.get(here_path).content)["risk_points"]["features"]
     assert 999999 not in {f["id"] for f in gone}
 

@@ -27,13 +27,13 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from layers.job_liveness import _recover_if_alone
 from tiles import hexagons
-from tiles.cache import DataVersions
 from tiles.filters import SectorCodes, TileFilters
 from tiles.vector import TileOptions, render_tile
 from twin import cli
 from twin.core.layer import LayerRegistry
 from twin.core.principal import Scope
 from twin.core.settings import Settings
+from twin.core.versions import DataVersions, announce
 
 WEB_MERCATOR = morecantile.tms.get("WebMercatorQuad")
 RESOLUTIONS = range(3, 10)
@@ -225,6 +225,8 @@ def test_a_new_point_shows_in_the_next_hexagon_tile(client: Client, engine: Engi
            **cells_of(lon, lat)}
     with engine.begin() as conn:
         conn.execute(INSERT, row)
+    # Outside twin: wait for the server to have the new version (twin's own writes do).
+    assert announce(engine.url.render_as_string(hide_password=False)) == set()
     try:
         assert client.get(path, headers={"If-None-Match": etag}).status_code == 200
         after, new_etag = count_in_cell()
@@ -232,6 +234,7 @@ def test_a_new_point_shows_in_the_next_hexagon_tile(client: Client, engine: Engi
     finally:
         with engine.begin() as conn:
             conn.execute(text("DELETE FROM risk_points WHERE id = :id"), {"id": NEW_IDS[0]})
+        assert announce(engine.url.render_as_string(hide_password=False)) == set()
     assert count_in_cell()[0] == before
 
 

@@ -2,33 +2,28 @@
 
 A write to a layer's table bumps ``layers.data_version`` (a trigger, in the same transaction),
 so the next request builds a new key and a fresh tile; no TTL, no purge. The ETag is a hash
-of the key, so it changes exactly when the tile can have changed.
+of the key (tiles.validators), so it changes exactly when the tile can have changed.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import gzip
-import hashlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import morecantile
-import psycopg
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from tiles.metadata import MVT_MEDIA_TYPE
 from tiles.sql import ConnectionLost
+from tiles.validators import etag_of, headers_of
 from tiles.vector import TileOptions, VectorTile, render_tile
-from twin.core.errors import DatabaseUnavailable
 from twin.core.layer import Layer
 from twin.core.settings import TilesSettings
 
 GZIP_LEVEL = 6
-# Every screen revalidates (the ETag changes exactly when the data does), but may store.
-CACHE_CONTROL = "public, no-cache"
 
 
 @dataclass
@@ -39,14 +34,30 @@ class CachedTile:
     # The response headers, made once per tile rather than once per request.
     headers: dict[str, str] = field(init=False, repr=False)
     gzip_headers: dict[str, str] = field(init=False, repr=False)
+    # The same as raw HTTP headers, by answer (plain, gzip, 304), made on first use.
+    raw: dict[str, list[tuple[bytes, bytes]]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self.headers = {"ETag": self.etag, "Cache-Control": CACHE_CONTROL,
-                        "Vary": "Accept-Encoding"}
+        self.headers = {**headers_of(self.etag), "Vary": "Accept-Encoding"}
         if self.tile.truncated:
             self.headers["X-Tile-Truncated"] = ", ".join(
                 f"{layer}={kept}" for layer, kept in self.tile.truncated.items())
         self.gzip_headers = {**self.headers, "Content-Encoding": "gzip"}
+
+    def raw_headers(self, answer: str) -> list[tuple[bytes, bytes]]:
+        """The HTTP headers (ASGI's raw form) of its ``plain``, ``gzip`` or ``304`` answer,
+        content type and length too: made once, not once per request."""
+        raw = self.raw.get(answer)
+        if raw is None:
+            headers = self.gzip_headers if answer == "gzip" else self.headers
+            raw = [(name.lower().encode("latin-1"), value.encode("latin-1"))
+                   for name, value in headers.items()]
+            if answer != "304":
+                body = self.gzipped if answer == "gzip" else self.tile.content
+                raw += [(b"content-type", MVT_MEDIA_TYPE.encode()),
+                        (b"content-length", str(len(body)).encode())]
+            self.raw[answer] = raw
+        return raw
 
     @property
     def gzipped(self) -> bytes:
@@ -109,119 +120,17 @@ def tile_key(layers: Sequence[Layer], tile: morecantile.Tile, options: TileOptio
             tuple(versions.get(layer.id, 0) for layer in layers))
 
 
-def etag_of(key: tuple) -> str:
-    return '"' + hashlib.blake2b(repr(key).encode(), digest_size=16).hexdigest() + '"'
-
-
-class DataVersions:
-    """Every layer's ``data_version``, read by one query that concurrent requests share.
-
-    Exact: a request joins the next query *sent after it arrived*, never one already on its
-    way, so the versions it gets are at least as new as the database when it asked. Under
-    load one query answers a whole batch of requests, which is what keeps a cached tile at
-    about one round trip's worth of work shared by all tiles waiting for it.
-
-    The query runs on one connection held for the purpose (no pool checkout, no pre-ping per
-    request). When it breaks (a database restart), the query is retried once on a new
-    connection, which is what the pool's pre-ping would have done; if that fails too, the
-    waiting requests get 503.
-    """
-
-    _QUERY = "SELECT id, data_version FROM layers"
-
-    def __init__(self, engine: AsyncEngine):
-        self._engine = engine
-        self._conn: AsyncConnection | None = None
-        self._driver: psycopg.AsyncConnection | None = None
-        # The query the next arrivals join, and whether a reader task is running.
-        self._next: asyncio.Future | None = None
-        self._reading = False
-        self._task: asyncio.Task | None = None  # held: the loop keeps only weak references
-
-    async def read(self) -> dict[str, int]:
-        if self._next is None:
-            self._next = asyncio.get_running_loop().create_future()
-            if not self._reading:
-                self._reading = True
-                self._task = asyncio.get_running_loop().create_task(self._read_batches())
-        # shield: one caller giving up (a client gone) must not cancel the others' answer.
-        return await asyncio.shield(self._next)
-
-    async def _read_batches(self) -> None:
-        try:
-            while self._next is not None:
-                batch, self._next = self._next, None
-                try:
-                    batch.set_result(await self._query())
-                except Exception as error:  # every waiter gets the error, e.g. 503
-                    batch.set_exception(error)
-                    # Retrieved or not, the error is the waiters'; no "never retrieved" noise.
-                    batch.exception()
-        finally:
-            self._reading = False
-
-    async def _query(self) -> dict[str, int]:
-        for attempt in (1, 2):
-            driver = await self._connection()
-            try:
-                # psycopg directly: SQLAlchemy's execute costs ~150 us of CPU more than the
-                # query itself on every cached tile.
-                cursor = await driver.execute(self._QUERY, prepare=True)
-                return dict(await cursor.fetchall())
-            except psycopg.Error as error:
-                await self._drop()
-                if attempt == 2:
-                    raise DatabaseUnavailable("the database is unavailable; try again "
-                                              "shortly") from error
-        raise AssertionError("unreachable")
-
-    async def _connection(self) -> psycopg.AsyncConnection:
-        """The held connection, from the engine DataVersions was given (twin.core.db's options)."""
-        if self._conn is None:
-            conn = await self._engine.connect()
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            self._driver = (await conn.get_raw_connection()).driver_connection
-            self._conn = conn
-        return self._driver
-
-    async def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.invalidate()
-                await conn.close()
-
-    async def close(self) -> None:
-        """Closes the connection and disposes of the engine: give DataVersions one of its own."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.close()
-        await self._engine.dispose()
-
-
-def tile_versions(layers: Sequence[Layer], versions: dict[str, int]) -> dict[str, int]:
-    """The version to key each layer's tiles by (the rule of LayerRegistry.data_versions).
-
-    An uploaded layer's rows never change in place: a publish points it at another table and
-    resolves the registry again, so until then its tiles are keyed by the version the
-    registry was resolved at, never by a newer one (which would cache old rows under it).
-    """
-    return {layer.id: layer.data_version if layer.origin == "upload"
-            else versions.get(layer.id, 0) for layer in layers}
-
-
-async def cached_tile(versions: dict[str, int], connect: Callable[..., Awaitable[AsyncConnection]],
+async def cached_tile(key: tuple, connect: Callable[..., Awaitable[AsyncConnection]],
                       cache: TileCache | None, layers: Sequence[Layer], tile: morecantile.Tile,
-                      options: TileOptions, scope: str | None = None) -> CachedTile:
-    """The tile for ``versions`` (read before the features, so a cached tile is never older
-    than its key): from the cache, or built on a connection from ``connect`` and cached.
-    ``connect(fresh=True)`` must replace the connection it gave before.
+                      options: TileOptions) -> CachedTile:
+    """The tile of ``key`` (``tile_key``, with the versions taken before the features are
+    read, so a cached tile is never older than its key): from the cache, or built on a
+    connection from ``connect`` and cached. ``connect(fresh=True)`` must replace the
+    connection it gave before.
 
     A cached tile needs no connection at all. Without a cache the ETag is the same as with
     one, so revalidation still gives 304s.
     """
-    key = tile_key(layers, tile, options, tile_versions(layers, versions), scope)
     found = cache.get(key) if cache is not None else None
     if found is not None:
         return found

@@ -60,7 +60,8 @@ def quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def _split(value: str | None) -> list[str]:
+def split_ids(value: str | None) -> list[str]:
+    """A comma list from the query string, blanks dropped."""
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
@@ -71,6 +72,11 @@ class SectorCodes:
 
     def __init__(self) -> None:
         self._codes: tuple[str, ...] | None = None
+
+    @property
+    def known(self) -> tuple[str, ...] | None:
+        """The codes as last read, None before the first read."""
+        return self._codes
 
     async def get(self, connect: Callable[[], Awaitable[AsyncConnection]],
                   refresh: bool = False) -> tuple[str, ...]:
@@ -86,7 +92,7 @@ async def read_filters(codes: SectorCodes, connect: Callable[[], Awaitable[Async
     """``parse_filters`` against the sector codes, read again if ``sector`` names one that
     is not among them (``connect`` is called only when the codes are read)."""
     known = await codes.get(connect)
-    if set(_split(sector)) - set(known):
+    if set(split_ids(sector)) - set(known):
         known = await codes.get(connect, refresh=True)
     return parse_filters(known, sector, level, cql, scope)
 
@@ -98,12 +104,12 @@ def parse_filters(known: Sequence[str], sector: str | None, level: str | None,
 
     The CQL2 filter is checked against each layer's fields when the tile is built.
     """
-    sectors = _split(sector)
+    sectors = split_ids(sector)
     unknown = sorted(set(sectors) - set(known))
     if unknown:
         raise InvalidParameter(f"unknown sector {', '.join(unknown)}; "
                                f"known sectors: {', '.join(known)}")
-    levels = _split(level)
+    levels = split_ids(level)
     bad = [value for value in levels if value not in {str(n) for n in RISK_LEVELS}]
     if bad:
         raise InvalidParameter(f"unknown level {', '.join(bad)}; levels are 1 (major) to 4 (low)")

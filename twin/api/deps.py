@@ -1,5 +1,5 @@
-"""Dependencies injected into routes: settings, a pooled connection, the layer registry, and
-who is calling (their principal, role and scope)."""
+"""Dependencies injected into routes: settings, a pooled connection, the layers' data
+versions and registry, and who is calling (their principal, role and scope)."""
 
 from __future__ import annotations
 
@@ -34,12 +34,21 @@ async def get_connection(request: Request) -> AsyncIterator[AsyncConnection]:
         yield conn
 
 
-async def get_registry(request: Request) -> LayerRegistry:
-    """The layer registry, exact across worker processes: the shared versions read (one
-    query for all concurrent requests, as tiles use) tells whether a layer was published,
-    rolled back or deleted since this process resolved it; if so it is resolved again."""
-    state = request.app.state
-    return await state.registry.current_all(await state.tile_versions.read())
+async def get_versions(request: Request) -> dict[str, int]:
+    """Every layer's data version, once per request (FastAPI shares a dependency's answer
+    within a request): pushed to this process, or read now while its listener is down
+    (twin/core/versions.py). Raw: ``LayerRegistry.data_versions`` gives the ones to key by."""
+    return await request.app.state.tiles.layer_versions()
+
+
+VersionsDep = Annotated[dict[str, int], Depends(get_versions)]
+
+
+async def get_registry(request: Request, versions: VersionsDep) -> LayerRegistry:
+    """The layer registry, exact across worker processes: the versions tell whether a layer
+    was published, rolled back or deleted since this process resolved it; if so it is
+    resolved again."""
+    return await request.app.state.registry.current_all(versions)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

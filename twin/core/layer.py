@@ -3,17 +3,18 @@ features, the style and the listings all read.
 
 Reading only (async, in the API); layers/registry.py registers the built-in layers and
 layers/versions.py publishes uploads. The registry is resolved once at start-up and again when
-a layer is published, never per request; only the cheap ``data_version`` column is read per
-request.
+the layers' data versions (twin/core/versions.py, pushed to every process) show that a layer
+was published, rolled back or deleted, never per request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from twin.core.errors import NotFound
 
@@ -119,17 +120,23 @@ class LayerRegistry:
         # can tell them apart: the versions are all that is read.)
         return layer.origin == "upload" and versions[layer_id] != layer.data_version
 
-    async def data_versions(self, conn: AsyncConnection) -> dict[str, int]:
-        rows = await conn.execute(text("SELECT id, data_version FROM layers"))
-        versions = dict(rows.all())
-        # An uploaded layer's rows never change in place: a publish points it at another table
-        # and then resolves the registry again. Until that happens this registry still reads
-        # the old table, so it must key tiles by the version it was resolved at, never by a
-        # newer one (which would cache old rows under the new version's key).
-        for layer in self._layers.values():
-            if layer.origin == "upload" and layer.id in versions:
-                versions[layer.id] = layer.data_version
-        return versions
+    def data_versions(self, versions: dict[str, int]) -> dict[str, int]:
+        """The version to key each layer's tiles, ETags and counts by: ``versions`` (every
+        layer's, as read or pushed), but an upload's as this registry resolved it.
+
+        An uploaded layer's rows never change in place: a publish points it at another table
+        and then the registry is resolved again. Until that happens this registry still reads
+        the old table, so it must key by the version it was resolved at, never by a newer one
+        (which would cache old rows under the new version's key).
+        """
+        return {layer_id: self.data_version(layer_id, versions) for layer_id in versions}
+
+    def data_version(self, layer_id: str, versions: dict[str, int]) -> int:
+        """One layer's version by the rule of ``data_versions``."""
+        layer = self._layers.get(layer_id)
+        if layer is not None and layer.origin == "upload":
+            return layer.data_version
+        return versions.get(layer_id, 0)
 
     async def feature_count(self, conn: AsyncConnection, layer: Layer, version: int) -> int | None:
         """Exact feature count of a vector layer, computed once per data version."""
@@ -141,3 +148,68 @@ class LayerRegistry:
             cached = (version, (await conn.execute(text(query))).scalar_one())
             self._counts[layer.id] = cached
         return cached[1]
+
+
+class RegistryCache:
+    """A process's layer registry: resolved on first use and again when it is older than the
+    database, never per request.
+
+    A request first takes every layer's data version (twin/core/versions.py: pushed to the
+    process, or read per request while its listener is down), then asks for the registry
+    with them: one those versions show to be older (a layer published, published anew,
+    rolled back or deleted, by this process or another) is resolved again, by a load that
+    starts after the versions were taken, unless a concurrent request's load already matches
+    them. So a request that starts after a change committed, in any process, sees it.
+
+    Lazy, so the app starts (and /healthz answers 503) even while the database is down.
+    """
+
+    def __init__(self, engine: AsyncEngine):
+        self._engine = engine
+        self._registry: LayerRegistry | None = None
+        self._lock = asyncio.Lock()
+
+    async def __call__(self) -> LayerRegistry:
+        """The registry as last resolved (resolved now the first time and after invalidate)."""
+        return await self._resolved(lambda registry: False)
+
+    def held(self, layer_ids: Sequence[str], versions: dict[str, int]) -> LayerRegistry | None:
+        """The held registry if ``versions`` show none of ``layer_ids`` changed since it was
+        resolved, else None (then ``current``): the warm tile path, without an await."""
+        registry = self._registry
+        if registry is None or registry.is_stale_for(layer_ids, versions):
+            return None
+        return registry
+
+    async def current(self, layer_ids: Sequence[str], versions: dict[str, int]) -> LayerRegistry:
+        """The registry, resolved again first if ``versions`` (taken before this call) show
+        that one of ``layer_ids`` changed since it was resolved."""
+        return await self._resolved(lambda registry: registry.is_stale_for(layer_ids, versions))
+
+    async def current_all(self, versions: dict[str, int]) -> LayerRegistry:
+        """The registry, resolved again first if ``versions`` (taken before this call) show
+        that any layer changed since it was resolved: for routes that list layers or take
+        one by id."""
+        return await self._resolved(lambda registry: registry.is_stale(versions))
+
+    def invalidate(self) -> None:
+        """After this process committed a change; safe from any thread (upload jobs call it
+        from theirs). A shortcut only: the versions would show the change too."""
+        self._registry = None
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    async def _resolved(self, stale: Callable[[LayerRegistry], bool]) -> LayerRegistry:
+        """The held registry unless ``stale``; else one that is not, or one loaded after the
+        caller's versions were taken. Callers that found it stale at once share one load:
+        each checks again what the load before it brought."""
+        registry = self._registry
+        if registry is None or stale(registry):
+            async with self._lock:
+                registry = self._registry
+                if registry is None or stale(registry):
+                    async with self._engine.connect() as conn:
+                        registry = await LayerRegistry.load(conn)
+                    self._registry = registry
+        return registry

@@ -141,6 +141,15 @@ class TilesSettings(BaseSettings):
     # served many at once: two parallel workers cost more CPU to start than they save (the
     # cold aggregation-off tile list took 3.3 s one at a time with them, 2.2 s without).
     parallel_workers: int = Field(default=0, ge=0)
+    # Layer data versions pushed to every process by LISTEN/NOTIFY (twin/core/versions.py):
+    # a cached tile then costs no database round trip. False reads them per request.
+    versions_listen: bool = True
+    # Seconds between the listener's full reads of every version (the bounded fallback poll),
+    # and the longest it waits for one to be answered before it counts as down.
+    versions_poll_s: float = Field(default=5.0, gt=0)
+    # Seconds a write through twin waits, before it answers, for every process's listener
+    # to acknowledge the change (then it answers anyway and logs the ones that did not).
+    versions_sync_timeout_s: float = Field(default=2.0, gt=0)
 
 
 class SensorSettings(BaseSettings):

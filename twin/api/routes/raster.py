@@ -1,4 +1,5 @@
-"""Raster and terrain tiles of raster layers, and their TileJSON. tiles/ renders them.
+"""Raster and terrain tiles of raster layers, and their TileJSON. The tile service
+(tiles/service.py) renders them, with the vector tiles' ETag and Cache-Control.
 
 Suffixes differ from the vector tiles' ``.mvt`` so both share the ``/tiles/{layer}/…`` space;
 ``.terrain.png`` is declared before ``.png`` so it is matched first.
@@ -13,71 +14,45 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
 
-from tiles import raster, terrain
-from tiles.grid import tile_address
-from twin.api.deps import ConnDep, RegistryDep, ScopeDep
+from tiles import raster
+from tiles.service import RasterRequest
+from twin.api.deps import RegistryDep, ScopeDep
+from twin.api.routes.tiles import tile_answer
+from twin.core.principal import Scope
 from twin.core.scope import visible_layer
 
 router = APIRouter(tags=["tiles"])
 
-CACHE_CONTROL = "public, no-cache"
 EncodingQuery = Annotated[Literal["mapbox", "terrarium"], Query(
     description="terrain-RGB packing: Mapbox terrain-RGB or Mapzen Terrarium")]
 
 
-async def _etag(conn: ConnDep, registry: RegistryDep, layer_id: str, *parts) -> str:
-    version = (await registry.data_versions(conn)).get(layer_id, 0)
-    return '"' + "-".join(str(p) for p in (layer_id, version, *parts)) + '"'
-
-
-def _respond(content: bytes | None, media_type: str, etag: str) -> Response:
-    headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
-    if content is None:
-        return Response(status_code=304, headers=headers)
-    return Response(content, media_type=media_type, headers=headers)
+async def _raster(request: Request, scope: Scope, layer_id: str, z: int, x: int, y: int,
+                  fmt: str, encoding: str = "mapbox") -> Response:
+    return tile_answer(await request.app.state.tiles.raster_tile(RasterRequest(
+        layer_id, z, x, y, scope, fmt, encoding, request.headers.get("if-none-match"))))
 
 
 @router.get("/tiles/{layer_id}/{z}/{x}/{y}.terrain.png", response_class=Response,
             summary="Terrain-RGB/Terrarium tile of a DEM layer (MapLibre raster-dem)")
 async def get_terrain_tile(layer_id: str, z: int, x: int, y: int, request: Request,
-                           conn: ConnDep, registry: RegistryDep, scope: ScopeDep,
-                           encoding: EncodingQuery = "mapbox") -> Response:
-    tile_address(z, x, y)  # 400 for an address off the grid, before rasterio sees it
-    layer = visible_layer(scope, registry, layer_id)
-    etag = await _etag(conn, registry, layer_id, z, x, y, encoding)
-    if etag in request.headers.get("if-none-match", ""):
-        return _respond(None, "image/png", etag)
-    content = await run_in_threadpool(terrain.terrain_tile, layer, z, x, y, encoding)
-    return _respond(content, "image/png", etag)
-
-
-async def _raster(request: Request, conn: ConnDep, registry: RegistryDep, scope: ScopeDep,
-                  layer_id: str, z: int, x: int, y: int, fmt: str) -> Response:
-    tile_address(z, x, y)  # 400 for an address off the grid, before rasterio sees it
-    layer = visible_layer(scope, registry, layer_id)
-    raster.raster_layer(layer)
-    etag = await _etag(conn, registry, layer_id, z, x, y, fmt)
-    media_type = raster.FORMATS[fmt][1]
-    if etag in request.headers.get("if-none-match", ""):
-        return _respond(None, media_type, etag)
-    tile = await run_in_threadpool(raster.render_tile, layer, z, x, y, fmt)
-    return _respond(tile.content, tile.media_type, etag)
+                           scope: ScopeDep, encoding: EncodingQuery = "mapbox") -> Response:
+    return await _raster(request, scope, layer_id, z, x, y, "terrain", encoding)
 
 
 @router.get("/tiles/{layer_id}/{z}/{x}/{y}.png", response_class=Response,
             summary="PNG tile of a raster layer")
-async def get_png_tile(layer_id: str, z: int, x: int, y: int, request: Request, conn: ConnDep,
-                       registry: RegistryDep, scope: ScopeDep) -> Response:
-    return await _raster(request, conn, registry, scope, layer_id, z, x, y, "png")
+async def get_png_tile(layer_id: str, z: int, x: int, y: int, request: Request,
+                       scope: ScopeDep) -> Response:
+    return await _raster(request, scope, layer_id, z, x, y, "png")
 
 
 @router.get("/tiles/{layer_id}/{z}/{x}/{y}.webp", response_class=Response,
             summary="WebP tile of a raster layer")
 async def get_webp_tile(layer_id: str, z: int, x: int, y: int, request: Request,
-                        conn: ConnDep, registry: RegistryDep, scope: ScopeDep) -> Response:
-    return await _raster(request, conn, registry, scope, layer_id, z, x, y, "webp")
+                        scope: ScopeDep) -> Response:
+    return await _raster(request, scope, layer_id, z, x, y, "webp")
 
 
 @router.get("/tiles/{layer_id}/raster-tilejson.json",

@@ -1,0 +1,240 @@
+"""The tile service: owns the tile path from a parsed request to bytes and validators.
+
+Made once in the app's lifespan (``TileService.open``), it holds what every tile needs: the
+layer versions (pushed to this process, twin/core/versions.py), the layer registry, the
+tile pool, the tile cache and the sector codes. A route parses the request into a
+``TileRequest`` or ``RasterRequest`` and sends back the ``TileAnswer``: the service decides
+the ETag, Cache-Control, a 304, gzip, the layers the caller may see. (Martin's
+``Source::get_tile`` and tipg's ``Collection.get_tile`` are the shape.)
+
+A cached vector tile costs no database round trip and no await while the versions listener
+is in sync: versions from memory, the registry held, the tile from the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import anyio.to_thread
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from tiles import raster, terrain
+from tiles.cache import CachedTile, TileCache, cached_tile, tile_cache, tile_key
+from tiles.filters import SectorCodes, parse_filters, read_filters, split_ids
+from tiles.grid import tile_address
+from tiles.metadata import MVT_MEDIA_TYPE
+from tiles.validators import etag_of, headers_of, not_modified
+from tiles.vector import TileOptions
+from twin.core.db import async_engine, libpq_url
+from twin.core.layer import Layer, LayerRegistry, RegistryCache
+from twin.core.principal import Scope
+from twin.core.scope import visible_layer
+from twin.core.settings import Settings, TilesSettings
+from twin.core.versions import DataVersions, LayerVersions
+
+
+@dataclass(frozen=True)
+class TileRequest:
+    """A vector tile as asked for: layers (one composite tile for several), address,
+    filters as sent (checked by the service), and the caller's scope."""
+
+    layer_ids: tuple[str, ...]
+    z: int
+    x: int
+    y: int
+    scope: Scope
+    sector: str | None = None
+    level: str | None = None
+    cql: str | None = None
+    # False sends every risk point with every field (no hexagons, no byte budget).
+    aggregate: bool = True
+    if_none_match: str | None = None
+    accepts_gzip: bool = False
+
+
+@dataclass(frozen=True)
+class RasterRequest:
+    """A raster tile (``fmt`` png or webp) or a terrain tile (``fmt`` terrain, with its
+    ``encoding``) of one raster layer."""
+
+    layer_id: str
+    z: int
+    x: int
+    y: int
+    scope: Scope
+    fmt: str
+    encoding: str = "mapbox"
+    if_none_match: str | None = None
+
+
+@dataclass(frozen=True)
+class TileAnswer:
+    """What to send: ``content`` None is a 304 (the headers still carry the validators)."""
+
+    content: bytes | None
+    media_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+    # Every header of the response in ASGI's raw form, content type and length too, when
+    # made already (a cached tile keeps its own).
+    raw: list[tuple[bytes, bytes]] | None = None
+
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        if self.raw is not None:
+            return self.raw
+        raw = [(name.lower().encode("latin-1"), value.encode("latin-1"))
+               for name, value in self.headers.items()]
+        if self.content is not None:
+            raw += [(b"content-type", self.media_type.encode("latin-1")),
+                    (b"content-length", str(len(self.content)).encode("latin-1"))]
+        return raw
+
+
+class _TileConnection:
+    """A connection of the tile pool, checked out on first use: a cached tile needs none.
+
+    Autocommit: a tile only reads, one statement at a time, so no transaction is opened and
+    none is rolled back when the connection goes back to the pool. ``fresh=True`` replaces a
+    connection that broke (the tile pool has no pre-ping; tiles.cache retries once).
+    """
+
+    def __init__(self, engine: AsyncEngine):
+        self._engine = engine
+        self._conn: AsyncConnection | None = None
+
+    async def __call__(self, fresh: bool = False) -> AsyncConnection:
+        if fresh:
+            await self.close()
+        if self._conn is None:
+            conn = await self._engine.connect()
+            self._conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        return self._conn
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+
+class TileService:
+    def __init__(self, settings: TilesSettings, versions: LayerVersions,
+                 registry: RegistryCache, engine: AsyncEngine):
+        self.settings = settings
+        self.versions = versions
+        self.registry = registry
+        self.cache: TileCache | None = tile_cache(settings)
+        self.sector_codes = SectorCodes()
+        self._engine = engine
+        # TileOptions by (filters, aggregate): the same few, made once.
+        self._options: dict[tuple, TileOptions] = {}
+
+    @classmethod
+    def open(cls, settings: Settings) -> TileService:
+        """The service of one server process, its listener started (call inside the loop)."""
+        # The versions read per request while the listener is down, and the writers'
+        # barriers, on a connection of their own (never waiting for the requests' pool).
+        fallback = DataVersions(async_engine(settings, pool_size=1, max_overflow=0))
+        tiles = settings.tiles
+        versions = LayerVersions(libpq_url(settings), fallback, poll_s=tiles.versions_poll_s,
+                                 sync_timeout_s=tiles.versions_sync_timeout_s,
+                                 connect_timeout_s=settings.db.connect_timeout)
+        if tiles.versions_listen:
+            versions.start()
+        # Not the requests' pool: a request holding a pooled connection may need the registry.
+        registry = RegistryCache(async_engine(settings, pool_size=1, max_overflow=0))
+        # Tiles' own pool, without a pre-ping round trip per checkout (tiles retry instead).
+        engine = async_engine(settings, pre_ping=False, server_settings={
+            "max_parallel_workers_per_gather": str(tiles.parallel_workers)})
+        return cls(tiles, versions, registry, engine)
+
+    async def close(self) -> None:
+        await self.versions.close()
+        await self.registry.close()
+        await self._engine.dispose()
+
+    # --- what every tile and listing shares -------------------------------------------
+
+    async def layer_versions(self) -> dict[str, int]:
+        """Every layer's data version, as of a moment after the request arrived."""
+        return self.versions.current() or await self.versions.read()
+
+    async def layers_for(self, layer_ids: tuple[str, ...], scope: Scope,
+                         versions: dict[str, int]) -> tuple[LayerRegistry, list[Layer]]:
+        registry = (self.registry.held(layer_ids, versions)
+                    or await self.registry.current(layer_ids, versions))
+        # Only what lies in the caller's jurisdiction; the cache keeps each scope's tiles apart.
+        return registry, [visible_layer(scope, registry, layer_id) for layer_id in layer_ids]
+
+    # --- vector tiles -----------------------------------------------------------------
+
+    async def vector_tile(self, request: TileRequest) -> TileAnswer:
+        tile = tile_address(request.z, request.x, request.y)
+        versions = await self.layer_versions()
+        registry, layers = await self.layers_for(request.layer_ids, request.scope, versions)
+        connect = _TileConnection(self._engine)
+        try:
+            options = await self._tile_options(request, connect)
+            keyed = {layer.id: registry.data_version(layer.id, versions) for layer in layers}
+            key = tile_key(layers, tile, options, keyed, request.scope.key)
+            made = await cached_tile(key, connect, self.cache, layers, tile, options)
+        finally:
+            await connect.close()
+        return _vector_answer(made, request)
+
+    async def _tile_options(self, request: TileRequest, connect: _TileConnection) -> TileOptions:
+        codes = self.sector_codes.known
+        if codes is not None and (request.sector is None
+                                  or set(split_ids(request.sector)) <= set(codes)):
+            # The warm path: the codes are known and cover the request, no await.
+            filters = parse_filters(codes, request.sector, request.level, request.cql,
+                                    request.scope)
+        else:
+            filters = await read_filters(self.sector_codes, connect, request.sector,
+                                         request.level, request.cql, request.scope)
+            codes = await self.sector_codes.get(connect)
+        options = self._options.get((filters, request.aggregate, codes))
+        if options is None:
+            settings = self.settings
+            options = TileOptions(filters, request.aggregate, settings.aggregate_below_zoom,
+                                  settings.feature_cap, settings.detail_cap,
+                                  settings.point_cap, sectors=codes)
+            if len(self._options) > 4096:  # filters are the clients' free text: bounded
+                self._options.clear()
+            self._options[(filters, request.aggregate, codes)] = options
+        return options
+
+    # --- raster and terrain tiles -----------------------------------------------------
+
+    async def raster_tile(self, request: RasterRequest) -> TileAnswer:
+        """A raster layer outside the caller's jurisdiction is 404 before the ETag is
+        compared, so a 304 never tells a caller that the layer exists."""
+        tile_address(request.z, request.x, request.y)  # 400 off the grid, before rasterio
+        versions = await self.layer_versions()
+        registry, (layer,) = await self.layers_for((request.layer_id,), request.scope, versions)
+        terrain_tile = request.fmt == "terrain"
+        if not terrain_tile:
+            raster.raster_layer(layer)
+        media_type = "image/png" if terrain_tile else raster.FORMATS.get(
+            request.fmt, ("", "application/octet-stream"))[1]
+        etag = etag_of(("raster", layer.id, registry.data_version(layer.id, versions),
+                        request.z, request.x, request.y, request.fmt,
+                        request.encoding if terrain_tile else None))
+        headers = headers_of(etag)
+        if not_modified(etag, request.if_none_match):
+            return TileAnswer(None, media_type, headers)
+        if terrain_tile:
+            content = await anyio.to_thread.run_sync(
+                terrain.terrain_tile, layer, request.z, request.x, request.y, request.encoding)
+            return TileAnswer(content, media_type, headers)
+        made = await anyio.to_thread.run_sync(raster.render_tile, layer, request.z, request.x,
+                                              request.y, request.fmt)
+        return TileAnswer(made.content, made.media_type, headers)
+
+
+def _vector_answer(made: CachedTile, request: TileRequest) -> TileAnswer:
+    if not_modified(made.etag, request.if_none_match):
+        return TileAnswer(None, MVT_MEDIA_TYPE, made.headers, made.raw_headers("304"))
+    if request.accepts_gzip:
+        return TileAnswer(made.gzipped, MVT_MEDIA_TYPE, made.gzip_headers,
+                          made.raw_headers("gzip"))
+    return TileAnswer(made.tile.content, MVT_MEDIA_TYPE, made.headers,
+                      made.raw_headers("plain"))
