@@ -254,9 +254,13 @@ def _coordinate_columns(columns) -> tuple[str, str]:
         lat = next((by_name[n] for n in lat_names if n in by_name), None)
         if lon is not None and lat is not None:
             return lon, lat
+    separator = next((name for sep, name in ((";", "semicolons"), ("\t", "tabs"))
+                      if len(columns) == 1 and sep in str(columns[0])), None)
+    hint = f" (the header is separated by {separator}; save the CSV comma-separated)" \
+        if separator else ""
     raise SourceError(f"the CSV has no coordinate columns: expected lon/lat (or lng, "
                       f"longitude/latitude, 经度/纬度) or x/y; columns are "
-                      f"{', '.join(map(str, columns))}")
+                      f"{', '.join(map(str, columns))}{hint}")
 
 
 def _numbers(table: pd.DataFrame, column: str) -> np.ndarray:

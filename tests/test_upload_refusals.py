@@ -231,10 +231,13 @@ def test_an_unclosed_ring_is_closed(api):
     (b"name,lon,lat\n\xff\xfe\xff,106.5,29.5\n",
      "the CSV is neither UTF-8 nor GB18030 text (byte 0xff on line 2"),
     (b"\n\n", "the CSV holds no header line"),
-], ids=["ragged-row", "unclosed-quote", "not-text", "blank"])
+    (b"name;lon;lat\na;106.5;29.5\n", "the CSV has no coordinate columns"),
+], ids=["ragged-row", "unclosed-quote", "not-text", "blank", "semicolons"])
 def test_unreadable_csv_names_the_problem(api, content, reason):
     job = refused(api, "broken.csv", content)
     assert job["reasons"][0].startswith(reason), job["reasons"]
+    if b";" in content:
+        assert "separated by semicolons" in job["reasons"][0]
 
 
 # --- attribute tables PostgreSQL cannot hold ---------------------------------------------
