@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import shapely
 from httpx import Client
+from rasterio.io import MemoryFile
 from sqlalchemy import Engine, text
 
 GEOJSON = "application/geo+json"
@@ -201,6 +202,36 @@ def test_bad_item_parameters_are_400_naming_the_parameter(client: Client, params
     assert names in response.json()["description"]
 
 
-def test_raster_and_unknown_layers_have_no_items(client: Client):
-    assert client.get("/collections/terrain/items").status_code == 404
+def test_raster_collection_has_no_items_and_says_where_its_tiles_are(client: Client):
+    response = client.get("/collections/terrain/items")
+    assert response.status_code == 404
+    body = response.json()
+    assert set(body) == {"code", "description"} and "raster collection" in body["description"]
+    # The TileJSON the message names is there and leads to a tile that decodes as an image.
+    tilejson_url = next(word for word in body["description"].split()
+                        if word.endswith("raster-tilejson.json"))
+    tilejson = client.get(tilejson_url)
+    assert tilejson.status_code == 200
+    # z8 tile over Chongqing's centre (106.5°E 29.5°N).
+    tile = client.get(tilejson.json()["tiles"][0].format(z=8, x=203, y=106))
+    assert tile.status_code == 200 and tile.headers["content-type"] == "image/png"
+    with MemoryFile(tile.content) as memory, memory.open() as image:
+        assert (image.width, image.height) == (256, 256)
+    assert client.get("/collections/terrain/queryables").status_code == 404
     assert client.get("/collections/nope/items").status_code == 404
+
+
+def test_raster_collections_are_described_as_no_feature_layers(client: Client):
+    documents = {c["id"]: c for c in client.get("/collections").json()["collections"]}
+    for layer_id in ("terrain", "terrain_central"):
+        document = documents[layer_id]
+        # GDAL's OAPIF driver skips 'Raster'/'Coverage' collections; clients find no items.
+        assert document["itemType"] != "feature"
+        assert document["layerDataType"] == "Coverage"
+        rels = {link["rel"] for link in document["links"]}
+        assert "items" not in rels
+        tilejson = next(link["href"] for link in document["links"]
+                        if link["href"].endswith("raster-tilejson.json"))
+        assert client.get(tilejson).json()["tiles"]
+    assert "layerDataType" not in documents["roads"]
+    assert any(link["rel"] == "items" for link in documents["roads"]["links"])

@@ -1,16 +1,24 @@
 """OGC API - Features as real GIS clients read it: GDAL's OAPIF driver (through pyogrio) and OWSLib.
 
 The oracle is the database itself: what the clients decode must be the rows and coordinates
-stored there, with every feature read exactly once through the clients' own paging.
+stored there, with every feature read exactly once through the clients' own paging; and GDAL
+must open the whole service without an error (raster collections are no feature layers).
 """
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pandas as pd
 import pyogrio
 import pytest
 import shapely
 from owslib.ogcapi.features import Features
+from pyproj import CRS
 from sqlalchemy import Engine, text
 
 from tests.conftest import ServerProcess
@@ -26,17 +34,29 @@ def oapif(server_process: ServerProcess) -> str:
     return f"OAPIF:{server_process.url}"
 
 
-def test_gdal_lists_every_vector_collection(oapif: str, engine: Engine):
+@pytest.fixture(autouse=True)
+def gdal_waits_for_the_server() -> Iterator[None]:
+    """layers/ingest_vector.py gives this process's GDAL a 1 s HTTP timeout (an upload never
+    waits on the network); a page of features can take longer on a busy machine."""
+    before = pyogrio.get_gdal_config_option("GDAL_HTTP_TIMEOUT")
+    pyogrio.set_gdal_config_options({"GDAL_HTTP_TIMEOUT": "60"})
+    yield
+    pyogrio.set_gdal_config_options({"GDAL_HTTP_TIMEOUT": None if before is None else str(before)})
+
+
+def test_gdal_lists_every_vector_collection_and_no_raster(oapif: str, engine: Engine):
     listed = {name for name, _ in pyogrio.list_layers(oapif)}
-    vector = set(stored(engine, "SELECT id FROM layers WHERE kind = 'vector'")["id"])
-    assert vector <= listed
+    kinds = stored(engine, "SELECT id, kind FROM layers")
+    assert {"terrain", "terrain_central"} <= set(kinds.loc[kinds["kind"] == "raster", "id"])
+    assert listed == set(kinds.loc[kinds["kind"] == "vector", "id"])
 
 
 def test_gdal_reads_a_whole_collection_through_its_paging(oapif: str, engine: Engine):
     frame = pyogrio.read_dataframe(oapif, layer="risk_points")
     expected = stored(engine, "SELECT id, level, sector_code, ST_X(geom) AS lon, "
                               "ST_Y(geom) AS lat FROM risk_points ORDER BY id")
-    assert frame.crs.to_epsg() == 4326
+    # Stored and served in CRS84 (lon/lat), which the collections name as their storageCrs.
+    assert frame.crs == CRS.from_user_input("OGC:CRS84")
     assert len(frame) == len(expected)
     merged = frame.merge(expected, on="id", suffixes=("", "_db"), validate="one_to_one")
     assert len(merged) == len(expected)
@@ -96,3 +116,89 @@ def test_owslib_reads_conformance_collections_items_and_queryables(
 
     queryables = api.collection_queryables("risk_points")["properties"]
     assert {"level", "sector_code", "grid_code"} <= set(queryables)
+
+
+# --- GDAL's error output, as ogrinfo would print it -----------------------------------------
+# pyogrio hides GDAL's non-fatal errors (CE_Failure) unless a call fails, and there is no
+# ogrinfo binary in the environment: so the test drives pyogrio's own libgdal through its C API,
+# as `ogrinfo -ro -al -so` does, with an error handler of its own on top of pyogrio's.
+CE_FAILURE = 3
+_ERROR_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, ctypes.c_char_p)
+
+
+def libgdal() -> ctypes.CDLL:
+    """The GDAL library pyogrio runs on (its wheel's copy, else the system's)."""
+    bundled = sorted((Path(pyogrio.__file__).parent.parent / "pyogrio.libs").glob("libgdal*.so*"))
+    path = str(bundled[0]) if bundled else ctypes.util.find_library("gdal")
+    assert path, "no libgdal found"
+    lib = ctypes.CDLL(path)
+    lib.GDALOpenEx.restype = ctypes.c_void_p
+    lib.GDALOpenEx.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_void_p]
+    lib.GDALDatasetGetLayerCount.argtypes = [ctypes.c_void_p]
+    lib.GDALDatasetGetLayer.restype = ctypes.c_void_p
+    lib.GDALDatasetGetLayer.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.OGR_L_GetName.restype = ctypes.c_char_p
+    lib.OGR_L_GetName.argtypes = [ctypes.c_void_p]
+    lib.OGR_L_GetGeomType.argtypes = [ctypes.c_void_p]
+    lib.OGR_L_GetFeatureCount.restype = ctypes.c_int64
+    lib.OGR_L_GetFeatureCount.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.OGR_L_GetNextFeature.restype = ctypes.c_void_p
+    lib.OGR_L_GetNextFeature.argtypes = [ctypes.c_void_p]
+    lib.OGR_F_Destroy.argtypes = [ctypes.c_void_p]
+    lib.GDALClose.argtypes = [ctypes.c_void_p]
+    lib.CPLPushErrorHandler.argtypes = [_ERROR_HANDLER]
+    return lib
+
+
+@contextmanager
+def gdal_messages(lib: ctypes.CDLL) -> Iterator[list[tuple[int, str]]]:
+    """Every message GDAL emits in the block, as (error class, text)."""
+    messages: list[tuple[int, str]] = []
+    handler = _ERROR_HANDLER(lambda klass, _no, msg: messages.append((klass, msg.decode())))
+    lib.CPLPushErrorHandler(handler)
+    try:
+        yield messages
+    finally:
+        lib.CPLPopErrorHandler()
+
+
+def ogrinfo_summary(lib: ctypes.CDLL, url: str) -> dict[str, int]:
+    """What `ogrinfo -ro -al -so` does: open, then each layer's schema, feature count and
+    first feature. Returns the feature count of each layer by name."""
+    dataset = lib.GDALOpenEx(url.encode(), 0x04, None, None, None)  # GDAL_OF_VECTOR
+    assert dataset, "GDAL could not open the service"
+    counts = {}
+    try:
+        for index in range(lib.GDALDatasetGetLayerCount(dataset)):
+            layer = lib.GDALDatasetGetLayer(dataset, index)
+            name = lib.OGR_L_GetName(layer).decode()
+            lib.OGR_L_GetGeomType(layer)
+            counts[name] = lib.OGR_L_GetFeatureCount(layer, 1)
+            feature = lib.OGR_L_GetNextFeature(layer)
+            if feature:
+                lib.OGR_F_Destroy(feature)
+    finally:
+        lib.GDALClose(dataset)
+    return counts
+
+
+def test_gdal_opens_and_reads_every_layer_without_an_error(oapif: str, engine: Engine):
+    lib = libgdal()
+    with gdal_messages(lib) as messages:
+        counts = ogrinfo_summary(lib, oapif)
+    errors = [text for klass, text in messages if klass >= CE_FAILURE]
+    assert errors == [], errors
+    vector = stored(engine, "SELECT id FROM layers WHERE kind = 'vector'")["id"]
+    assert set(counts) == set(vector)
+    expected = stored(engine, "SELECT count(*) AS n FROM risk_points")["n"][0]
+    assert counts["risk_points"] == expected
+
+
+def test_the_error_capture_sees_an_error_gdal_reports(oapif: str):
+    """The capture above is not blind: GDAL's ERROR for a URL that answers 404 reaches it."""
+    lib = libgdal()
+    with gdal_messages(lib) as messages:
+        dataset = lib.GDALOpenEx(f"{oapif}/no-such-service".encode(), 0x04, None, None, None)
+    assert not dataset
+    assert any(klass >= CE_FAILURE and "404" in text for klass, text in messages), messages

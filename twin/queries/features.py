@@ -2,6 +2,8 @@
 
 Identifiers in the SQL come only from the registry (table, fields, the trusted
 ``source_filter``) and are quoted; everything a client sends is a bound parameter.
+Features are stored in CRS84 and served in any CRS of ``twin.core.crs_ref`` (Part 2): PostGIS
+transforms them (``ST_Transform``) and flips the axes where the CRS puts north first.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from twin.core.cql2 import GEOMETRY_PROPERTIES, compile_filter, quote_identifier, value_kind
+from twin.core.crs_ref import CRS84, CrsRef, lonlat_bounds, served
 from twin.core.errors import InvalidParameter, NotFound
 from twin.core.layer import Layer
 from twin.core.principal import CITY, Scope
@@ -32,6 +35,10 @@ class ItemsQuery:
     # (field, descending) pairs; the id column always breaks ties so pages are stable.
     sortby: tuple[tuple[str, bool], ...] = ()
     filter: str | None = None
+    # The CRS of the bbox (None: CRS84); the bbox itself is kept east/north (lon/lat).
+    bbox_crs: CrsRef | None = None
+    # The CRS the features are served in (None: CRS84, the storage CRS).
+    crs: CrsRef | None = None
 
 
 @dataclass(frozen=True)
@@ -40,9 +47,17 @@ class FeaturePage:
     number_matched: int
 
 
-def vector_layer(layer: Layer) -> Layer:
+def vector_layer(layer: Layer, base: str = "") -> Layer:
+    """The layer if it has features; for a raster or 3D layer, NotFound saying where its data
+    is instead (``base``: the API's root URL)."""
+    if layer.kind == "raster":
+        tiles = f"{base}/tiles/{layer.id}"
+        raise NotFound(f"collection '{layer.id}' is a raster collection (a coverage, not "
+                       f"features) and has no items; its tiles are {tiles}/{{z}}/{{x}}/{{y}}.png "
+                       f"(or .webp), described by the TileJSON {tiles}/raster-tilejson.json")
     if layer.kind != "vector":
-        raise NotFound(f"layer '{layer.id}' is a {layer.kind} layer and has no features")
+        raise NotFound(f"collection '{layer.id}' is a {layer.kind} layer and has no items; "
+                       f"its model is {base}/layers/{layer.id}/model")
     return layer
 
 
@@ -58,22 +73,40 @@ def id_column(layer: Layer) -> str:
 
 # --- parameter parsing (pure, so it is tested without a database) --------------------------
 
-def parse_bbox(raw: str) -> tuple[float, float, float, float]:
+def parse_bbox(raw: str, crs: CrsRef | None = None) -> tuple[float, float, float, float]:
+    """The bbox as (west, south, east, north) in ``crs`` (None: CRS84), given in that CRS's
+    axis order: latitude first for EPSG:4326 and EPSG:4490, northing first for the
+    Gauss-Krüger zones."""
+    crs = crs or served()[CRS84]
     parts = raw.split(",")
     try:
         values = [float(part) for part in parts]
     except ValueError:
         values = []
+    order = crs.axis_names()
+    low, high = order.split(",")
     if len(values) not in (4, 6) or not all(math.isfinite(v) for v in values):
         raise InvalidParameter(f"bbox: expected 4 (or 6) comma-separated numbers "
-                               f"west,south,east,north in CRS84, got {raw!r}")
-    # A 6-number bbox carries heights, which 2D layers ignore.
-    west, south, east, north = values if len(values) == 4 else values[:2] + values[3:5]
-    if not (-180 <= west <= 180 and -180 <= east <= 180):
-        raise InvalidParameter(f"bbox: longitudes must lie in [-180, 180], got {raw!r}")
-    if not (-90 <= south <= north <= 90):
-        raise InvalidParameter(f"bbox: latitudes must lie in [-90, 90] with south <= north, "
+                               f"min {low}, min {high}, max {low}, max {high} in {crs.uri}, "
                                f"got {raw!r}")
+    # A 6-number bbox carries heights, which 2D layers ignore.
+    first_min, second_min, first_max, second_max = (
+        values if len(values) == 4 else values[:2] + values[3:5])
+    if crs.north_first:
+        west, south, east, north = second_min, first_min, second_max, first_max
+    else:
+        west, south, east, north = first_min, second_min, first_max, second_max
+    if not crs.geographic:
+        if not (west <= east and south <= north):
+            raise InvalidParameter(f"bbox: in {crs.uri} ({order}) each minimum must not exceed "
+                                   f"its maximum, got {raw!r}")
+        return west, south, east, north
+    if not (-180 <= west <= 180 and -180 <= east <= 180):
+        raise InvalidParameter(f"bbox: longitudes must lie in [-180, 180] ({crs.uri}, "
+                               f"{order}), got {raw!r}")
+    if not (-90 <= south <= north <= 90):
+        raise InvalidParameter(f"bbox: latitudes must lie in [-90, 90] with south <= north "
+                               f"({crs.uri}, {order}), got {raw!r}")
     return west, south, east, north
 
 
@@ -112,20 +145,38 @@ def _where(layer: Layer, query: ItemsQuery, scope: Scope = CITY) -> tuple[str, d
     in_scope = table_predicate(scope, layer.source_table, "t")
     clauses, params = [f"({layer.where})", in_scope.sql], dict(in_scope.params)
     if query.bbox is not None:
-        west, south, east, north = query.bbox
-        # A west edge east of the east edge crosses the antimeridian: two boxes.
-        boxes = [(west, east)] if west <= east else [(west, 180.0), (-180.0, east)]
-        parts = []
-        for i, (w, e) in enumerate(boxes):
-            parts.append(f"ST_Intersects(t.geom, ST_MakeEnvelope(:w{i}, :s, :e{i}, :n, 4326))")
-            params |= {f"w{i}": w, f"e{i}": e}
-        params |= {"s": south, "n": north}
-        clauses.append("(" + " OR ".join(parts) + ")")
+        sql, bbox_params = _bbox_clause(query.bbox, query.bbox_crs or served()[CRS84])
+        clauses.append(sql)
+        params |= bbox_params
     if query.filter:
         sql, filter_params = compile_filter(query.filter, field_types(layer))
         clauses.append(sql)
         params |= filter_params
     return " AND ".join(clauses), params
+
+
+def _bbox_clause(bbox: tuple[float, float, float, float], crs: CrsRef) -> tuple[str, dict]:
+    west, south, east, north = bbox
+    params: dict = {"s": south, "n": north, "bbox_srid": crs.srid}
+    if crs.geographic:
+        # A west edge east of the east edge crosses the antimeridian: two boxes. A box in
+        # another datum (CGCS2000) is moved into storage's by ST_Transform.
+        boxes = [(west, east)] if west <= east else [(west, 180.0), (-180.0, east)]
+        parts = []
+        for i, (w, e) in enumerate(boxes):
+            parts.append(f"ST_Intersects(t.geom, ST_Transform(ST_MakeEnvelope("
+                         f":w{i}, :s, :e{i}, :n, CAST(:bbox_srid AS integer)), 4326))")
+            params |= {f"w{i}": w, f"e{i}": e}
+        return "(" + " OR ".join(parts) + ")", params
+    # A projected box is a rectangle in its CRS, not in lon/lat: a feature matches when its
+    # geometry in that CRS meets the rectangle, i.e. what the client sees served in it. The
+    # lon/lat box around the rectangle lets the spatial index pick the candidates.
+    lon_min, lat_min, lon_max, lat_max = lonlat_bounds(crs, bbox)
+    params |= {"w0": west, "e0": east, "lon_min": lon_min, "lat_min": lat_min,
+               "lon_max": lon_max, "lat_max": lat_max}
+    return ("(t.geom && ST_MakeEnvelope(:lon_min, :lat_min, :lon_max, :lat_max, 4326) "
+            "AND ST_Intersects(ST_Transform(t.geom, CAST(:bbox_srid AS integer)), "
+            "ST_MakeEnvelope(:w0, :s, :e0, :n, CAST(:bbox_srid AS integer))))"), params
 
 
 def _order_by(layer: Layer, query: ItemsQuery) -> str:
@@ -135,14 +186,31 @@ def _order_by(layer: Layer, query: ItemsQuery) -> str:
     return ", ".join(keys)
 
 
-def _feature_select(layer: Layer, properties: tuple[str, ...] | None) -> str:
+def _geometry_sql(crs: CrsRef | None) -> str:
+    """GeoJSON of ``t.geom`` in ``crs``, in the CRS's axis order."""
+    geometry = "t.geom"
+    if crs is not None and not crs.is_storage:
+        geometry = f"ST_Transform({geometry}, CAST(:out_srid AS integer))"
+        if crs.north_first:
+            geometry = f"ST_FlipCoordinates({geometry})"
+    # Options 0: no "crs" member (PostGIS adds one for SRIDs other than 4326); the CRS is
+    # said once, by the Content-Crs header.
+    return f"ST_AsGeoJSON({geometry}, 9, 0)::json"
+
+
+def _crs_params(crs: CrsRef | None) -> dict:
+    return {} if crs is None or crs.is_storage else {"out_srid": crs.srid}
+
+
+def _feature_select(layer: Layer, properties: tuple[str, ...] | None,
+                    crs: CrsRef | None = None) -> str:
     names = [f["name"] for f in layer.fields] if properties is None else list(properties)
     columns = ", ".join(f"t.{quote_identifier(name)}" for name in names)
     # to_json of a one-row subselect names the properties after the columns and lets
     # PostgreSQL render numerics and timestamps as JSON.
     props = f"(SELECT to_json(p) FROM (SELECT {columns}) AS p)" if names else "'{}'::json"
     return (f"SELECT t.{quote_identifier(id_column(layer))} AS feature_id, "
-            f"ST_AsGeoJSON(t.geom)::json AS geometry, {props} AS properties "
+            f"{_geometry_sql(crs)} AS geometry, {props} AS properties "
             f"FROM {quote_identifier(layer.source_table)} AS t")
 
 
@@ -160,15 +228,16 @@ async def feature_page(conn: AsyncConnection, layer: Layer, query: ItemsQuery,
     matched = (await conn.execute(
         text(f"SELECT count(*) FROM {table} AS t WHERE {where}"), params)).scalar_one()
     rows = await conn.execute(text(
-        f"{_feature_select(layer, query.properties)} WHERE {where} "
+        f"{_feature_select(layer, query.properties, query.crs)} WHERE {where} "
         f"ORDER BY {_order_by(layer, query)} LIMIT :limit OFFSET :offset"
-    ), params | {"limit": query.limit, "offset": query.offset})
+    ), params | _crs_params(query.crs) | {"limit": query.limit, "offset": query.offset})
     return FeaturePage([_feature(row) for row in rows], matched)
 
 
 async def feature_by_id(conn: AsyncConnection, layer: Layer, feature_id: str,
-                        scope: Scope = CITY) -> dict:
-    """One feature; outside the caller's scope it does not exist for them (NotFound)."""
+                        scope: Scope = CITY, crs: CrsRef | None = None) -> dict:
+    """One feature (in ``crs``; None: CRS84); outside the caller's scope it does not exist
+    for them (NotFound)."""
     key = id_column(layer)
     in_scope = table_predicate(scope, layer.source_table, "t")
     value: int | str = feature_id
@@ -178,9 +247,9 @@ async def feature_by_id(conn: AsyncConnection, layer: Layer, feature_id: str,
         except ValueError:
             value = None
     row = None if value is None else (await conn.execute(text(
-        f"{_feature_select(layer, None)} WHERE ({layer.where}) "
+        f"{_feature_select(layer, None, crs)} WHERE ({layer.where}) "
         f"AND t.{quote_identifier(key)} = :feature_id{in_scope.and_sql}"
-    ), {"feature_id": value} | in_scope.params)).first()
+    ), {"feature_id": value} | in_scope.params | _crs_params(crs))).first()
     if row is None:
         raise NotFound(f"layer '{layer.id}' has no feature '{feature_id}'")
     return _feature(row)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from twin.api.deps import ConnDep, RegistryDep, ScopeDep, VersionsDep
+from twin.api.deps import ConnDep, RegistryDep, ScopeDep
+from twin.core import crs_ref
 from twin.core.layer import Layer
 from twin.core.scope import feature_count, visible_layer, visible_layers
 
 router = APIRouter(tags=["collections"])
 
-CRS84 = "http://www.opengis.net/def/crs/OGC/1.3/CRS84"
+CRS84 = crs_ref.CRS84
 QUERYABLES_REL = "http://www.opengis.net/def/rel/ogc/1.0/queryables"
 TILESETS_REL = "http://www.opengis.net/def/rel/ogc/1.0/tilesets-vector"
 
@@ -28,7 +29,9 @@ def collection_document(layer: Layer, base: str, count: int | None, version: int
             {"href": f"{here}/tiles", "rel": TILESETS_REL, "type": "application/json",
              "title": "Vector tilesets"},
         ]
-    return {
+    elif layer.kind == "raster":
+        links += _raster_links(layer, base)
+    document = {
         "id": layer.id,
         "title": layer.title_zh,
         "title_en": layer.title_en,
@@ -46,17 +49,39 @@ def collection_document(layer: Layer, base: str, count: int | None, version: int
         "sourceCrs": layer.source_crs,
         "sourceDatum": layer.source_datum,
         "extent": {"spatial": {"bbox": [layer.bbox] if layer.bbox else [], "crs": CRS84}},
-        "crs": [CRS84],
         "links": links,
     }
+    if layer.kind == "vector":
+        # OGC API – Features Part 2: stored in CRS84, served in any of these by `crs=`.
+        document |= {"storageCrs": CRS84, "crs": crs_ref.served_uris()}
+    elif layer.kind == "raster":
+        # Feature clients skip a collection by this member (GDAL's OAPIF driver reads
+        # 'Raster' and 'Coverage' as "no features here" and would otherwise ask for its
+        # items); a DEM is a coverage of elevations, other rasters are imagery.
+        document["layerDataType"] = "Coverage" if layer.meta.get("dem") else "Raster"
+    return document
+
+
+def _raster_links(layer: Layer, base: str) -> list[dict]:
+    """Where a raster collection's data is: its tiles, not items."""
+    tiles = f"{base}/tiles/{layer.id}"
+    links = [
+        {"href": f"{tiles}/raster-tilejson.json", "rel": "alternate", "type": "application/json",
+         "title": "TileJSON of its raster tiles (PNG or WebP)"},
+    ]
+    if layer.meta.get("dem"):
+        links.append({"href": f"{tiles}/raster-tilejson.json?terrain=mapbox", "rel": "alternate",
+                      "type": "application/json",
+                      "title": "TileJSON of its elevation tiles (Mapbox terrain-RGB)"})
+    return links
 
 
 @router.get("/collections", summary="Every published layer the caller may see; feature "
             "counts within the caller's jurisdiction")
 async def list_collections(request: Request, conn: ConnDep, registry: RegistryDep,
-                           scope: ScopeDep, versions: VersionsDep) -> dict:
+                           scope: ScopeDep) -> dict:
     base = str(request.base_url).rstrip("/")
-    versions = registry.data_versions(versions)
+    versions = await registry.data_versions(conn)
     documents = []
     for layer in visible_layers(scope, registry):
         version = versions.get(layer.id, 0)
@@ -64,14 +89,16 @@ async def list_collections(request: Request, conn: ConnDep, registry: RegistryDe
         documents.append(collection_document(layer, base, count, version))
     return {
         "collections": documents,
+        # Part 2: every CRS the vector collections are served in.
+        "crs": crs_ref.served_uris(),
         "links": [{"href": f"{base}/collections", "rel": "self", "type": "application/json"}],
     }
 
 
 @router.get("/collections/{collection_id}", summary="One published layer")
 async def get_collection(collection_id: str, request: Request, conn: ConnDep,
-                         registry: RegistryDep, scope: ScopeDep, versions: VersionsDep) -> dict:
+                         registry: RegistryDep, scope: ScopeDep) -> dict:
     layer = visible_layer(scope, registry, collection_id)
-    version = registry.data_version(layer.id, versions)
+    version = (await registry.data_versions(conn)).get(layer.id, 0)
     count = await feature_count(conn, registry, layer, version, scope)
     return collection_document(layer, str(request.base_url).rstrip("/"), count, version)

@@ -1,4 +1,5 @@
-"""OGC API – Features: GeoJSON items, single features and queryables of every vector layer."""
+"""OGC API – Features: GeoJSON items, single features and queryables of every vector layer,
+in CRS84 or another CRS by reference (Part 2: ``crs``, ``bbox-crs``, ``Content-Crs``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from twin.api.deps import ConnDep, RegistryDep, ScopeDep
+from twin.core import crs_ref
 from twin.core.errors import InvalidParameter
 from twin.core.scope import visible_layer
 from twin.queries import features as queries
@@ -13,15 +15,16 @@ from twin.queries import features as queries
 router = APIRouter(tags=["features"])
 
 GEOJSON = "application/geo+json"
-ITEMS_PARAMETERS = {"bbox", "limit", "offset", "properties", "sortby", "filter", "filter-lang",
-                    "filter-crs", "f"}
-CRS84 = "http://www.opengis.net/def/crs/OGC/1.3/CRS84"
+ITEMS_PARAMETERS = {"bbox", "bbox-crs", "crs", "limit", "offset", "properties", "sortby",
+                    "filter", "filter-lang", "filter-crs", "f"}
+CRS84 = crs_ref.CRS84
 
 # OGC conformance classes this module implements, collected by /conformance.
 CONFORMANCE: list[str] = [
     "http://www.opengis.net/spec/ogcapi-features-1/1.0/conf/core",
     "http://www.opengis.net/spec/ogcapi-features-1/1.0/conf/geojson",
     "http://www.opengis.net/spec/ogcapi-features-1/1.0/conf/oas30",
+    "http://www.opengis.net/spec/ogcapi-features-2/1.0/conf/crs",
     "http://www.opengis.net/spec/ogcapi-features-3/1.0/conf/queryables",
     "http://www.opengis.net/spec/ogcapi-features-3/1.0/conf/filter",
     "http://www.opengis.net/spec/ogcapi-features-3/1.0/conf/features-filter",
@@ -32,6 +35,23 @@ CONFORMANCE: list[str] = [
     "http://www.opengis.net/spec/cql2/1.0/conf/basic-spatial-functions-plus",
     "http://www.opengis.net/spec/cql2/1.0/conf/spatial-functions",
 ]
+
+
+# The served CRSs, declared once for both parameters (an enum of their URIs in /api).
+CRS_QUERY = Query(None, description=(
+    "CRS to serve the features in, by URI (OGC API – Features Part 2); default CRS84 "
+    "(lon/lat). Coordinates follow the CRS's axis order: EPSG:4326 and EPSG:4490 lat/lon, the "
+    "CGCS2000 Gauss-Krüger zones (EPSG:4523–4525, 4544–4546) northing/easting. The answer "
+    "names it in the Content-Crs header. 'EPSG:4523' and '[EPSG:4523]' are accepted too."),
+    json_schema_extra={"enum": crs_ref.served_uris()})
+BBOX_CRS_QUERY = Query(None, alias="bbox-crs", description=(
+    "CRS of `bbox`, by URI (default CRS84); the bbox is given in that CRS's axis order, e.g. "
+    "south,west,north,east for EPSG:4326, min northing,min easting,max northing,max easting "
+    "for EPSG:4523."), json_schema_extra={"enum": crs_ref.served_uris()})
+
+
+def _crs_headers(crs: crs_ref.CrsRef) -> dict[str, str]:
+    return {"Content-Crs": f"<{crs.uri}>"}
 
 
 def _check_parameters(request: Request, filter_lang: str | None, filter_crs: str | None) -> None:
@@ -46,10 +66,14 @@ def _check_parameters(request: Request, filter_lang: str | None, filter_crs: str
         raise InvalidParameter(f"filter-crs: only {CRS84} is supported")
 
 
+def _base(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
 def _page_links(request: Request, query: queries.ItemsQuery, returned: int,
                 matched: int) -> list[dict]:
     url = request.url
-    collection = str(request.base_url).rstrip("/") + url.path.removesuffix("/items")
+    collection = _base(request) + url.path.removesuffix("/items")
     links = [{"href": str(url), "rel": "self", "type": GEOJSON},
              {"href": collection, "rel": "collection", "type": "application/json"}]
     if query.offset + returned < matched:
@@ -66,23 +90,29 @@ def _page_links(request: Request, query: queries.ItemsQuery, returned: int,
             response_class=JSONResponse)
 async def items(
     collection_id: str, request: Request, conn: ConnDep, registry: RegistryDep, scope: ScopeDep,
-    bbox: str | None = Query(None, description="west,south,east,north in CRS84"),
+    bbox: str | None = Query(None, description="west,south,east,north in CRS84, or in the "
+                             "axis order of `bbox-crs`"),
     limit: int = Query(10, description=f"1 to {queries.MAX_LIMIT}"),
     offset: int = Query(0, description="features to skip"),
     properties: str | None = Query(None, description="comma-separated fields to publish"),
     sortby: str | None = Query(None, description="comma-separated fields, '-' for descending"),
     filter: str | None = Query(None, description="a CQL2-text filter"),
     filter_lang: str | None = Query(None, alias="filter-lang"),
-    filter_crs: str | None = Query(None, alias="filter-crs"),
+    filter_crs: str | None = Query(None, alias="filter-crs",
+                                   description=f"CRS of the geometries in `filter`: {CRS84}"),
+    bbox_crs: str | None = BBOX_CRS_QUERY,
+    crs: str | None = CRS_QUERY,
 ) -> JSONResponse:
-    layer = queries.vector_layer(visible_layer(scope, registry, collection_id))
+    layer = queries.vector_layer(visible_layer(scope, registry, collection_id), _base(request))
     _check_parameters(request, filter_lang, filter_crs)
+    out_crs = crs_ref.resolve(crs, "crs")
+    box_crs = crs_ref.resolve(bbox_crs, "bbox-crs")
     query = queries.ItemsQuery(
-        bbox=queries.parse_bbox(bbox) if bbox is not None else None,
+        bbox=queries.parse_bbox(bbox, box_crs) if bbox is not None else None,
         limit=limit, offset=offset,
         properties=queries.parse_properties(properties, layer) if properties is not None else None,
         sortby=queries.parse_sortby(sortby, layer) if sortby else (),
-        filter=filter,
+        filter=filter, bbox_crs=box_crs, crs=out_crs,
     )
     page = await queries.feature_page(conn, layer, query, scope)
     body = {
@@ -92,27 +122,29 @@ async def items(
         "numberReturned": len(page.features),
         "links": _page_links(request, query, len(page.features), page.number_matched),
     }
-    return JSONResponse(body, media_type=GEOJSON)
+    return JSONResponse(body, media_type=GEOJSON, headers=_crs_headers(out_crs))
 
 
 @router.get("/collections/{collection_id}/items/{feature_id}", summary="One feature (GeoJSON)",
             response_class=JSONResponse)
 async def item(collection_id: str, feature_id: str, request: Request, conn: ConnDep,
-               registry: RegistryDep, scope: ScopeDep) -> JSONResponse:
-    layer = queries.vector_layer(visible_layer(scope, registry, collection_id))
-    feature = await queries.feature_by_id(conn, layer, feature_id, scope)
-    collection = f"{str(request.base_url).rstrip('/')}/collections/{layer.id}"
+               registry: RegistryDep, scope: ScopeDep,
+               crs: str | None = CRS_QUERY) -> JSONResponse:
+    layer = queries.vector_layer(visible_layer(scope, registry, collection_id), _base(request))
+    out_crs = crs_ref.resolve(crs, "crs")
+    feature = await queries.feature_by_id(conn, layer, feature_id, scope, out_crs)
+    collection = f"{_base(request)}/collections/{layer.id}"
     feature["links"] = [
         {"href": str(request.url), "rel": "self", "type": GEOJSON},
         {"href": collection, "rel": "collection", "type": "application/json"},
     ]
-    return JSONResponse(feature, media_type=GEOJSON)
+    return JSONResponse(feature, media_type=GEOJSON, headers=_crs_headers(out_crs))
 
 
 @router.get("/collections/{collection_id}/queryables", summary="Queryable properties",
             response_class=JSONResponse)
 async def queryables(collection_id: str, request: Request, registry: RegistryDep,
                      scope: ScopeDep) -> JSONResponse:
-    layer = queries.vector_layer(visible_layer(scope, registry, collection_id))
+    layer = queries.vector_layer(visible_layer(scope, registry, collection_id), _base(request))
     schema = {"$id": str(request.url), **queries.queryables(layer)}
     return JSONResponse(schema, media_type="application/schema+json")
