@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from twin.api.deps import ConnDep, RegistryDep, ScopeDep
+from twin.api.deps import ConnDep, RegistryDep, ScopeDep, VersionsDep
 from twin.core import crs_ref
 from twin.core.layer import Layer
 from twin.core.scope import feature_count, visible_layer, visible_layers
@@ -79,9 +79,9 @@ def _raster_links(layer: Layer, base: str) -> list[dict]:
 @router.get("/collections", summary="Every published layer the caller may see; feature "
             "counts within the caller's jurisdiction")
 async def list_collections(request: Request, conn: ConnDep, registry: RegistryDep,
-                           scope: ScopeDep) -> dict:
+                           scope: ScopeDep, versions: VersionsDep) -> dict:
     base = str(request.base_url).rstrip("/")
-    versions = await registry.data_versions(conn)
+    versions = registry.data_versions(versions)
     documents = []
     for layer in visible_layers(scope, registry):
         version = versions.get(layer.id, 0)
@@ -97,8 +97,8 @@ async def list_collections(request: Request, conn: ConnDep, registry: RegistryDe
 
 @router.get("/collections/{collection_id}", summary="One published layer")
 async def get_collection(collection_id: str, request: Request, conn: ConnDep,
-                         registry: RegistryDep, scope: ScopeDep) -> dict:
+                         registry: RegistryDep, scope: ScopeDep, versions: VersionsDep) -> dict:
     layer = visible_layer(scope, registry, collection_id)
-    version = (await registry.data_versions(conn)).get(layer.id, 0)
+    version = registry.data_version(layer.id, versions)
     count = await feature_count(conn, registry, layer, version, scope)
     return collection_document(layer, str(request.base_url).rstrip("/"), count, version)
