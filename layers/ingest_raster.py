@@ -23,7 +23,7 @@ from rio_cogeo.cogeo import cog_translate
 from rio_cogeo.profiles import cog_profiles
 
 from layers.coordinates import check_extent
-from layers.crs import SourceError, choose_crs, describe
+from layers.crs import Datum, SourceError, choose_crs, describe
 from layers.safety import TooLarge, UploadRefused
 from twin.core.datum import coords_to_wgs84
 from twin.core.raster_facts import GDAL_OPTIONS, describe_raster
@@ -55,7 +55,7 @@ def check_raster(path: Path, limits: UploadSettings) -> None:
         raise UploadRefused("file: the raster has no pixels")
 
 
-def to_cog(source: Path, target: Path, declared: CRS | None, datum: str = "wgs84",
+def to_cog(source: Path, target: Path, declared: CRS | None, datum: Datum = Datum.WGS84,
            progress: Callable[[int, str], None] | None = None) -> dict:
     """Write ``target`` as a COG; returns the facts the layer row and the renderer need."""
     progress = progress or (lambda percent, step: None)
@@ -72,7 +72,7 @@ def to_cog(source: Path, target: Path, declared: CRS | None, datum: str = "wgs84
                 raise SourceError("the GeoTIFF has no georeferencing (no geotransform)")
             # Before any pixel moves: a raster placed nowhere on the earth is refused.
             check_extent(tuple(src.bounds), crs)
-        if datum != "wgs84":
+        if datum != Datum.WGS84:
             progress(15, f"moving pixels from {datum.upper()} to WGS84 positions")
             corrected = target.with_suffix(".corrected.tif")
             undo_offset(work, corrected, datum)
@@ -86,7 +86,7 @@ def to_cog(source: Path, target: Path, declared: CRS | None, datum: str = "wgs84
     return describe_raster(target) | {"crs": crs.to_wkt(), "crs_name": describe(crs)}
 
 
-def undo_offset(source: Path, target: Path, datum: str) -> None:
+def undo_offset(source: Path, target: Path, datum: Datum) -> None:
     """Warp a raster whose coordinates carry a GCJ-02/BD-09 offset onto true positions.
 
     The offset is smooth (a few hundred metres, changing over kilometres), so a grid of ground
@@ -129,7 +129,7 @@ def undo_offset(source: Path, target: Path, datum: str) -> None:
                       resampling=Resampling.nearest, SRC_METHOD="GCP_TPS")
 
 
-def offset_gcps(crs, transform, width: int, height: int, datum: str
+def offset_gcps(crs, transform, width: int, height: int, datum: Datum
                 ) -> list[GroundControlPoint]:
     """A grid of GCPs over the raster: pixel corners and the true place of their coordinates."""
     to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
