@@ -10,9 +10,10 @@ import http.client
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, suppress
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -112,21 +113,35 @@ def on_fresh_connections(server: ServerProcess, check) -> set[int]:
     return workers
 
 
-def pinned_connections(server: ServerProcess) -> tuple[Fresh, Fresh]:
-    """Two open connections, each accepted by a different worker process (opened until both
-    workers have one, within PIN_S); the others are closed."""
-    found: dict[int, Fresh] = {}
+def one_per_worker(server: ServerProcess, connect: Callable[[], Any] | None = None
+                   ) -> dict[int, Any]:
+    """A kept-alive connection to each worker process, by its pid: new connections from
+    ``connect()`` (one that has answered a request, so its ``worker`` is known; default a
+    ``Fresh`` that asked for /healthz) until both workers have one, within PIN_S (which
+    worker accepts is the kernel's choice; on a busy machine one can take hundreds in a
+    row). The others are closed."""
+    def fresh() -> Fresh:
+        opened = Fresh(server)
+        opened.get("/healthz")
+        return opened
+
+    connect = connect or fresh
+    found: dict[int, Any] = {}
     deadline = time.monotonic() + PIN_S
     while len(found) < 2:
         assert time.monotonic() < deadline, f"only {set(found)} accepted connections"
-        fresh = Fresh(server)
-        fresh.get("/healthz")
-        if fresh.worker in found:
-            fresh.close()
+        opened = connect()
+        if opened.worker in found:
+            opened.close()
         else:
-            found[fresh.worker] = fresh
+            found[opened.worker] = opened
     assert server.process.pid not in found  # the supervisor accepts nothing itself
-    first, second = found.values()
+    return found
+
+
+def pinned_connections(server: ServerProcess) -> tuple[Fresh, Fresh]:
+    """Two open connections, each to a different worker process."""
+    first, second = one_per_worker(server).values()
     return first, second
 
 

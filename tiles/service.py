@@ -153,9 +153,11 @@ class TileService:
 
     # --- what every tile and listing shares -------------------------------------------
 
-    async def layer_versions(self) -> dict[str, int]:
-        """Every layer's data version, as of a moment after the request arrived."""
-        return self.versions.current() or await self.versions.read()
+    async def layer_versions(self, pushed: bool = True) -> dict[str, int]:
+        """Every layer's data version, as of a moment after the request arrived: pushed to
+        this process (no round trip) unless ``pushed`` is False or the listener is not in
+        sync, else read now (see twin/core/versions.py)."""
+        return (pushed and self.versions.current()) or await self.versions.read(pushed)
 
     async def layers_for(self, layer_ids: tuple[str, ...], scope: Scope,
                          versions: dict[str, int]) -> tuple[LayerRegistry, list[Layer]]:

@@ -36,9 +36,11 @@ async def get_connection(request: Request) -> AsyncIterator[AsyncConnection]:
 
 async def get_versions(request: Request) -> dict[str, int]:
     """Every layer's data version, once per request (FastAPI shares a dependency's answer
-    within a request): pushed to this process, or read now while its listener is down
-    (twin/core/versions.py). Raw: ``LayerRegistry.data_versions`` gives the ones to key by."""
-    return await request.app.state.tiles.layer_versions()
+    within a request), read now: one query shared by concurrent requests, exact for any
+    writer, twin or not. These routes do database work anyway; the tiles, which need not,
+    take the versions pushed to the process (tiles/service.py, twin/core/versions.py).
+    Raw: ``LayerRegistry.data_versions`` gives the ones to key by."""
+    return await request.app.state.tiles.layer_versions(pushed=False)
 
 
 VersionsDep = Annotated[dict[str, int], Depends(get_versions)]

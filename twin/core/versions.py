@@ -20,8 +20,10 @@ Exactness ("a request that starts after a commit sees it") rests on three facts:
   that sends the barrier; a listener names itself only once it LISTENs, so each one named
   receives the barrier, after every notification committed before it.
 
-While the listener is down (a database restart) or not yet in sync, requests read the
-versions per request instead (``DataVersions``: one query shared by concurrent requests,
+Routes that do database work anyway (the listings, features, the style) read the versions
+per request (``read(pushed=False)``): exact for any writer at the cost of one shared query.
+While the listener is down (a database restart) or not yet in sync, tiles read them per
+request too (``DataVersions``: one query shared by concurrent requests,
 sent after they arrived), until it has reconnected and read everything again. While it is
 up, it reads everything again every ``TWIN_TILES_VERSIONS_POLL_S`` seconds (the bounded
 fallback poll: a lost notification, were there one, lives at most that long) and counts as
@@ -208,8 +210,10 @@ class LayerVersions:
         Never mutated in place: a request holding it keeps one consistent set."""
         return self._versions
 
-    async def read(self) -> dict[str, int]:
-        versions = self._versions
+    async def read(self, pushed: bool = True) -> dict[str, int]:
+        """The versions in memory when in sync (and ``pushed``), else read now: a query that
+        concurrent requests share, sent after they arrived, exact for any writer."""
+        versions = self._versions if pushed else None
         return versions if versions is not None else await self._fallback.read()
 
     @property
