@@ -373,21 +373,24 @@ def test_a_killed_servers_table_does_not_stop_the_next_start(engine, database_ur
 
 HALL_CONNECTIONS = 16  # a wall of screens, each loading tiles, all behind one NAT address
 HALL_SECONDS = 5.0
+REQUEST_TIMEOUT_S = 60.0  # a stuck server fails the test instead of hanging it
 CITY = (106.55, 29.56)
 
 
 @contextmanager
-def demo_server(database_url: str) -> Iterator[str]:
+def demo_server(database_url: str, log: Path) -> Iterator[str]:
     """``twin serve`` with the settings ``twin run`` gives it (``demo_access`` over the
-    defaults: anonymous planner, the default rate limits), two workers; its URL."""
+    defaults: anonymous planner, the default rate limits), two workers; its URL. Its log
+    goes to a file: a pipe nobody reads would fill and stop the server mid-request."""
     port = free_port()
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(("TWIN_LIMITS_", "TWIN_AUTH_"))}
     env |= {"TWIN_DATABASE_URL": database_url, "TWIN_PORT": str(port), "TWIN_WORKERS": "2"}
     demo = "from twin.cli import demo_access, serve; from twin.core.settings import " \
            "get_settings; serve(demo_access(get_settings()))"
-    process = subprocess.Popen([sys.executable, "-c", demo], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with log.open("wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", demo], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -399,7 +402,7 @@ def demo_server(database_url: str) -> Iterator[str]:
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                raise RuntimeError(f"the demo server did not start: {process.stderr.read()!r}")
+                raise RuntimeError(f"the demo server did not start: {log.read_text()}")
             time.sleep(0.1)
         yield url
     finally:
@@ -430,13 +433,17 @@ async def hall(port: int, paths: list[str], seconds: float) -> Counter:
 
     async def screen(offset: int) -> None:
         conn = HttpConnection("127.0.0.1", port, "gzip")
+
+        async def get(path: str) -> None:
+            statuses[(await asyncio.wait_for(conn.get(path), REQUEST_TIMEOUT_S))[0]] += 1
+
         try:
             for path in paths:  # warm both workers' caches: every connection asks for each
-                statuses[(await conn.get(path))[0]] += 1
+                await get(path)
             stop = time.monotonic() + seconds
             n = offset
             while time.monotonic() < stop:
-                statuses[(await conn.get(paths[n % len(paths)]))[0]] += 1
+                await get(paths[n % len(paths)])
                 n += 1
         finally:
             await conn.close()
@@ -445,7 +452,11 @@ async def hall(port: int, paths: list[str], seconds: float) -> Counter:
     return statuses
 
 
-def test_the_demo_never_throttles_a_hall_behind_one_address(engine, database_url: str):
-    with demo_server(database_url) as url:
+def test_the_demo_never_throttles_a_hall_behind_one_address(engine, database_url: str,
+                                                           tmp_path: Path):
+    with demo_server(database_url, tmp_path / "demo.log") as url:
         statuses = asyncio.run(hall(int(url.rsplit(":", 1)[1]), city_tiles(), HALL_SECONDS))
-    assert set(statuses) == {200}, statuses
+    assert statuses[429] == 0, statuses
+    # A cold tile may meet a database busy with the other suites' work (503, which says
+    # retry): overload, not throttling. Nothing else.
+    assert statuses[200] > 0 and set(statuses) <= {200, 503}, statuses

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from twin.api.deps import ConnDep, ScopeDep
 from twin.core.models import NETWORKS
+from twin.queries.anomalies import MAX_WINDOW
 from twin.queries.anomalies import pipe_anomalies as find_anomaly_zones
 from twin.queries.pipes import DIRECTIONS, MAX_SEGMENT_ID
 from twin.queries.pipes import pipe_trace as trace_network
@@ -48,7 +49,7 @@ async def pipe_anomalies(
     network: NetworkName = Network,
     since: str | None = Query(None, max_length=INSTANT_MAX_LENGTH,
                               description="start, ISO 8601 with a UTC offset; default 24 "
-                              "hours before until"),
+                              f"hours before until; at most {MAX_WINDOW.days} days before it"),
     until: str | None = Query(None, max_length=INSTANT_MAX_LENGTH,
                               description="end, ISO 8601 with a UTC offset; default the "
                               "network's newest reading"),
