@@ -25,4 +25,4 @@ def headers_of(etag: str) -> dict[str, str]:
 
 def not_modified(etag: str, if_none_match: str | None) -> bool:
     """Whether the client's ``If-None-Match`` names ``etag`` (a list or a single tag)."""
-    return bool(if_none_match) and etag in if_none_match
+    return if_none_match is not None and etag in if_none_match

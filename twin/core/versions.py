@@ -265,7 +265,8 @@ class LayerVersions:
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    self._url, autocommit=True, connect_timeout=self._connect_timeout_s)
+                    self._url, autocommit=True,
+                    connect_timeout=max(1, round(self._connect_timeout_s)))
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     # Named only now: a writer that sees this name knows it LISTENs.
@@ -305,7 +306,7 @@ class LayerVersions:
 
     async def _start_resync(self, conn: psycopg.AsyncConnection) -> None:
         cursor = await conn.execute("SELECT id, data_version FROM layers")
-        snapshot = dict(await cursor.fetchall())
+        snapshot: dict[str, int] = dict(await cursor.fetchall())
         token = secrets.token_hex(8)
         self._resync = _Resync(token, snapshot, time.monotonic() + self._poll_s)
         await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, MARKER + token))
@@ -313,7 +314,8 @@ class LayerVersions:
     def _apply(self, payload: str, acks: list[str]) -> None:
         layer_id, colon, version = payload.rpartition(":")
         if colon:
-            self._versions = _changed(self._versions, layer_id, version)
+            if self._versions is not None:
+                self._versions = _changed(self._versions, layer_id, version)
             if self._resync is not None:
                 self._resync.versions = _changed(self._resync.versions, layer_id, version)
         elif payload.startswith(BARRIER):
@@ -336,11 +338,8 @@ class _OutOfSync(Exception):
     pass
 
 
-def _changed(versions: dict[str, int] | None, layer_id: str,
-             version: str) -> dict[str, int] | None:
+def _changed(versions: dict[str, int], layer_id: str, version: str) -> dict[str, int]:
     """A new dict with one layer's version changed (or the layer gone)."""
-    if versions is None:
-        return None
     changed = {key: value for key, value in versions.items() if key != layer_id}
     if version:
         changed[layer_id] = int(version)
