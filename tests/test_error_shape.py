@@ -16,7 +16,7 @@ import httpx
 import pytest
 from httpx import Client
 
-from tests.conftest import ADMIN
+from tests.servers import ADMIN
 from twin.api.app import create_app
 from twin.core.settings import Settings
 
@@ -129,6 +129,8 @@ def test_every_4xx_of_every_operation_is_declared_as_code_and_description():
         assert "422" not in responses, (method, path)
         if operation.get("parameters") or "requestBody" in operation:
             assert "400" in responses, (method, path)
+        if operation["x-twin-role"] != "public":  # every call with a role is rate-limited
+            assert "Retry-After" in responses["429"]["headers"], (method, path)
         for status, response in responses.items():
             if status.startswith("4"):
                 schema = _error_schema(response)

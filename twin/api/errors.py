@@ -33,6 +33,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
+from twin.api.access import PUBLIC, role_for
 from twin.core.errors import StatementTimeout, TwinError
 
 log = logging.getLogger("twin.api")
@@ -213,6 +214,12 @@ INVALID = {"description": "a parameter or the body is missing, malformed or outs
            "content": ERROR_CONTENT}
 NO_SUCH = {"description": "nothing with that id, or outside the caller's jurisdiction "
                           "(NotFound)", "content": ERROR_CONTENT}
+RATE_LIMITED = {"description": "over the caller's rate limit (RateLimited): retry after "
+                               "Retry-After seconds (TWIN_LIMITS_RATE_PER_S, TWIN_LIMITS_BURST)",
+                "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}},
+                "content": ERROR_CONTENT}
+TOO_LARGE = {"description": "the body is over its size limit (TWIN_LIMITS_MAX_BODY_BYTES)",
+             "content": ERROR_CONTENT}
 FASTAPI_VALIDATION = ("HTTPValidationError", "ValidationError")
 
 
@@ -221,20 +228,29 @@ def describe_error_responses(document: dict) -> dict:
     ``HTTPValidationError`` (which twin never sends) becomes the 400 it does send."""
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     schemas[ERROR_SCHEMA_NAME] = ERROR_SCHEMA
-    for operation in (op for ops in document.get("paths", {}).values() for op in ops.values()):
-        responses = operation.setdefault("responses", {})
-        parameters = operation.get("parameters", [])
-        if responses.pop("422", None) is not None or parameters or "requestBody" in operation:
-            responses.setdefault("400", INVALID)
-        if any(parameter["in"] == "path" for parameter in parameters):
-            responses.setdefault("404", NO_SUCH)
-        for status, response in responses.items():
-            if status.startswith("4") and "content" not in response:
-                response["content"] = ERROR_CONTENT
+    for path, operations in document.get("paths", {}).items():
+        for method, operation in operations.items():
+            _describe_operation_errors(operation, role_for(method.upper(), path) != PUBLIC)
     for name in FASTAPI_VALIDATION:  # in order: the first refers to the second
         if f"#/components/schemas/{name}" not in json.dumps(document):
             schemas.pop(name, None)
     return document
+
+
+def _describe_operation_errors(operation: dict, limited: bool) -> None:
+    responses = operation.setdefault("responses", {})
+    parameters = operation.get("parameters", [])
+    if responses.pop("422", None) is not None or parameters or "requestBody" in operation:
+        responses.setdefault("400", INVALID)
+    if any(parameter["in"] == "path" for parameter in parameters):
+        responses.setdefault("404", NO_SUCH)
+    if "requestBody" in operation:
+        responses.setdefault("413", TOO_LARGE)
+    if limited:  # the access guard charges every call but the public ones (access.enforce)
+        responses.setdefault("429", RATE_LIMITED)
+    for status, response in responses.items():
+        if status.startswith("4") and "content" not in response:
+            response["content"] = ERROR_CONTENT
 
 
 def install_error_handlers(app: FastAPI) -> None:
