@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from tests.conftest import ADMIN, LiveServer, sibling_database
+from tests.servers import ADMIN, LiveServer, sibling_database
 from twin.audit import PRUNE_LOCK, prune
 from twin.core.settings import AuditSettings, AuthSettings, Settings
 

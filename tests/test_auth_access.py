@@ -14,7 +14,7 @@ import pytest
 from fastapi.routing import iter_route_contexts
 from sqlalchemy import Engine
 
-from tests.conftest import EDITOR, LiveServer
+from tests.servers import EDITOR, LiveServer
 from twin.api import access
 from twin.api.app import create_app
 from twin.core.principal import ROLES

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import Engine, text
 
-from tests.conftest import ADMIN, EDITOR, LiveServer
+from tests.servers import ADMIN, EDITOR, LiveServer
 from twin.core.settings import AuthSettings, CorsSettings, LimitsSettings, Settings, UploadSettings
 
 LOCATE = "/query/locate?lon=106.55&lat=29.56"

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from sqlalchemy import Engine, text
 
-from tests.conftest import ADMIN, LiveServer
+from tests.servers import ADMIN, LiveServer
 from twin import cli
 from twin.core.errors import InvalidParameter, NotFound
 from twin.core.settings import AuthSettings, Settings

@@ -5,20 +5,10 @@ from __future__ import annotations
 import time
 
 import httpx
-import pytest
 
-from tests.conftest import LiveServer, free_port
+from tests.servers import LiveServer
 from twin.core.cluster import ManagedCluster
-from twin.core.settings import DatabaseSettings, Settings
-
-
-@pytest.fixture()
-def own_cluster(tmp_path) -> ManagedCluster:
-    """A cluster of this test's own, so stopping it does not disturb the rest of the suite."""
-    settings = Settings(home=tmp_path / "home", db=DatabaseSettings(port=free_port()))
-    cluster = ManagedCluster(settings)
-    yield cluster
-    cluster.down()
+from twin.core.settings import Settings
 
 
 def wait_for_status(client: httpx.Client, status: int, timeout_s: float = 15.0) -> httpx.Response:

@@ -21,7 +21,7 @@ from httpx import Client
 from pyproj import CRS, Transformer
 from sqlalchemy import Engine, text
 
-from tests.conftest import ServerProcess
+from tests.servers import ServerProcess
 
 CRS84 = "http://www.opengis.net/def/crs/OGC/1.3/CRS84"
 EPSG = "http://www.opengis.net/def/crs/EPSG/0/"

@@ -14,7 +14,7 @@ from httpx import Client
 from pyproj import Geod, Transformer
 from sqlalchemy import Engine, text
 
-from tests.test_reach import assert_summary_matches_polygon
+from tests.oracles import assert_summary_matches_polygon
 
 GEOD = Geod(ellps="WGS84")
 CIRCLE_TOL_M = 0.01

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine, text
 
-from tests.conftest import EDITOR, LiveServer
-from tests.test_uploads_support import geojson_points, wait
+from tests.servers import EDITOR, LiveServer
+from tests.uploads import geojson_points, wait
 from twin.core.settings import Settings, UploadSettings
 
 TIGHT_S = 0.1

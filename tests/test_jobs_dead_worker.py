@@ -38,9 +38,9 @@ from layers.job_liveness import (
 )
 from layers.jobs import create_job, start_runner
 from layers.versions import job_dir, version_dir
-from tests.conftest import EDITOR, ServerProcess, sibling_database
-from tests.test_uploads_support import points_csv, poll_job
+from tests.servers import EDITOR, ServerProcess, sibling_database
 from tests.test_workers import descendants, owner, socket_inode
+from tests.uploads import points_csv, poll_job
 from twin.core.db import async_engine
 from twin.core.settings import Settings, UploadSettings
 

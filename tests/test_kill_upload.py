@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
-from tests.conftest import ServerProcess, sibling_database
-from tests.test_uploads_support import points_csv, poll_job
+from tests.servers import ServerProcess, sibling_database
+from tests.uploads import points_csv, poll_job
 
 KEY = "kill-upload-editor-key-0123456789"
 EDITOR = {"Authorization": f"Bearer {KEY}"}

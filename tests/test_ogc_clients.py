@@ -21,7 +21,7 @@ from owslib.ogcapi.features import Features
 from pyproj import CRS
 from sqlalchemy import Engine, text
 
-from tests.conftest import ServerProcess
+from tests.servers import ServerProcess
 
 
 def stored(engine: Engine, sql: str, **params) -> pd.DataFrame:

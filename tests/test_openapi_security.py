@@ -18,7 +18,7 @@ import schemathesis
 from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
 from sqlalchemy import Engine
 
-from tests.conftest import LiveServer
+from tests.servers import LiveServer
 from twin.api.access import RULES
 from twin.core.principal import ROLES
 from twin.core.settings import AuthSettings, Settings

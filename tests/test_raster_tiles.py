@@ -16,8 +16,7 @@ from rasterio.io import MemoryFile
 from rio_cogeo.cogeo import cog_validate
 from sqlalchemy import text
 
-from tests import test_uploads_support as support
-from tests.test_uploads_support import (
+from tests.uploads import (
     dem_values,
     geotiff,
     upload_ok,
@@ -25,7 +24,6 @@ from tests.test_uploads_support import (
 from tiles.terrain import decode, encode_mapbox, encode_terrarium
 
 # The upload server and its client (fixtures shared by the upload tests).
-api, upload_server, uploads_dir = support.api, support.upload_server, support.uploads_dir
 
 
 TMS = morecantile.tms.get("WebMercatorQuad")

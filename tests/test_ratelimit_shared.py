@@ -32,7 +32,7 @@ import morecantile
 import pytest
 
 from benchmarks.bare_http import HttpConnection
-from tests.conftest import ServerProcess, free_port
+from tests.servers import ServerProcess, free_port
 from tests.test_workers import descendants, owner, socket_inode
 from twin import ratelimit
 from twin.core.settings import Settings

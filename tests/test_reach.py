@@ -19,18 +19,16 @@ import pandas as pd
 import pytest
 import shapely
 from httpx import Client
-from pyproj import Geod, Transformer
+from pyproj import Transformer
 from shapely.ops import substring
 from sqlalchemy import Engine, text
 
 from tests import oracles
-from tests.oracles import drive_graph
+from tests.oracles import EDGE_TOL_DEG, GEOD, assert_summary_matches_polygon, drive_graph
 from twin.queries.reach import MAX_REACH_MINUTES, ROADSIDE_M
 from twin.queries.routing import SNAP_SPEED_KMH
 
-GEOD = Geod(ellps="WGS84")
 SPEED = SNAP_SPEED_KMH / 3.6
-EDGE_TOL_DEG = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -122,45 +120,6 @@ def oracle_area(lon, lat, minutes, graph, nodes, edges):
         lines = to_metres(shapely.GeometryCollection(stretches), to_m)
         pieces.append(lines.buffer(ROADSIDE_M, quad_segs=2))
     return reached, shapely.union_all(pieces), to_m
-
-
-def in_polygon(polygon, geoms: gpd.GeoSeries) -> tuple[np.ndarray, np.ndarray]:
-    """(surely inside, within EDGE_TOL_DEG of the edge) for each geometry (intersects)."""
-    near = shapely.distance(geoms.to_numpy(), polygon.boundary) < EDGE_TOL_DEG
-    inside = shapely.intersects(geoms.to_numpy(), polygon)
-    return inside & ~near, near
-
-
-def assert_count(got: int, sure: np.ndarray, near: np.ndarray, label) -> None:
-    assert sure.sum() <= got <= sure.sum() + near.sum(), (label, got, sure.sum(), near.sum())
-
-
-def assert_summary_matches_polygon(summary: dict, polygon, contents) -> None:
-    risk = contents["risk_points"]
-    sure, near = in_polygon(polygon, risk.geometry)
-    assert_count(summary["risk_points"]["total"], sure, near, "risk total")
-    for sector, got in summary["risk_points"]["by_sector"].items():
-        mask = (risk["sector_code"] == sector).to_numpy()
-        assert_count(got, sure & mask, near & mask, sector)
-    assert set(summary["risk_points"]["by_sector"]) == set(risk["sector_code"])
-    for level, got in summary["risk_points"]["by_level"].items():
-        mask = (risk["level"] == int(level)).to_numpy()
-        assert_count(got, sure & mask, near & mask, f"level {level}")
-    hazards = contents["hazard_sources"]
-    sure, near = in_polygon(polygon, hazards.geometry)
-    assert_count(summary["hazard_sources"]["total"], sure, near, "hazards")
-    for kind in set(hazards["kind"]):
-        mask = (hazards["kind"] == kind).to_numpy()
-        assert_count(summary["hazard_sources"]["by_kind"].get(kind, 0), sure & mask,
-                     near & mask, kind)
-    buildings = contents["buildings"]
-    sure, near = in_polygon(polygon, buildings.geometry)
-    assert_count(summary["buildings"]["total"], sure, near, "buildings")
-    if not near.any():
-        floor_m2 = sum(abs(GEOD.geometry_area_perimeter(geom)[0]) * floors
-                       for geom, floors in zip(buildings.geometry[sure],
-                                               buildings["floors"][sure], strict=True))
-        assert summary["buildings"]["floor_area_m2"] == pytest.approx(floor_m2, rel=1e-4, abs=1)
 
 
 @pytest.mark.parametrize("minutes", [5, 30])

@@ -19,8 +19,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 
 from data_samples.load import load_sample
-from tests.conftest import LiveServer
-from tests.test_cluster import own_cluster  # noqa: F401  (a fixture: a throwaway cluster)
+from tests.servers import LiveServer
 from twin.core.cluster import ManagedCluster
 from twin.core.db import async_engine
 from twin.core.settings import AuthSettings, DatabaseSettings, Settings

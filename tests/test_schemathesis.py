@@ -22,7 +22,7 @@ from sqlalchemy import create_engine
 
 from data_samples.load import load_sample
 from layers.builtin import BUILTIN_LAYERS
-from tests.conftest import ADMIN, LiveServer, sibling_database
+from tests.servers import ADMIN, LiveServer, sibling_database
 from twin.api.app import create_app
 from twin.core.settings import Settings, UploadSettings
 

@@ -25,7 +25,7 @@ from httpx import Client
 from pyproj import Geod
 from sqlalchemy import Engine
 
-from tests.conftest import LiveServer
+from tests.servers import LiveServer
 from twin.core.principal import CITY, Scope, parse_scope
 from twin.core.settings import AuthSettings, Settings, UploadSettings
 

@@ -20,9 +20,9 @@ from rasterio.io import MemoryFile
 from sqlalchemy import Engine
 
 from layers.builtin import BUILTIN_LAYERS
-from tests.conftest import EDITOR as CITY_EDITOR
-from tests.conftest import LiveServer
-from tests.test_uploads_support import dem_values, geotiff
+from tests.servers import EDITOR as CITY_EDITOR
+from tests.servers import LiveServer
+from tests.uploads import dem_values, geotiff
 from twin.core.settings import AuthSettings, Settings, UploadSettings
 
 DISTRICT, STREET, OTHER_DISTRICT = "500112", "500112002", "500103"

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from sqlalchemy import Engine, text
 
-from tests.conftest import LiveServer
-from tests.test_uploads_support import geojson_points
+from tests.servers import LiveServer
+from tests.uploads import geojson_points
 from twin.core.settings import AuthSettings, Settings, UploadSettings
 
 DISTRICT, STREET, OTHER = "500112", "500112002", "500103"

@@ -15,7 +15,7 @@ import pytest
 from httpx import Client
 from sqlalchemy import Engine, text
 
-from tests.conftest import EDITOR, LiveServer
+from tests.servers import EDITOR, LiveServer
 
 MARK = timedelta(microseconds=123_457)
 

@@ -20,7 +20,7 @@ import pytest
 import shapely
 from sqlalchemy import Engine
 
-from tests.conftest import LiveServer
+from tests.servers import LiveServer
 from tiles.cache import tile_key
 from tiles.filters import TileFilters
 from tiles.points import CLUSTER_CELL

@@ -8,11 +8,10 @@ import re
 
 import pytest
 
-from tests import test_uploads_support as support
-from tests.test_uploads_support import EDITOR, minimal_glb, post_layer
+from tests import uploads as support
+from tests.uploads import EDITOR, minimal_glb, post_layer
 
 # The upload server and its client (fixtures shared by the upload tests).
-api, upload_server, uploads_dir = support.api, support.upload_server, support.uploads_dir
 
 ANCHOR = {"lon": "106.5", "lat": "29.5"}
 

@@ -9,11 +9,9 @@ from sqlalchemy import Engine, text
 
 from layers.crs import Datum
 from layers.plan import JobPlan
-from tests import test_uploads_support as support
-from tests.test_uploads_support import PLACES, post_layer, wait
+from tests.uploads import PLACES, post_layer, wait
 
 # The upload server and its client (fixtures shared by the upload tests).
-api, upload_server, uploads_dir = support.api, support.upload_server, support.uploads_dir
 
 
 def keys(value) -> set[str]:

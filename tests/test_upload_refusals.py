@@ -19,8 +19,8 @@ import shapely
 from pyproj import CRS, Transformer
 from rasterio.transform import from_origin
 
-from tests import test_uploads_support as support
-from tests.test_uploads_support import (
+from tests import uploads as support
+from tests.uploads import (
     NAMES_ZH,
     PLACES,
     geotiff,
@@ -30,7 +30,6 @@ from tests.test_uploads_support import (
 )
 
 # The upload server and its client (fixtures shared by the upload tests).
-api, upload_server, uploads_dir = support.api, support.upload_server, support.uploads_dir
 
 INTERNAL = "internal error"
 

@@ -20,8 +20,8 @@ import rasterio
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_origin
 
-from tests import test_uploads_support as support
-from tests.test_uploads_support import (
+from tests import uploads as support
+from tests.uploads import (
     geojson_points,
     geotiff,
     minimal_glb,
@@ -31,7 +31,6 @@ from tests.test_uploads_support import (
 )
 
 # The upload server and its client (fixtures shared by the upload tests).
-api, upload_server, uploads_dir = support.api, support.upload_server, support.uploads_dir
 
 
 SHP_PARTS = {"a.shp": b"\x00" * 100, "a.shx": b"\x00" * 100, "a.dbf": b"\x00" * 33}

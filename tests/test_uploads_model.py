@@ -9,14 +9,12 @@ import eviltransform
 import pytest
 from pyproj import Geod
 
-from tests import test_uploads_support as support
-from tests.test_uploads_support import (
+from tests.uploads import (
     minimal_glb,
     upload_ok,
 )
 
 # The upload server and its client (fixtures shared by the upload tests).
-api, upload_server, uploads_dir = support.api, support.upload_server, support.uploads_dir
 
 
 GEOD = Geod(ellps="WGS84")

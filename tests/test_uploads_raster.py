@@ -14,11 +14,9 @@ import rasterio
 from rasterio.transform import from_origin
 from sqlalchemy import Engine, text
 
-from tests import test_uploads_support as support
-from tests.test_uploads_support import geotiff, upload_ok
+from tests.uploads import geotiff, upload_ok
 
 # The upload server and its client (fixtures shared by the upload tests).
-api, upload_server, uploads_dir = support.api, support.upload_server, support.uploads_dir
 
 CELL = 0.0002  # degrees, about 20 m: the GCJ-02 offset in Chongqing is ~25 cells
 ORIGIN = (106.52, 29.60)

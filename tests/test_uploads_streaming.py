@@ -16,11 +16,9 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests import test_uploads_support as support
-from tests.test_uploads_support import EDITOR, LIMITS, geojson_points, wait
+from tests.uploads import EDITOR, LIMITS, geojson_points, wait
 
 # The upload server and its client (fixtures shared by the upload tests).
-api, upload_server, uploads_dir = support.api, support.upload_server, support.uploads_dir
 
 BOUNDARY = "twin-test-boundary-7c1f"
 CHUNK = 64 * 1024

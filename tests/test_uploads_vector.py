@@ -16,8 +16,7 @@ import pytest
 import shapely
 from pyproj import Geod, Transformer
 
-from tests import test_uploads_support as support
-from tests.test_uploads_support import (
+from tests.uploads import (
     EDITOR,
     NAMES_ZH,
     PLACES,
@@ -30,7 +29,6 @@ from tests.test_uploads_support import (
 )
 
 # The upload server and its client (fixtures shared by the upload tests).
-api, upload_server, uploads_dir = support.api, support.upload_server, support.uploads_dir
 
 
 GEOD = Geod(ellps="WGS84")

@@ -19,8 +19,7 @@ from layers.intake import prepare, stored_name
 from layers.job_liveness import recover_interrupted
 from layers.plan import FORM_FIELDS, UploadForm
 from layers.versions import job_dir
-from tests import test_uploads_support as support
-from tests.test_uploads_support import (
+from tests.uploads import (
     EDITOR,
     LIMITS,
     PLACES,
@@ -32,7 +31,6 @@ from tests.test_uploads_support import (
 )
 
 # The upload server and its client (fixtures shared by the upload tests).
-api, upload_server, uploads_dir = support.api, support.upload_server, support.uploads_dir
 
 
 TMS = morecantile.tms.get("WebMercatorQuad")

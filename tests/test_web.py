@@ -31,8 +31,8 @@ from shapely.geometry import Point, shape
 from sqlalchemy import Engine, text
 
 from data_samples.generate import ANOMALY_TRUTH
-from tests.conftest import LiveServer
-from tests.test_uploads_support import minimal_glb
+from tests.servers import LiveServer
+from tests.uploads import minimal_glb
 from twin.core.settings import AuthSettings, Settings, UploadSettings
 
 playwright_api = pytest.importorskip("playwright.sync_api")

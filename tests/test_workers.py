@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.servers import ServerProcess
 
 KEY = "workers-test-editor-key-0123456789"
 EDITOR = {"Authorization": f"Bearer {KEY}"}

@@ -1,5 +1,6 @@
-"""Shared pieces of the upload tests: a server with keys and tight limits, fixture files made
-by code, and helpers to upload and wait. (No tests here; the test_uploads_* modules use it.)"""
+"""Shared pieces of the upload tests: the upload server's keys and tight limits, fixture files
+made by code, and helpers to upload and wait. The upload server itself is a fixture of
+conftest.py (``upload_server``, ``api``)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,13 @@ import json
 import struct
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 import rasterio
 from rasterio.transform import from_origin
-from sqlalchemy import Engine
 
-from tests.conftest import LiveServer
 from twin.core.settings import AuthSettings, Settings, UploadSettings
 
 EDITOR_KEY = "test-editor-key-0123456789"
@@ -38,23 +35,6 @@ def upload_settings(database_url: str, uploads_dir: Path) -> Settings:
     limits = LIMITS.model_copy(update={"dir": uploads_dir})
     keys = {EDITOR_KEY: "gis-editor:alice", VIEWER_KEY: "viewer"}
     return Settings(database_url=database_url, uploads=limits, auth=AuthSettings(keys=keys))
-
-
-@pytest.fixture(scope="session")
-def uploads_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("uploads")
-
-
-@pytest.fixture(scope="session")
-def upload_server(engine: Engine, database_url: str, uploads_dir: Path) -> Iterator[LiveServer]:
-    with LiveServer(upload_settings(database_url, uploads_dir)) as live:
-        yield live
-
-
-@pytest.fixture()
-def api(upload_server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=upload_server.url, timeout=60) as client:
-        yield client
 
 
 def post_layer(api: httpx.Client, name: str, content: bytes, **data) -> httpx.Response:
