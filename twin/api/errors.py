@@ -137,7 +137,9 @@ def _descriptions(request: Request) -> dict[tuple[str, str], str]:
     dependant = getattr(request.scope.get("route"), "dependant", None)
     if dependant is None:
         return {}
-    return {(field.field_info.in_.value, field.alias): field.field_info.description
+    # Flat params are fastapi.params.Param, which know where they are (``in_``).
+    return {(field.field_info.in_.value, field.alias):  # type: ignore[attr-defined]
+            field.field_info.description
             for field in get_flat_params(dependant) if field.field_info.description}
 
 
@@ -194,7 +196,7 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
         allowed = (exc.headers or {}).get("Allow", "")
         detail = f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}"
     return _problem(status, phrase.title().replace(" ", "").replace("-", ""), detail,
-                    exc.headers)
+                    dict(exc.headers) if exc.headers else None)
 
 
 # --- the OpenAPI document -----------------------------------------------------------------------

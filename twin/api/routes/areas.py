@@ -8,8 +8,7 @@ from fastapi import APIRouter, Body, Query
 from fastapi.responses import JSONResponse
 
 from twin.api.deps import ConnDep, ScopeDep
-from twin.api.routes.queries import Lat, Lon
-from twin.core.models import TEAM_TYPES
+from twin.api.routes.queries import Lat, Lon, TeamType
 from twin.queries.coverage import DEFAULT_LIMIT as COVERAGE_LIMIT
 from twin.queries.coverage import MAX_LIMIT as COVERAGE_MAX_LIMIT
 from twin.queries.coverage import coverage as uncovered_points
@@ -29,6 +28,9 @@ from twin.queries.routing import MAX_MINUTES
 router = APIRouter(tags=["queries"])
 
 # Bounds: the query modules' constants (see twin/api/routes/queries.py).
+ReachMode = Literal[REACH_MODES]  # type: ignore[valid-type]
+ReachModeQuery = Query("road", description="'road' (the only mode)")
+TeamTypeQuery = Query(..., description="team type")
 Limit = Query(DEFAULT_FEATURE_LIMIT, ge=0, le=MAX_FEATURE_LIMIT,
               description=f"features of each kind returned, 0 to {MAX_FEATURE_LIMIT}; the "
               "summary always counts all")
@@ -49,7 +51,7 @@ async def reach(
     minutes: float = Query(..., gt=0, le=MAX_REACH_MINUTES, allow_inf_nan=False,
                            description="travel time budget, minutes in "
                            f"(0, {MAX_REACH_MINUTES}]"),
-    mode: Literal[REACH_MODES] = Query("road", description="'road' (the only mode)"),
+    mode: ReachMode = ReachModeQuery,
 ) -> JSONResponse:
     return _geojson(await reach_area(conn, lon, lat, minutes, mode, scope))
 
@@ -80,7 +82,7 @@ async def impact_area(
             "by road, counted by district and level (GeoJSON)", response_class=JSONResponse)
 async def coverage(
     conn: ConnDep, scope: ScopeDep,
-    team_type: Literal[TEAM_TYPES] = Query(..., description="team type"),
+    team_type: TeamType = TeamTypeQuery,
     minutes: float = Query(..., gt=0, le=MAX_MINUTES, allow_inf_nan=False,
                            description=f"travel time budget, minutes in (0, {MAX_MINUTES}]"),
     limit: int = Query(COVERAGE_LIMIT, ge=0, le=COVERAGE_MAX_LIMIT,

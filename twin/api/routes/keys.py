@@ -14,6 +14,8 @@ from twin.core.principal import ROLES
 router = APIRouter(tags=["admin"])
 
 
+# The roles as a Literal built from the domain's tuple (mypy cannot read it, hence the ignore).
+Role = Literal[ROLES]  # type: ignore[valid-type]
 # A street scope may list every street of the city (~1,031 codes of 9 digits).
 SCOPE_MAX_LENGTH = 16_384
 
@@ -22,7 +24,7 @@ class NewKey(BaseModel):
     # apikeys checks the name further (printable, not all digits) with the same bound.
     name: str = Field(min_length=1, max_length=apikeys.NAME_MAX,
                       description="who holds the key (shown as 'uploaded by' and in the audit)")
-    role: Literal[ROLES] = Field(description="what the key may call")
+    role: Role = Field(description="what the key may call")
     scope: str = Field("city", max_length=SCOPE_MAX_LENGTH,
                        description="city | district=<adcodes> | street=<codes>")
 

@@ -18,8 +18,9 @@ router = APIRouter(tags=["pipes"])
 
 # Bounds: the query modules' constants (see twin/api/routes/queries.py).
 Network = Query(description="pipe network")
-NetworkName = Literal[NETWORKS]
-Direction = Literal[DIRECTIONS]
+# Literals from the domain's tuples (see twin/api/routes/queries.py).
+NetworkName = Literal[NETWORKS]  # type: ignore[valid-type]
+Direction = Literal[DIRECTIONS]  # type: ignore[valid-type]
 DirectionQuery = Query("downstream", description="'downstream' (with the flow) or 'upstream' "
                        "(against it); drainage only, water and gas are traced both ways up "
                        "to the valves")

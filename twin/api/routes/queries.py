@@ -35,9 +35,11 @@ Lon = Query(ge=-180, le=180, allow_inf_nan=False,
 Lat = Query(ge=-90, le=90, allow_inf_nan=False,
             description="latitude, WGS84 degrees in [-90, 90]")
 K = Query(5, ge=1, le=MAX_K, description=f"how many nearest teams, 1 to {MAX_K}")
-TeamType = Literal[TEAM_TYPES]
+# Enums as Literals built from the domain's tuples (one list of values; mypy cannot read a
+# Literal built from a tuple, hence the ignores).
+TeamType = Literal[TEAM_TYPES]  # type: ignore[valid-type]
 TypeQuery = Query(None, description="team type; every type when absent")
-Mode = Literal[MODES]
+Mode = Literal[MODES]  # type: ignore[valid-type]
 ModeQuery = Query("distance", description="'distance' (geodesic metres) or 'road' (travel "
                   "time over the road graph)")
 # Comma-separated lists are parsed (and their items checked) by the query; the length
