@@ -256,6 +256,28 @@ def ceiling_server(paths: Sequence[str], twin_base: str, workers: int, workdir: 
     return serving("ceiling", argv, env, paths[0], ROOT)
 
 
+def server_cpu_s(base: str) -> float:
+    """CPU seconds used so far by every process of the server at ``base`` (those holding its
+    listening socket, read from /proc): a cost per request that does not depend on whether
+    the client or the server sets the pace."""
+    port = int(base.rsplit(":", 1)[1])
+    inodes = {fields[9] for fields in (line.split() for line in
+                                        Path("/proc/net/tcp").read_text().splitlines()[1:])
+              if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A"}
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            held = {os.readlink(fd) for fd in (proc / "fd").iterdir()}
+            if any(f"socket:[{inode}]" in held for inode in inodes):
+                stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:  # gone, or not ours to read
+            continue
+    return total
+
+
 def merged(results: Sequence[LoadResult]) -> LoadResult:
     return LoadResult(sum(r.requests for r in results), sum(r.seconds for r in results),
                       [x for r in results for x in r.latencies],
@@ -285,7 +307,7 @@ async def one_pass(connections: Sequence[HttpConnection], paths: Sequence[str]) 
 
 
 async def alternate(bases: Sequence[str], paths: Sequence[str], concurrency: int,
-                    passes: int) -> dict[str, LoadResult]:
+                    passes: int) -> dict[str, tuple[LoadResult, float]]:
     """``concurrency`` connections to each server, opened once and kept: primed through,
     then measured through, the servers' passes alternating (a burst of other work on the
     machine falls on both alike). Kept, because each worker has its own cache and the kernel
@@ -301,10 +323,13 @@ async def alternate(bases: Sequence[str], paths: Sequence[str], concurrency: int
             for _ in range(PRIMING_PASSES):
                 await one_pass(connections[base], paths)
         runs: dict[str, list[LoadResult]] = {base: [] for base in bases}
+        cpu = dict.fromkeys(bases, 0.0)
         for _ in range(passes):
             for base in bases:
+                before = server_cpu_s(base)
                 runs[base].append(await one_pass(connections[base], paths))
-        return {base: merged(results) for base, results in runs.items()}
+                cpu[base] += server_cpu_s(base) - before
+        return {base: (merged(results), cpu[base]) for base, results in runs.items()}
     finally:
         for held in connections.values():
             for connection in held:
@@ -319,7 +344,9 @@ def warm_against_ceiling(url: str, tiles: Sequence[morecantile.Tile], concurrenc
         load(twin, paths, concurrency, 1, False)  # every tile built once, for the ceiling
         with ceiling_server(paths, twin, workers, Path(workdir)) as ceiling:
             results = uvloop.run(alternate([ceiling, twin], paths, concurrency, passes))
-    twin_result, ceiling_result = results[twin], results[ceiling]
+    (twin_result, twin_cpu), (ceiling_result, ceiling_cpu) = results[twin], results[ceiling]
+    twin_us, ceiling_us = (1e6 * cpu / result.requests for cpu, result in
+                           ((twin_cpu, twin_result), (ceiling_cpu, ceiling_result)))
     share = twin_result.rate / ceiling_result.rate
     print(f"\nwarm path against the framework's ceiling ({workers} worker(s), "
           f"{concurrency} connections)\n" + HEADER)
@@ -330,7 +357,12 @@ def warm_against_ceiling(url: str, tiles: Sequence[morecantile.Tile], concurrenc
           f"{'met' if share >= WARM_TARGET_SHARE else 'MISSED'}); twin p99 {p99:.1f} ms "
           f"(target <= {WARM_TARGET_P99_MS:g} ms: "
           f"{'met' if p99 <= WARM_TARGET_P99_MS else 'MISSED'})")
+    # The client shares the machine: when it, not the servers, sets the pace, the requests/s
+    # of both come close; the servers' CPU per request still tells them apart.
+    print(f"  server CPU per request: twin {twin_us:.0f} us, ceiling {ceiling_us:.0f} us "
+          f"(ceiling/twin = {ceiling_us / twin_us:.0%})")
     return {"twin_rps": twin_result.rate, "ceiling_rps": ceiling_result.rate,
+            "twin_cpu_us_per_request": twin_us, "ceiling_cpu_us_per_request": ceiling_us,
             "share": share, "twin_p99_ms": p99,
             "ceiling_p99_ms": ceiling_result.percentile(99)}
 
