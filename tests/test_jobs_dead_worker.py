@@ -39,8 +39,8 @@ from layers.job_liveness import (
 from layers.jobs import create_job, start_runner
 from layers.versions import job_dir, version_dir
 from tests.servers import EDITOR, ServerProcess, sibling_database
-from tests.test_workers import descendants, owner, socket_inode
 from tests.uploads import points_csv, poll_job
+from tests.workers import descendants, one_per_worker, owner, socket_inode
 from twin.core.db import async_engine
 from twin.core.settings import Settings, UploadSettings
 
@@ -188,19 +188,15 @@ def test_a_killed_worker_s_jobs_fail_and_retries_succeed(two_workers: ServerProc
 
 
 def one_pinned_to_each_worker(server: ServerProcess) -> dict[int, Pinned]:
-    """A kept-alive connection to each worker process (new connections until both have
-    answered: which one accepts is the kernel's choice)."""
-    pinned: dict[int, Pinned] = {}
-    for _ in range(400):
+    """A kept-alive connection to each worker process (tests/workers.py: new connections
+    until both have answered, bounded in time, since which one accepts is the kernel's choice
+    and on a busy machine one worker can take hundreds in a row)."""
+    def answered() -> Pinned:
         fresh = Pinned(server)
         assert fresh.send(httpx.Request("GET", f"{server.url}/healthz"))[0] == 200
-        if fresh.worker in pinned:
-            fresh.close()
-        else:
-            pinned[fresh.worker] = fresh
-        if len(pinned) == 2:
-            return pinned
-    raise AssertionError("one worker answered 400 new connections")
+        return fresh
+
+    return one_per_worker(server, answered)
 
 
 def test_a_live_sibling_s_job_is_never_failed(two_workers: ServerProcess, own_db,

@@ -33,7 +33,7 @@ import pytest
 
 from benchmarks.bare_http import HttpConnection
 from tests.servers import ServerProcess, free_port
-from tests.test_workers import descendants, owner, socket_inode
+from tests.workers import descendants, owner, socket_inode
 from twin import ratelimit
 from twin.core.settings import Settings
 from twin.ratelimit import SharedTokenBuckets, TokenBuckets

@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from tests.servers import ServerProcess
-from tests.test_workers import EDITOR, KEY, Fresh, pinned_connections, points_csv, wait_for_job
+from tests.workers import EDITOR, KEY, Fresh, pinned_connections, points_csv, wait_for_job
 from tiles.vector import BUFFER, EXTENT
 from twin.core.db import async_engine
 from twin.core.settings import Settings
