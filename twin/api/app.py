@@ -40,10 +40,12 @@ log = logging.getLogger("twin.api")
 def mount_web_assets(app: FastAPI) -> None:
     """The built web map's bundles (web/dist/assets) under /assets; index.html is served at /.
 
-    check_dir=False: a checkout without a build still starts and serves the API.
+    check_dir=False: a checkout without a build still starts and serves the API; its /assets
+    paths are then 404 (a mount on a missing folder would answer 500).
     """
     assets = landing.WEB_ROOT / "dist" / "assets"
-    app.mount("/assets", StaticFiles(directory=assets, check_dir=False), name="web-assets")
+    if assets.is_dir():
+        app.mount("/assets", StaticFiles(directory=assets, check_dir=False), name="web-assets")
 
 
 def install_middleware(app: FastAPI, settings: Settings) -> None:
