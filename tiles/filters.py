@@ -133,7 +133,8 @@ def filter_sql(filters: TileFilters, layer: Layer, suffix: str) -> tuple[str, di
     Columns are unqualified: the layer's table is the only one in scope that has them.
     """
     filters = filters.for_layer(layer)
-    clauses, params = [], {}
+    clauses: list[str] = []
+    params: dict[str, object] = {}
     if filters.sectors:
         clauses.append(f"sector_code = ANY(:sectors_{suffix})")
         params[f"sectors_{suffix}"] = list(filters.sectors)

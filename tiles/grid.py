@@ -32,4 +32,5 @@ def tile_address(z: int, x: int, y: int) -> morecantile.Tile:
 
 def lonlat_bounds(tile: morecantile.Tile) -> tuple[float, float, float, float]:
     """(west, south, east, north) in degrees; exact, since Mercator keeps the box a box."""
-    return tuple(WEB_MERCATOR.bounds(tile))
+    west, south, east, north = WEB_MERCATOR.bounds(tile)
+    return west, south, east, north

@@ -116,6 +116,7 @@ def budgeted_sql(i: int, layer: Layer, filters: TileFilters, extent: int,
     # Untyped NULLs take their column's type from the first branch of the UNION.
     nulls = "".join(", NULL" for _ in others)
     predicate, params = filter_sql(filters, layer, str(i))
+    assert layer.source_table is not None  # only budgeted(layer)s come here: risk_points
     # source_filter is a fixed predicate from the registry, never user input.
     ctes = _BUDGETED.format(i=i, x=MERCATOR_X.format(geom="source.geom"),
                             y=MERCATOR_Y.format(geom="source.geom"), columns=columns,

@@ -44,10 +44,16 @@ def driver_sql(query: str) -> str:
 async def fetch_row(conn: AsyncConnection, query: str, params: dict) -> tuple:
     """The one row ``query`` answers. Prepared (the same shapes recur for every tile), and
     binary, so bytea comes back as bytes."""
-    driver = (await conn.get_raw_connection()).driver_connection
+    raw = await conn.get_raw_connection()
+    driver: psycopg.AsyncConnection | None = raw.driver_connection
+    # None only once the pool has let the connection go; conn holds it checked out.
+    assert driver is not None
     try:
         cursor = await driver.execute(driver_sql(query), params, prepare=True, binary=True)
-        return await cursor.fetchone()
+        row = await cursor.fetchone()
+        # A tile's statement selects scalar subqueries and no FROM: always exactly one row.
+        assert row is not None
+        return row
     except psycopg.errors.QueryCanceled as error:
         raise StatementTimeout(
             "the tile took longer than the statement timeout (TWIN_DB_STATEMENT_TIMEOUT_MS) "

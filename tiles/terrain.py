@@ -44,6 +44,8 @@ def terrain_tile(layer, z: int, x: int, y: int, encoding: str = "mapbox") -> byt
     if image.count != 1:
         raise InvalidParameter(f"layer '{layer.id}' has {image.count} bands; terrain tiles "
                                "need a single-band elevation model")
-    elevation = np.where(image.array.mask[0], 0.0, image.array.data[0].astype(np.float64))
+    # rio-tiler always gives a full mask; getmaskarray returns that array as it is.
+    nodata = np.ma.getmaskarray(image.array)[0]
+    elevation = np.where(nodata, 0.0, image.array.data[0].astype(np.float64))
     encode = encode_mapbox if encoding == "mapbox" else encode_terrarium
     return render(encode(elevation), img_format="PNG")

@@ -131,6 +131,8 @@ def _features_part(i: int, layer: Layer, z: int, filters: TileFilters) -> _Layer
     predicate, filter_params = filter_sql(filters, layer, str(i))
     params.update(filter_params)
     columns = "".join(f", source.{quote(f['name'])}" for f in layer.fields)
+    # check_vector_layers let only vector layers through, and each has a table.
+    assert layer.source_table is not None, f"vector layer '{layer.id}' has no table"
     # source_filter is a fixed predicate from the registry, never user input.
     cte = _FEATURES.format(i=i, geom=geom, extent=EXTENT, buffer=BUFFER, columns=columns,
                            table=quote(layer.source_table), where=layer.where,

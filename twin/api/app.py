@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from typing import cast
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ExceptionHandler
 
 from layers.uploads import start_uploads
 from tiles.service import TileService
@@ -100,8 +102,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
-    app.add_exception_handler(AuthError, auth_error)
-    app.add_exception_handler(access.RateLimited, access.rate_limited)
+    # Starlette types a handler as taking any Exception; each of these is registered for,
+    # and only ever called with, the exception class it takes.
+    app.add_exception_handler(AuthError, cast(ExceptionHandler, auth_error))
+    app.add_exception_handler(access.RateLimited, cast(ExceptionHandler, access.rate_limited))
     # Fails at start-up, not on the first request, when a JWKS file or key is bad.
     app.state.authenticator = Authenticator(settings.auth, apikeys.lookup)
     # Every router passes the access guard; twin/api/access.py says which role each route needs.

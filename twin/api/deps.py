@@ -62,9 +62,6 @@ RegistryDep = Annotated[LayerRegistry, Depends(get_registry)]
 # twin/api/access.py's guard resolves the caller once per request (it runs first, on every
 # router); the dependencies below reuse what it found.
 
-_UNRESOLVED = object()
-
-
 def get_authenticator(request: Request) -> Authenticator:
     authenticator = getattr(request.app.state, "authenticator", None)
     if authenticator is None:
@@ -78,8 +75,10 @@ async def get_principal(request: Request) -> Principal | None:
 
     Raises Unauthenticated for a malformed, unknown, revoked or expired key or token.
     """
-    principal = getattr(request.state, "principal", _UNRESOLVED)
-    if principal is _UNRESOLVED:
+    # Resolved already (None too is an answer) when the access guard has run.
+    if hasattr(request.state, "principal"):
+        principal: Principal | None = request.state.principal
+    else:
         principal = await get_authenticator(request).principal(
             request.headers.get("authorization"), request.app.state.engine.connect)
         request.state.principal = principal

@@ -37,11 +37,12 @@ import json
 import re
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
-from sqlalchemy import text
+from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from twin.core.errors import InvalidParameter
@@ -278,7 +279,8 @@ def _linked_pairs(graph: PipeGraph, runs: list[SensorRun], places: np.ndarray,
              if runs[i].start_us <= runs[j].end_us and runs[j].start_us <= runs[i].end_us]
     if not pairs:
         return np.zeros(0, int), np.zeros(0, int)
-    return tuple(np.array(side) for side in zip(*pairs, strict=True))
+    first, second = zip(*pairs, strict=True)
+    return np.array(first), np.array(second)
 
 
 def _meeting_node(reach: csr_matrix, rows: list[int], fallback: int,
@@ -405,7 +407,7 @@ _IMPACT = """
 
 
 async def zone_impacts(conn: AsyncConnection, zones: list[Zone],
-                       scope: Scope = CITY) -> dict[int, object]:
+                       scope: Scope = CITY) -> dict[int, Row[Any]]:
     zone_of, segment_of = [], []
     for k, zone in enumerate(zones):
         zone_of += [k] * len(zone.segment_ids)

@@ -61,6 +61,13 @@ def vector_layer(layer: Layer, base: str = "") -> Layer:
     return layer
 
 
+def _table(layer: Layer) -> str:
+    """The layer's table, quoted for SQL."""
+    # Only vector layers get here (vector_layer turns the others away), and each has a table.
+    assert layer.source_table is not None, f"vector layer '{layer.id}' has no table"
+    return quote_identifier(layer.source_table)
+
+
 def field_types(layer: Layer) -> dict[str, str]:
     return {f["name"]: f["type"] for f in layer.fields}
 
@@ -211,7 +218,7 @@ def _feature_select(layer: Layer, properties: tuple[str, ...] | None,
     props = f"(SELECT to_json(p) FROM (SELECT {columns}) AS p)" if names else "'{}'::json"
     return (f"SELECT t.{quote_identifier(id_column(layer))} AS feature_id, "
             f"{_geometry_sql(crs)} AS geometry, {props} AS properties "
-            f"FROM {quote_identifier(layer.source_table)} AS t")
+            f"FROM {_table(layer)} AS t")
 
 
 def _feature(row) -> dict:
@@ -224,7 +231,7 @@ async def feature_page(conn: AsyncConnection, layer: Layer, query: ItemsQuery,
     """One page of the layer's features in the caller's scope and how many match in all."""
     check_paging(query.limit, query.offset)
     where, params = _where(layer, query, scope)
-    table = quote_identifier(layer.source_table)
+    table = _table(layer)
     matched = (await conn.execute(
         text(f"SELECT count(*) FROM {table} AS t WHERE {where}"), params)).scalar_one()
     rows = await conn.execute(text(
@@ -240,7 +247,7 @@ async def feature_by_id(conn: AsyncConnection, layer: Layer, feature_id: str,
     for them (NotFound)."""
     key = id_column(layer)
     in_scope = table_predicate(scope, layer.source_table, "t")
-    value: int | str = feature_id
+    value: int | str | None = feature_id
     if field_types(layer)[key] in _INTEGER_TYPES:
         try:
             value = int(feature_id)

@@ -69,7 +69,8 @@ async def h3_counts(conn: AsyncConnection, res: int, sector: str | None = None,
     levels = parse_levels(level)
     sectors = await parse_sectors(conn, sector)
     envelope = parse_bbox(bbox) if bbox else None
-    conditions, params = [], {}
+    conditions: list[str] = []
+    params: dict[str, object] = {}
     if sectors is not None:
         conditions.append("sector_code = ANY(:sectors)")
         params["sectors"] = sectors

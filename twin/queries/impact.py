@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import shapely
 from shapely.geometry import shape
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from twin.core.errors import InvalidParameter
@@ -78,7 +78,7 @@ _FOOTPRINT_M2 = """(ST_Area(x.geom) * radians(1) ^ 2 * (
       FROM (SELECT (ST_YMin(x.geom::box2d) + ST_YMax(x.geom::box2d)) / 2 AS phi) AS lat))"""
 
 
-def _sql(area: Area, body: str, scope: Scope = CITY) -> tuple[text, dict]:
+def _sql(area: Area, body: str, scope: Scope = CITY) -> tuple[TextClause, dict]:
     """Splice the fixed fragments above into ``body`` (never user input); the statement
     and its bound values (the area's and the scope's)."""
     cte = _CIRCLE_CTE if area.is_circle else _POLYGON_CTE
@@ -267,7 +267,7 @@ async def impact(conn: AsyncConnection, area: Area,
     check_limit(limit)
     drawn = (await conn.execute(*_sql(area, _AREA_FEATURE))).one()
     properties = {"layer": "area", "area_km2": drawn.area_km2}
-    if area.is_circle:
+    if area.radius_m is not None:  # a circle
         properties |= {"center": [area.lon, area.lat], "radius_m": area.radius_m,
                        "area_km2": math.pi * area.radius_m ** 2 / 1e6}
     summary = await area_summary(conn, area, scope)

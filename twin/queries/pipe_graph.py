@@ -87,5 +87,5 @@ class PipeGraph:
 
 async def load_graph(conn: AsyncConnection, network: str) -> PipeGraph:
     ids, from_nodes, to_nodes = (await conn.execute(_SEGMENTS, {"network": network})).one()
-    return PipeGraph(*(np.array(c, dtype=np.int64) for c in (ids, from_nodes, to_nodes)),
-                     directed=network == "drainage")
+    segment_ids, src, dst = (np.array(c, dtype=np.int64) for c in (ids, from_nodes, to_nodes))
+    return PipeGraph(segment_ids, src, dst, directed=network == "drainage")

@@ -120,7 +120,9 @@ _STORED = text("""
 
 def _check_against_sensors(readings: list[Reading], sensors: dict, now: datetime,
                            tolerance: timedelta) -> tuple[list[Reading], list[dict]]:
-    kept, rejected, seen = [], [], {}
+    kept: list[Reading] = []
+    rejected: list[dict] = []
+    seen: dict[tuple[int, datetime], int] = {}  # (sensor, time) -> index of its first reading
     for r in readings:
         sensor = sensors.get(r.sensor_id)
         reason = None

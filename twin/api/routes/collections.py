@@ -31,7 +31,7 @@ def collection_document(layer: Layer, base: str, count: int | None, version: int
         ]
     elif layer.kind == "raster":
         links += _raster_links(layer, base)
-    document = {
+    document: dict[str, object] = {
         "id": layer.id,
         "title": layer.title_zh,
         "title_en": layer.title_en,
