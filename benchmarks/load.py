@@ -26,23 +26,30 @@ transport errors and client time-outs of ``--timeout`` s), p50/p99 per endpoint,
 client processes' CPU (near 100 % of a core would mean the client, not twin, is the limit).
 
 ``--fault`` stops the managed cluster (``pg_ctl stop -m fast``) at 40 % of the run and starts
-it again ``--outage`` seconds later, then reports the answers given during the outage (503
-with Retry-After expected), the time from the database being back to the first 200 of a
-request sent after that, and the errors after recovery (expected: none). It restarts the
-cluster of ``TWIN_HOME``/``TWIN_DB_PORT``; on a machine others share, use a throwaway one:
+it again ``--outage`` seconds later. It reports three phases, each with its errors by
+endpoint, status and kind (the answer's ``code``, or the transport error): before the
+outage (expected: none), during it (requests in flight when the database stopped or sent
+before it accepted connections again: 503 with Retry-After expected, never a 500 or a
+dropped connection), and after recovery, i.e. every request sent once the database accepts
+connections again (``pg_ctl start -w`` returned and twin's database answered): expected
+none, and the script exits 1 otherwise. It restarts the cluster of
+``TWIN_HOME``/``TWIN_DB_PORT``; on a machine others share, use a throwaway one:
 
-    export TWIN_HOME=/tmp/twin-fault TWIN_DB_PORT=55499
-    mkdir -p $TWIN_HOME && ln -s "$PWD/.twin/samples" $TWIN_HOME/samples  # reuse the sample
-    .venv/bin/twin db up && .venv/bin/twin db migrate && .venv/bin/twin sample load
-    .venv/bin/python benchmarks/load.py --fault
+    TWIN_HOME=/tmp/twin-fault TWIN_DB_PORT=55499 .venv/bin/python benchmarks/load.py --fault
 
-The default cluster (port 55432) is refused unless ``--fault-default-cluster`` is given.
+On twin's managed cluster the script makes what it lacks first (``benchmarks/prerequisites.py``:
+the cluster initialised and started, migrated, the ``--scale`` sample city loaded: several
+minutes of CPU the first time for the full one); on ``TWIN_DATABASE_URL`` it only checks,
+and stops with the command to run. The default cluster (port 55432) is refused for
+``--fault`` unless ``--fault-default-cluster`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
+import json
 import multiprocessing
 import os
 import random
@@ -62,9 +69,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bare_http import HttpConnection  # noqa: E402
+from benchmarks.prerequisites import prepare  # noqa: E402
 from benchmarks.serving import serving  # noqa: E402
 from twin.core.cluster import ManagedCluster  # noqa: E402
-from twin.core.db import database_url  # noqa: E402
 from twin.core.settings import DatabaseSettings, Settings  # noqa: E402
 
 SEED = 20_260_707
@@ -89,7 +96,19 @@ class Outcome:
     finished: float
     status: int  # -1: no HTTP answer (connection error or client time-out)
     retry_after: bool
+    # What went wrong: the answer's ``code`` (e.g. DatabaseUnavailable) for an HTTP error,
+    # the exception for no answer at all.
     error: str = ""
+
+
+def error_code(headers: dict[str, str], body: bytes) -> str:
+    """The ``code`` of twin's error body, or the start of whatever else came back."""
+    try:
+        if headers.get("content-encoding") == "gzip":
+            body = gzip.decompress(body)
+        return str(json.loads(body)["code"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return body[:60].decode("latin-1") or "(empty body)"
 
 
 def random_spot(rng: random.Random, area: Sequence[float]) -> tuple[float, float]:
@@ -140,8 +159,10 @@ async def client_loop(base: str, rng: random.Random, tiles: list[str], until: fl
                 path += "?" + urlencode(params)
             started = time.monotonic()
             try:
-                status, headers, _ = await asyncio.wait_for(connection.request(path), timeout)
-                retry, error = "retry-after" in headers, ""
+                status, headers, body = await asyncio.wait_for(connection.request(path),
+                                                               timeout)
+                retry = "retry-after" in headers
+                error = error_code(headers, body) if status not in (200, 304) else ""
             except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
                 status, retry, error = -1, False, f"{type(exc).__name__}: {exc}"[:80]
                 await connection.close()
@@ -180,12 +201,19 @@ def failed(outcome: Outcome) -> bool:
     return outcome.status not in (200, 304)
 
 
+def error_kinds(outcomes: Sequence[Outcome], indent: str = "    ") -> None:
+    """Failures by endpoint, status and kind, most frequent first."""
+    kinds = Counter((o.kind, o.status, o.error) for o in outcomes if failed(o))
+    for (kind, status, error), n in kinds.most_common():
+        what = "no answer" if status == -1 else str(status)
+        print(f"{indent}{n:>7,}  {what:<9} {error:<40} {kind}")
+
+
 def report_load(outcomes: list[Outcome], seconds: float) -> None:
     errors = [o for o in outcomes if failed(o)]
     print(f"requests {len(outcomes):,} ({len(outcomes) / seconds:,.0f}/s), "
           f"errors {len(errors)}")
-    if errors:
-        print("  errors by kind:", dict(Counter((o.kind, o.status, o.error) for o in errors)))
+    error_kinds(outcomes)
     by_kind: dict[str, list[float]] = defaultdict(list)
     for o in outcomes:
         if not failed(o):
@@ -198,27 +226,30 @@ def report_load(outcomes: list[Outcome], seconds: float) -> None:
                   f"{percentile(times, 99):>10.0f}{max(times):>10.0f}")
 
 
-def report_fault(outcomes: list[Outcome], down_at: float, up_at: float) -> None:
-    """During the outage: 503 with Retry-After; after it: the first 200, then only 200s."""
-    back = [o for o in outcomes if o.started >= up_at and o.status == 200]
-    if not back:
-        print(f"fault: DB down {up_at - down_at:.1f} s; NO 200 after the database came back")
-        return
-    recovered = min(o.finished for o in back)
-    during = [o for o in outcomes if o.finished >= down_at and o.started <= recovered]
+def report_fault(outcomes: list[Outcome], down_at: float, up_at: float) -> int:
+    """Three phases: before the outage (answered before the database stopped), during it
+    (in flight when it stopped, or sent before it accepted connections again: 503 with
+    Retry-After allowed) and after recovery (sent once it accepts connections again: every
+    one must succeed). Returns the errors after recovery."""
+    before = [o for o in outcomes if o.finished < down_at]
+    during = [o for o in outcomes if o.finished >= down_at and o.started < up_at]
+    after = [o for o in outcomes if o.started >= up_at]
+    print(f"fault: database down {up_at - down_at:.1f} s (pg_ctl stop -m fast, then start -w)")
+    print(f"  before the outage: {len(before):,} answers, errors "
+          f"{sum(map(failed, before))}")
+    error_kinds(before)
     statuses = Counter(o.status for o in during)
-    print(f"fault: database down {up_at - down_at:.1f} s (pg_ctl stop -m fast, then start)")
-    print(f"  during the outage: {len(during):,} answers {dict(statuses)}; 503 without "
-          f"Retry-After: {sum(o.status == 503 and not o.retry_after for o in during)}; "
-          f"other failures: {sum(failed(o) and o.status != 503 for o in during)}")
-    other = [o for o in during if failed(o) and o.status != 503]
-    if other:
-        print("    other failures:", dict(Counter((o.kind, o.status, o.error) for o in other)))
-    print(f"  first 200 {recovered - up_at:.2f} s after the database was back")
-    after = [o for o in outcomes if o.started > recovered]
-    print(f"  after recovery: {len(after):,} requests, errors "
-          f"{sum(failed(o) for o in after)}; before the outage: errors "
-          f"{sum(failed(o) for o in outcomes if o.finished < down_at)}")
+    bad = [o for o in during if failed(o) and not (o.status == 503 and o.retry_after)]
+    print(f"  during the outage: {len(during):,} answers {dict(statuses)}; failures other "
+          f"than 503 with Retry-After: {len(bad)}")
+    error_kinds(during)
+    back = [o.finished for o in after if o.status == 200]
+    first = f"{min(back) - up_at:.2f} s" if back else "NEVER"
+    errors = sum(map(failed, after))
+    print(f"  after recovery (sent once the database accepted connections): {len(after):,} "
+          f"requests, errors {errors}; the first 200 came {first} after it was back")
+    error_kinds(after)
+    return errors + (not back)
 
 
 def restart_cluster(cluster: ManagedCluster, at: float, outage: float,
@@ -231,7 +262,8 @@ def restart_cluster(cluster: ManagedCluster, at: float, outage: float,
     marks["up"] = time.monotonic()
 
 
-def run_load(base: str, options: argparse.Namespace, cluster: ManagedCluster | None) -> None:
+def run_load(base: str, options: argparse.Namespace, cluster: ManagedCluster | None) -> int:
+    """Drives the load; returns the errors after recovery (``--fault``), else 0."""
     per_process = [options.clients // options.processes + (i < options.clients %
                    options.processes) for i in range(options.processes)]
     start_at = time.monotonic() + 2.0  # every process ready before the clock starts
@@ -255,10 +287,13 @@ def run_load(base: str, options: argparse.Namespace, cluster: ManagedCluster | N
         print(f"  client process {i}: {cpu / wall:.0%} of a core")
     if cluster is None:
         report_load(outcomes, options.duration)
-        return
+        return 0
+    if "up" not in marks:
+        print("fault: the cluster was not restarted (the run ended first; see above)")
+        return 1
     down, up = marks["down"], marks["up"]
     report_load([o for o in outcomes if o.finished < down], down - start_at)
-    report_fault(outcomes, down, up)
+    return report_fault(outcomes, down, up)
 
 
 def parse_args() -> argparse.Namespace:
@@ -274,6 +309,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--outage", type=float, default=5.0, help="seconds PostGIS is down")
     parser.add_argument("--fault-default-cluster", action="store_true",
                         help="allow --fault on the default cluster (port 55432)")
+    parser.add_argument("--scale", choices=("full", "small"), default="full",
+                        help="the sample city its own server needs (made if missing)")
     return parser.parse_args()
 
 
@@ -290,17 +327,19 @@ def main() -> None:
                              "throwaway TWIN_HOME/TWIN_DB_PORT or --fault-default-cluster")
         cluster = ManagedCluster(settings)
     if options.url:
-        run_load(options.url.rstrip("/"), options, cluster)
-        return
-    env = {**os.environ, "TWIN_DATABASE_URL": database_url(settings),
+        if cluster is not None:
+            prepare(settings, options.scale)
+        sys.exit(1 if run_load(options.url.rstrip("/"), options, cluster) else 0)
+    url = prepare(settings, options.scale)
+    env = {**os.environ, "TWIN_DATABASE_URL": url,
            "TWIN_WORKERS": str(options.workers),
            "TWIN_AUTH_ANONYMOUS_ROLE": os.environ.get("TWIN_AUTH_ANONYMOUS_ROLE", "planner")}
     # `twin serve` itself, as make run's server (workers, shared rate limits, keep-alive).
     argv = [sys.executable, "-m", "twin.cli", "serve"]
     with serving("twin", argv, env, "/healthz", ROOT, uvicorn_cli=False) as base:
-        where = database_url(settings).split("@")[-1]
-        print(f"twin serve: {options.workers} worker process(es) on {where}")
-        run_load(base, options, cluster)
+        print(f"twin serve: {options.workers} worker process(es) on {url.split('@')[-1]}")
+        errors = run_load(base, options, cluster)
+    sys.exit(1 if errors else 0)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Staying up: a statement timeout on every API query, a full pool that answers instead of
-hanging, and a PostGIS restart under load that the server rides out by itself."""
+hanging, a connection terminated mid-query. A PostGIS stop and start under load is
+tests/test_fault_recovery.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -162,51 +162,7 @@ def test_a_cold_start_under_load_does_not_starve_the_pool(engine, database_url, 
     assert statuses == [200] * len(paths)
 
 
-# --- a PostGIS restart under load ----------------------------------------------------------
-
-@dataclass
-class Outcome:
-    started: float
-    finished: float
-    path: str
-    status: int  # -1: no HTTP answer at all (connection error, client timeout)
-    retry_after: str | None
-
-
-class Hammer:
-    """A few threads sending locate and tile requests in a loop until stopped."""
-
-    def __init__(self, base_url: str, paths: list[str], threads: int = 4):
-        self.base_url, self.paths = base_url, paths
-        self.outcomes: list[Outcome] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._loop, args=(i,)) for i in range(threads)]
-
-    def _loop(self, offset: int) -> None:
-        with httpx.Client(base_url=self.base_url, headers=AUTH, timeout=20) as client:
-            n = offset
-            while not self._stop.is_set():
-                path = self.paths[n % len(self.paths)]
-                n += 1
-                started = time.monotonic()
-                try:
-                    response = client.get(path)
-                    status, retry = response.status_code, response.headers.get("retry-after")
-                except httpx.HTTPError:
-                    status, retry = -1, None
-                self.outcomes.append(Outcome(started, time.monotonic(), path, status, retry))
-                time.sleep(0.02)
-
-    def __enter__(self) -> Hammer:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=30)
-
+# --- a cluster of a test's own (tests/test_fault_recovery.py stops and starts it) --------
 
 def loaded_cluster(cluster: ManagedCluster, sample_dir: Path) -> str:
     cluster.up()
@@ -216,35 +172,6 @@ def loaded_cluster(cluster: ManagedCluster, sample_dir: Path) -> str:
     load_sample(engine, sample_dir)
     engine.dispose()
     return url
-
-
-def test_postgis_restart_under_load(own_cluster, sample_dir, spot):  # noqa: F811
-    url = loaded_cluster(own_cluster, sample_dir)
-    tile = TMS.tile(spot[0], spot[1], 13)
-    paths = [f"/query/locate?lon={spot[0]}&lat={spot[1]}",
-             f"/tiles/risk_points/{tile.z}/{tile.x}/{tile.y}.mvt",
-             f"/tiles/districts,risk_points/{tile.z - 4}/{tile.x >> 4}/{tile.y >> 4}.mvt"]
-    with LiveServer(api_settings(url)) as live:
-        with httpx.Client(base_url=live.url, headers=AUTH, timeout=20) as client:
-            assert all(client.get(p).status_code == 200 for p in paths)
-        with Hammer(live.url, paths) as hammer:
-            time.sleep(1.0)
-            down_at = time.monotonic()
-            own_cluster.down()
-            time.sleep(2.0)
-            own_cluster.up()
-            up_at = time.monotonic()
-            time.sleep(6.0)
-    outcomes = sorted(hammer.outcomes, key=lambda o: o.started)
-    assert {o.status for o in outcomes} <= {200, 503}, [
-        (o.path, o.status) for o in outcomes if o.status not in (200, 503)]
-    unavailable = [o for o in outcomes if o.status == 503]
-    assert unavailable and all(o.retry_after for o in unavailable)
-    assert any(down_at < o.started < up_at for o in unavailable)
-    back = min(o.finished for o in outcomes if o.status == 200 and o.started > up_at)
-    assert back - up_at < 5.0
-    after = [o for o in outcomes if o.started > back]
-    assert len(after) > 20 and all(o.status == 200 for o in after)
 
 
 def test_a_stuck_tile_gets_504_and_the_next_one_is_served(engine, database_url):

@@ -122,11 +122,12 @@ def tile_key(layers: Sequence[Layer], tile: morecantile.Tile, options: TileOptio
 
 async def cached_tile(key: tuple, connect: Callable[..., Awaitable[AsyncConnection]],
                       cache: TileCache | None, layers: Sequence[Layer], tile: morecantile.Tile,
-                      options: TileOptions) -> CachedTile:
+                      options: TileOptions, pooled: int = 1) -> CachedTile:
     """The tile of ``key`` (``tile_key``, with the versions taken before the features are
     read, so a cached tile is never older than its key): from the cache, or built on a
     connection from ``connect`` and cached. ``connect(fresh=True)`` must replace the
-    connection it gave before.
+    connection it gave before with the pool's next one; ``pooled`` is how many connections
+    the pool can hold.
 
     A cached tile needs no connection at all. Without a cache the ETag is the same as with
     one, so revalidation still gives 304s.
@@ -134,14 +135,21 @@ async def cached_tile(key: tuple, connect: Callable[..., Awaitable[AsyncConnecti
     found = cache.get(key) if cache is not None else None
     if found is not None:
         return found
-    try:
-        built = await render_tile(await connect(), layers, tile, options)
-    except (DBAPIError, ConnectionLost) as error:
-        # The tile pool skips the pre-ping round trip: a connection the database dropped (a
-        # restart) fails here once, and the tile is built again on a fresh one.
-        if isinstance(error, DBAPIError) and not error.connection_invalidated:
-            raise
-        built = await render_tile(await connect(fresh=True), layers, tile, options)
+    # The tile pool skips the pre-ping round trip: a connection that died with the database
+    # (a restart) fails at its first statement, and the tile is built again on the pool's
+    # next one. After a restart every connection that sat idle in the pool is dead (while
+    # the database was down, tiles failed on the versions before reaching the pool), and
+    # the pool hands them out in turn: up to ``pooled`` of them before a new one. A lost
+    # connection costs no wait (the socket is closed); with the database down, opening a
+    # new one fails at once and the request gets its 503.
+    for attempt in range(pooled + 1):
+        try:
+            built = await render_tile(await connect(fresh=attempt > 0), layers, tile, options)
+            break
+        except (DBAPIError, ConnectionLost) as error:
+            lost = isinstance(error, ConnectionLost) or error.connection_invalidated
+            if not lost or attempt == pooled:
+                raise
     made = CachedTile(etag_of(key), built)
     if cache is not None:
         cache.put(key, made)

@@ -117,13 +117,16 @@ class _TileConnection:
 
 class TileService:
     def __init__(self, settings: TilesSettings, versions: LayerVersions,
-                 registry: RegistryCache, engine: AsyncEngine):
+                 registry: RegistryCache, engine: AsyncEngine, pooled: int = 1):
         self.settings = settings
         self.versions = versions
         self.registry = registry
         self.cache: TileCache | None = tile_cache(settings)
         self.sector_codes = SectorCodes()
         self._engine = engine
+        # How many connections the tile pool holds: after a database restart, as many may
+        # be dead before a live one (tiles.cache.cached_tile).
+        self._pooled = pooled
         # TileOptions by (filters, aggregate): the same few, made once.
         self._options: dict[tuple, TileOptions] = {}
 
@@ -144,7 +147,8 @@ class TileService:
         # Tiles' own pool, without a pre-ping round trip per checkout (tiles retry instead).
         engine = async_engine(settings, pre_ping=False, server_settings={
             "max_parallel_workers_per_gather": str(tiles.parallel_workers)})
-        return cls(tiles, versions, registry, engine)
+        return cls(tiles, versions, registry, engine,
+                   pooled=settings.db.pool_size + settings.db.max_overflow)
 
     async def close(self) -> None:
         await self.versions.close()
@@ -177,7 +181,8 @@ class TileService:
             options = await self._tile_options(request, connect)
             keyed = {layer.id: registry.data_version(layer.id, versions) for layer in layers}
             key = tile_key(layers, tile, options, keyed, request.scope.key)
-            made = await cached_tile(key, connect, self.cache, layers, tile, options)
+            made = await cached_tile(key, connect, self.cache, layers, tile, options,
+                                     self._pooled)
         finally:
             await connect.close()
         return _vector_answer(made, request)

@@ -89,7 +89,15 @@ class ManagedCluster:
         return ClusterStatus(self._initialised(), running, self.port, self.pgdata)
 
     def url(self, database: str | None = None) -> str:
-        password = self.password_file.read_text().strip()
+        """The database's URL; the password is the one ``twin db up`` wrote when it
+        initialised the cluster, so an uninitialised home has no URL yet."""
+        try:
+            password = self.password_file.read_text().strip()
+        except FileNotFoundError:
+            raise ClusterError(
+                f"no managed cluster in {self.settings.home} (no {self.password_file.name}): "
+                "run `twin db up` with this TWIN_HOME first, or set TWIN_DATABASE_URL"
+            ) from None
         name = database or self.settings.db.name
         return (f"postgresql+psycopg://{self.settings.db.user}:{password}"
                 f"@127.0.0.1:{self.port}/{name}")
