@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.dependencies.utils import get_flat_params
@@ -32,6 +32,7 @@ from psycopg.errors import QueryCanceled
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
+from starlette.types import ExceptionHandler
 
 from twin.api.access import PUBLIC, role_for
 from twin.core.errors import StatementTimeout, TwinError
@@ -256,15 +257,18 @@ def _describe_operation_errors(operation: dict, limited: bool) -> None:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(TwinError, twin_error)
-    app.add_exception_handler(DBAPIError, database_error)
-    app.add_exception_handler(PoolTimeout, pool_exhausted)
-    app.add_exception_handler(RequestValidationError, invalid_parameter)
-    app.add_exception_handler(HTTPException, http_error)
+    # Starlette types a handler as taking any Exception; each of these is registered for,
+    # and only ever called with, the exception class it takes.
+    for exception, handler in ((TwinError, twin_error), (DBAPIError, database_error),
+                               (PoolTimeout, pool_exhausted),
+                               (RequestValidationError, invalid_parameter),
+                               (HTTPException, http_error)):
+        app.add_exception_handler(exception, cast(ExceptionHandler, handler))
     build = app.openapi
 
     def openapi() -> dict:
         # FastAPI caches its document (app.openapi_schema); describing it again is harmless.
         return describe_error_responses(build())
 
-    app.openapi = openapi
+    # Replacing the method on the instance is FastAPI's documented way to extend the schema.
+    app.openapi = openapi  # type: ignore[method-assign]

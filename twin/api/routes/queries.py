@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Literal
 
@@ -13,7 +14,7 @@ from twin.core.errors import InvalidParameter
 from twin.core.models import TEAM_TYPES
 from twin.queries.h3_stats import H3_RESOLUTIONS, h3_counts
 from twin.queries.locate import locate as locate_point
-from twin.queries.nearest import MAX_K, MODES, check_nearest
+from twin.queries.nearest import MAX_K, MODES, Team, check_nearest
 from twin.queries.nearest import nearest_teams as rank_teams
 from twin.queries.routing import (
     MAX_MINUTES,
@@ -80,6 +81,7 @@ async def nearest_teams(
                         "LineString in its properties"),
 ) -> JSONResponse:
     check_nearest(k, type, mode)
+    teams: Sequence[Team]
     if mode == "road":
         check_max_minutes(max_minutes)
         teams = await nearest_teams_by_road(conn, lon, lat, k, type, max_minutes, route,
