@@ -24,10 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.prerequisites import libpq_or_exit, require  # noqa: E402
 from twin.core.models import NETWORKS  # noqa: E402
 from twin.core.settings import get_settings  # noqa: E402
 
-DEFAULT_TRUTH = Path(__file__).resolve().parent.parent / ".twin/samples/full/anomalies_truth.json"
+TRUTH = "anomalies_truth.json"  # written by the generator beside the sample's tables
 
 
 def _overlaps(zone: dict, anomaly: dict) -> bool:
@@ -102,9 +103,16 @@ async def run(truth_path: Path, repeat: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--truth", type=Path, default=DEFAULT_TRUTH)
+    parser.add_argument("--truth", type=Path,
+                        help=f"default: TWIN_HOME/samples/full/{TRUTH}")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    settings = get_settings()
+    require(libpq_or_exit(settings), "full")
+    args.truth = args.truth or settings.samples_dir / "full" / TRUTH
+    if not args.truth.exists():
+        raise SystemExit(f"no ground truth at {args.truth}: run `.venv/bin/twin sample load "
+                         "--scale full` (it generates the sample there) or pass --truth")
     asyncio.run(run(args.truth, args.repeat))
 
 

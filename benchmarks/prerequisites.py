@@ -46,23 +46,23 @@ def _where(url: str) -> str:
     return url.rpartition("@")[2]
 
 
-def missing(url: str, scale: str = "full") -> str | None:
+def missing(url: str, scale: str = "full", migrated: bool = True) -> str | None:
     """What the database at ``url`` (libpq or SQLAlchemy) lacks, as the command that makes
-    it; None when it answers, is migrated to the newest revision and holds the ``scale``
-    sample city."""
+    it; None when it answers, is migrated to the newest revision (unless not ``migrated``:
+    a benchmark that reads tables directly) and holds the ``scale`` sample city."""
     url = url.replace("postgresql+psycopg://", "postgresql://", 1)
     try:
         conn = psycopg.connect(url, connect_timeout=5)
     except psycopg.OperationalError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "no answer"
+        reason = (str(error).strip().splitlines() or ["no answer"])[0]
         return (f"the database at {_where(url)} does not answer ({reason}): start it with "
                 f"`{TWIN} db up` (the managed cluster of TWIN_HOME/TWIN_DB_PORT)")
     with conn:
         head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-        migrated = conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()
+        versioned = conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()
         current = (conn.execute("SELECT version_num FROM alembic_version").fetchone()
-                   if migrated and migrated[0] else None)
-        if current is None or current[0] != head:
+                   if versioned and versioned[0] else None)
+        if current is None or (migrated and current[0] != head):
             return (f"the database at {_where(url)} is not migrated to {head} (it is at "
                     f"{current[0] if current else 'nothing'}): run `{TWIN} db migrate`")
         risk_points = conn.execute("SELECT count(*) FROM risk_points").fetchone()[0]
@@ -73,9 +73,9 @@ def missing(url: str, scale: str = "full") -> str | None:
     return None
 
 
-def require(url: str, scale: str = "full") -> None:
+def require(url: str, scale: str = "full", migrated: bool = True) -> None:
     """Stops with one line unless the database at ``url`` is ready for a benchmark."""
-    lacking = missing(url, scale)
+    lacking = missing(url, scale, migrated)
     if lacking:
         raise SystemExit(lacking)
 

@@ -35,8 +35,9 @@ import shapely
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.prerequisites import libpq_or_exit, require  # noqa: E402
 from benchmarks.serving import serving  # noqa: E402
-from twin.core.db import database_url, libpq_url  # noqa: E402
+from twin.core.db import database_url  # noqa: E402
 from twin.core.models import TEAM_TYPES  # noqa: E402
 from twin.core.settings import Settings  # noqa: E402
 
@@ -186,12 +187,15 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--database-url", default=libpq_url(Settings()))
+    parser.add_argument("--database-url", help="the full sample city (default: twin's database)")
     parser.add_argument("--points", type=int, default=200)
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--direct", action="store_true",
                         help="call the query functions on a read-only connection, no server")
     args = parser.parse_args()
+    args.database_url = args.database_url or libpq_or_exit(Settings())
+    # --direct is for a database the server cannot start on (an older migration).
+    require(args.database_url, "full", migrated=not args.direct)
     points = central_points(args.database_url, args.points, args.seed)
     how = ("query functions, one read-only connection" if args.direct
            else "one uvicorn worker, one HTTP client")

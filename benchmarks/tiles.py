@@ -63,8 +63,8 @@ sys.path.insert(0, str(ROOT))
 from fastapi import FastAPI, Response  # noqa: E402
 
 from benchmarks.bare_http import HttpConnection  # noqa: E402
+from benchmarks.prerequisites import libpq_or_exit, require  # noqa: E402
 from benchmarks.serving import serving  # noqa: E402
-from twin.core.db import libpq_url  # noqa: E402
 from twin.core.settings import Settings  # noqa: E402
 
 TIPG_VENV = ROOT / "benchmarks" / ".venv-tipg"
@@ -487,8 +487,7 @@ def size_survey(base: str, points: Sequence[tuple[float, float]], concurrency: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--database-url", default=libpq_url(Settings()),
-                        help="the full sample city (default: twin's database)")
+    parser.add_argument("--database-url", help="the full sample city (default: twin's database)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1,
@@ -497,8 +496,9 @@ def main() -> None:
                         help="only the warm path against the framework's ceiling (no tipg)")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # progress as it happens, also into a pipe
-    url = args.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-
+    url = (args.database_url or libpq_or_exit(Settings())).replace(
+        "postgresql+psycopg://", "postgresql://", 1)
+    require(url, "full", migrated=False)
     check_migrated(url)
     points = risk_point_lonlats(url)
     tiles = tile_list(points)

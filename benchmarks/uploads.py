@@ -31,6 +31,7 @@ from sqlalchemy import create_engine  # noqa: E402
 
 from tests.conftest import LiveServer  # noqa: E402
 from twin.core.cluster import ManagedCluster  # noqa: E402
+from twin.core.errors import TwinError  # noqa: E402
 from twin.core.settings import AuthSettings, Settings, UploadSettings  # noqa: E402
 from twin.migrate import upgrade  # noqa: E402
 
@@ -39,7 +40,13 @@ KEY = "bench-editor-key"
 
 
 def scratch_database() -> str:
+    """A fresh database in the managed cluster of TWIN_HOME/TWIN_DB_PORT, started (and
+    initialised) first if it is not running, as ``twin db up`` does."""
     cluster = ManagedCluster(Settings())
+    try:
+        cluster.up()
+    except TwinError as error:
+        raise SystemExit(f"{error}") from None
     admin = cluster.url("postgres").replace("postgresql+psycopg", "postgresql")
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")

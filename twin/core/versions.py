@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass, field
 
 import psycopg
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from twin.core.errors import DatabaseUnavailable
@@ -82,6 +83,10 @@ class DataVersions:
         self._engine = engine
         self._conn: AsyncConnection | None = None
         self._driver: psycopg.AsyncConnection | None = None
+        # One opener at a time: the reader task and a writer's barrier can both find the
+        # connection gone (a restart), and the engine's pool holds one connection; a second
+        # opener would wait for it until the pool timeout.
+        self._opening = asyncio.Lock()
         # The query the next arrivals join, and whether a reader task is running.
         self._next: asyncio.Future | None = None
         self._reading = False
@@ -117,14 +122,18 @@ class DataVersions:
 
     async def _execute(self, query: str, params: tuple | None = None) -> list[tuple]:
         for attempt in (1, 2):
-            driver = await self._connection()
+            driver = None
             try:
+                # Connecting is inside: with the database down it fails (SQLAlchemy's
+                # error), and a writer's barrier, sent as its response starts (twin/api/sync.py),
+                # must meet DatabaseUnavailable, never an error that turns the answer into a 500.
+                driver = await self._connection()
                 # psycopg directly: SQLAlchemy's execute costs ~150 us of CPU more than the
                 # query itself.
                 cursor = await driver.execute(query, params, prepare=True)
                 return await cursor.fetchall()
-            except psycopg.Error as error:
-                await self._drop()
+            except (psycopg.Error, DBAPIError) as error:
+                await self._drop(driver)
                 if attempt == 2:
                     raise DatabaseUnavailable("the database is unavailable; try again "
                                               "shortly") from error
@@ -132,20 +141,28 @@ class DataVersions:
 
     async def _connection(self) -> psycopg.AsyncConnection:
         """The held connection, from the engine DataVersions was given (twin.core.db's options)."""
-        if self._conn is None:
-            conn = await self._engine.connect()
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            self._driver = (await conn.get_raw_connection()).driver_connection
-            self._conn = conn
-        assert self._driver is not None
-        return self._driver
+        async with self._opening:
+            if self._conn is None:
+                conn = await self._engine.connect()
+                try:
+                    conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                    self._driver = (await conn.get_raw_connection()).driver_connection
+                except BaseException:
+                    await _discard(conn)  # back to the pool, not leaked
+                    raise
+                self._conn = conn
+            driver = self._driver
+        assert driver is not None
+        return driver
 
-    async def _drop(self) -> None:
-        conn, self._conn = self._conn, None
+    async def _drop(self, driver: psycopg.AsyncConnection | None) -> None:
+        """Drops the held connection if it is still the one that failed (``driver``): the
+        other user of it may have replaced it already, with one that works."""
+        if driver is None or driver is not self._driver:
+            return
+        conn, self._conn, self._driver = self._conn, None, None
         if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.invalidate()
-                await conn.close()
+            await _discard(conn)
 
     async def close(self) -> None:
         """Closes the connection and disposes of the engine: give DataVersions one of its own."""
@@ -336,6 +353,16 @@ class LayerVersions:
 
 class _OutOfSync(Exception):
     pass
+
+
+async def _discard(conn: AsyncConnection) -> None:
+    """Invalidates a broken connection and gives its place back to the pool; each step on
+    its own, so a failing invalidate cannot leave the pool's place taken (DataVersions'
+    pool has one: the next opener would wait for the pool timeout)."""
+    with contextlib.suppress(Exception):
+        await conn.invalidate()
+    with contextlib.suppress(Exception):
+        await conn.close()
 
 
 def _changed(versions: dict[str, int], layer_id: str, version: str) -> dict[str, int]:
