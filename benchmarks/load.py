@@ -5,6 +5,7 @@ Run on demand (never in ``make test``), on the full sample city:
 
     .venv/bin/python benchmarks/load.py [--url URL] [--clients 200] [--duration 60]
                                         [--processes 2] [--workers N] [--fault] [--outage 5]
+                                        [--scale full|small]
 
 Without ``--url`` it starts ``twin serve`` (``--workers`` processes, twin's default
 ``TWIN_WORKERS`` unless given, on a free loopback port)
