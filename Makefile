@@ -23,6 +23,7 @@ test: system-deps browser-deps venv web lint
 lint: venv
 	$(VENV)/bin/ruff check twin tiles layers data_samples tests benchmarks
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 # Debian packages: PostgreSQL with PostGIS and pgRouting, Python's venv module, and Node.js
 # (npm runs the MapLibre style validator in the tests).

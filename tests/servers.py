@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -86,8 +87,16 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {"TWIN_AUTH_ANONYMOUS_ROLE": "planner", "TWIN_AUTH_KEYS": json.dumps(FIXTURE_KEYS),
                **os.environ, "TWIN_DATABASE_URL": database_url, "TWIN_PORT": str(self.port)}
+        # The log goes to a file, never a pipe: a pipe nobody reads fills up and a worker
+        # that logs then blocks in the middle of a request.
+        self._log = tempfile.TemporaryFile()
         self.process = subprocess.Popen([sys.executable, "-m", "twin.cli", "serve"], env=env,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                        stdout=subprocess.DEVNULL, stderr=self._log)
+
+    def log(self) -> str:
+        """What the server has written to its log (stderr) so far."""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
 
     def __enter__(self) -> ServerProcess:
         # Generous: on a busy 2-core machine two uvicorn workers take a while to come up.
@@ -100,7 +109,7 @@ class ServerProcess:
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.process.kill()
-                raise RuntimeError(f"twin serve did not start: {self.process.stderr.read()!r}")
+                raise RuntimeError(f"twin serve did not start: {self.log()!r}")
             time.sleep(0.1)
 
     def __exit__(self, *exc) -> None:
@@ -109,6 +118,7 @@ class ServerProcess:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
 
 
 @contextmanager

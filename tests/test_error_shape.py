@@ -26,15 +26,6 @@ OPERATIONS = [(method.upper(), path, operation)
               for method, operation in operations.items()]
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
-# Numeric query parameters of another owner's route (twin/api/routes/features.py) that had
-# no bounds in the document when this test was written; its owner declares them, then removes
-# the lines. Never add a route of the query, pipe, area, admin or reference modules.
-NOT_YET_BOUNDED: set[tuple[str, str, str]] = {
-    ("GET", "/collections/{collection_id}/items", "limit"),
-    ("GET", "/collections/{collection_id}/items", "offset"),
-}
-
-
 def _alternatives(schema: dict) -> list[dict]:
     """The schemas a parameter may take (``x | None`` is an anyOf with null)."""
     return [alt for alt in schema.get("anyOf", [schema]) if alt.get("type") != "null"]
@@ -146,7 +137,7 @@ def test_every_numeric_query_parameter_declares_a_bound():
                  for alt in _alternatives(parameter["schema"])
                  if alt.get("type") in ("integer", "number") and not any(
                      bound in alt for bound in BOUNDS)}
-    assert unbounded <= NOT_YET_BOUNDED, sorted(unbounded - NOT_YET_BOUNDED)
+    assert unbounded == set(), sorted(unbounded)
 
 
 # --- every declared bound is enforced, and named when it is ---------------------------------------

@@ -350,7 +350,7 @@ def test_two_workers_grant_a_key_its_burst_once(engine, database_url: str, limit
         assert all(1 <= int(wait) <= 1 / RATE for _, _, wait in refused), refused
     # Stopped (SIGTERM): the table went with the server, and the log named it.
     assert not table.exists()
-    log = server.process.stderr.read().decode()
+    log = server.log()
     assert log.count("are shared by the 2 worker processes through") == 1, log
     assert "per worker process" not in log, log
 

@@ -92,8 +92,9 @@ async def items(
     collection_id: str, request: Request, conn: ConnDep, registry: RegistryDep, scope: ScopeDep,
     bbox: str | None = Query(None, description="west,south,east,north in CRS84, or in the "
                              "axis order of `bbox-crs`"),
-    limit: int = Query(10, description=f"1 to {queries.MAX_LIMIT}"),
-    offset: int = Query(0, description="features to skip"),
+    limit: int = Query(10, ge=1, le=queries.MAX_LIMIT,
+                       description=f"features per page, 1 to {queries.MAX_LIMIT}"),
+    offset: int = Query(0, ge=0, description="features to skip"),
     properties: str | None = Query(None, description="comma-separated fields to publish"),
     sortby: str | None = Query(None, description="comma-separated fields, '-' for descending"),
     filter: str | None = Query(None, description="a CQL2-text filter"),
