@@ -120,7 +120,7 @@ def test_workers_die_with_a_killed_server(two_workers: ServerProcess):
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{two_workers.url}/healthz", timeout=2)
     # What the start-up log told the operator, once (the workers log nothing of it).
-    log = two_workers.process.stderr.read().decode()
+    log = two_workers.log()
     assert log.count("with 2 worker processes (TWIN_WORKERS)") == 1, log
     assert log.count("are shared by the 2 worker processes through") == 1, log
 
