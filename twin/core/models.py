@@ -462,7 +462,8 @@ class UploadJob(Base):
     step: Mapped[str] = mapped_column(Text, default="queued")
     reasons: Mapped[list] = mapped_column(JSONB, default=list)
     report: Mapped[dict] = mapped_column(JSONB, default=dict)
-    # The form fields (title, source_crs, datum, layer, anchor...) and the stored file name.
+    # The job's typed plan as three explicit parts (layers/plan.py JobPlan.to_row): the form as
+    # sent, the plan, and the runner's liveness marks (layers/jobs.py, layers/job_liveness.py).
     params: Mapped[dict] = mapped_column(JSONB, default=dict)
     file_name: Mapped[str] = mapped_column(Text)
     version: Mapped[int | None] = mapped_column(Integer)
