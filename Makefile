@@ -15,8 +15,11 @@ run: system-deps venv web
 
 test: system-deps browser-deps venv web lint
 	[ -d tests/js/node_modules ] || npm ci --prefix tests/js --no-audit --no-fund
-	$(VENV)/bin/twin db up
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	@# The managed cluster is stopped again afterwards if this run started it (a `make run`
+	@# serving from it keeps it).
+	@if $(VENV)/bin/twin db status 2>&1 | grep -q 'PostGIS: running'; then started=0; else started=1; fi; \
+	$(VENV)/bin/twin db up && $(VENV)/bin/pytest $(PYTEST_ARGS); status=$$?; \
+	if [ $$started = 1 ]; then $(VENV)/bin/twin db down; fi; exit $$status
 
 # Style (ruff), the import contracts of pyproject.toml (import-linter: roof -> libraries ->
 # floor, no sample city in production, frozen migrations) and types (mypy).
