@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import psycopg
+import pyogrio
 import pytest
 from sqlalchemy import Engine, create_engine
 
@@ -107,3 +108,20 @@ def upload_server(engine: Engine, database_url: str, uploads_dir: Path) -> Itera
 def api(upload_server: LiveServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=upload_server.url, timeout=60) as client:
         yield client
+
+
+# --- GDAL as a client (its OAPIF driver, through pyogrio) -----------------------------------
+
+@pytest.fixture(scope="module")
+def oapif(server_process: ServerProcess) -> str:
+    return f"OAPIF:{server_process.url}"
+
+
+@pytest.fixture()
+def gdal_waits_for_the_server() -> Iterator[None]:
+    """layers/ingest_vector.py gives this process's GDAL a 1 s HTTP timeout (an upload never
+    waits on the network); a page of features can take longer on a busy machine."""
+    before = pyogrio.get_gdal_config_option("GDAL_HTTP_TIMEOUT")
+    pyogrio.set_gdal_config_options({"GDAL_HTTP_TIMEOUT": "60"})
+    yield
+    pyogrio.set_gdal_config_options({"GDAL_HTTP_TIMEOUT": None if before is None else str(before)})

@@ -10,8 +10,6 @@ must read the coordinates pyproj computes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pandas as pd
 import pyogrio
@@ -20,8 +18,6 @@ import shapely
 from httpx import Client
 from pyproj import CRS, Transformer
 from sqlalchemy import Engine, text
-
-from tests.servers import ServerProcess
 
 CRS84 = "http://www.opengis.net/def/crs/OGC/1.3/CRS84"
 EPSG = "http://www.opengis.net/def/crs/EPSG/0/"
@@ -255,19 +251,8 @@ def test_openapi_declares_crs_and_bbox_crs(client: Client):
 
 # --- GDAL as the client (a server process of its own: pyogrio holds the GIL) ----------------
 
-@pytest.fixture(scope="module")
-def oapif(server_process: ServerProcess) -> str:
-    return f"OAPIF:{server_process.url}"
-
-
-@pytest.fixture(autouse=True)
-def gdal_waits_for_the_server() -> Iterator[None]:
-    """layers/ingest_vector.py gives this process's GDAL a 1 s HTTP timeout (an upload never
-    waits on the network); a page of features can take longer on a busy machine."""
-    before = pyogrio.get_gdal_config_option("GDAL_HTTP_TIMEOUT")
-    pyogrio.set_gdal_config_options({"GDAL_HTTP_TIMEOUT": "60"})
-    yield
-    pyogrio.set_gdal_config_options({"GDAL_HTTP_TIMEOUT": None if before is None else str(before)})
+# GDAL reads this module's server through conftest.py's `oapif`, with a patient timeout.
+pytestmark = pytest.mark.usefixtures("gdal_waits_for_the_server")
 
 
 @pytest.mark.parametrize("options", [

@@ -29,19 +29,8 @@ def stored(engine: Engine, sql: str, **params) -> pd.DataFrame:
         return pd.read_sql(text(sql), conn, params=params)
 
 
-@pytest.fixture(scope="module")
-def oapif(server_process: ServerProcess) -> str:
-    return f"OAPIF:{server_process.url}"
-
-
-@pytest.fixture(autouse=True)
-def gdal_waits_for_the_server() -> Iterator[None]:
-    """layers/ingest_vector.py gives this process's GDAL a 1 s HTTP timeout (an upload never
-    waits on the network); a page of features can take longer on a busy machine."""
-    before = pyogrio.get_gdal_config_option("GDAL_HTTP_TIMEOUT")
-    pyogrio.set_gdal_config_options({"GDAL_HTTP_TIMEOUT": "60"})
-    yield
-    pyogrio.set_gdal_config_options({"GDAL_HTTP_TIMEOUT": None if before is None else str(before)})
+# GDAL reads this module's server through conftest.py's `oapif`, with a patient timeout.
+pytestmark = pytest.mark.usefixtures("gdal_waits_for_the_server")
 
 
 def test_gdal_lists_every_vector_collection_and_no_raster(oapif: str, engine: Engine):
