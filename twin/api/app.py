@@ -29,6 +29,8 @@ from twin.api.routes import pipes as pipe_routes
 from twin.api.routes import raster as raster_routes
 from twin.api.routes import reference as reference_routes
 from twin.api.routes import sensors as sensor_routes
+from twin.api.routes import terrain3d as terrain3d_routes
+from twin.api.routes import tiles3d as tiles3d_routes
 from twin.api.sync import VersionsSyncMiddleware
 from twin.audit import AuditPruner
 from twin.auth import Authenticator
@@ -112,7 +114,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (health.router, landing.router, collections.router, features.router,
                    tiles.router, queries.router, pipe_routes.router, sensor_routes.router,
                    area_routes.router, reference_routes.router, layer_routes.router,
-                   job_routes.router, raster_routes.router,
+                   job_routes.router, raster_routes.router, tiles3d_routes.router,
+                   terrain3d_routes.router,
                    audit_routes.router, key_routes.router):
         app.include_router(router, dependencies=access.GUARD)
     tiles.install_xyz_route(app)  # the warm tile path, ahead of the routers (same guard)

@@ -365,6 +365,15 @@ class Building(Base):
     cim_level: Mapped[int] = mapped_column(SmallInteger)
     district_code: Mapped[str] = mapped_column(ForeignKey("admin_units.code"))
     geom = mapped_column(Geometry("POLYGON", srid=SRID, spatial_index=True), nullable=False)
+    # Migration 0009 (3D): the CIM3 roof form over the footprint's oriented rectangle, the
+    # street it stands in (a trigger fills it from the footprint when not given), and its own
+    # LOD2 surfaces when a CityJSON upload brought them (absolute ellipsoidal heights).
+    roof_type: Mapped[str] = mapped_column(String(8), server_default="flat")
+    street_code: Mapped[str | None] = mapped_column(ForeignKey("admin_units.code"))
+    surfaces = mapped_column(Geometry("MULTIPOLYGONZ", srid=SRID, spatial_index=False))
+
+
+ROOF_TYPES = ("flat", "gable", "hip")
 
 
 class Layer(Base):
