@@ -16,6 +16,7 @@ from pathlib import Path
 from data_samples.city import build_city
 from data_samples.districts import load_districts
 from data_samples.infrastructure import build_infrastructure
+from data_samples.models import build_models
 from data_samples.output import TABLE_ORDER, write_manifest, write_table
 from data_samples.scales import SCALES
 
@@ -36,6 +37,8 @@ def generate(out_dir: Path, scale_name: str = "full", seed: int = DEFAULT_SEED) 
     infrastructure = build_infrastructure(districts, scale, seed, out_dir)
     anomalies = infrastructure.pop("anomalies")
     tables.update(infrastructure)
+    # The CIM4-6 models (GLB files beside the tables) and their buildings' facts.
+    build_models(tables["buildings"], out_dir)
     missing = set(TABLE_ORDER) - set(tables)
     if missing:
         raise RuntimeError(f"generator produced no data for: {sorted(missing)}")

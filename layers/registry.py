@@ -15,6 +15,10 @@ from sqlalchemy import Connection, text
 from layers.builtin import BUILTIN_LAYERS, BuiltinLayer
 from twin.core.raster_facts import describe_raster, raster_meta
 
+# The sample's CIM4-6 models (data_samples/models.py writes it beside their GLB files):
+# {"models": [{"id", "title_zh", "title_en", "file", "meta"}]}.
+MODELS_FILE = "models.json"
+
 _UPSERT_LAYER = text("""
     INSERT INTO layers (id, title_zh, title_en, kind, geometry_type, source_table, source_filter,
                         fields, bbox, file_path, min_zoom, max_zoom, origin, source_crs,
@@ -71,13 +75,38 @@ def _raster_bbox(path: Path) -> list[float]:
         return list(dataset.bounds)
 
 
+def sample_models(samples_dir: Path) -> list[dict]:
+    """The model layers the sample directory ships (none when it has no models file)."""
+    path = samples_dir / MODELS_FILE
+    if not path.exists():
+        return []
+    return list(json.loads(path.read_text(encoding="utf-8"))["models"])
+
+
+def _register_models(conn: Connection, samples_dir: Path, models: list[dict]) -> None:
+    """A 3D layer per sample model, with the facts an uploaded model carries (its meta)."""
+    for model in models:
+        anchor = model["meta"]["anchor"]
+        conn.execute(_UPSERT_LAYER, {
+            "id": model["id"], "title_zh": model["title_zh"], "title_en": model["title_en"],
+            "kind": "3d", "geometry_type": "Point", "source_table": None,
+            "source_filter": None, "fields": "[]",
+            "bbox": [anchor["lon"], anchor["lat"], anchor["lon"], anchor["lat"]],
+            "file_path": str(samples_dir / model["file"]), "min_zoom": 0, "max_zoom": 22,
+            "meta": json.dumps(model["meta"], ensure_ascii=False),
+        })
+
+
 def register_builtin_layers(conn: Connection, samples_dir: Path) -> int:
-    """Insert or refresh every built-in layer; returns how many were registered.
+    """Insert or refresh every built-in layer (and the sample's model layers); returns how
+    many were registered.
 
     Idempotent: a layer whose definition is unchanged keeps its data version (and so its
     cached tiles); one that changed gets a new version.
     """
-    conn.execute(_DELETE_STALE_BUILTINS, {"ids": [layer.id for layer in BUILTIN_LAYERS]})
+    models = sample_models(samples_dir)
+    conn.execute(_DELETE_STALE_BUILTINS, {"ids": [layer.id for layer in BUILTIN_LAYERS]
+                                          + [model["id"] for model in models]})
     for layer in BUILTIN_LAYERS:
         meta: dict = {}
         bbox: list[float] | None
@@ -95,4 +124,5 @@ def register_builtin_layers(conn: Connection, samples_dir: Path) -> int:
             "fields": json.dumps(fields), "bbox": bbox, "file_path": file_path,
             "min_zoom": layer.min_zoom, "max_zoom": layer.max_zoom, "meta": json.dumps(meta),
         })
-    return len(BUILTIN_LAYERS)
+    _register_models(conn, samples_dir, models)
+    return len(BUILTIN_LAYERS) + len(models)
