@@ -124,8 +124,9 @@ class _Buffer:
         return b"".join(self.parts) + b"\0" * pad
 
 
-def _flat_normals(rel: np.ndarray, triangles: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """Per-vertex normals: the area-weighted sum of the vertex's face normals, normalised."""
+def _flat_normals(rel: np.ndarray, triangles: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Per-vertex normals in glTF axes: the area-weighted sum of the vertex's face normals,
+    normalised; the ellipsoid's up direction where that sum vanishes (no face with area)."""
     a, b, c = rel[triangles[:, 0]], rel[triangles[:, 1]], rel[triangles[:, 2]]
     face = np.cross(b - a, c - a)
     idx = triangles.ravel()
@@ -133,17 +134,16 @@ def _flat_normals(rel: np.ndarray, triangles: np.ndarray, up: np.ndarray) -> np.
     normals = np.column_stack(
         [np.bincount(idx, np.repeat(face[:, k], 3), minlength=n) for k in range(3)]
     )
-    length = np.linalg.norm(normals, axis=1)
+    length = np.sqrt(np.einsum("ij,ij->i", normals, normals))
     bad = length < 1e-12
-    normals[bad] = up[bad]
-    length[bad] = 1.0
+    if bad.any():
+        lon, lat = np.radians(positions[bad, 0]), np.radians(positions[bad, 1])
+        # ECEF up (cos lat cos lon, cos lat sin lon, sin lat) in glTF axes (x, z, -y).
+        normals[bad] = np.column_stack(
+            (np.cos(lat) * np.cos(lon), np.sin(lat), -np.cos(lat) * np.sin(lon))
+        )
+        length[bad] = 1.0
     return normals / length[:, None]
-
-
-def _up(positions: np.ndarray) -> np.ndarray:
-    """The ellipsoid's up direction at each vertex, in ECEF."""
-    lon, lat = np.radians(positions[:, 0]), np.radians(positions[:, 1])
-    return np.column_stack((np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)))
 
 
 def _property_values(prop: Property) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -270,9 +270,7 @@ def glb(mesh: Mesh, table: FeatureTable) -> bytes:
     rel = xyz - centre
     # ECEF (x, y, z) -> glTF Y-up (x, z, -y); 3D Tiles turns it back on loading.
     rel = np.column_stack((rel[:, 0], rel[:, 2], -rel[:, 1]))
-    up = _up(positions)
-    up = np.column_stack((up[:, 0], up[:, 2], -up[:, 1]))
-    normals = _flat_normals(rel, triangles, up).astype(np.float32)
+    normals = _flat_normals(rel, triangles, positions).astype(np.float32)
     pos32 = rel.astype(np.float32)
 
     def accessor(data: np.ndarray, component: int, kind: str, target: int, **extra: Any) -> int:

@@ -118,6 +118,143 @@ def triangulate(xy: np.ndarray, ring_ends: Sequence[int] | np.ndarray) -> np.nda
     return tri.astype(np.uint32)
 
 
+@dataclass
+class Rings:
+    """Polygons in a plane as rings one after another: each polygon's exterior, then its holes.
+
+    Exteriors run counter-clockwise and holes clockwise, without a closing vertex, repeated
+    vertices or rings of no area. `source` maps each vertex back to the input of `clean_rings`.
+    """
+
+    xy: np.ndarray  # (n, 2)
+    source: np.ndarray  # (n,) index of the vertex in the input
+    next: np.ndarray  # (n,) the next vertex of the same ring (cyclic)
+    ring_start: np.ndarray  # (r,)
+    ring_end: np.ndarray  # (r,)
+    ring_polygon: np.ndarray  # (r,) non-decreasing
+    polygon_ok: np.ndarray  # (p,) the polygon kept a usable exterior
+
+
+def _ring_bounds(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Start, end and each vertex's cyclic successor of rings of `sizes` laid end to end."""
+    end = np.cumsum(sizes)
+    start = end - sizes
+    nxt = np.arange(int(end[-1]) if len(end) else 0) + 1
+    full = sizes > 0
+    nxt[end[full] - 1] = start[full]
+    return start, end, nxt
+
+
+def clean_rings(
+    xy: np.ndarray,
+    ring_sizes: np.ndarray,
+    ring_polygon: np.ndarray,
+    ring_exterior: np.ndarray,
+    n_polygons: int,
+    tolerance: float = 1e-4,
+    min_area: float = 1e-4,
+) -> Rings:
+    """Rings of planar polygons made usable, all at once (no loop per polygon).
+
+    xy: (n, 2) metric coordinates of rings laid end to end, `ring_sizes` long each, ring i of
+    polygon `ring_polygon[i]` (non-decreasing), its exterior where `ring_exterior`. Drops
+    closing and repeated vertices (closer than `tolerance`), rings with fewer than 3 vertices
+    or less area than `min_area`, and polygons whose exterior went; orients what is left.
+    """
+    ring_sizes = np.asarray(ring_sizes, np.int64)
+    ring_polygon = np.asarray(ring_polygon, np.int64)
+    ring_exterior = np.asarray(ring_exterior, bool)
+    n_rings = len(ring_sizes)
+    ring_v = np.repeat(np.arange(n_rings), ring_sizes)
+    source = np.arange(len(xy))
+    _, _, nxt = _ring_bounds(ring_sizes)
+    keep = np.max(np.abs(xy - xy[nxt]), axis=1) > tolerance if len(xy) else np.zeros(0, bool)
+    xy, ring_v, source = xy[keep], ring_v[keep], source[keep]
+    sizes = np.bincount(ring_v, minlength=n_rings)
+    start, end, nxt = _ring_bounds(sizes)
+    cross = xy[:, 0] * xy[nxt, 1] - xy[nxt, 0] * xy[:, 1] if len(xy) else np.zeros(0)
+    area = np.bincount(ring_v, cross, minlength=n_rings) / 2.0
+    ring_ok = (sizes >= 3) & (np.abs(area) > min_area)
+    polygon_ok = np.zeros(n_polygons, bool)
+    polygon_ok[ring_polygon[ring_exterior & ring_ok]] = True
+    ring_ok &= polygon_ok[ring_polygon]
+    vert_ok = ring_ok[ring_v]
+    xy, ring_v, source = xy[vert_ok], ring_v[vert_ok], source[vert_ok]
+    sizes = np.where(ring_ok, sizes, 0)
+    start, end, _ = _ring_bounds(sizes)
+    # Exteriors counter-clockwise, holes clockwise: reverse the others in place.
+    flip = np.where(ring_exterior, area < 0, area > 0)[ring_v]
+    idx = np.arange(len(xy))
+    order = np.where(flip, start[ring_v] + end[ring_v] - 1 - idx, idx)
+    sizes = sizes[ring_ok]
+    start, end, nxt = _ring_bounds(sizes)
+    return Rings(
+        xy=xy[order],
+        source=source[order],
+        next=nxt,
+        ring_start=start,
+        ring_end=end,
+        ring_polygon=ring_polygon[ring_ok],
+        polygon_ok=polygon_ok,
+    )
+
+
+def convex_rings(rings: Rings) -> np.ndarray:
+    """(r,) whether each ring is convex (no vertex turns against the ring's direction;
+    collinear vertices are fine). Rings come from `clean_rings`, so exteriors turn left."""
+    r = rings
+    if not len(r.ring_start):
+        return np.zeros(0, bool)
+    prev = np.empty_like(r.next)
+    prev[r.next] = np.arange(len(r.next))
+    d0 = r.xy - r.xy[prev]
+    d1 = r.xy[r.next] - r.xy
+    turn = d0[:, 0] * d1[:, 1] - d0[:, 1] * d1[:, 0]
+    scale = np.maximum.reduceat(np.abs(turn), r.ring_start)
+    return np.minimum.reduceat(turn, r.ring_start) >= -1e-9 * scale
+
+
+def triangulate_rings(rings: Rings, polygons: np.ndarray | None = None) -> np.ndarray:
+    """(T, 3) int64 triangles (indices into rings.xy), counter-clockwise, of `polygons`.
+
+    A convex polygon without holes (most footprints and clipped roof planes) is fanned, all
+    of them at once; the others go through earcut one by one.
+    """
+    r = rings
+    if polygons is None:
+        ring_sel = np.ones(len(r.ring_start), bool)
+    else:
+        wanted = np.zeros(len(r.polygon_ok), bool)
+        wanted[polygons] = True
+        ring_sel = wanted[r.ring_polygon]
+    if not ring_sel.any():
+        return np.zeros((0, 3), np.int64)
+    n_rings_of = np.bincount(r.ring_polygon, minlength=len(r.polygon_ok))
+    sizes = r.ring_end - r.ring_start
+    ring_v = np.repeat(np.arange(len(sizes)), sizes)
+    convex = convex_rings(r)
+    fan_ring = ring_sel & convex & (n_rings_of[r.ring_polygon] == 1)
+    v = np.arange(len(r.xy))
+    rs = r.ring_start[ring_v]
+    fan_v = fan_ring[ring_v] & (v > rs) & (v < r.ring_end[ring_v] - 1)
+    fans = np.column_stack((rs[fan_v], v[fan_v], v[fan_v] + 1))
+    parts = [fans]
+    ear_rings = np.flatnonzero(ring_sel & ~fan_ring)
+    if len(ear_rings):
+        poly = r.ring_polygon[ear_rings]
+        cut = np.flatnonzero(np.diff(poly)) + 1
+        for group in np.split(ear_rings, cut):
+            s, e = r.ring_start[group[0]], r.ring_end[group[-1]]
+            tri = triangulate(r.xy[s:e], r.ring_end[group] - s)
+            parts.append(tri.astype(np.int64) + s)
+    tri = np.concatenate(parts)
+    a, b, c = r.xy[tri[:, 0]], r.xy[tri[:, 1]], r.xy[tri[:, 2]]
+    cross = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+    flip = cross < 0
+    tri[flip] = tri[flip][:, ::-1]
+    return tri
+
+
 def _clean_ring(ring: np.ndarray) -> np.ndarray:
     """The ring without its closing vertex and without repeated consecutive vertices."""
     if len(ring) == 0:

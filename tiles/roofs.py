@@ -26,7 +26,16 @@ from dataclasses import dataclass
 import numpy as np
 import shapely
 
-from tiles.meshes import Mesh, from_local, merge, to_local, triangulate
+from tiles.meshes import (
+    Mesh,
+    Rings,
+    clean_rings,
+    convex_rings,
+    from_local,
+    merge,
+    to_local,
+    triangulate_rings,
+)
 
 ROOF_TYPES = ("flat", "gable", "hip")
 
@@ -35,53 +44,46 @@ MAX_RISE_SHARE = 0.5  # the roof takes at most this share of the building's heig
 MIN_HEIGHT_M = 0.1  # a building lower than this (or with top below bottom) is given this height
 _DUPLICATE_M = 1e-4  # consecutive vertices closer than this are one vertex
 _MIN_AREA_M2 = 1e-4  # rings with less area than this are dropped
+_REGION_MARGIN_M = 1.0  # roof regions reach this far past the rectangle, to cover the footprint
 
 _QUAD = np.array([[0, 1, 2], [0, 2, 3]], np.uint32)
 
 
 @dataclass
-class _Rings:
-    """Cleaned footprints, all rings one after another.
+class _Footprints:
+    """Cleaned footprints in their local frames (see `clean_rings`: exteriors counter-
+    clockwise, holes clockwise, so a wall built along a ring's direction faces outwards)."""
 
-    Exteriors are counter-clockwise and holes clockwise (seen from above), so walls built
-    along each ring's direction face outwards. Footprints without a usable exterior are gone.
-    """
-
+    rings: Rings  # xy in metres about each footprint's origin; ring_polygon = footprint
     lonlat: np.ndarray  # (n, 2) input coordinates of the kept vertices
-    xy: np.ndarray  # (n, 2) east/north metres about the footprint's origin
     owner: np.ndarray  # (n,) footprint index of each vertex
-    next: np.ndarray  # (n,) index of the next vertex in the same ring (cyclic)
-    ring_start: np.ndarray  # (r,)
-    ring_end: np.ndarray  # (r,)
-    ring_owner: np.ndarray  # (r,)
-    origin: np.ndarray  # (F, 2) lon/lat origin of each input footprint's frame
-    kept: np.ndarray  # (k,) indices of the footprints that have a usable exterior
+    origin: np.ndarray  # (F, 2) lon/lat origin of each footprint's frame
+
+    @property
+    def kept(self) -> np.ndarray:
+        return np.flatnonzero(self.rings.polygon_ok)
 
 
-def _prepare(footprints: Sequence[Sequence[np.ndarray]]) -> _Rings:
-    rings: list[np.ndarray] = []
+def _prepare(footprints: Sequence[Sequence[np.ndarray]]) -> _Footprints:
+    arrays: list[np.ndarray] = []
     ring_owner_l: list[int] = []
     ring_exterior_l: list[bool] = []
     for i, fp in enumerate(footprints):
         for j, ring in enumerate(fp):
             arr = np.asarray(ring, np.float64)
-            rings.append(arr[:, :2] if arr.ndim == 2 else arr.reshape(-1, 2))
+            arrays.append(arr[:, :2] if arr.ndim == 2 else arr.reshape(-1, 2))
             ring_owner_l.append(i)
             ring_exterior_l.append(j == 0)
     n_fp = len(footprints)
-    if not rings:
-        return _empty_rings(n_fp)
-    sizes = np.array([len(r) for r in rings], np.int64)
-    lonlat = np.concatenate(rings)
+    sizes = np.array([len(a) for a in arrays], np.int64)
+    lonlat = np.concatenate(arrays) if arrays else np.zeros((0, 2))
     ring_owner = np.array(ring_owner_l, np.int64)
     ring_exterior = np.array(ring_exterior_l, bool)
-    ring_v = np.repeat(np.arange(len(rings)), sizes)
+    ring_v = np.repeat(np.arange(len(arrays)), sizes)
     owner = ring_owner[ring_v]
-
-    # The frame's origin: the mean of the exterior's vertices.
+    # Each footprint's frame is centred on the mean of its exterior's vertices.
     ext_v = ring_exterior[ring_v]
-    counts = np.bincount(owner[ext_v], minlength=n_fp).astype(np.float64)
-    counts[counts == 0] = 1.0
+    counts = np.maximum(np.bincount(owner[ext_v], minlength=n_fp), 1).astype(np.float64)
     origin = np.column_stack(
         (
             np.bincount(owner[ext_v], lonlat[ext_v, 0], minlength=n_fp) / counts,
@@ -89,56 +91,10 @@ def _prepare(footprints: Sequence[Sequence[np.ndarray]]) -> _Rings:
         )
     )
     xy = to_local(lonlat[:, 0], lonlat[:, 1], origin[owner, 0], origin[owner, 1])
-
-    # Drop the closing vertex and repeated vertices: a vertex equal to the next one goes.
-    start = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-    end = start + sizes
-    nxt = np.arange(len(xy)) + 1
-    nxt[end[sizes > 0] - 1] = start[sizes > 0]
-    keep = np.max(np.abs(xy - xy[nxt]), axis=1) > _DUPLICATE_M
-    lonlat, xy, owner, ring_v = lonlat[keep], xy[keep], owner[keep], ring_v[keep]
-    sizes = np.bincount(ring_v, minlength=len(rings))
-
-    # Signed area of each ring (shoelace), then which rings and footprints survive.
-    start = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-    end = start + sizes
-    nxt = np.arange(len(xy)) + 1
-    nxt[end[sizes > 0] - 1] = start[sizes > 0]
-    cross = xy[:, 0] * xy[nxt, 1] - xy[nxt, 0] * xy[:, 1] if len(xy) else np.zeros(0)
-    area = np.bincount(ring_v, cross, minlength=len(rings)) / 2.0
-    ring_ok = (sizes >= 3) & (np.abs(area) > _MIN_AREA_M2)
-    fp_ok = np.zeros(n_fp, bool)
-    fp_ok[ring_owner[ring_exterior & ring_ok]] = True
-    ring_ok &= fp_ok[ring_owner]
-    vert_ok = ring_ok[ring_v]
-    lonlat, xy, owner, ring_v = lonlat[vert_ok], xy[vert_ok], owner[vert_ok], ring_v[vert_ok]
-    sizes = np.where(ring_ok, sizes, 0)
-
-    # Exteriors counter-clockwise, holes clockwise: reverse the others in place.
-    start = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-    end = start + sizes
-    flip = np.where(ring_exterior, area < 0, area > 0)[ring_v]
-    idx = np.arange(len(xy))
-    order = np.where(flip, start[ring_v] + end[ring_v] - 1 - idx, idx)
-    lonlat, xy = lonlat[order], xy[order]
-    nxt = idx + 1
-    nxt[end[ring_ok] - 1] = start[ring_ok]
-    return _Rings(
-        lonlat=lonlat,
-        xy=xy,
-        owner=owner,
-        next=nxt,
-        ring_start=start[ring_ok],
-        ring_end=end[ring_ok],
-        ring_owner=ring_owner[ring_ok],
-        origin=origin,
-        kept=np.flatnonzero(fp_ok),
+    rings = clean_rings(
+        xy, sizes, ring_owner, ring_exterior, n_fp, tolerance=_DUPLICATE_M, min_area=_MIN_AREA_M2
     )
-
-
-def _empty_rings(n_fp: int) -> _Rings:
-    z = np.zeros(0, np.int64)
-    return _Rings(np.zeros((0, 2)), np.zeros((0, 2)), z, z, z, z, z, np.zeros((n_fp, 2)), z)
+    return _Footprints(rings, lonlat[rings.source], owner[rings.source], origin)
 
 
 def _heights(bottom: np.ndarray, top: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,37 +103,30 @@ def _heights(bottom: np.ndarray, top: np.ndarray, n: int) -> tuple[np.ndarray, n
     return bottom, np.maximum(top, bottom + MIN_HEIGHT_M)
 
 
-def _flat_walls(r: _Rings, bottom: np.ndarray, top: np.ndarray) -> Mesh:
+def _flat_walls(fp: _Footprints, bottom: np.ndarray, top: np.ndarray) -> Mesh:
     """One quad per ring edge from bottom to top (the walls of a block)."""
-    n = len(r.xy)
-    a, b = r.lonlat, r.lonlat[r.next]
-    bot, tp = bottom[r.owner], top[r.owner]
+    n = len(fp.lonlat)
+    a, b = fp.lonlat, fp.lonlat[fp.rings.next]
+    bot, tp = bottom[fp.owner], top[fp.owner]
     pos = np.empty((n, 4, 3))
     pos[:, 0, :2], pos[:, 0, 2] = a, bot
     pos[:, 1, :2], pos[:, 1, 2] = b, bot
     pos[:, 2, :2], pos[:, 2, 2] = b, tp
     pos[:, 3, :2], pos[:, 3, 2] = a, tp
     tri = (np.arange(n, dtype=np.uint32)[:, None, None] * 4 + _QUAD[None]).reshape(-1, 3)
-    return Mesh(pos.reshape(-1, 3), tri, np.repeat(r.owner, 4).astype(np.uint32))
+    return Mesh(pos.reshape(-1, 3), tri, np.repeat(fp.owner, 4).astype(np.uint32))
 
 
-def _flat_roofs(r: _Rings, which: np.ndarray, top: np.ndarray) -> Mesh:
-    """Each footprint in `which` triangulated at its top height."""
-    ring_first = np.searchsorted(r.ring_owner, which, side="left")
-    ring_last = np.searchsorted(r.ring_owner, which, side="right")
-    tris: list[np.ndarray] = []
-    for f0, f1 in zip(ring_first, ring_last, strict=True):
-        s, e = r.ring_start[f0], r.ring_end[f1 - 1]
-        tri = triangulate(r.xy[s:e], r.ring_end[f0:f1] - s)
-        tris.append(tri.astype(np.int64) + s)
-    if not tris:
+def _flat_roofs(fp: _Footprints, which: np.ndarray, top: np.ndarray) -> Mesh:
+    """The footprints `which` triangulated at their top height."""
+    tri = triangulate_rings(fp.rings, which)
+    if not len(tri):
         return Mesh.empty()
-    tri = np.concatenate(tris)
-    used = np.zeros(len(r.xy), bool)
+    used = np.zeros(len(fp.lonlat), bool)
     used[tri.ravel()] = True
     remap = np.cumsum(used) - 1
-    pos = np.column_stack((r.lonlat[used], top[r.owner[used]]))
-    return Mesh(pos, remap[tri].astype(np.uint32), r.owner[used].astype(np.uint32))
+    pos = np.column_stack((fp.lonlat[used], top[fp.owner[used]]))
+    return Mesh(pos, remap[tri].astype(np.uint32), fp.owner[used].astype(np.uint32))
 
 
 def blocks(footprints: Sequence[Sequence[np.ndarray]], bottom: np.ndarray, top: np.ndarray) -> Mesh:
@@ -187,62 +136,73 @@ def blocks(footprints: Sequence[Sequence[np.ndarray]], bottom: np.ndarray, top: 
     Footprints without an exterior of 3 distinct vertices and some area are left out; a `top`
     not above `bottom` is raised to `bottom` + MIN_HEIGHT_M.
     """
-    r = _prepare(footprints)
+    fp = _prepare(footprints)
     bottom, top = _heights(bottom, top, len(footprints))
-    if not len(r.kept):
+    if not len(fp.kept):
         return Mesh.empty()
-    return merge([_flat_walls(r, bottom, top), _flat_roofs(r, r.kept, top)])
+    return merge([_flat_walls(fp, bottom, top), _flat_roofs(fp, fp.kept, top)])
 
 
 # ---------------------------------------------------------------- LOD2 roofs
 
+# The regions under the roof planes in the rectangle's (u along, v across) frame, as
+# (u = ca * A + cr * R, v = cb * B) with A, B the rectangle's half sides plus the margin and
+# R half the ridge's length (A for a gable): planes +v and -v (the long sides), then the hip
+# ends +u and -u.
+_REGIONS = [
+    np.array([[0, -1, 0], [0, 1, 0], [1, 0, 1], [-1, 0, 1]], np.float64),
+    np.array([[-1, 0, -1], [1, 0, -1], [0, 1, 0], [0, -1, 0]], np.float64),
+    np.array([[0, 1, 0], [1, 0, -1], [1, 0, 1]], np.float64),
+    np.array([[0, -1, 0], [-1, 0, 1], [-1, 0, -1]], np.float64),
+]
+
 
 def _roof_planes(
-    rect: np.ndarray, kind: str, bottom: float, top: float
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The roof's planes h = c0 + c1 x + c2 y (4, 3) and the region under each (polygons).
+    corners: np.ndarray, hip: np.ndarray, bottom: np.ndarray, top: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Planes h = c0 + c1 x + c2 y of each roof (B, 4, 3) and the regions under them.
 
-    rect: (4, 2) corners of the oriented minimum rectangle in the local frame.
+    corners: (B, 4, 2) oriented minimum rectangles in the buildings' local frames.
+    Returns planes, region coordinates (m, 2) and the region of each coordinate (building *
+    4 + plane); a gable has regions 0 and 1 only (its planes 2 and 3 repeat 0 and 1).
     """
-    c = rect.mean(axis=0)
-    e0, e1 = rect[1] - rect[0], rect[2] - rect[1]
-    long_, short = (e0, e1) if np.hypot(*e0) >= np.hypot(*e1) else (e1, e0)
-    a, b = np.hypot(*long_) / 2.0, np.hypot(*short) / 2.0
-    u = long_ / (2.0 * a)
-    v = np.array([-u[1], u[0]])
-    rise = min(b * math.tan(math.radians(PITCH_DEG)), MAX_RISE_SHARE * (top - bottom))
+    c = corners.mean(axis=1)
+    e0, e1 = corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 1]
+    l0, l1 = np.hypot(e0[:, 0], e0[:, 1]), np.hypot(e1[:, 0], e1[:, 1])
+    first_long = l0 >= l1
+    long_ = np.where(first_long[:, None], e0, e1)
+    a = np.where(first_long, l0, l1) / 2.0
+    b = np.where(first_long, l1, l0) / 2.0
+    u = long_ / (2.0 * a[:, None])
+    v = np.column_stack((-u[:, 1], u[:, 0]))
+    rise = np.minimum(b * math.tan(math.radians(PITCH_DEG)), MAX_RISE_SHARE * (top - bottom))
     s = rise / b
-    cu, cv = float(c @ u), float(c @ v)
-    plus_v = [top + s * cv, -s * v[0], -s * v[1]]
-    minus_v = [top - s * cv, s * v[0], s * v[1]]
-    # Region corners reach a metre past the rectangle so they cover the footprint for sure;
-    # the footprint's intersection with them is what is drawn.
-    m = 1.0
-    A, B = a + m, b + m
-
-    def pts(*uv: tuple[float, float]) -> np.ndarray:
-        q = np.array(uv, np.float64)
-        return c + q[:, :1] * u + q[:, 1:] * v
-
-    if kind == "gable":
-        planes = np.array([plus_v, minus_v, plus_v, minus_v])
-        regions = [pts((-A, 0), (A, 0), (A, B), (-A, B)), pts((-A, -B), (A, -B), (A, 0), (-A, 0))]
-        return planes, regions
-    r = a - b  # half the ridge's length
-    plus_u = [top + s * r + s * cu, -s * u[0], -s * u[1]]
-    minus_u = [top + s * r - s * cu, s * u[0], s * u[1]]
-    planes = np.array([plus_v, minus_v, plus_u, minus_u])
-    regions = [
-        pts((-r, 0), (r, 0), (A, B), (-A, B)),
-        pts((-A, -B), (A, -B), (r, 0), (-r, 0)),
-        pts((r, 0), (A, -B), (A, B)),
-        pts((-r, 0), (-A, B), (-A, -B)),
-    ]
-    return planes, regions
+    cu, cv = np.sum(c * u, axis=1), np.sum(c * v, axis=1)
+    r = np.where(hip, a - b, a)
+    planes = np.empty((len(c), 4, 3))
+    planes[:, 0] = np.column_stack((top + s * cv, -s[:, None] * v))
+    planes[:, 1] = np.column_stack((top - s * cv, s[:, None] * v))
+    planes[:, 2] = np.column_stack((top + s * r + s * cu, -s[:, None] * u))
+    planes[:, 3] = np.column_stack((top + s * r - s * cu, s[:, None] * u))
+    planes[~hip, 2:] = planes[~hip, :2]
+    big_a = a + _REGION_MARGIN_M
+    big_b = b + _REGION_MARGIN_M
+    r_region = np.where(hip, r, big_a)
+    coords: list[np.ndarray] = []
+    region: list[np.ndarray] = []
+    n = len(c)
+    for k, template in enumerate(_REGIONS):
+        which = np.arange(n) if k < 2 else np.flatnonzero(hip)
+        cu_ = template[:, 0] * big_a[which, None] + template[:, 1] * r_region[which, None]
+        cv_ = template[:, 2] * big_b[which, None]
+        xy = c[which, None, :] + cu_[..., None] * u[which, None] + cv_[..., None] * v[which, None]
+        coords.append(xy.reshape(-1, 2))
+        region.append(np.repeat(which * 4 + k, len(template)))
+    return planes, np.concatenate(coords), np.concatenate(region)
 
 
 def _envelope(planes: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """min over each point's planes: planes (n, 4, 3), xy (n, 2) -> (n,)."""
+    """The roof height: min over each point's planes; planes (n, 4, 3), xy (n, 2) -> (n,)."""
     return np.min(
         planes[:, :, 0] + planes[:, :, 1] * xy[:, None, 0] + planes[:, :, 2] * xy[:, None, 1],
         axis=1,
@@ -252,10 +212,10 @@ def _envelope(planes: np.ndarray, xy: np.ndarray) -> np.ndarray:
 _PAIRS = np.array(list(itertools.combinations(range(4), 2)))
 
 
-def _roof_walls(r: _Rings, bottom: np.ndarray, planes: np.ndarray) -> Mesh:
+def _roof_walls(fp: _Footprints, bottom: np.ndarray, planes: np.ndarray) -> Mesh:
     """Walls whose top follows the roof: each edge split where the lowest plane changes."""
-    p0, p1 = r.xy, r.xy[r.next]
-    pl = planes[r.owner]  # (n, 4, 3)
+    p0, p1 = fp.rings.xy, fp.rings.xy[fp.rings.next]
+    pl = planes[fp.owner]  # (n, 4, 3)
     f0 = pl[:, :, 0] + pl[:, :, 1] * p0[:, None, 0] + pl[:, :, 2] * p0[:, None, 1]
     f1 = pl[:, :, 0] + pl[:, :, 1] * p1[:, None, 0] + pl[:, :, 2] * p1[:, None, 1]
     d0 = f0[:, _PAIRS[:, 0]] - f0[:, _PAIRS[:, 1]]
@@ -263,85 +223,231 @@ def _roof_walls(r: _Rings, bottom: np.ndarray, planes: np.ndarray) -> Mesh:
     denom = d0 - d1
     with np.errstate(divide="ignore", invalid="ignore"):
         t = np.where(np.abs(denom) > 1e-12, d0 / denom, np.nan)
-    inside = (t > 1e-9) & (t < 1.0 - 1e-9)
-    t = np.where(inside, t, np.nan)
-    # A crossing counts only where the two planes are the lowest there (on the roof).
-    ft = f0[:, None, :] + t[:, :, None] * (f1 - f0)[:, None, :]  # (n, 6, 4)
-    on_roof = np.take_along_axis(ft, _PAIRS[None, :, :1].repeat(len(t), 0), axis=2)[:, :, 0]
-    on_roof = on_roof <= np.min(ft, axis=2) + 1e-6
+    inside = (t > 0.0) & (t < 1.0)
+    # A crossing counts only where its two planes are the lowest (on the roof).
+    ft = f0[:, None, :] + np.nan_to_num(t)[:, :, None] * (f1 - f0)[:, None, :]  # (n, 6, 4)
+    pair_value = np.take_along_axis(ft, np.broadcast_to(_PAIRS[None, :, :1], (len(t), 6, 1)), 2)
+    on_roof = pair_value[:, :, 0] <= np.min(ft, axis=2) + 1e-6
     t = np.where(inside & on_roof, t, 1.0)
     grid = np.concatenate((np.zeros((len(t), 1)), np.sort(t, axis=1), np.ones((len(t), 1))), 1)
     ta, tb = grid[:, :-1], grid[:, 1:]
     # Split points closer than a millimetre to an end or to each other are one point.
-    seg = (tb - ta) * np.hypot(*(p1 - p0).T)[:, None] > 1e-3
-    edge = np.nonzero(seg)[0]
-    ta, tb = ta[seg], tb[seg]
+    length = np.hypot(*(p1 - p0).T)
+    seg = (tb - ta) * length[:, None] > 1e-3
+    # A dropped sliver joins the next piece: each piece starts where the previous kept one ends.
+    edge, piece = np.nonzero(seg)
+    tb = tb[edge, piece]
+    first = np.r_[True, edge[1:] != edge[:-1]]
+    ta = np.where(first, 0.0, np.r_[0.0, tb[:-1]])
+    last = np.r_[edge[1:] != edge[:-1], True]
+    tb = np.where(last, 1.0, tb)
     qa = p0[edge] + ta[:, None] * (p1 - p0)[edge]
     qb = p0[edge] + tb[:, None] * (p1 - p0)[edge]
-    owner = r.owner[edge]
+    owner = fp.owner[edge]
     ha, hb = _envelope(planes[owner], qa), _envelope(planes[owner], qb)
     bot = bottom[owner]
     k = len(edge)
     xy = np.stack((qa, qb, qb, qa), axis=1).reshape(-1, 2)
     h = np.stack((bot, bot, hb, ha), axis=1).reshape(-1)
     own4 = np.repeat(owner, 4)
-    lon, lat = from_local(xy, r.origin[own4, 0], r.origin[own4, 1])
+    lon, lat = from_local(xy, fp.origin[own4, 0], fp.origin[own4, 1])
+    # Footprint corners keep their input coordinates exactly.
+    at_a = np.stack((ta == 0.0, tb == 1.0, tb == 1.0, ta == 0.0), axis=1).reshape(-1)
+    corner = np.stack((edge, fp.rings.next[edge], fp.rings.next[edge], edge), axis=1).reshape(-1)
+    lon = np.where(at_a, fp.lonlat[corner, 0], lon)
+    lat = np.where(at_a, fp.lonlat[corner, 1], lat)
     tri = (np.arange(k, dtype=np.uint32)[:, None, None] * 4 + _QUAD[None]).reshape(-1, 3)
     return Mesh(np.column_stack((lon, lat, h)), tri, own4.astype(np.uint32))
 
 
-def _polygon_parts(geom: shapely.Geometry) -> list[shapely.Polygon]:
-    return [g for g in shapely.get_parts(geom) if isinstance(g, shapely.Polygon) and g.area > 0]
+def _padded(r: Rings, rings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The vertices of `rings` as (m, k, 2), short rings padded with their first vertex."""
+    sizes = r.ring_end[rings] - r.ring_start[rings]
+    k = int(sizes.max()) if len(sizes) else 0
+    slot = np.arange(k)
+    index = r.ring_start[rings, None] + np.where(slot < sizes[:, None], slot, 0)
+    return r.xy[index], sizes
 
 
-def _distinct(ring: np.ndarray) -> np.ndarray:
-    """The ring without vertices that repeat the next one (closer than _DUPLICATE_M)."""
-    return ring[np.max(np.abs(ring - np.roll(ring, -1, axis=0)), axis=1) > _DUPLICATE_M]
+def _min_rectangles(polys: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """(m, 4, 2) minimum-area rectangles of convex polygons (m, k, 2), counter-clockwise.
+
+    The rotating-calipers fact: the minimum rectangle of a convex polygon has a side along
+    one of its edges, so each edge direction is tried.
+    """
+    k = polys.shape[1]
+    nxt = np.where(np.arange(k)[None, :] + 1 < sizes[:, None], np.arange(k)[None, :] + 1, 0)
+    edge = np.take_along_axis(polys, nxt[..., None], axis=1) - polys  # (m, k, 2)
+    length = np.hypot(edge[..., 0], edge[..., 1])
+    valid = (np.arange(k)[None, :] < sizes[:, None]) & (length > 0)
+    d = edge / np.where(length > 0, length, 1.0)[..., None]
+    q = np.stack((-d[..., 1], d[..., 0]), axis=-1)
+    s = np.einsum("mej,mvj->mev", d, polys)  # (m, edge, vertex)
+    t = np.einsum("mej,mvj->mev", q, polys)
+    s0, s1, t0, t1 = s.min(2), s.max(2), t.min(2), t.max(2)
+    area = np.where(valid, (s1 - s0) * (t1 - t0), np.inf)
+    best = np.argmin(area, axis=1)
+    rows = np.arange(len(polys))
+    d, q = d[rows, best], q[rows, best]
+    s0, s1, t0, t1 = s0[rows, best], s1[rows, best], t0[rows, best], t1[rows, best]
+    corners = [
+        s_[:, None] * d + t_[:, None] * q for s_, t_ in ((s0, t0), (s1, t0), (s1, t1), (s0, t1))
+    ]
+    return np.stack(corners, axis=1)
 
 
-def _sloped_roof(
-    r: _Rings, f: int, ring_first: int, ring_last: int, kind: str, bottom: float, top: float
-) -> tuple[np.ndarray, Mesh] | None:
-    """Planes and roof surface of footprint `f`, or None when it has no rectangle to span."""
-    rings = [r.xy[r.ring_start[i] : r.ring_end[i]] for i in range(ring_first, ring_last)]
-    footprint = shapely.Polygon(rings[0], rings[1:])
-    if not footprint.is_valid:
-        footprint = shapely.make_valid(footprint)
-    rect = shapely.oriented_envelope(footprint)
-    if not isinstance(rect, shapely.Polygon) or rect.area <= _MIN_AREA_M2:
-        return None
-    corners = np.asarray(rect.exterior.coords)[:4]
-    planes, regions = _roof_planes(corners, kind, bottom, top)
-    clipped = shapely.intersection(np.array([shapely.Polygon(q) for q in regions]), footprint)
-    xys: list[np.ndarray] = []
-    tris: list[np.ndarray] = []
-    count = 0
-    for part in (p for geom in clipped for p in _polygon_parts(geom)):
-        # Clipping leaves near-duplicate vertices where the footprint meets a region's corner.
-        ring_xy = [_distinct(np.asarray(part.exterior.coords)[:-1])] + [
-            _distinct(np.asarray(i.coords)[:-1]) for i in part.interiors
-        ]
-        if len(ring_xy[0]) < 3:
-            continue
-        ring_xy = [ring_xy[0]] + [x for x in ring_xy[1:] if len(x) >= 3]
-        pts = np.concatenate(ring_xy)
-        tri = triangulate(pts, np.cumsum([len(x) for x in ring_xy]))
-        if not len(tri):
-            continue
-        xys.append(pts)
-        tris.append(tri + np.uint32(count))
-        count += len(pts)
-    if not xys:
-        return None
-    xy = np.concatenate(xys)
-    h = _envelope(np.broadcast_to(planes, (len(xy), 4, 3)), xy)
-    lon, lat = from_local(xy, r.origin[f, 0], r.origin[f, 1])
-    roof = Mesh(
-        np.column_stack((lon, lat, h)),
-        np.concatenate(tris),
-        np.full(len(xy), f, np.uint32),
+def _clip_convex(
+    polys: np.ndarray, sizes: np.ndarray, halfplanes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Convex polygons (m, k, 2) clipped to {g <= 0} for each g = c0 + c1 x + c2 y of
+    `halfplanes` (m, h, 3) (Sutherland-Hodgman, exact for convex polygons); padded output."""
+    for j in range(halfplanes.shape[1]):
+        m, k = polys.shape[:2]
+        g = halfplanes[:, j]
+        d = g[:, None, 0] + g[:, None, 1] * polys[..., 0] + g[:, None, 2] * polys[..., 1]
+        slot = np.arange(k)[None, :]
+        real = slot < sizes[:, None]
+        nxt = np.where(slot + 1 < sizes[:, None], slot + 1, 0)
+        p1 = np.take_along_axis(polys, nxt[..., None], axis=1)
+        d1 = np.take_along_axis(d, nxt, axis=1)
+        inside = real & (d <= 1e-9)
+        crossing = real & (((d < -1e-9) & (d1 > 1e-9)) | ((d > 1e-9) & (d1 < -1e-9)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tcut = np.where(crossing, d / (d - d1), 0.0)
+        cut = polys + tcut[..., None] * (p1 - polys)
+        out = np.stack((polys, cut), axis=2).reshape(m, 2 * k, 2)
+        emit = np.stack((inside, crossing), axis=2).reshape(m, 2 * k)
+        order = np.argsort(~emit, axis=1, kind="stable")
+        sizes = emit.sum(axis=1)
+        width = max(int(sizes.max()) if m else 0, 1)
+        order = order[:, :width]
+        polys = np.take_along_axis(out, order[..., None], axis=1)
+        # Pad with each polygon's first vertex, as the other helpers expect.
+        pad = np.arange(width)[None, :] >= sizes[:, None]
+        polys = np.where(pad[..., None], polys[:, :1], polys)
+    return polys, sizes
+
+
+def _sloped_roofs(
+    fp: _Footprints, sloped: np.ndarray, hip: np.ndarray, bottom: np.ndarray, top: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, Mesh]:
+    """Roof surfaces of the footprints `sloped` (hip where `hip`, else gable), all at once.
+
+    Convex footprints without holes (nearly all) are clipped with numpy; the others with
+    shapely. Returns the footprints that got a roof, their planes (k, 4, 3) and the surfaces.
+    """
+    r = fp.rings
+    n_rings = np.bincount(r.ring_polygon, minlength=len(r.polygon_ok))
+    first_ring = np.searchsorted(r.ring_polygon, sloped)
+    simple = (n_rings[sloped] == 1) & convex_rings(r)[first_ring]
+
+    corners = np.zeros((len(sloped), 4, 2))
+    polys, sizes = _padded(r, first_ring[simple])
+    corners[simple] = _min_rectangles(polys, sizes)
+    polygons = None
+    if (~simple).any():
+        other = sloped[~simple]
+        ring_sel = np.isin(r.ring_polygon, other)
+        starts, ends = r.ring_start[ring_sel], r.ring_end[ring_sel]
+        lens = ends - starts
+        vert = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+        lines = shapely.linearrings(r.xy[vert], indices=np.repeat(np.arange(len(lens)), lens))
+        polygons = shapely.polygons(lines, indices=np.searchsorted(other, r.ring_polygon[ring_sel]))
+        invalid = ~shapely.is_valid(polygons)
+        if invalid.any():
+            polygons[invalid] = shapely.make_valid(polygons[invalid])
+        rect = shapely.oriented_envelope(polygons)
+        rect_ok = (shapely.get_type_id(rect) == 3) & (shapely.area(rect) > _MIN_AREA_M2)
+        other_corners = np.zeros((len(other), 4, 2))
+        if rect_ok.any():
+            other_corners[rect_ok] = shapely.get_coordinates(rect[rect_ok]).reshape(-1, 5, 2)[:, :4]
+        corners[~simple] = other_corners
+        ok = np.ones(len(sloped), bool)
+        ok[~simple] = rect_ok
+        polygons = polygons[rect_ok]
+        sloped, hip, corners, simple = sloped[ok], hip[ok], corners[ok], simple[ok]
+    planes, region_xy, region_id = _roof_planes(corners, hip, bottom[sloped], top[sloped])
+
+    # Pieces of roof: (coordinates, ring sizes, piece of each ring, exterior?, building of
+    # each piece as an index into `sloped`).
+    coords: list[np.ndarray] = []
+    ring_sizes: list[np.ndarray] = []
+    ring_piece: list[np.ndarray] = []
+    exterior: list[np.ndarray] = []
+    piece_building: list[np.ndarray] = []
+
+    # Convex footprints: region k is where plane k is the lowest, {f_k - f_j <= 0 for j != k}.
+    simple_ids = np.flatnonzero(simple)
+    pair_b = np.concatenate([simple_ids, simple_ids] + [simple_ids[hip[simple_ids]]] * 2)
+    pair_k = np.concatenate(
+        [np.full(len(simple_ids), k) for k in (0, 1)]
+        + [np.full(int(hip[simple_ids].sum()), k) for k in (2, 3)]
     )
-    return planes, roof
+    if len(pair_b):
+        others = np.array([[j for j in range(4) if j != k] for k in range(4)])
+        halfplanes = planes[pair_b, pair_k][:, None, :] - planes[pair_b[:, None], others[pair_k]]
+        where = np.searchsorted(simple_ids, pair_b)
+        clipped, counts = _clip_convex(polys[where], sizes[where], halfplanes)
+        slot = np.arange(clipped.shape[1])[None, :] < counts[:, None]
+        coords.append(clipped[slot])
+        ring_sizes.append(counts)
+        ring_piece.append(np.arange(len(counts)))
+        exterior.append(np.ones(len(counts), bool))
+        piece_building.append(pair_b)
+
+    if polygons is not None and len(polygons):
+        # The others: shapely intersects the footprint with the region polygons.
+        cut = np.flatnonzero(np.diff(region_id)) + 1
+        region_of = region_id[np.r_[0, cut]]
+        region_len = np.diff(np.r_[0, cut, len(region_id)])
+        complex_ids = np.flatnonzero(~simple)
+        chosen = np.isin(region_of // 4, complex_ids)
+        keep_v = np.repeat(chosen, region_len)
+        region_of, region_len = region_of[chosen], region_len[chosen]
+        regions = shapely.polygons(
+            shapely.linearrings(
+                region_xy[keep_v], indices=np.repeat(np.arange(len(region_of)), region_len)
+            )
+        )
+        footprint_of = np.searchsorted(complex_ids, region_of // 4)
+        parts, part_region = shapely.get_parts(
+            shapely.intersection(regions, polygons[footprint_of]), return_index=True
+        )
+        keep = (shapely.get_type_id(parts) == 3) & (shapely.area(parts) > _MIN_AREA_M2)
+        parts, part_region = parts[keep], part_region[keep]
+        if len(parts):
+            ring_geoms, ring_part = shapely.get_rings(parts, return_index=True)
+            xy, coord_ring = shapely.get_coordinates(ring_geoms, return_index=True)
+            lens = np.bincount(coord_ring, minlength=len(ring_geoms))
+            open_ = np.ones(len(xy), bool)
+            open_[np.cumsum(lens) - 1] = False  # the closing vertex
+            base = sum(len(c) for c in ring_sizes)
+            coords.append(xy[open_])
+            ring_sizes.append(lens - 1)
+            ring_piece.append(ring_part + base)
+            exterior.append(np.r_[True, ring_part[1:] != ring_part[:-1]])
+            piece_building.append(region_of[part_region] // 4)
+
+    if not coords:
+        return sloped, planes, Mesh.empty()
+    piece_of_building = np.concatenate(piece_building)
+    pieces = clean_rings(
+        np.concatenate(coords),
+        np.concatenate(ring_sizes),
+        np.concatenate(ring_piece),
+        np.concatenate(exterior),
+        len(piece_of_building),
+        _DUPLICATE_M,
+        _MIN_AREA_M2,
+    )
+    tri = triangulate_rings(pieces)
+    piece_sizes = pieces.ring_end - pieces.ring_start
+    vertex_building = np.repeat(piece_of_building[pieces.ring_polygon], piece_sizes)
+    h = _envelope(planes[vertex_building], pieces.xy)
+    owner = sloped[vertex_building]
+    lon, lat = from_local(pieces.xy, fp.origin[owner, 0], fp.origin[owner, 1])
+    roof = Mesh(np.column_stack((lon, lat, h)), tri.astype(np.uint32), owner.astype(np.uint32))
+    return sloped, planes, roof
 
 
 def roofed(
@@ -362,25 +468,23 @@ def roofed(
     unknown = set(roof_types) - set(ROOF_TYPES)
     if unknown:
         raise ValueError(f"unknown roof types {sorted(unknown)}; known: {ROOF_TYPES}")
-    r = _prepare(footprints)
+    fp = _prepare(footprints)
     bottom, top = _heights(bottom, top, len(footprints))
-    if not len(r.kept):
+    kept = fp.kept
+    if not len(kept):
         return Mesh.empty()
+    kinds = np.asarray(roof_types, dtype=object)[kept]
     planes = np.zeros((len(footprints), 4, 3))
     planes[:, :, 0] = top[:, None]
-    sloped = [f for f in r.kept if roof_types[f] != "flat"]
-    ring_first = np.searchsorted(r.ring_owner, sloped, side="left")
-    ring_last = np.searchsorted(r.ring_owner, sloped, side="right")
-    roofs: list[Mesh] = []
-    flat = set(int(f) for f in r.kept) - set(int(f) for f in sloped)
-    for f, f0, f1 in zip(sloped, ring_first, ring_last, strict=True):
-        built = _sloped_roof(r, f, f0, f1, roof_types[f], bottom[f], top[f])
-        if built is None:
-            flat.add(int(f))
-            continue
-        planes[f], roof = built
-        roofs.append(roof)
-    flat_ids = np.array(sorted(flat), np.int64)
-    if len(flat_ids):
-        roofs.append(_flat_roofs(r, flat_ids, top))
-    return merge([_roof_walls(r, bottom, planes), *roofs])
+    meshes: list[Mesh] = []
+    sloped = kept[kinds != "flat"]
+    done = np.zeros(0, np.int64)
+    if len(sloped):
+        hip = kinds[kinds != "flat"] == "hip"
+        done, sloped_planes, roof = _sloped_roofs(fp, sloped, hip, bottom, top)
+        planes[done] = sloped_planes
+        meshes.append(roof)
+    flat = np.setdiff1d(kept, done)
+    if len(flat):
+        meshes.append(_flat_roofs(fp, flat, top))
+    return merge([_roof_walls(fp, bottom, planes), *meshes])
