@@ -40,7 +40,7 @@ class DemArray:
     def sample(self, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
         """Nearest pixel (the pixel containing the point, as ``rasterio.sample`` reads);
         NaN outside the DEM or on nodata."""
-        col, row = ~self.transform * (np.asarray(lon, dtype=np.float64),
+        col, row = ~self.transform @ (np.asarray(lon, dtype=np.float64),
                                       np.asarray(lat, dtype=np.float64))
         col, row = np.floor(col).astype(np.int64), np.floor(row).astype(np.int64)
         rows, cols = self.heights.shape

@@ -163,8 +163,9 @@ def _property_values(prop: Property) -> tuple[dict[str, Any], dict[str, np.ndarr
         definition: dict[str, Any] = {"type": "STRING"}
         if missing:
             definition["noData"] = no_data
+        # glTF forbids an empty bufferView: all-empty strings keep one byte no offset reaches.
         arrays: dict[str, np.ndarray] = {
-            "values": np.frombuffer(b"".join(encoded), np.uint8),
+            "values": np.frombuffer(b"".join(encoded) or b"\0", np.uint8),
             "stringOffsets": offsets.astype(np.uint32),
         }
         return definition, arrays

@@ -150,6 +150,10 @@ class TileService:
         return cls(tiles, versions, registry, engine,
                    pooled=settings.db.pool_size + settings.db.max_overflow)
 
+    def connect(self):
+        """A connection of the tile pool (``async with``), for the 3D tile path."""
+        return self._engine.connect()
+
     async def close(self) -> None:
         await self.versions.close()
         await self.registry.close()

@@ -13,6 +13,7 @@ from starlette.types import ExceptionHandler
 
 from layers.uploads import start_uploads
 from tiles.service import TileService
+from tiles.tiles3d import Tiles3D
 from twin import apikeys
 from twin.api import access
 from twin.api.deps import auth_error
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The tile path (versions pushed to this process, the registry, tile pool and cache),
         # which every route that reads layers shares.
         app.state.tiles = tiles_service = TileService.open(settings)
+        app.state.tiles3d = Tiles3D(tiles_service)
         app.state.layer_versions = tiles_service.versions
         app.state.registry = tiles_service.registry
         # The upload service; its jobs run in a thread pool, and jobs a killed server left

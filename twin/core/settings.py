@@ -150,6 +150,9 @@ class TilesSettings(BaseSettings):
     # Seconds a write through twin waits, before it answers, for every process's listener
     # to acknowledge the change (then it answers anyway and logs the ones that did not).
     versions_sync_timeout_s: float = Field(default=2.0, gt=0)
+    # 3D Tiles (issue 13): the DEM layer buildings stand on (with the finer DEMs inside it,
+    # tiles/dem.py), the same the 3D view's quantized-mesh terrain is made from.
+    terrain_3d: str = "terrain"
 
 
 class SensorSettings(BaseSettings):
