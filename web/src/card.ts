@@ -4,11 +4,12 @@
 import * as maplibregl from "maplibre-gl";
 import {
   ApiError, apiGet, type Located, type Plan, type ReachAnswer, type RiskPoint, type RoadTeam,
-  type Sector,
+  type Sector, type Unit,
 } from "./api";
 import { lngLats } from "./bounds";
 import { named, t } from "./i18n";
 import { setOverlay } from "./map";
+import type { BuildingProperties } from "./view3d";
 
 export const REACH_MINUTES = [15, 10, 5];
 const NEAREST_K = 3;
@@ -107,6 +108,47 @@ export class Card {
     if (!bounds.isEmpty()) this.map.fitBounds(bounds, { padding: 120, maxZoom: 16, duration: 600 });
   }
 
+  /** A building picked in the 3D view: its tileset properties (id, name, use, height, floors,
+   *  CIM grade, roof) and the district and street it belongs to, named from the features API. */
+  async openBuilding(building: BuildingProperties): Promise<void> {
+    const generation = this.begin();
+    const units = await Promise.all(([["districts", building.district_code],
+      ["streets", building.street_code]] as const).map(([collection, code]) =>
+      code ? unitNamed(collection, code) : Promise.resolve(null)));
+    if (generation !== this.generation) return;
+    this.rerender = () => this.renderBuilding(building, units[0], units[1]);
+    this.rerender();
+  }
+
+  private renderBuilding(building: BuildingProperties, district: Unit | null,
+                         street: Unit | null): void {
+    const title = el("h2", "card-title", building.name || `${t("card.building")} ${building.id}`);
+    title.dataset.building = String(building.id);
+    const rows = el("dl", "facts");
+    const id = el("code", "", String(building.id));
+    id.dataset.buildingId = String(building.id);
+    addFact(rows, t("card.buildingId"), id);
+    if (building.use) addFact(rows, t("card.use"), t(`use.${building.use}`));
+    if (typeof building.height === "number") {
+      addFact(rows, t("card.height"), `${building.height.toFixed(1)} m`);
+    }
+    if (typeof building.floors === "number") addFact(rows, t("card.floors"), String(building.floors));
+    if (building.cim_level) {
+      addFact(rows, t("card.cim"), `CIM${building.cim_level} · ${t(`cim.${building.cim_level}`)}`);
+    }
+    if (building.roof_type) addFact(rows, t("card.roof"), t(`roof.${building.roof_type}`));
+    for (const [level, code, unit] of [["district", building.district_code, district],
+      ["street", building.street_code, street]] as const) {
+      if (!code) continue;
+      const value = el("span", "", unit ? `${named(unit)} ` : "");
+      const codeBox = el("code", "", code);
+      codeBox.dataset.unit = level;
+      value.append(codeBox);
+      addFact(rows, t(`card.${level}`), value);
+    }
+    this.box.replaceChildren(closeButton(() => this.close()), title, rows);
+  }
+
   /** Any other spot: who owns it, and the area reachable by road in 5, 10 and 15 minutes. */
   async openLocation(lon: number, lat: number): Promise<void> {
     const generation = this.begin();
@@ -183,6 +225,20 @@ function summarise(answer: ReachAnswer): string {
     if (typeof total === "number") parts.push(`${t(`reach.${key}`)} ${total.toLocaleString()}`);
   }
   return parts.join(" · ");
+}
+
+/** An admin unit's names by its code (null when the features API has none). */
+async function unitNamed(collection: "districts" | "streets", code: string): Promise<Unit | null> {
+  try {
+    const answer = await apiGet("/collections/{collection_id}/items", {
+      path: { collection_id: collection },
+      query: { filter: `code = '${code.replace(/'/g, "''")}'`, limit: 1,
+        properties: "code,name_zh,name_en" },
+    }) as GeoJSON.FeatureCollection;
+    return (answer.features[0]?.properties as Unit | undefined) ?? null;
+  } catch {
+    return null;
+  }
 }
 
 function addOwners(rows: HTMLElement, located: Located): void {

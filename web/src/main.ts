@@ -10,12 +10,15 @@ import { LayerPanel } from "./panel";
 import { PipePanel } from "./pipes";
 import { StatsStrip } from "./stats";
 import { UploadPage } from "./upload";
+import type { MapView, View3D } from "./view3d";
 
 declare global {
   interface Window {
     // Exposed for the browser tests (tests/test_web.py) and for the curious in the console.
     __twinMap?: maplibregl.Map;
     __twin?: { panel: LayerPanel; stats: StatsStrip; card: Card; pipes: PipePanel; ready: boolean };
+    // The 3D view (view3d.ts), once opened; ``mode`` says which view is shown.
+    __twin3d?: { mode: "2d" | "3d"; view: View3D | null; switching: boolean };
   }
 }
 
@@ -45,7 +48,83 @@ function route(): void {
   document.getElementById("upload-view")!.hidden = !upload;
   document.getElementById("nav-map")!.classList.toggle("active", !upload);
   document.getElementById("nav-upload")!.classList.toggle("active", upload);
-  if (!upload) window.__twinMap?.resize();
+  if (!upload) {
+    window.__twinMap?.resize();
+    window.__twin3d?.view?.resize();
+  }
+}
+
+/** Where the 2D map looks, for the 3D camera. */
+function mapViewOf(map: maplibregl.Map): MapView {
+  const centre = map.getCenter();
+  return { lon: centre.lng, lat: centre.lat, zoom: map.getZoom(), bearing: map.getBearing(),
+    pitch: map.getPitch() };
+}
+
+/** The 2D/3D switch: the 3D view opens where the map looks and gives the place back. CesiumJS
+ *  (view3d.ts) is loaded on the first switch only. */
+function setUpViewSwitch(map: maplibregl.Map, card: Card, panel: LayerPanel,
+                         colours: Record<number, string>): void {
+  const button = document.getElementById("view-switch")!;
+  const mapBox = document.getElementById("map")!;
+  const globe = document.getElementById("globe-view")!;
+  const loading = globe.querySelector<HTMLElement>(".globe-loading")!;
+  const state: NonNullable<Window["__twin3d"]> = { mode: "2d", view: null, switching: false };
+  window.__twin3d = state;
+  const label = () => {
+    button.dataset.i18n = state.mode === "3d" ? "view.to2d" : "view.to3d";
+    button.textContent = t(button.dataset.i18n);
+    button.classList.toggle("active", state.mode === "3d");
+  };
+  const to3d = async () => {
+    const from = mapViewOf(map);
+    state.mode = "3d";
+    label();
+    mapBox.hidden = true;
+    globe.hidden = false;
+    if (!state.view) {
+      loading.hidden = false;
+      try {
+        const { View3D } = await import("./view3d");
+        state.view = await View3D.create(globe, { card, filters: panel.filters,
+          levelColours: colours });
+      } catch (error) {
+        loading.textContent = `${t("view.failed")}: ${error instanceof Error ? error.message
+          : String(error)}`;
+        throw error;
+      }
+      loading.hidden = true;
+    }
+    await state.view.lookAt(from);
+  };
+  const to2d = () => {
+    const view = state.view?.mapView();
+    state.mode = "2d";
+    label();
+    globe.hidden = true;
+    mapBox.hidden = false;
+    map.resize();
+    if (view) {
+      map.jumpTo({ center: [view.lon, view.lat], zoom: view.zoom, bearing: view.bearing,
+        pitch: view.pitch });
+    }
+  };
+  button.addEventListener("click", () => {
+    if (state.switching) return;
+    state.switching = true;
+    const done = () => { state.switching = false; };
+    if (state.mode === "2d") to3d().then(done, (error: unknown) => { done(); throw error; });
+    else {
+      to2d();
+      done();
+    }
+  });
+  panel.onFilterChange(() => state.view?.filtersChanged());
+  onLangChange(() => {
+    label();
+    state.view?.relabel();
+  });
+  label();
 }
 
 async function main(): Promise<void> {
@@ -86,6 +165,8 @@ async function main(): Promise<void> {
   });
   map.on("mouseenter", RISK_POINTS_LAYER, () => { map.getCanvas().style.cursor = "pointer"; });
   map.on("mouseleave", RISK_POINTS_LAYER, () => { map.getCanvas().style.cursor = ""; });
+
+  setUpViewSwitch(map, card, panel, colours);
 
   const toggle3d = document.getElementById("toggle-3d") as HTMLInputElement;
   toggle3d.addEventListener("change", () => {
