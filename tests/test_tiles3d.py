@@ -287,3 +287,16 @@ def test_a_district_receives_only_its_buildings(scoped: LiveServer, engine: Engi
     assert expected and ids == expected
     # Availability is the district's own: fewer tiles than the city's, none empty.
     assert len(mine.content) < len(everyone.content)
+
+
+def test_the_tileset_is_linked_from_collection_tilejson_and_landing(city: httpx.Client):
+    def hrefs(document: dict) -> list[str]:
+        return [link["href"] for link in document["links"]]
+
+    tileset_url = f"{str(city.base_url).rstrip('/')}/collections/buildings/3dtiles/tileset.json"
+    assert tileset_url in hrefs(city.get("/collections/buildings").json())
+    assert city.get("/tiles/buildings/tilejson.json").json()["tiles3d"] == [tileset_url]
+    assert tileset_url in hrefs(city.get("/", headers={"Accept": "application/json"}).json())
+    assert "tiles3d" not in city.get("/tiles/roads/tilejson.json").json()
+    terrain = hrefs(city.get("/collections/terrain").json())
+    assert any(h.endswith("/collections/terrain/quantized-mesh/layer.json") for h in terrain)

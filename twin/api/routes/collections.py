@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from tiles.buildings3d import is_buildings_layer
 from twin.api.deps import ConnDep, RegistryDep, ScopeDep, VersionsDep
 from twin.core import crs_ref
 from twin.core.layer import Layer
@@ -31,6 +32,9 @@ def collection_document(layer: Layer, base: str, count: int | None, version: int
         ]
     elif layer.kind == "raster":
         links += _raster_links(layer, base)
+    if layer.kind == "3d" or is_buildings_layer(layer):
+        links.append({"href": f"{here}/3dtiles/tileset.json", "rel": "alternate",
+                      "type": "application/json", "title": "3D Tiles 1.1 tileset (CesiumJS)"})
     document: dict[str, object] = {
         "id": layer.id,
         "title": layer.title_zh,
@@ -73,6 +77,9 @@ def _raster_links(layer: Layer, base: str) -> list[dict]:
         links.append({"href": f"{tiles}/raster-tilejson.json?terrain=mapbox", "rel": "alternate",
                       "type": "application/json",
                       "title": "TileJSON of its elevation tiles (Mapbox terrain-RGB)"})
+        links.append({"href": f"{base}/collections/{layer.id}/quantized-mesh/layer.json",
+                      "rel": "alternate", "type": "application/json",
+                      "title": "quantized-mesh-1.0 terrain (CesiumJS), CIM1"})
     return links
 
 

@@ -57,6 +57,13 @@ async def landing(request: Request, f: str | None = Query(None, pattern="^(json|
              "title": "Collections"},
             {"href": f"{base}/healthz", "rel": "status", "type": "application/json",
              "title": "Health"},
+            # The 3D command-hall view's sources (issue 13): the city's buildings as 3D Tiles
+            # 1.1 and its terrain as quantized-mesh, both what CesiumJS reads.
+            {"href": f"{base}/collections/buildings/3dtiles/tileset.json", "rel": "alternate",
+             "type": "application/json", "title": "3D Tiles 1.1: the city's buildings, CIM2-6"},
+            {"href": f"{base}/collections/terrain/quantized-mesh/layer.json",
+             "rel": "alternate", "type": "application/json",
+             "title": "quantized-mesh-1.0 terrain (CIM1)"},
         ],
     })
 

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as ASGIScope
 
 from tiles import metadata
+from tiles.buildings3d import is_buildings_layer
 from tiles.grid import tile_matrix_set
 from tiles.service import TileAnswer, TileRequest
 from tiles.style import risk_map_style
@@ -108,7 +109,13 @@ async def get_tilejson(layer_ids: str, request: Request, registry: RegistryDep,
     layers = [visible_layer(scope, registry, layer_id)
               for layer_id in metadata.split_layer_ids(layer_ids)]
     url = f"{_base(request)}/tiles/{','.join(layer.id for layer in layers)}/{{z}}/{{x}}/{{y}}.mvt"
-    return metadata.tilejson(layers, url, settings.tiles.aggregate_below_zoom)
+    document = metadata.tilejson(layers, url, settings.tiles.aggregate_below_zoom)
+    # The same buildings in 3D: a 3D client finds its tileset here (issue 13).
+    tilesets = [f"{_base(request)}/collections/{layer.id}/3dtiles/tileset.json"
+                for layer in layers if is_buildings_layer(layer)]
+    if tilesets:
+        document["tiles3d"] = tilesets
+    return document
 
 
 @router.get("/tiles/{layer_ids}/{z}/{x}/{y}.mvt", response_class=Response,
