@@ -102,6 +102,7 @@ class Tiles3D:
     def __init__(self, service: TileService):
         self.service = service
         self._placements: _Lru = _Lru(PLACEMENTS_KEPT)
+        self._placing: dict[tuple, anyio.Lock] = {}
         # Content and subtrees by state and address: (bytes, ETag); off with the tile cache.
         self._answers: _Lru | None = _Lru(4096) if service.cache is not None else None
 
@@ -143,12 +144,19 @@ class Tiles3D:
                          ) -> Placement:
         key = (state.key, root)
         placement = self._placements.get(key)
-        if placement is None:
-            ids, boxes = await buildings3d.boxes_in(conn, state.layer, state.scope,
-                                                    state.grades, state.replaced,
-                                                    root.bounds())
-            placement = self._placements.keep(key, implicit.place(
-                root, ids, boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]))
+        if placement is not None:
+            return placement
+        # A client asks for many tiles of one subtree at once: one of them places it.
+        async with self._placing.setdefault(key, anyio.Lock()):
+            placement = self._placements.get(key)
+            if placement is None:
+                ids, boxes = await buildings3d.boxes_in(conn, state.layer, state.scope,
+                                                        state.grades, state.replaced,
+                                                        root.bounds())
+                placement = self._placements.keep(key, await anyio.to_thread.run_sync(
+                    implicit.place, root, ids, boxes[:, 0], boxes[:, 1], boxes[:, 2],
+                    boxes[:, 3]))
+            self._placing.pop(key, None)
         return placement
 
     async def _available_subtree(self, conn: AsyncConnection, state: _State, root: TileId
