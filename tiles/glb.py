@@ -24,6 +24,7 @@ milliseconds, where building it through pygltflib's object model takes far longe
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections.abc import Sequence
@@ -254,8 +255,7 @@ def glb(mesh: Mesh, table: FeatureTable) -> bytes:
     metadata, count = _metadata(table, buf)
     doc["extensions"] = {"EXT_structural_metadata": metadata}
     if not len(triangles):
-        doc["scenes"] = [{"nodes": [0]}]
-        doc["nodes"] = [{"name": "empty"}]
+        doc["scenes"] = [{}]  # no geometry: a scene without nodes
         return _pack(doc, accessors, buf)
     if triangles.max() >= n:
         raise ValueError("a triangle refers to a vertex beyond the positions")
@@ -342,6 +342,36 @@ def glb(mesh: Mesh, table: FeatureTable) -> bytes:
     return _pack(doc, accessors, buf)
 
 
+def _dumps(value: Any) -> str:
+    """Compact JSON of the document, floats written exactly (shortest round-trip repr).
+
+    Not `json.dumps`: cjio (imported by the CityJSON upload) replaces the json module's float
+    formatting process-wide with 6 decimals, which would break accessor min/max.
+    """
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_string(k)}:{_dumps(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_dumps(v) for v in value) + "]"
+    if isinstance(value, str):
+        return _string(value)
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, int | np.integer):
+        return int.__repr__(int(value))
+    if isinstance(value, float | np.floating):
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError("glTF JSON has no NaN or infinity")
+        return float.__repr__(number)
+    if value is None:
+        return "null"
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+def _string(text: str) -> str:
+    return json.encoder.encode_basestring(text)
+
+
 def _pack(doc: dict[str, Any], accessors: list[dict[str, Any]], buf: _Buffer) -> bytes:
     binary = buf.tobytes()
     if accessors:
@@ -349,7 +379,7 @@ def _pack(doc: dict[str, Any], accessors: list[dict[str, Any]], buf: _Buffer) ->
     if buf.views:
         doc["bufferViews"] = buf.views
         doc["buffers"] = [{"byteLength": len(binary)}]
-    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text = _dumps(doc).encode("utf-8")
     # Pad the JSON with spaces so the BIN chunk's data starts 8-byte aligned in the file
     # (12-byte header + 8-byte chunk header + JSON + 8-byte chunk header): typed arrays of
     # 8-byte values (INT64, FLOAT64 columns) can then view the file's bytes directly.
