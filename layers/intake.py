@@ -12,7 +12,8 @@ import re
 import unicodedata
 from pathlib import Path, PurePosixPath
 
-from layers import ingest_model, ingest_raster, ingest_vector, safety
+from layers import ingest_cityjson, ingest_model, ingest_raster, ingest_vector, safety
+from layers.crs import point_to_wgs84
 from layers.plan import JobPlan, UploadForm
 from twin.core.settings import UploadSettings
 
@@ -34,13 +35,18 @@ def prepare(folder: Path, file_name: str, form: UploadForm, limits: UploadSettin
         paths = safety.extract(source, inspected.members, unpacked, limits)
         main = str(paths[inspected.main_member].relative_to(folder))
     layer, anchor = form.layer, None
-    if inspected.kind == "vector":
+    if inspected.format == "cityjson":
+        # Every refusal (no CRS, wrong CRS, no buildings, outside the city) answers now.
+        ingest_cityjson.convert(folder / main, form.source_crs, form.datum, limits)
+    elif inspected.kind == "vector":
         layer = ingest_vector.plan_layer(folder / main, inspected.format, form.layer)
         ingest_vector.check_feature_count(folder / main, inspected.format, layer, limits)
     elif inspected.kind == "raster":
         ingest_raster.check_raster(folder / main, limits)
     elif inspected.kind == "3d":
         anchor = ingest_model.parse_anchor(**dict(form.anchor_fields))
+        ingest_model.check_inside_municipality(*point_to_wgs84(anchor.lon, anchor.lat,
+                                                               form.datum))
     return JobPlan(kind=inspected.kind, format=inspected.format, main=main, title=form.title,
                    layer=layer, source_crs=form.source_crs, datum=form.datum, anchor=anchor,
                    owner_scope=owner_scope, shared=shared, form=form.sent)

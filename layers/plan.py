@@ -17,8 +17,8 @@ from layers.crs import Datum, SourceError, parse_datum, parse_source_crs
 from layers.ingest_model import Anchor
 
 FORM_FIELDS = ("title", "id", "source_crs", "datum", "layer", "lon", "lat", "height", "heading",
-               "cim_level")
-ANCHOR_FIELDS = ("lon", "lat", "height", "heading", "cim_level")
+               "cim_level", "building_id")
+ANCHOR_FIELDS = ("lon", "lat", "height", "heading", "cim_level", "building_id")
 
 
 @dataclass(frozen=True)

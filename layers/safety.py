@@ -48,7 +48,10 @@ SHAPEFILE_MEMBERS = {".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".s
 RATIO_FLOOR_BYTES = 1024 * 1024
 GDAL_VIRTUAL = re.compile(r"/vsi[a-z0-9_]+/|<VRTDataset|\bvrt://", re.IGNORECASE)
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-TEXT_FORMATS = {"geojson", "kml", "csv", "gltf"}
+TEXT_FORMATS = {"geojson", "kml", "csv", "gltf", "cityjson"}
+# CityJSON: named .city.json, or a .json file whose head says "type": "CityJSON".
+CITYJSON_SUFFIX = ".city.json"
+CITYJSON_TYPE = re.compile(rb'"type"\s*:\s*"CityJSON"')
 SQLITE_MAGIC = b"SQLite format 3\x00"
 # Top-level glTF 2.0 properties that are arrays of objects.
 GLTF_ARRAYS = ("accessors", "animations", "buffers", "bufferViews", "cameras", "images",
@@ -67,6 +70,8 @@ class Inspected:
 
 
 def format_of(file_name: str) -> tuple[str, str]:
+    if file_name.lower().endswith(CITYJSON_SUFFIX):
+        return "cityjson", "vector"
     suffix = PurePosixPath(file_name.lower()).suffix
     if suffix not in FORMATS:
         allowed = ", ".join(sorted(FORMATS))
@@ -108,7 +113,17 @@ def _check_json(path: Path, head: bytes, limits: UploadSettings, layer: str | No
     if not head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
         raise UploadRefused("file: a GeoJSON file must hold a JSON object "
                             "(a FeatureCollection, Feature or geometry)")
+    if CITYJSON_TYPE.search(head):
+        return Inspected("cityjson", "vector")
     return Inspected("geojson", "vector")
+
+
+def _check_cityjson(path: Path, head: bytes, limits: UploadSettings, layer: str | None
+                    ) -> Inspected:
+    if not head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+        raise UploadRefused("file: a CityJSON file must hold a JSON object "
+                            '({"type": "CityJSON", ...})')
+    return Inspected("cityjson", "vector")
 
 
 def _check_gpkg(path: Path, head: bytes, limits: UploadSettings, layer: str | None) -> Inspected:
@@ -296,7 +311,7 @@ def _check_kmz(path: Path, head: bytes, limits: UploadSettings, layer: str | Non
 _CHECKS = {
     "geojson": _check_json, "gpkg": _check_gpkg, "csv": _check_csv, "kml": _check_kml,
     "kmz": _check_kmz, "shapefile": _check_shapefile_zip, "geotiff": _check_tiff,
-    "glb": _check_glb, "gltf": _check_gltf,
+    "glb": _check_glb, "gltf": _check_gltf, "cityjson": _check_cityjson,
 }
 
 

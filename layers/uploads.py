@@ -21,15 +21,16 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from layers import intake, versions
+from layers.crs import point_to_wgs84
 from layers.job_liveness import reap_if_dead
 from layers.jobs import JobRunner, create_job, job_document, start_runner
-from layers.plan import FORM_FIELDS, UploadForm
+from layers.plan import FORM_FIELDS, JobPlan, UploadForm
 from layers.receive import Received, boundary_of, content_length_check, receive_upload
 from layers.versions import job_dir
 from twin.core.errors import InvalidParameter
 from twin.core.layer import LayerRegistry
 from twin.core.principal import Principal
-from twin.core.scope import check_layer_writable, visible_layer
+from twin.core.scope import check_layer_writable, table_predicate, visible_layer
 from twin.core.settings import Settings
 
 
@@ -90,6 +91,8 @@ class UploadService:
         if kind is not None and plan.kind != kind:
             raise InvalidParameter(f"file: layer '{layer_id}' is a {kind} layer; a new version "
                                    f"must be {kind} too, got a {plan.kind} file")
+        if plan.anchor is not None:
+            await _check_anchor(conn, plan, who)
         await create_job(conn, job_id, layer_id, action, received.file_name, plan, who.name)
         self._runner.submit(job_id, layer_id)
         return await job_document(conn, job_id)
@@ -150,6 +153,34 @@ class UploadService:
 
     def shutdown(self) -> None:
         self._runner.shutdown()
+
+
+# A model's origin may sit at a corner or beside its building, but not across town.
+ANCHOR_REACH_M = 200.0
+
+
+async def _check_anchor(conn: AsyncConnection, plan: JobPlan, who: Principal) -> None:
+    """400 when a model's building_id names no building in the uploader's jurisdiction, or
+    one far from the anchor (the anchor's bounds were checked by layers.intake)."""
+    anchor = plan.anchor
+    assert anchor is not None
+    if anchor.building_id is None:
+        return
+    lon, lat = point_to_wgs84(anchor.lon, anchor.lat, plan.datum)
+    scope = table_predicate(who.scope, "buildings")
+    distance = (await conn.execute(text(
+        "SELECT ST_Distance(geom::geography, ST_SetSRID(ST_MakePoint(:lon, :lat), 4326)"
+        "::geography) FROM buildings WHERE id = :id" + scope.and_sql),
+        {"id": anchor.building_id, "lon": lon, "lat": lat, **scope.params})).scalar()
+    await conn.rollback()
+    if distance is None:
+        where = "" if who.scope.is_city else " in your jurisdiction"
+        raise InvalidParameter(f"building_id: there is no building {anchor.building_id}{where} "
+                               "(the buildings layer lists their ids)")
+    if distance > ANCHOR_REACH_M:
+        raise InvalidParameter(f"building_id: the anchor lies {distance:.0f} m from building "
+                               f"{anchor.building_id}'s footprint; a model that replaces a "
+                               f"building is anchored within {ANCHOR_REACH_M:.0f} m of it")
 
 
 async def start_uploads(settings: Settings, on_change: Callable[[str], None]) -> UploadService:

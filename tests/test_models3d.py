@@ -25,7 +25,15 @@ from pyproj import Geod, Transformer
 from sqlalchemy import Engine, text
 
 from tests import gltf_validator
-from tests.uploads import minimal_glb
+from tests.uploads import (
+    DISTRICT_EDITOR,
+    DISTRICT_EDITOR_SCOPE,
+    EDITOR,
+    minimal_glb,
+    post_layer,
+    upload_ok,
+    wait,
+)
 from tiles import models3d
 from twin.core.layer import Layer
 
@@ -270,3 +278,90 @@ def test_the_sample_models_content_answers_with_the_building(engine: Engine):
         assert (np.radians(points[:, 1]) <= region[3]).all()
         assert (points[:, 2] >= region[4]).all() and (points[:, 2] <= region[5]).all()
         _validate(glb)
+
+
+# --- uploads: a model that replaces a building ------------------------------------------------
+
+def _building_in(engine: Engine, district: str, inside: bool = True) -> tuple[int, float, float]:
+    """A sample building (id, centroid lon, lat) in ``district`` (or outside it)."""
+    with engine.connect() as conn:
+        row = conn.execute(text(
+            "SELECT id, ST_X(ST_Centroid(geom)), ST_Y(ST_Centroid(geom)) FROM buildings "
+            "WHERE (district_code = :d) = :inside ORDER BY id LIMIT 1"),
+            {"d": district, "inside": inside}).one()
+    return int(row[0]), float(row[1]), float(row[2])
+
+
+def test_a_model_upload_names_the_building_it_replaces(api, engine):
+    building, lon, lat = _building_in(engine, DISTRICT_EDITOR_SCOPE)
+    job = upload_ok(api, "block.glb", minimal_glb(), title="楼栋模型", lon=str(lon),
+                    lat=str(lat), cim_level="5", building_id=str(building))
+    meta = api.get(f"/layers/{job['layer_id']}").json()["meta"]
+    assert meta["building_id"] == building and meta["cim_level"] == 5
+    assert job["params"]["building_id"] == str(building)
+    # The district's own editor may tie a model to a building of its district.
+    response = api.post("/layers", files={"file": ("block.glb", minimal_glb())},
+                        data={"title": "区内模型", "lon": str(lon), "lat": str(lat),
+                              "building_id": str(building)}, headers=DISTRICT_EDITOR)
+    assert response.status_code == 202, response.text
+    assert wait(api, response.json())["state"] == "succeeded"
+
+
+@pytest.mark.parametrize("case", ["unknown", "other-district", "far", "not-a-number"])
+def test_a_bad_building_id_is_refused_at_once(api, engine, uploads_dir, case):
+    building, lon, lat = _building_in(engine, DISTRICT_EDITOR_SCOPE)
+    other, o_lon, o_lat = _building_in(engine, DISTRICT_EDITOR_SCOPE, inside=False)
+    form = {"title": "bad building", "lon": str(lon), "lat": str(lat)}
+    headers, reason = EDITOR, "building_id: "
+    if case == "unknown":
+        form["building_id"], reason = "99999999", "no building 99999999"
+    elif case == "other-district":
+        form |= {"building_id": str(other), "lon": str(o_lon), "lat": str(o_lat)}
+        headers, reason = DISTRICT_EDITOR, f"no building {other} in your jurisdiction"
+    elif case == "far":
+        form |= {"building_id": str(building), "lon": str(lon + 0.05)}
+        reason = "m from building"
+    else:
+        form["building_id"], reason = "12a", "building_id: expected the id of a building"
+    response = api.post("/layers", files={"file": ("m.glb", minimal_glb())}, data=form,
+                        headers=headers)
+    assert response.status_code == 400, response.text
+    assert reason in response.json()["description"]
+    assert not any((uploads_dir / "jobs").glob("*"))
+
+
+@pytest.mark.parametrize(("form", "reason"), [
+    ({"lon": "116.397", "lat": "39.909"},
+     "lon: expected a number in [105.28, 110.2] (the municipality of Chongqing)"),
+    ({"lon": "106.5", "lat": "39.909"},
+     "lat: expected a number in [28.15, 32.21] (the municipality of Chongqing)"),
+])
+def test_an_anchor_outside_the_municipality_is_refused_naming_the_bounds(api, form, reason):
+    response = post_layer(api, "m.glb", minimal_glb(), title="far away", **form)
+    assert response.status_code == 400, response.text
+    assert reason in response.json()["description"]
+
+
+def _glb_with_json(raw: bytes) -> bytes:
+    good = minimal_glb()
+    raw += b" " * (-len(raw) % 4)
+    chunk = struct.pack("<II", len(raw), 0x4E4F534A) + raw
+    rest = good[20 + struct.unpack("<I", good[12:16])[0]:]
+    body = chunk + rest
+    return struct.pack("<4sII", b"glTF", 2, 12 + len(body)) + body
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (_glb_with_json(b'{"asset": {"version": "2.0"'), "the glTF JSON does not parse"),
+    (_glb_with_json(b'[1, 2]'), "the glTF JSON must be an object"),
+    (_glb_with_json(b'{"asset": {"version": "2.0"}, "nodes": {"0": {}}}'),
+     "glTF 'nodes' must be an array of objects"),
+    (minimal_glb()[:12] + struct.pack("<II", 10_000, 0x4E4F534A) + minimal_glb()[20:],
+     "the first GLB chunk must be the JSON chunk"),
+    (minimal_glb()[:12] + struct.pack("<II", 8, 0x004E4942) + minimal_glb()[20:],
+     "the first GLB chunk must be the JSON chunk"),
+], ids=["json-cut", "json-array", "nodes-object", "chunk-too-long", "bin-first"])
+def test_malformed_glb_is_refused_with_its_reason(api, content, reason):
+    response = post_layer(api, "m.glb", content, title="malformed", lon="106.5", lat="29.5")
+    assert response.status_code == 400, response.text
+    assert reason in response.json()["description"]

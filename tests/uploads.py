@@ -21,6 +21,10 @@ from twin.core.settings import AuthSettings, Settings, UploadSettings
 EDITOR_KEY = "test-editor-key-0123456789"
 VIEWER_KEY = "test-viewer-key-0123456789"
 EDITOR = {"Authorization": f"Bearer {EDITOR_KEY}"}
+# A gis-editor whose jurisdiction is Yuzhong district only.
+DISTRICT_EDITOR_KEY = "test-district-editor-key-0123456789"
+DISTRICT_EDITOR_SCOPE = "500103"
+DISTRICT_EDITOR = {"Authorization": f"Bearer {DISTRICT_EDITOR_KEY}"}
 VIEWER = {"Authorization": f"Bearer {VIEWER_KEY}"}
 LIMITS = UploadSettings(max_file_bytes=3_000_000, max_archive_members=20,
                         max_uncompressed_bytes=4_000_000, max_compression_ratio=200,
@@ -33,7 +37,8 @@ NAMES_ZH = ["解放碑", "朝天门", "重庆大剧院"]
 
 def upload_settings(database_url: str, uploads_dir: Path) -> Settings:
     limits = LIMITS.model_copy(update={"dir": uploads_dir})
-    keys = {EDITOR_KEY: "gis-editor:alice", VIEWER_KEY: "viewer"}
+    keys = {EDITOR_KEY: "gis-editor:alice", VIEWER_KEY: "viewer",
+            DISTRICT_EDITOR_KEY: f"gis-editor:bob:district={DISTRICT_EDITOR_SCOPE}"}
     return Settings(database_url=database_url, uploads=limits, auth=AuthSettings(keys=keys))
 
 
@@ -162,3 +167,85 @@ def minimal_glb(extra_json: dict | None = None, version: int = 2) -> bytes:
     chunks = (struct.pack("<II", len(raw), 0x4E4F534A) + raw
               + struct.pack("<II", len(positions), 0x004E4942) + positions)
     return struct.pack("<4sII", b"glTF", version, 12 + len(chunks)) + chunks
+
+
+# --- CityJSON buildings, made by code -------------------------------------------------------
+
+def _rectangle(lon: float, lat: float, width_m: float, depth_m: float, bearing_deg: float
+               ) -> list[tuple[float, float]]:
+    """Four corners (lon, lat), counter-clockwise, of a width x depth rectangle centred at
+    (lon, lat) whose first side runs ``bearing_deg`` clockwise from north."""
+    from pyproj import Geod
+
+    geod = Geod(ellps="WGS84")
+    corners = []
+    for along, across in ((-1, -1), (1, -1), (1, 1), (-1, 1)):
+        x, y = along * width_m / 2, across * depth_m / 2
+        b = np.radians(bearing_deg)
+        east = x * np.sin(b) - y * np.cos(b)
+        north = x * np.cos(b) + y * np.sin(b)
+        azimuth = float(np.degrees(np.arctan2(east, north)))
+        c_lon, c_lat, _ = geod.fwd(lon, lat, azimuth, float(np.hypot(east, north)))
+        corners.append((c_lon, c_lat))
+    return corners
+
+
+def city_building(lon: float, lat: float, ground: float, height: float, roof: str = "flat",
+                  width_m: float = 30.0, depth_m: float = 16.0, bearing_deg: float = 70.0,
+                  attributes: dict | None = None) -> dict:
+    """A building for ``cityjson``: corners, ground and roof heights, roof form."""
+    return {"corners": _rectangle(lon, lat, width_m, depth_m, bearing_deg), "ground": ground,
+            "height": height, "roof": roof, "attributes": attributes or {}}
+
+
+def cityjson(buildings: list[dict], epsg: int | None = 4545, lod: str = "2",
+             version: str = "2.0", scale: float = 0.001, object_type: str = "Building",
+             geometry_type: str = "Solid") -> bytes:
+    """A CityJSON file of ``buildings`` (city_building), corners projected to ``epsg`` with
+    pyproj (x easting, y northing), integer vertices with a transform. LOD1: blocks; LOD2: the
+    roof form (flat or gable, ridge along the first side, eaves at 70 % of the height), with
+    Ground/Wall/RoofSurface semantics."""
+    from pyproj import Transformer
+
+    to_crs = Transformer.from_crs(4326, epsg or 4326, always_xy=True)
+    vertices: list[list[float]] = []
+    objects = {}
+    for k, building in enumerate(buildings):
+        corners = [to_crs.transform(lon, lat) for lon, lat in building["corners"]]
+        z0, top = building["ground"], building["ground"] + building["height"]
+        gable = building["roof"] == "gable" and lod.startswith("2")
+        eave = z0 + 0.7 * building["height"] if gable else top
+        base = len(vertices)
+        vertices += [[x, y, z0] for x, y in corners] + [[x, y, eave] for x, y in corners]
+        g, e = list(range(base, base + 4)), list(range(base + 4, base + 8))
+        surfaces = [[[g[0], g[3], g[2], g[1]]]]
+        kinds = [0]
+        if gable:
+            (x0, y0), (x1, y1), (x2, y2), (x3, y3) = corners
+            r0, r1 = base + 8, base + 9
+            vertices += [[(x3 + x0) / 2, (y3 + y0) / 2, top], [(x1 + x2) / 2, (y1 + y2) / 2, top]]
+            surfaces += [[[g[0], g[1], e[1], e[0]]], [[g[1], g[2], e[2], r1, e[1]]],
+                         [[g[2], g[3], e[3], e[2]]], [[g[3], g[0], e[0], r0, e[3]]],
+                         [[e[0], e[1], r1, r0]], [[e[2], e[3], r0, r1]]]
+            kinds += [1, 1, 1, 1, 2, 2]
+        else:
+            surfaces += [[[g[i], g[(i + 1) % 4], e[(i + 1) % 4], e[i]]] for i in range(4)]
+            surfaces += [[[e[0], e[1], e[2], e[3]]]]
+            kinds += [1, 1, 1, 1, 2]
+        geometry = {"type": geometry_type, "lod": lod,
+                    "boundaries": [surfaces] if geometry_type == "Solid" else surfaces,
+                    "semantics": {"surfaces": [{"type": "GroundSurface"},
+                                               {"type": "WallSurface"},
+                                               {"type": "RoofSurface"}],
+                                  "values": [kinds] if geometry_type == "Solid" else kinds}}
+        objects[f"building-{k + 1}"] = {"type": object_type, "geometry": [geometry],
+                                        "attributes": building["attributes"]}
+    points = np.array(vertices)
+    translate = points.min(axis=0)
+    document: dict = {"type": "CityJSON", "version": version, "CityObjects": objects,
+                      "transform": {"scale": [scale] * 3, "translate": translate.tolist()},
+                      "vertices": np.round((points - translate) / scale).astype(int).tolist()}
+    if epsg is not None:
+        document["metadata"] = {
+            "referenceSystem": f"https://www.opengis.net/def/crs/EPSG/0/{epsg}"}
+    return json.dumps(document, ensure_ascii=False).encode()

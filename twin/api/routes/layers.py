@@ -9,8 +9,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
 from layers import catalog
-from layers.coordinates import GEOGRAPHIC_RANGE
-from layers.crs import DATUMS
+from layers.crs import DATUMS, MUNICIPALITY_BBOX
 from layers.ingest_model import CIM_LEVELS
 from layers.receive import MAX_FIELD_BYTES
 from layers.uploads import IncomingUpload, UploadService
@@ -29,13 +28,15 @@ def get_uploads(request: Request) -> UploadService:
 UploadsDep = Annotated[UploadService, Depends(get_uploads)]
 LayerId = Annotated[str, Path(max_length=64, description="a layer id, as GET /layers lists")]
 
-WEST, SOUTH, EAST, NORTH = GEOGRAPHIC_RANGE
+# A model's anchor lies in the municipality (layers.ingest_model.parse_anchor).
+WEST, SOUTH, EAST, NORTH = MUNICIPALITY_BBOX
 # The form is streamed (layers.receive), not parsed by FastAPI: its schema is declared here.
 _FORM_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"],
     "properties": {
         "file": {"type": "string", "format": "binary",
-                 "description": ".geojson .zip(Shapefile) .gpkg .kml .kmz .csv .tif .glb .gltf"},
+                 "description": ".geojson .zip(Shapefile) .gpkg .kml .kmz .csv .tif .glb .gltf "
+                                "and CityJSON buildings (.city.json, or .json)"},
         "title": {"type": "string", "maxLength": MAX_FIELD_BYTES // 4,
                   "description": f"the layer's name on the map (at most {MAX_FIELD_BYTES} "
                                  "bytes of UTF-8); required on POST"},
@@ -59,7 +60,11 @@ _FORM_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-da
                     "description": "3D models: degrees clockwise from north"},
         "cim_level": {"type": "integer", "minimum": CIM_LEVELS.start,
                       "maximum": CIM_LEVELS.stop - 1, "default": 3,
-                      "description": "3D models: CIM level (1 ground surface … 7 parts)"}}}}}}}
+                      "description": "3D models: CIM level (1 ground surface … 7 parts)"},
+        "building_id": {"type": "integer", "minimum": 1,
+                        "description": "3D models: the building (buildings layer id, in your "
+                                       "jurisdiction) the model replaces when the camera is "
+                                       "close"}}}}}}}
 
 
 def _base(request: Request) -> str:
