@@ -81,15 +81,16 @@ def _prepare(footprints: Sequence[Sequence[np.ndarray]]) -> _Footprints:
     ring_exterior = np.array(ring_exterior_l, bool)
     ring_v = np.repeat(np.arange(len(arrays)), sizes)
     owner = ring_owner[ring_v]
-    # Each footprint's frame is centred on the mean of its exterior's vertices.
-    ext_v = ring_exterior[ring_v]
-    counts = np.maximum(np.bincount(owner[ext_v], minlength=n_fp), 1).astype(np.float64)
-    origin = np.column_stack(
-        (
-            np.bincount(owner[ext_v], lonlat[ext_v, 0], minlength=n_fp) / counts,
-            np.bincount(owner[ext_v], lonlat[ext_v, 1], minlength=n_fp) / counts,
-        )
-    )
+    # Each footprint's frame is centred on its rings' bounding box (which neither a closing
+    # vertex, nor a repeated one, nor the orientation changes): reduce from each exterior to
+    # the next footprint's.
+    origin = np.zeros((n_fp, 2))
+    exteriors = np.flatnonzero(ring_exterior & (sizes > 0))
+    if len(exteriors):
+        starts = (np.cumsum(sizes) - sizes)[exteriors]
+        lo = np.minimum.reduceat(lonlat, starts)
+        hi = np.maximum.reduceat(lonlat, starts)
+        origin[ring_owner[exteriors]] = (lo + hi) / 2.0
     xy = to_local(lonlat[:, 0], lonlat[:, 1], origin[owner, 0], origin[owner, 1])
     rings = clean_rings(
         xy, sizes, ring_owner, ring_exterior, n_fp, tolerance=_DUPLICATE_M, min_area=_MIN_AREA_M2
@@ -275,6 +276,8 @@ def _min_rectangles(polys: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     The rotating-calipers fact: the minimum rectangle of a convex polygon has a side along
     one of its edges, so each edge direction is tried.
     """
+    if not len(polys):
+        return np.zeros((0, 4, 2))
     k = polys.shape[1]
     nxt = np.where(np.arange(k)[None, :] + 1 < sizes[:, None], np.arange(k)[None, :] + 1, 0)
     edge = np.take_along_axis(polys, nxt[..., None], axis=1) - polys  # (m, k, 2)
