@@ -15,7 +15,7 @@ import shapely
 import trimesh
 from pyproj import Geod, Transformer
 
-from tiles.meshes import Mesh, polygon_surfaces
+from tiles.meshes import Mesh, footprint_rings, polygon_surfaces
 from tiles.roofs import MAX_RISE_SHARE, PITCH_DEG, ROOF_TYPES, blocks, roofed
 
 GEOD = Geod(ellps="WGS84")
@@ -326,3 +326,15 @@ def test_polygon_surfaces_keep_holes_and_skip_degenerate_polygons() -> None:
     assert np.all(n[:, 1] < 0)
     with pytest.raises(ValueError, match="one feature"):
         polygon_surfaces([[outer]], np.array([0, 1]))
+
+
+def test_footprint_rings_reads_shapely_polygons() -> None:
+    courtyard = polygon(COURTYARD)
+    multi = shapely.MultiPolygon([polygon(SQUARE), polygon(L_SHAPE)])
+    got = footprint_rings([polygon(RECT), None, shapely.Polygon(), courtyard, multi])
+    assert [len(r) for r in got] == [1, 0, 0, 2, 1]
+    assert np.array_equal(got[0][0], np.asarray(polygon(RECT).exterior.coords))
+    assert np.array_equal(got[3][1], np.asarray(courtyard.interiors[0].coords))
+    assert np.array_equal(got[4][0], np.asarray(polygon(L_SHAPE).exterior.coords))  # larger
+    mesh = blocks(got, np.full(5, 300.0), np.full(5, 310.0))
+    assert set(np.unique(mesh.feature).tolist()) == {0, 3, 4}
