@@ -365,3 +365,13 @@ def test_malformed_glb_is_refused_with_its_reason(api, content, reason):
     response = post_layer(api, "m.glb", content, title="malformed", lon="106.5", lat="29.5")
     assert response.status_code == 400, response.text
     assert reason in response.json()["description"]
+
+
+def test_the_sample_models_are_served_as_3d_layers(client, engine, sample_dir: Path):
+    for layer in _model_layers(engine):
+        model = client.get(f"/layers/{layer.id}/model")
+        assert model.status_code == 200, model.text
+        assert model.content == Path(layer.file_path or "").read_bytes()
+        assert model.headers["content-type"] == "model/gltf-binary"
+        collection = client.get(f"/collections/{layer.id}").json()
+        assert collection["kind"] == "3d" and collection["origin"] == "builtin"

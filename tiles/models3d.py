@@ -132,19 +132,28 @@ def _vertices(path: Path, modified_ns: int) -> np.ndarray:
 
 def model_region(layer: Layer) -> list[float]:
     """[west, south, east, north] in radians and [min, max] height in metres that hold every
-    vertex of the model as placed (a few tenths of a metre of margin)."""
-    vertices = model_vertices(layer)
+    vertex of the model as placed (REGION_MARGIN_M of margin)."""
+    path = _path(layer)
+    lon, lat, height, heading = _anchor(layer.meta)
+    return list(_region(path, path.stat().st_mtime_ns, lon, lat, height, heading))
+
+
+@lru_cache(maxsize=64)
+def _region(path: Path, modified_ns: int, lon: float, lat: float, height: float,
+            heading: float) -> tuple[float, ...]:
+    meta = {"anchor": {"lon": lon, "lat": lat, "height": height}, "heading": heading}
+    vertices = _vertices(path, modified_ns)
     hull = trimesh.convex.hull_points(vertices) if len(vertices) > 64 else vertices
-    geodetic = ecef_to_geodetic(gltf_to_ecef(layer.meta, np.asarray(hull)))
-    lon, lat, h = geodetic[:, 0], geodetic[:, 1], geodetic[:, 2]
-    mid_lat = math.radians(float(lat.mean()))
+    geodetic = ecef_to_geodetic(gltf_to_ecef(meta, np.asarray(hull)))
+    lons, lats, heights = geodetic[:, 0], geodetic[:, 1], geodetic[:, 2]
+    mid_lat = math.radians(float(lats.mean()))
     lat_margin = REGION_MARGIN_M / 6_356_752.0
     lon_margin = REGION_MARGIN_M / (6_378_137.0 * max(math.cos(mid_lat), 1e-6))
-    return [math.radians(float(lon.min())) - lon_margin,
-            math.radians(float(lat.min())) - lat_margin,
-            math.radians(float(lon.max())) + lon_margin,
-            math.radians(float(lat.max())) + lat_margin,
-            float(h.min()) - REGION_MARGIN_M, float(h.max()) + REGION_MARGIN_M]
+    return (math.radians(float(lons.min())) - lon_margin,
+            math.radians(float(lats.min())) - lat_margin,
+            math.radians(float(lons.max())) + lon_margin,
+            math.radians(float(lats.max())) + lat_margin,
+            float(heights.min()) - REGION_MARGIN_M, float(heights.max()) + REGION_MARGIN_M)
 
 
 # --- GLB content ----------------------------------------------------------------------------
