@@ -49,9 +49,10 @@ RATIO_FLOOR_BYTES = 1024 * 1024
 GDAL_VIRTUAL = re.compile(r"/vsi[a-z0-9_]+/|<VRTDataset|\bvrt://", re.IGNORECASE)
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 TEXT_FORMATS = {"geojson", "kml", "csv", "gltf", "cityjson"}
-# CityJSON: named .city.json, or a .json file whose head says "type": "CityJSON".
+# CityJSON: named .city.json, or a .json file whose head says "type": "CityJSON" (or holds
+# its "CityObjects").
 CITYJSON_SUFFIX = ".city.json"
-CITYJSON_TYPE = re.compile(rb'"type"\s*:\s*"CityJSON"')
+CITYJSON_TYPE = re.compile(rb'"type"\s*:\s*"CityJSON"|"CityObjects"\s*:')
 SQLITE_MAGIC = b"SQLite format 3\x00"
 # Top-level glTF 2.0 properties that are arrays of objects.
 GLTF_ARRAYS = ("accessors", "animations", "buffers", "bufferViews", "cameras", "images",
@@ -74,7 +75,7 @@ def format_of(file_name: str) -> tuple[str, str]:
         return "cityjson", "vector"
     suffix = PurePosixPath(file_name.lower()).suffix
     if suffix not in FORMATS:
-        allowed = ", ".join(sorted(FORMATS))
+        allowed = ", ".join(sorted([*FORMATS, CITYJSON_SUFFIX]))
         raise UnsupportedFormat(f"file: '{file_name}' is not a format twin reads; "
                                 f"allowed suffixes: {allowed} (a Shapefile goes in a .zip)")
     return FORMATS[suffix]

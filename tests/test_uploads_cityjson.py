@@ -119,6 +119,8 @@ def test_lod1_building_parts_in_cityjson_1_1(api, engine):
         document["CityObjects"][key]["parents"] = ["parent"]
     document["CityObjects"]["parent"] = {"type": "Building", "children": parts,
                                          "attributes": {"name": "组合楼"}}
+    # A .json file is told from GeoJSON by its content, whatever the order of its keys.
+    document = {"CityObjects": document.pop("CityObjects"), **document}
     job = upload_ok(api, "parts.json", json.dumps(document).encode(), title="LOD1 parts")
     layer = api.get(f"/layers/{job['layer_id']}").json()
     assert layer["meta"]["lod"] == 1
