@@ -15,6 +15,8 @@ import shapely
 import trimesh
 from pyproj import Geod, Transformer
 
+from tests.gltf_validator import problems, validate
+from tiles.glb import FeatureTable, Property, glb
 from tiles.meshes import Mesh, footprint_rings, polygon_surfaces
 from tiles.roofs import MAX_RISE_SHARE, PITCH_DEG, ROOF_TYPES, blocks, roofed
 
@@ -64,16 +66,18 @@ def area_m2(rings: list[np.ndarray]) -> float:
     return abs(GEOD.geometry_area_perimeter(polygon(rings))[0])
 
 
-def open_edges(mesh: Mesh, rows: np.ndarray | None = None) -> np.ndarray:
+def open_edges(mesh: Mesh, lon0: float = LON0, lat0: float = LAT0) -> np.ndarray:
     """Directed edges (as welded vertex pairs) without their reverse: a closed surface has
-    none; a building without a floor only those round its bottom. Returns (k, 2, 3) ENU."""
-    xyz = enu(mesh.positions)
+    none; a building without a floor only those round its bottom. Returns (k, 2, 3) ENU
+    about (lon0, lat0)."""
+    xyz = enu(mesh.positions, lon0, lat0)
     key = np.round(xyz * 1000).astype(np.int64)  # weld at a millimetre
     _, ids = np.unique(key, axis=0, return_inverse=True)
     ids = ids.ravel()
     tri = ids[mesh.triangles]
+    # Slivers narrower than the weld (clipping near a corner) collapse: leave them out.
+    tri = tri[(tri[:, 0] != tri[:, 1]) & (tri[:, 1] != tri[:, 2]) & (tri[:, 2] != tri[:, 0])]
     edges = np.concatenate([tri[:, [0, 1]], tri[:, [1, 2]], tri[:, [2, 0]]])
-    edges = edges[edges[:, 0] != edges[:, 1]]  # edges of zero length
     forward = {tuple(e) for e in edges.tolist()}
     assert len(forward) == len(edges), "an edge is used twice in the same direction"
     lonely = np.array([e for e in edges.tolist() if (e[1], e[0]) not in forward])
@@ -338,3 +342,64 @@ def test_footprint_rings_reads_shapely_polygons() -> None:
     assert np.array_equal(got[4][0], np.asarray(polygon(L_SHAPE).exterior.coords))  # larger
     mesh = blocks(got, np.full(5, 300.0), np.full(5, 310.0))
     assert set(np.unique(mesh.feature).tolist()) == {0, 3, 4}
+
+
+def _varied_footprints(n: int, seed: int) -> list[shapely.Polygon]:
+    """Valid footprints of many kinds: star polygons, unions of boxes (L, T, U shapes),
+    turned rectangles with a courtyard, rounded (buffered) outlines; metres near LON0/LAT0."""
+    rng = np.random.default_rng(seed)
+    k = 1e-5  # ~1 m in degrees
+    shapes: list[shapely.Polygon] = []
+    while len(shapes) < n:
+        x0, y0 = LON0 + rng.random() * 0.01, LAT0 + rng.random() * 0.01
+        kind = len(shapes) % 4
+        if kind == 0:
+            a = np.sort(rng.random(int(rng.integers(5, 14)))) * 2 * np.pi
+            r = 5 + rng.random(len(a)) * 15
+            g = shapely.Polygon(np.column_stack((x0 + r * np.cos(a) * k, y0 + r * np.sin(a) * k)))
+        elif kind == 1:
+            boxes = rng.random((3, 4)) * [20, 20, 15, 15] + [0, 0, 5, 5]
+            g = shapely.union_all(
+                [
+                    shapely.box(x0 + x * k, y0 + y * k, x0 + (x + w) * k, y0 + (y + h) * k)
+                    for x, y, w, h in boxes
+                ]
+            )
+        elif kind == 2:
+            ring = shapely.box(0, 0, 30, 20).difference(shapely.box(10, 5, 18, 12))
+            turned = shapely.affinity.rotate(ring, rng.random() * 180, origin=(0, 0))
+            g = shapely.affinity.translate(
+                shapely.affinity.scale(turned, k, k, origin=(0, 0)), x0, y0
+            )
+        else:
+            line = np.column_stack((x0 + rng.random(3) * 30 * k, y0 + rng.random(3) * 30 * k))
+            g = shapely.LineString(line).buffer(4 * k, quad_segs=3)
+        if isinstance(g, shapely.Polygon) and g.is_valid and g.area > 0:
+            shapes.append(g)
+    return shapes
+
+
+def test_roofs_on_varied_footprints_stay_inside_closed_and_valid() -> None:
+    shapes = _varied_footprints(80, seed=7)
+    n = len(shapes)
+    bottom = 200 + np.arange(n) % 7
+    top = bottom + 6 + (np.arange(n) * 7) % 30
+    kinds = [ROOF_TYPES[i % 3] for i in range(n)]
+    mesh = roofed(footprint_rings(shapes), bottom, top, kinds)
+    assert set(np.unique(mesh.feature).tolist()) == set(range(n))
+    for j, shape in enumerate(shapes):
+        sel = np.flatnonzero(mesh.feature == j)
+        pts = mesh.positions[sel]
+        inside = shape.buffer(1e-8)
+        assert np.all(shapely.contains_xy(inside, pts[:, 0], pts[:, 1])), j
+        assert pts[:, 2].max() <= top[j] + 1e-6 and pts[:, 2].min() >= bottom[j] - 1e-6
+        remap = np.full(len(mesh.positions), -1)
+        remap[sel] = np.arange(len(sel))
+        own = mesh.triangles[np.isin(mesh.triangles[:, 0], sel)]
+        lon0, lat0 = pts[0, :2]
+        lonely = open_edges(Mesh(pts, remap[own], mesh.feature[sel]), lon0, lat0)
+        floor = enu(np.array([[lon0, lat0, bottom[j]]]), lon0, lat0)[0, 2]
+        assert np.allclose(lonely[:, :, 2], floor, atol=0.01), (j, kinds[j])
+    data = glb(mesh, FeatureTable("building", [Property("id", "UINT32", list(range(n)))]))
+    report = validate(data)
+    assert report["issues"]["numErrors"] == 0 and problems(report, data) == []

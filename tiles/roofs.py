@@ -232,9 +232,10 @@ def _roof_walls(fp: _Footprints, bottom: np.ndarray, planes: np.ndarray) -> Mesh
     t = np.where(inside & on_roof, t, 1.0)
     grid = np.concatenate((np.zeros((len(t), 1)), np.sort(t, axis=1), np.ones((len(t), 1))), 1)
     ta, tb = grid[:, :-1], grid[:, 1:]
-    # Split points closer than a millimetre to an end or to each other are one point.
-    length = np.hypot(*(p1 - p0).T)
-    seg = (tb - ta) * length[:, None] > 1e-3
+    # Split points as close to an end or to each other as vertices `clean_rings` merges are
+    # one point (the roof's clipped rings merge them the same way).
+    extent = np.max(np.abs(p1 - p0), axis=1)
+    seg = (tb - ta) * extent[:, None] > _DUPLICATE_M
     # A dropped sliver joins the next piece: each piece starts where the previous kept one ends.
     edge, piece = np.nonzero(seg)
     tb = tb[edge, piece]
