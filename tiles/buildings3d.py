@@ -174,11 +174,6 @@ async def fetch_rows(conn: AsyncConnection, layer: Layer, ids: Sequence[int]) ->
     )
 
 
-def _rings(polygon) -> list[np.ndarray]:
-    return [np.asarray(polygon.exterior.coords)[:, :2]] + [
-        np.asarray(ring.coords)[:, :2] for ring in polygon.interiors]
-
-
 def ground_under(rows: BuildingRows, dems: Sequence[Layer]) -> np.ndarray:
     """The lowest DEM height under each footprint's exterior corners (0 where no DEM)."""
     if not len(rows):
@@ -199,6 +194,7 @@ def building_mesh(rows: BuildingRows, grades: Grades, dems: Sequence[Layer]) -> 
     base = np.where(rows.base_height > 0, ground + rows.base_height, ground - FOUNDATION_M)
     top = ground + rows.height
     lod2 = (rows.cim_level >= 3) & (3 in grades.values)
+    rings = meshes.footprint_rings(rows.footprints)
     parts: list[meshes.Mesh] = []
 
     def remap(mesh: meshes.Mesh, rows_of: np.ndarray) -> meshes.Mesh:
@@ -221,16 +217,16 @@ def building_mesh(rows: BuildingRows, grades: Grades, dems: Sequence[Layer]) -> 
         high = np.array([max(c[2] for c in shapely.get_coordinates(rows.surfaces[k],
                                                                     include_z=True))
                          for k in own_block])
-        parts.append(remap(roofs.blocks([_rings(rows.footprints[k]) for k in own_block],
+        parts.append(remap(roofs.blocks([rings[k] for k in own_block],
                                         low, high), own_block))
     roofed = np.flatnonzero(~own & lod2)
     if roofed.size:
-        parts.append(remap(roofs.roofed([_rings(rows.footprints[k]) for k in roofed],
+        parts.append(remap(roofs.roofed([rings[k] for k in roofed],
                                         base[roofed], top[roofed],
                                         [rows.roof_type[k] for k in roofed]), roofed))
     blocks = np.flatnonzero(~own & ~lod2)
     if blocks.size:
-        parts.append(remap(roofs.blocks([_rings(rows.footprints[k]) for k in blocks],
+        parts.append(remap(roofs.blocks([rings[k] for k in blocks],
                                         base[blocks], top[blocks]), blocks))
     return meshes.merge(parts)
 
