@@ -35,6 +35,8 @@ GEOD = Geod(ellps="WGS84")
 # Near Jiefangbei (Yuzhong) and Guanyinqiao (Jiangbei).
 GABLE = city_building(106.5770, 29.5576, 251.5, 24.0, "gable", width_m=32.0, depth_m=14.0,
                       bearing_deg=70.0)
+HIPPED = city_building(106.5790, 29.5585, 249.0, 18.0, "hip", width_m=36.0, depth_m=16.0,
+                      bearing_deg=160.0)
 TOWER = city_building(106.5330, 29.5750, 262.0, 96.0, "flat", width_m=40.0, depth_m=36.0,
                       bearing_deg=15.0, attributes={"name": "测试大厦", "function": "office",
                                                      "storeysAboveGround": 30})
@@ -71,14 +73,15 @@ def _check_footprint(row: dict, building: dict, tolerance_m: float = 0.5) -> Non
 
 
 def test_lod2_buildings_become_a_vector_layer_with_their_surfaces(api, engine, sample_dir):
-    job = upload_ok(api, "blocks.city.json", cityjson([GABLE, TOWER]), title="CityJSON 楼栋")
-    assert job["report"]["features"] == 2 and job["report"]["source_crs"] == "EPSG:4545"
+    job = upload_ok(api, "blocks.city.json", cityjson([GABLE, TOWER, HIPPED]),
+                    title="CityJSON 楼栋")
+    assert job["report"]["features"] == 3 and job["report"]["source_crs"] == "EPSG:4545"
     layer = api.get(f"/layers/{job['layer_id']}").json()
     assert layer["kind"] == "vector" and layer["geometry_type"] == "Polygon"
     assert layer["meta"]["tiles3d"] == "buildings" and layer["meta"]["lod"] == 2
     rows = _rows(engine, layer)
-    assert [r["cityjson_id"] for r in rows] == ["building-1", "building-2"]
-    for row, building in zip(rows, (GABLE, TOWER), strict=True):
+    assert [r["cityjson_id"] for r in rows] == ["building-1", "building-2", "building-3"]
+    for row, building in zip(rows, (GABLE, TOWER, HIPPED), strict=True):
         assert row["srid"] == 4326 and row["surfaces_type"] == "MULTIPOLYGON"
         _check_footprint(row, building)
         surfaces = shapely.from_wkb(bytes(row["surfaces"]))
@@ -92,22 +95,25 @@ def test_lod2_buildings_become_a_vector_layer_with_their_surfaces(api, engine, s
         assert row["district_code"] == _district_oracle(sample_dir, footprint, "district")
         assert row["street_code"] == _district_oracle(sample_dir, footprint, "street")
     assert rows[0]["district_code"] == "500103"
-    assert (rows[0]["roof_type"], rows[1]["roof_type"]) == ("gable", "flat")
+    assert [row["roof_type"] for row in rows] == ["gable", "flat", "hip"]
     assert len(shapely.from_wkb(bytes(rows[0]["surfaces"])).geoms) == 7  # ground, 4 walls, 2 roofs
     assert (rows[1]["name"], rows[1]["use"], rows[1]["floors"]) == ("测试大厦", "office", 30)
     assert rows[0]["floors"] == 8  # 24 m / 3 m, none given
     # Served like any vector layer: OGC API Features and vector tiles.
     items = api.get(f"/collections/{job['layer_id']}/items", headers=EDITOR).json()
     assert sorted(f["properties"]["cityjson_id"] for f in items["features"]) == [
-        "building-1", "building-2"]
+        "building-1", "building-2", "building-3"]
     assert {f["geometry"]["type"] for f in items["features"]} == {"Polygon"}
     tile = morecantile.tms.get("WebMercatorQuad").tile(106.5770, 29.5576, 16)
     response = api.get(f"/tiles/{job['layer_id']}/{tile.z}/{tile.x}/{tile.y}.mvt",
                        headers=EDITOR)
     assert response.status_code == 200, response.text
     decoded = mapbox_vector_tile.decode(response.content)
-    assert [f["properties"]["cityjson_id"] for f in decoded[job["layer_id"]]["features"]] == [
-        "building-1"]
+    in_tile = {f["properties"]["cityjson_id"] for f in decoded[job["layer_id"]]["features"]}
+    bounds = shapely.box(*morecantile.tms.get("WebMercatorQuad").bounds(tile))
+    assert in_tile == {row["cityjson_id"] for row in rows
+                       if shapely.from_wkb(bytes(row["geom"])).intersects(bounds)}
+    assert "building-1" in in_tile
 
 
 def test_lod1_building_parts_in_cityjson_1_1(api, engine):

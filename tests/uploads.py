@@ -203,7 +203,7 @@ def cityjson(buildings: list[dict], epsg: int | None = 4545, lod: str = "2",
              geometry_type: str = "Solid") -> bytes:
     """A CityJSON file of ``buildings`` (city_building), corners projected to ``epsg`` with
     pyproj (x easting, y northing), integer vertices with a transform. LOD1: blocks; LOD2: the
-    roof form (flat or gable, ridge along the first side, eaves at 70 % of the height), with
+    roof form (flat, gable or hip, ridge along the first side, eaves at 70 % of the height), with
     Ground/Wall/RoofSurface semantics."""
     from pyproj import Transformer
 
@@ -214,7 +214,8 @@ def cityjson(buildings: list[dict], epsg: int | None = 4545, lod: str = "2",
         corners = [to_crs.transform(lon, lat) for lon, lat in building["corners"]]
         z0, top = building["ground"], building["ground"] + building["height"]
         gable = building["roof"] == "gable" and lod.startswith("2")
-        eave = z0 + 0.7 * building["height"] if gable else top
+        hip = building["roof"] == "hip" and lod.startswith("2")
+        eave = z0 + 0.7 * building["height"] if gable or hip else top
         base = len(vertices)
         vertices += [[x, y, z0] for x, y in corners] + [[x, y, eave] for x, y in corners]
         g, e = list(range(base, base + 4)), list(range(base + 4, base + 8))
@@ -228,6 +229,17 @@ def cityjson(buildings: list[dict], epsg: int | None = 4545, lod: str = "2",
                          [[g[2], g[3], e[3], e[2]]], [[g[3], g[0], e[0], r0, e[3]]],
                          [[e[0], e[1], r1, r0]], [[e[2], e[3], r0, r1]]]
             kinds += [1, 1, 1, 1, 2, 2]
+        elif hip:
+            c = np.array(corners)
+            along = (c[1] - c[0]) / np.linalg.norm(c[1] - c[0])
+            inset = np.linalg.norm(c[3] - c[0]) / 2
+            r0, r1 = base + 8, base + 9
+            vertices += [[*((c[3] + c[0]) / 2 + along * inset), top],
+                         [*((c[1] + c[2]) / 2 - along * inset), top]]
+            surfaces += [[[g[i], g[(i + 1) % 4], e[(i + 1) % 4], e[i]]] for i in range(4)]
+            surfaces += [[[e[0], e[1], r1, r0]], [[e[1], e[2], r1]], [[e[2], e[3], r0, r1]],
+                         [[e[3], e[0], r0]]]
+            kinds += [1, 1, 1, 1, 2, 2, 2, 2]
         else:
             surfaces += [[[g[i], g[(i + 1) % 4], e[(i + 1) % 4], e[i]]] for i in range(4)]
             surfaces += [[[e[0], e[1], e[2], e[3]]]]
