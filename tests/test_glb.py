@@ -287,6 +287,9 @@ def test_colours_round_trip() -> None:
     prim = d.gltf.meshes[0].primitives[0]
     assert d.gltf.accessors[prim.attributes.COLOR_0].normalized is True
     assert d.gltf.materials[0].alphaMode == "BLEND"
+    assert not d.gltf.materials[0].doubleSided
+    both = decode(glbmod.glb(mesh, table(), double_sided=True))
+    assert both.gltf.materials[0].doubleSided is True
 
 
 def test_strided_accessors_are_read_as_such() -> None:

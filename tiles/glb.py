@@ -233,9 +233,11 @@ def _metadata(table: FeatureTable, buf: _Buffer) -> tuple[dict[str, Any], int]:
     return extension, count
 
 
-def glb(mesh: Mesh, table: FeatureTable) -> bytes:
+def glb(mesh: Mesh, table: FeatureTable, *, double_sided: bool = False) -> bytes:
     """The mesh and its property table as a GLB 2.0 for a 3D Tiles 1.1 tile.
 
+    `double_sided` draws back faces too (for surfaces of unknown orientation, such as
+    uploaded ones); the producers here wind every face outwards, so the default culls them.
     Raises ValueError for a malformed table or feature rows beyond it.
     """
     buf = _Buffer()
@@ -301,6 +303,8 @@ def glb(mesh: Mesh, table: FeatureTable) -> bytes:
             "roughnessFactor": 0.9,
         }
     }
+    if double_sided:
+        material["doubleSided"] = True
     if mesh.colors is not None:
         colors = np.asarray(mesh.colors, np.uint8).reshape(n, 4)
         attributes["COLOR_0"] = accessor(
