@@ -252,7 +252,11 @@ def test_every_glb_passes_the_khronos_validator(
         lod2[1],
         glbmod.glb(coloured, table()),
         glbmod.glb(see_through, table()),
-        glbmod.glb(cube, glbmod.FeatureTable("model", [glbmod.Property("id", "INT64", [7])])),
+        glbmod.glb(
+            cube,
+            glbmod.FeatureTable("model", [glbmod.Property("id", "INT64", [7])]),
+            double_sided=True,
+        ),
         glbmod.glb(
             big, glbmod.FeatureTable("b", [glbmod.Property("id", "UINT32", list(range(4000)))])
         ),
