@@ -1,0 +1,536 @@
+"""quantized-mesh-1.0 terrain of DEM layers, for CesiumJS's ``CesiumTerrainProvider``.
+
+Layout: Cesium's geographic tiling (EPSG:4326; level 0 is two tiles of 180 x 180 degrees,
+each level halves them), rows counted from the south (TMS). A tile is *available* (listed in
+``layer.json`` and answered) on levels 0..maxzoom of each DEM of the layer's stack
+(tiles/dem.py) where it meets that DEM's bounds, and both level-0 tiles always are: Cesium
+asks for them first. A DEM's maxzoom is the first level whose tiles span at most
+``PIXELS_AT_MAXZOOM`` of its pixels (a 65-sample tile then has two samples per pixel);
+Cesium upsamples the deepest available tile for every closer view.
+
+Surface: the stack read as one continuous surface, the finest DEM with data first: bilinear
+between the pixel centres of a DEM (equal to the DEM at every pixel centre), nodata centres
+dropped from the weights (the remaining weights renormalised), points in a DEM's outer half
+pixel clamped onto its edge centres; 0 m where no DEM has data (as terrain-RGB draws it).
+
+Mesh: the surface sampled on a regular grid of (N+1) x (N+1) points over the tile (grid
+point i at u = round(i * 32767 / N), exactly a quantized position, so vertex heights are the
+surface's at the decoded position), triangulated by Delatin (pydelatin) to a max error E at
+every grid point. N is the smallest power of two giving two samples per pixel of the
+finest DEM meeting the tile, between ``MIN_GRID`` and ``MAX_GRID``: from the level where the
+cap no longer binds, the grid resolves every DEM pixel. E per level is a 64th of the tile's
+ground resolution r(z) (a 65-sample tile's spacing at the equator, pi*a / 64 / 2^z; Cesium
+estimates a heightmap tile's geometric error at about r(z)/4), at least ``MIN_ERROR_M``:
+about 4.9 km at level 0, 9.6 m at level 9, 1.2 m at level 12. Each tile states its E and N
+in the ``Twin-Max-Error`` and ``Twin-Grid`` headers.
+
+Encoding: quantized-mesh-encoder's writers for the vertex, index (high-water mark) and edge
+sections and its octvertexnormals extension, with the header and quantization done here in
+float64 (the library's ``encode`` casts positions to float32, ~1 m at these longitudes, and
+truncates instead of rounding), vertices ordered by first use as the high-water-mark code
+requires, triangles counter-clockwise seen from above.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import math
+import struct
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from threading import Lock
+
+import anyio.to_thread
+import numpy as np
+from pydelatin import Delatin
+from quantized_mesh_encoder.bounding_sphere import bounding_sphere
+from quantized_mesh_encoder.encode import write_edge_indices, write_indices, write_vertices
+from quantized_mesh_encoder.extensions import ExtensionId
+
+from tiles.dem import DemArray, dem_stack, read_dem
+from tiles.service import TileAnswer, TileService
+from tiles.validators import etag_of, headers_of, not_modified
+from twin.core.errors import NotFound
+from twin.core.layer import Layer, LayerRegistry
+from twin.core.principal import Scope
+from twin.core.scope import layer_visible
+
+MEDIA_TYPE = "application/vnd.quantized-mesh"
+FORMAT = "quantized-mesh-1.0"
+EXTENSIONS = ("octvertexnormals",)
+QUANT = 32767
+WGS84_A, WGS84_B = 6378137.0, 6356752.3142451793
+WGS84_E2 = 1.0 - (WGS84_B / WGS84_A) ** 2
+PIXELS_AT_MAXZOOM = 32
+MIN_GRID, MAX_GRID = 16, 128
+MIN_ERROR_M = 0.25
+MAX_LEVEL = 24
+GZIP_LEVEL = 6
+# Made tiles by key (plain bytes): a command hall asks for the same few hundred tiles.
+CACHE_TILES = 2048
+
+
+# --- layout -----------------------------------------------------------------------------
+
+def tile_degrees(z: int) -> float:
+    return 180.0 / 2**z
+
+
+def tile_bounds(z: int, x: int, y: int) -> tuple[float, float, float, float]:
+    """(west, south, east, north) of a tile in degrees; y counted from the south."""
+    size = tile_degrees(z)
+    return -180.0 + x * size, -90.0 + y * size, -180.0 + (x + 1) * size, -90.0 + (y + 1) * size
+
+
+def ground_resolution_m(z: int) -> float:
+    """r(z): the spacing of a 65-sample tile at the equator on level z."""
+    return math.pi * WGS84_A / 64 / 2**z
+
+
+def max_error_m(z: int) -> float:
+    """E(z): the triangulation's max error on level z (see the module docstring)."""
+    return max(MIN_ERROR_M, ground_resolution_m(z) / 64)
+
+
+def dem_maxzoom(pixel_deg: float) -> int:
+    """The first level whose tiles span at most ``PIXELS_AT_MAXZOOM`` pixels."""
+    z = math.ceil(math.log2(180.0 / (PIXELS_AT_MAXZOOM * pixel_deg)) - 1e-9)
+    return min(MAX_LEVEL, max(0, z))
+
+
+def _tile_range(z: int, bounds: Sequence[float]) -> tuple[int, int, int, int]:
+    """(startX, startY, endX, endY) of the tiles meeting ``bounds`` (edges not included)."""
+    size = tile_degrees(z)
+    west, south, east, north = bounds
+    last_x, last_y = 2 ** (z + 1) - 1, 2**z - 1
+
+    def first(value: float, origin: float, last: int) -> int:
+        return min(last, max(0, math.floor((value - origin) / size)))
+
+    def final(value: float, origin: float, last: int) -> int:
+        return min(last, max(0, math.ceil((value - origin) / size) - 1))
+
+    start_x, end_x = first(west, -180.0, last_x), final(east, -180.0, last_x)
+    start_y, end_y = first(south, -90.0, last_y), final(north, -90.0, last_y)
+    return start_x, start_y, max(start_x, end_x), max(start_y, end_y)
+
+
+@dataclass(frozen=True)
+class Region:
+    """One DEM of the stack: where it has its pixels and how fine they are."""
+
+    layer_id: str
+    bounds: tuple[float, float, float, float]
+    pixel_deg: float
+    maxzoom: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which tiles a DEM stack answers, level by level."""
+
+    regions: tuple[Region, ...]
+
+    @property
+    def maxzoom(self) -> int:
+        return max(region.maxzoom for region in self.regions)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        boxes = np.array([region.bounds for region in self.regions])
+        return (float(boxes[:, 0].min()), float(boxes[:, 1].min()),
+                float(boxes[:, 2].max()), float(boxes[:, 3].max()))
+
+    def ranges(self, z: int) -> list[tuple[int, int, int, int]]:
+        """The available tile ranges of level z, none inside another."""
+        if z == 0:
+            return [(0, 0, 1, 0)]
+        found = sorted({_tile_range(z, region.bounds) for region in self.regions
+                        if region.maxzoom >= z})
+        return [r for r in found
+                if not any(o != r and o[0] <= r[0] and o[1] <= r[1] and o[2] >= r[2]
+                           and o[3] >= r[3] for o in found)]
+
+    def available(self, z: int, x: int, y: int) -> bool:
+        return 0 <= z <= self.maxzoom and any(
+            r[0] <= x <= r[2] and r[1] <= y <= r[3] for r in self.ranges(z))
+
+    def check(self, z: int, x: int, y: int) -> None:
+        """NotFound naming the valid range when the tile is not in the layout."""
+        if self.available(z, x, y):
+            return
+        if not 0 <= z <= self.maxzoom:
+            raise NotFound(f"terrain tile {z}/{x}/{y}: level {z} is outside 0..{self.maxzoom}")
+        spans = "; ".join(f"x {r[0]}..{r[2]}, y {r[1]}..{r[3]}" for r in self.ranges(z))
+        raise NotFound(f"terrain tile {z}/{x}/{y} is outside the terrain: levels 0..{self.maxzoom}"
+                       f"; at level {z} the tiles are {spans} (y counted from the south)")
+
+    def grid_cells(self, z: int, x: int, y: int) -> int:
+        """N: two samples per pixel of the finest DEM meeting the tile, and cells small
+        enough that their chords follow the ellipsoid within E(z); within the bounds."""
+        west, south, east, north = tile_bounds(z, x, y)
+        pixels = [region.pixel_deg for region in self.regions
+                  if region.bounds[0] < east and region.bounds[2] > west
+                  and region.bounds[1] < north and region.bounds[3] > south]
+        # A cell's diagonal chord sags a * angle^2 / 4 below the ellipsoid: at most E / 2.
+        wanted = math.radians(tile_degrees(z)) * math.sqrt(WGS84_A / (2 * max_error_m(z)))
+        if pixels:
+            wanted = max(wanted, 2 * tile_degrees(z) / min(pixels))
+        return int(min(MAX_GRID, max(MIN_GRID, 2 ** math.ceil(math.log2(max(wanted, 1.0))))))
+
+
+def layout_of(stack: Sequence[Layer]) -> Layout:
+    regions = []
+    for layer in stack:
+        dem = read_dem(layer)
+        regions.append(Region(layer.id, tuple(float(v) for v in dem.bounds),  # type: ignore[arg-type]
+                              dem.pixel_deg, dem_maxzoom(dem.pixel_deg)))
+    return Layout(tuple(regions))
+
+
+# --- the surface --------------------------------------------------------------------------
+
+def _bilinear(dem: DemArray, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    """The DEM's surface at the points (see the module docstring); NaN where it has none.
+
+    ``lon`` and ``lat`` broadcast against each other: a row of longitudes and a column of
+    latitudes give the grid at once (the DEM is north-up, so columns follow longitude and
+    rows latitude alone).
+    """
+    heights = dem.heights
+    rows, cols = heights.shape
+    t = dem.transform
+    col = (np.asarray(lon, dtype=np.float64) - t.c) / t.a
+    row = (np.asarray(lat, dtype=np.float64) - t.f) / t.e
+    inside = (col >= 0) & (col <= cols) & (row >= 0) & (row <= rows)
+    c = np.clip(col - 0.5, 0.0, cols - 1.0)
+    r = np.clip(row - 0.5, 0.0, rows - 1.0)
+    c0 = np.minimum(np.floor(c), max(cols - 2, 0)).astype(np.int64)
+    r0 = np.minimum(np.floor(r), max(rows - 2, 0)).astype(np.int64)
+    fc, fr = c - c0, r - r0
+    c1, r1 = np.minimum(c0 + 1, cols - 1), np.minimum(r0 + 1, rows - 1)
+    total: np.ndarray | float = 0.0
+    weight: np.ndarray | float = 0.0
+    for rr, cc, w in ((r0, c0, (1 - fr) * (1 - fc)), (r0, c1, (1 - fr) * fc),
+                      (r1, c0, fr * (1 - fc)), (r1, c1, fr * fc)):
+        h = heights[rr, cc]
+        valid = ~np.isnan(h)
+        w = np.where(valid, w, 0.0)
+        total = total + np.where(valid, h, 0.0) * w
+        weight = weight + w
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(inside & (weight > 0), total / weight, np.nan)
+
+
+def surface_heights(dems: Sequence[DemArray], lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    """The stack's surface at the points (broadcast as ``_bilinear``): the first DEM with
+    data there, else 0 m."""
+    out: np.ndarray | None = None
+    for dem in dems:
+        if dem.transform.b or dem.transform.d:
+            raise ValueError("terrain needs north-up DEMs")
+        heights = _bilinear(dem, lon, lat)
+        out = heights if out is None else np.where(np.isnan(out), heights, out)
+        if not np.isnan(out).any():
+            break
+    if out is None:
+        return np.zeros(np.broadcast_shapes(np.shape(lon), np.shape(lat)))
+    return np.nan_to_num(out, nan=0.0)
+
+
+def grid_positions(cells: int) -> np.ndarray:
+    """The quantized positions (0..32767) of the grid's points along one side."""
+    return np.round(np.arange(cells + 1) * QUANT / cells).astype(np.int64)
+
+
+# --- the mesh ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Mesh:
+    u: np.ndarray  # (V,) int, 0..32767 west to east
+    v: np.ndarray  # (V,) int, 0..32767 south to north
+    heights: np.ndarray  # (V,) float64 metres
+    triangles: np.ndarray  # (T, 3) uint32, counter-clockwise seen from above
+    max_error: float
+    cells: int
+
+
+def build_mesh(dems: Sequence[DemArray], z: int, x: int, y: int, cells: int,
+               max_error: float) -> Mesh:
+    west, south, east, north = tile_bounds(z, x, y)
+    grid = grid_positions(cells)
+    lon = west + grid / QUANT * (east - west)
+    lat = south + grid / QUANT * (north - south)
+    # Only the DEMs meeting the tile are read.
+    meeting = [dem for dem in dems if dem.bounds[0] <= east and dem.bounds[2] >= west
+               and dem.bounds[1] <= north and dem.bounds[3] >= south]
+    # Row j is latitude j from the south, column i longitude i from the west.
+    heights = surface_heights(meeting, lon[None, :], lat[:, None])
+    delatin = Delatin(heights + _fall_off(lon, lat), max_error=max_error)
+    points = delatin.vertices
+    triangles = delatin.triangles.astype(np.int64)
+    # Delatin's y counts rows from the array's last one.
+    i, j = points[:, 0].round().astype(np.int64), cells - points[:, 1].round().astype(np.int64)
+    u, v, h = grid[i], grid[j], heights[j, i]
+    # Counter-clockwise in (u east, v north): seen from above, as Cesium draws front faces.
+    a, b, c = triangles[:, 0], triangles[:, 1], triangles[:, 2]
+    area = (u[b] - u[a]) * (v[c] - v[a]) - (u[c] - u[a]) * (v[b] - v[a])
+    triangles[area < 0] = triangles[area < 0][:, [0, 2, 1]]
+    # Vertices in order of first use: the high-water-mark code needs it.
+    flat = triangles.ravel()
+    used, first = np.unique(flat, return_index=True)
+    order = used[np.argsort(first)]
+    remap = np.empty(len(u), dtype=np.int64)
+    remap[order] = np.arange(len(order))
+    return Mesh(u[order], v[order], h[order], remap[triangles].astype(np.uint32),
+                max_error, cells)
+
+
+def _fall_off(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    """The ellipsoid's fall below the tangent plane at the grid's centre, -(de^2 + dn^2) / 2a,
+    on the grid (rows latitude, columns longitude). Delatin triangulates the heights plus
+    this, so a triangle's straight chord in ECEF (what Cesium draws, sagging below the
+    ellipsoid) keeps the max error too, not only its interpolated heights."""
+    lon_c, lat_c = (lon[0] + lon[-1]) / 2, (lat[0] + lat[-1]) / 2
+    north = WGS84_A * np.radians(lat - lat_c)[:, None]
+    east = WGS84_A * np.cos(np.radians(lat))[:, None] * np.radians(lon - lon_c)[None, :]
+    return -(east**2 + north**2) / (2 * WGS84_A)
+
+
+def _ecef(lon: np.ndarray, lat: np.ndarray, h: np.ndarray) -> np.ndarray:
+    lon, lat = np.radians(lon), np.radians(lat)
+    n = WGS84_A / np.sqrt(1 - WGS84_E2 * np.sin(lat) ** 2)
+    return np.column_stack([(n + h) * np.cos(lat) * np.cos(lon),
+                            (n + h) * np.cos(lat) * np.sin(lon),
+                            (n * (1 - WGS84_E2) + h) * np.sin(lat)])
+
+
+def _float32_below(value: float) -> float:
+    single = np.float32(value)
+    return float(np.nextafter(single, np.float32(-np.inf)) if single > value else single)
+
+
+def _float32_above(value: float) -> float:
+    single = np.float32(value)
+    return float(np.nextafter(single, np.float32(np.inf)) if single < value else single)
+
+
+def _occlusion_point(points: np.ndarray, center: np.ndarray) -> np.ndarray:
+    """Cesium's horizon-culling point (ellipsoid-scaled space, computed as Cesium's
+    ``EllipsoidalOccluder`` does); for a tile reaching 90 degrees from its centre (the
+    level-0 hemispheres) the exact point is at infinity, so a far point on that ray."""
+    scale = np.array([WGS84_A, WGS84_A, WGS84_B])
+    scaled = points / scale
+    direction = center / scale
+    direction = direction / np.linalg.norm(direction)
+    magnitude_sq = np.maximum((scaled**2).sum(axis=1), 1.0)
+    magnitude = np.sqrt(magnitude_sq)
+    to_point = scaled / magnitude[:, None]
+    cos_alpha = to_point @ direction
+    sin_alpha = np.linalg.norm(np.cross(to_point, direction), axis=1)
+    cos_beta = 1.0 / magnitude
+    sin_beta = np.sqrt(magnitude_sq - 1.0) * cos_beta
+    denominator = cos_alpha * cos_beta - sin_alpha * sin_beta
+    if np.any(denominator <= 1e-9):
+        return direction * 1e6 * scale
+    return direction * float(np.max(1.0 / denominator)) * scale
+
+
+def _vertex_normals(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """Each vertex's normal in ECEF: the area-weighted mean of its triangles' normals
+    (quantized-mesh-encoder's ``compute_vertex_normals`` weights by the area squared)."""
+    a, b, c = (triangles[:, k].astype(np.int64) for k in range(3))
+    faces = np.cross(points[b] - points[a], points[c] - points[a])  # length: twice the area
+    total = np.zeros_like(points)
+    for corner in (a, b, c):
+        np.add.at(total, corner, faces)
+    length = np.linalg.norm(total, axis=1)
+    length[length == 0] = 1.0
+    return total / length[:, None]
+
+
+def _oct_encode(normals: np.ndarray) -> bytes:
+    """Unit vectors as Cesium's ``AttributeCompression.octEncode``: two bytes each,
+    ``round((v * 0.5 + 0.5) * 255)`` (quantized-mesh-encoder's ``oct_encode`` floors
+    ``* 256``, which turns +1 into byte 0, i.e. -1)."""
+    normals = np.nan_to_num(normals, nan=0.0)
+    l1 = np.abs(normals).sum(axis=1)
+    l1[l1 == 0] = 1.0
+    x, y, z = (normals[:, i] / l1 for i in range(3))
+    sign_x, sign_y = np.where(x < 0, -1.0, 1.0), np.where(y < 0, -1.0, 1.0)
+    below = z < 0
+    x, y = (np.where(below, (1 - np.abs(y)) * sign_x, x),
+            np.where(below, (1 - np.abs(x)) * sign_y, y))
+    packed = np.round((np.clip(np.column_stack([x, y]), -1, 1) * 0.5 + 0.5) * 255)
+    return packed.astype(np.uint8).tobytes()
+
+
+def encode_mesh(mesh: Mesh, z: int, x: int, y: int, normals: bool) -> bytes:
+    west, south, east, north = tile_bounds(z, x, y)
+    lon = west + mesh.u / QUANT * (east - west)
+    lat = south + mesh.v / QUANT * (north - south)
+    low, high = _float32_below(float(mesh.heights.min())), _float32_above(float(mesh.heights.max()))
+    span = high - low
+    hq = (np.zeros(len(mesh.heights), dtype=np.int64) if span <= 0
+          else np.clip(np.round((mesh.heights - low) / span * QUANT), 0, QUANT).astype(np.int64))
+    # Every number below is of the decoded vertices (what Cesium draws), not of the samples.
+    decoded_h = low + hq / QUANT * span if span > 0 else np.full(len(hq), low)
+    points = _ecef(lon, lat, decoded_h)
+    box_low, box_high = points.min(axis=0), points.max(axis=0)
+    center = (box_low + box_high) / 2
+    sphere_center, radius = bounding_sphere(points.copy(), method="naive")
+    sphere_center = np.asarray(sphere_center, dtype=np.float64)
+    radius = max(float(radius), float(np.linalg.norm(points - sphere_center, axis=1).max()))
+    radius = radius * (1 + 1e-9) + 0.01
+    occlusion = _occlusion_point(points, sphere_center)
+    out = io.BytesIO()
+    out.write(struct.pack("<3d2f4d3d", *center, low, high, *sphere_center, radius, *occlusion))
+    quantized = np.column_stack([mesh.u, mesh.v, hq]).astype(np.int16)
+    count = len(mesh.u)
+    write_vertices(out, quantized, count)
+    write_indices(out, mesh.triangles, count)
+    write_edge_indices(out, quantized, count)
+    if normals:
+        encoded = _oct_encode(_vertex_normals(points, mesh.triangles))
+        out.write(struct.pack("<BI", ExtensionId.VERTEX_NORMALS, len(encoded)))
+        out.write(encoded)
+    return out.getvalue()
+
+
+# --- requests -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MeshRequest:
+    layer_id: str
+    z: int
+    x: int
+    y: int
+    scope: Scope
+    # The Accept header: Cesium names the extensions it wants there.
+    accept: str | None = None
+    accepts_gzip: bool = False
+    if_none_match: str | None = None
+
+
+def wants_normals(accept: str | None) -> bool:
+    """Whether ``Accept`` asks for octvertexnormals, as Cesium does:
+    ``application/vnd.quantized-mesh;extensions=octvertexnormals-watermask,...``."""
+    for media_range in (accept or "").split(","):
+        kind, _, params = media_range.partition(";")
+        if kind.strip().lower() != MEDIA_TYPE:
+            continue
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            wanted = value.strip().strip('"').lower().split("-")
+            if name.strip().lower() == "extensions" and "octvertexnormals" in wanted:
+                return True
+    return False
+
+
+@dataclass(frozen=True)
+class _Terrain:
+    layer: Layer
+    stack: tuple[Layer, ...]
+    versions: tuple[tuple[str, int], ...]
+
+    @property
+    def token(self) -> str:
+        """A short token of the data the tiles are made of: the stack's layers and versions."""
+        return hashlib.blake2b(repr(self.versions).encode(), digest_size=6).hexdigest()
+
+
+async def _terrain(service: TileService, layer_id: str, scope: Scope) -> _Terrain:
+    versions = await service.layer_versions()
+    registry, (layer,) = await service.layers_for((layer_id,), scope, versions)
+    stack = await anyio.to_thread.run_sync(_visible_stack, registry, layer, scope)
+    if len(stack) > 1:
+        # The registry current for every DEM of the stack, not only the one asked for.
+        registry, _ = await service.layers_for(tuple(s.id for s in stack), scope, versions)
+    keyed = tuple((s.id, registry.data_version(s.id, versions)) for s in stack)
+    return _Terrain(layer, tuple(stack), keyed)
+
+
+def _visible_stack(registry: LayerRegistry, layer: Layer, scope: Scope) -> list[Layer]:
+    """The layer's DEM stack (400 for a layer that is no DEM), only the DEMs the caller may
+    see: an unshared upload of another centre never shapes its terrain."""
+    return [dem for dem in dem_stack(registry, layer)
+            if dem.id == layer.id or layer_visible(scope, dem.owner_scope, dem.shared)]
+
+
+async def layer_json(service: TileService, layer_id: str, scope: Scope,
+                     if_none_match: str | None = None) -> tuple[dict | None, dict[str, str]]:
+    """Cesium's ``layer.json`` (None when ``If-None-Match`` names it) and its headers."""
+    terrain = await _terrain(service, layer_id, scope)
+    etag = etag_of(("quantized-mesh-layer", terrain.versions))
+    headers = headers_of(etag)
+    if not_modified(etag, if_none_match):
+        return None, headers
+    layout = await anyio.to_thread.run_sync(layout_of, terrain.stack)
+    layer = terrain.layer
+    document = {
+        "tilejson": "2.1.0",
+        "name": layer.title_en,
+        "description": layer.title_zh,
+        "version": "1.0.0",
+        "format": FORMAT,
+        "attribution": "",
+        "scheme": "tms",
+        "projection": "EPSG:4326",
+        "tiles": [f"{{z}}/{{x}}/{{y}}.terrain?v={terrain.token}"],
+        "minzoom": 0,
+        "maxzoom": layout.maxzoom,
+        "bounds": list(layout.bounds),
+        "extensions": list(EXTENSIONS),
+        "available": [[{"startX": r[0], "startY": r[1], "endX": r[2], "endY": r[3]}
+                       for r in layout.ranges(z)] for z in range(layout.maxzoom + 1)],
+    }
+    return document, headers
+
+
+_made: OrderedDict[tuple, tuple[bytes, Mesh]] = OrderedDict()
+_made_lock = Lock()
+
+
+def make_tile(stack: Sequence[Layer], key: tuple, z: int, x: int, y: int,
+              normals: bool) -> tuple[bytes, Mesh]:
+    """The tile's bytes (checked against the layout: 404 naming the range) and its mesh."""
+    with _made_lock:
+        if key in _made:
+            _made.move_to_end(key)
+            return _made[key]
+    layout = layout_of(stack)
+    layout.check(z, x, y)
+    dems = [read_dem(layer) for layer in stack]
+    mesh = build_mesh(dems, z, x, y, layout.grid_cells(z, x, y), max_error_m(z))
+    made = encode_mesh(mesh, z, x, y, normals), mesh
+    with _made_lock:
+        _made[key] = made
+        while len(_made) > CACHE_TILES:
+            _made.popitem(last=False)
+    return made
+
+
+async def terrain_tile(service: TileService, request: MeshRequest) -> TileAnswer:
+    """A ``.terrain`` tile: a layer outside the caller's jurisdiction is 404 before the
+    ETag is compared (as raster tiles), a tile outside the layout is 404 naming the range."""
+    terrain = await _terrain(service, request.layer_id, request.scope)
+    normals = wants_normals(request.accept)
+    key = ("quantized-mesh", terrain.versions, request.z, request.x, request.y, normals)
+    etag = etag_of(key)
+    headers = {**headers_of(etag), "Vary": "Accept, Accept-Encoding"}
+    if not_modified(etag, request.if_none_match):
+        # Still 404 for a tile outside the layout: a 304 never stands for a missing tile.
+        layout = await anyio.to_thread.run_sync(layout_of, terrain.stack)
+        layout.check(request.z, request.x, request.y)
+        return TileAnswer(None, MEDIA_TYPE, headers)
+    content, mesh = await anyio.to_thread.run_sync(
+        make_tile, terrain.stack, key, request.z, request.x, request.y, normals)
+    headers["Twin-Max-Error"] = f"{mesh.max_error:g}"
+    headers["Twin-Grid"] = str(mesh.cells + 1)
+    if request.accepts_gzip:
+        content = gzip.compress(content, GZIP_LEVEL, mtime=0)
+        headers["Content-Encoding"] = "gzip"
+    return TileAnswer(content, MEDIA_TYPE, headers)
