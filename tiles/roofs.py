@@ -13,7 +13,14 @@ roof surface and the top of the walls, and the wall tops meet the roof's eaves e
 - hip: the gable's two planes plus one at each short end with the same pitch; the ridge is
   shorter by the width (a square gives a pyramid).
 The pitch is 30 degrees, its rise capped at half of the building's height so the walls keep
-at least half of it. Work happens in a local metric frame per building (tiles/meshes.py).
+at least half of it. The ridge lies at `top` wherever the footprint reaches it (always for a
+gable; a hip's shorter ridge can miss the arms of an L, whose roof then stays lower).
+Work happens in a local metric frame per building (tiles/meshes.py).
+
+Convex footprints without holes (the sample's rectangles, most real ones) take a numpy path
+for everything, all buildings at once; others are clipped by shapely, also vectorised. A
+self-intersecting footprint keeps its walls as drawn and gets the roof of its `make_valid`
+form; one whose rings enclose no area (a bow tie) is left out.
 """
 
 from __future__ import annotations
