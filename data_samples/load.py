@@ -99,6 +99,7 @@ def load_sample(engine: Engine, sample_dir: Path, verify: bool = True,
         conn.execute(text(f"TRUNCATE {', '.join(TABLE_ORDER)} CASCADE"))
         rows = {table: _copy_table(conn, sample_dir / f"{table}.csv", table)
                 for table in TABLE_ORDER}
+        _advance_sequences(conn)
         # The triggers counted the points per H3 cell; hexagon tiles draw those cells and
         # read their counts in the order of place.
         outlines.store_missing(conn)
@@ -115,6 +116,19 @@ def load_sample(engine: Engine, sample_dir: Path, verify: bool = True,
     log.info("loaded the %s sample city in %.1fs (%d rows)", manifest["scale"], seconds,
              sum(rows.values()))
     return LoadReport(False, seconds, rows)
+
+
+def _advance_sequences(conn: Connection) -> None:
+    """The files carry their ids: each id sequence moves past them, so the next row written
+    through SQL or the API (a new building, a reported risk point) gets a fresh id."""
+    serial = conn.execute(text("""
+        SELECT table_name, pg_get_serial_sequence(table_name, 'id') FROM information_schema.columns
+         WHERE table_schema = 'public' AND column_name = 'id' AND table_name = ANY(:tables)
+    """), {"tables": list(TABLE_ORDER)}).all()
+    for table, sequence in serial:
+        if sequence:
+            conn.execute(text(f'SELECT setval(:sequence, coalesce(max(id), 0) + 1, false) '
+                              f'FROM "{table}"'), {"sequence": sequence})
 
 
 def _copy_table(conn: Connection, path: Path, table: str) -> int:

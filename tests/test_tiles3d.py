@@ -239,10 +239,9 @@ def test_an_edit_changes_exactly_the_tiles_it_touches(city: httpx.Client, engine
         # A new building in empty country: new tiles (and subtrees) appear, nothing else.
         with engine.begin() as conn:
             new_id = conn.execute(text("""
-                INSERT INTO buildings (id, name, use, height_m, floors, cim_level,
-                                       district_code, geom)
-                SELECT (SELECT max(id) + 1 FROM buildings), 'test tower', 'office', 50, 16, 2,
-                       district_code,
+                INSERT INTO buildings (name, use, height_m, floors, cim_level, district_code,
+                                       geom)
+                SELECT 'test tower', 'office', 50, 16, 2, district_code,
                        ST_Translate(geom, 0.25, 0.0) FROM buildings WHERE id = :id
                 RETURNING id"""), {"id": building}).scalar_one()
         inserted = walk(city, BASE)
