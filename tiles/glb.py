@@ -264,6 +264,8 @@ def glb(mesh: Mesh, table: FeatureTable, *, double_sided: bool = False) -> bytes
     feature = np.asarray(mesh.feature, np.uint32)
     if len(feature) != n:
         raise ValueError("one feature row per vertex")
+    if count > 1 << 24:
+        raise ValueError("feature ids are float32: at most 16,777,216 rows per table")
     if feature.max() >= count:
         raise ValueError(f"feature row {int(feature.max())} beyond the table's {count} rows")
 
