@@ -99,11 +99,13 @@ export class View3D {
   colourMode: ColourMode = "use";
   /** Risk points drawn now and matching the view (numberMatched), or null when too high. */
   riskShown: { shown: number; matched: number } | null = null;
-  private risk: Cesium.BillboardCollection;
+  readonly risk: Cesium.BillboardCollection;
   districts: Cesium.GroundPolylinePrimitive | null = null;
   streets: Cesium.GroundPolylinePrimitive | null = null;
   private streetsBox: string | null = null;
   private riskGeneration = 0;
+  // The view and filters of the risk points drawn (a camera at rest asks nothing again).
+  private riskKey: string | null = null;
   private tilesetGeneration = 0;
   private pending = 0;
   private images = new Map<number, HTMLCanvasElement>();
@@ -337,9 +339,14 @@ export class View3D {
     return box[0] <= box[2] ? box : null;
   }
 
-  async loadRiskPoints(): Promise<void> {
-    const generation = ++this.riskGeneration;
+  async loadRiskPoints(force = false): Promise<void> {
     const box = this.heightAboveGround() <= RISK_MAX_HEIGHT_M ? this.viewBox() : null;
+    const { filters } = this.deps;
+    const key = box ? `${box.map((v) => v.toFixed(6)).join(",")}|${[...filters.levels]}|`
+      + [...filters.sectors].join(",") : null;
+    if (key === this.riskKey && !force) return;
+    this.riskKey = key;
+    const generation = ++this.riskGeneration;
     if (!box) {
       this.risk.removeAll();
       this.riskShown = null;
@@ -347,7 +354,6 @@ export class View3D {
       this.viewer.scene.requestRender();
       return;
     }
-    const { filters } = this.deps;
     const clauses: string[] = [];
     if (filters.levels.size < 4) clauses.push(`level IN (${[...filters.levels].join(",") || "0"})`);
     clauses.push(`sector_code IN (${[...filters.sectors].map((s) => `'${s.replace(/'/g, "''")}'`)
@@ -362,6 +368,7 @@ export class View3D {
       }) as typeof answer;
     } catch (error) {
       console.warn(`twin 3D: risk points of the view did not load: ${describe(error)}`);
+      if (generation === this.riskGeneration) this.riskKey = null;
       return;
     }
     if (generation !== this.riskGeneration) return;
@@ -386,7 +393,7 @@ export class View3D {
 
   /** A filter change on the left panel: the points drawn follow it. */
   filtersChanged(): void {
-    void this.loadRiskPoints();
+    void this.loadRiskPoints(true);
   }
 
   private pointImage(level: number): HTMLCanvasElement {
@@ -507,6 +514,36 @@ export class View3D {
     const scene = this.viewer.scene;
     return this.pending === 0 && scene.globe.tilesLoaded
       && (this.tileset === null || this.tileset.tilesLoaded);
+  }
+
+  /** Resolves once a frame drawn after now shows everything asked for (see idle); for the
+   *  tests and for screenshots of the hall. */
+  async settled(): Promise<void> {
+    const scene = this.viewer.scene;
+    for (;;) {
+      await new Promise<void>((resolve) => {
+        const off = scene.postRender.addEventListener(() => {
+          off();
+          resolve();
+        });
+        scene.requestRender();
+      });
+      if (this.idle()) return;
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  }
+
+  /** Put the camera at lon/lat, ``height`` metres above the ellipsoid, looking along
+   *  ``heading`` (degrees from north) and ``pitch`` (degrees, -90 straight down). */
+  setCamera(lon: number, lat: number, height: number, heading = 0, pitch = -90): void {
+    this.viewer.camera.setView({
+      destination: Cesium.Cartesian3.fromDegrees(lon, lat, height),
+      orientation: { heading: Cesium.Math.toRadians(heading), pitch: Cesium.Math.toRadians(pitch),
+        roll: 0 },
+    });
+    this.viewer.scene.requestRender();
+    // Now, not on the camera's moveEnd a few frames later (that one then finds it done).
+    void this.refreshForView();
   }
 
   /** Show the view (its container visible) and fit the canvas. */
