@@ -126,6 +126,9 @@ class Region:
     bounds: tuple[float, float, float, float]
     pixel_deg: float
     maxzoom: int
+    # A pixel centre (the lattice of posts) and the post spacing east and north, degrees.
+    post: tuple[float, float] = (0.0, 0.0)
+    step: tuple[float, float] = (1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -168,26 +171,49 @@ class Layout:
         raise NotFound(f"terrain tile {z}/{x}/{y} is outside the terrain: levels 0..{self.maxzoom}"
                        f"; at level {z} the tiles are {spans} (y counted from the south)")
 
-    def grid_cells(self, z: int, x: int, y: int) -> int:
-        """N: two samples per pixel of the finest DEM meeting the tile, and cells small
-        enough that their chords follow the ellipsoid within E(z); within the bounds."""
+    def grid(self, z: int, x: int, y: int) -> Grid:
+        """Where the surface is sampled for the tile's mesh (see the module docstring)."""
         west, south, east, north = tile_bounds(z, x, y)
-        pixels = [region.pixel_deg for region in self.regions
-                  if region.bounds[0] < east and region.bounds[2] > west
-                  and region.bounds[1] < north and region.bounds[3] > south]
+        size = tile_degrees(z)
+        meeting = [region for region in self.regions
+                   if region.bounds[0] < east and region.bounds[2] > west
+                   and region.bounds[1] < north and region.bounds[3] > south]
         # A cell's diagonal chord sags a * angle^2 / 4 below the ellipsoid: at most E / 2.
-        wanted = math.radians(tile_degrees(z)) * math.sqrt(WGS84_A / (2 * max_error_m(z)))
-        if pixels:
-            wanted = max(wanted, 2 * tile_degrees(z) / min(pixels))
-        return int(min(MAX_GRID, max(MIN_GRID, 2 ** math.ceil(math.log2(max(wanted, 1.0))))))
+        wanted = math.radians(size) * math.sqrt(WGS84_A / (2 * max_error_m(z)))
+        if meeting:
+            finest = min(meeting, key=lambda region: region.pixel_deg)
+            (lon0, lat0), (dx, dy) = finest.post, finest.step
+            first_x, last_x = math.ceil((west - lon0) / dx), math.floor((east - lon0) / dx)
+            first_y, last_y = math.ceil((south - lat0) / dy), math.floor((north - lat0) / dy)
+            across = max(last_x - first_x, last_y - first_y)
+            if wanted <= across <= MAX_GRID and min(last_x - first_x, last_y - first_y) >= 1:
+                return Grid(lon0 + np.arange(first_x, last_x + 1) * dx,
+                            lat0 + np.arange(first_y, last_y + 1) * dy, finest.layer_id)
+            wanted = max(wanted, 2 * size / finest.pixel_deg)
+        cells = int(min(MAX_GRID, max(MIN_GRID, 2 ** math.ceil(math.log2(max(wanted, 1.0))))))
+        positions = grid_positions(cells) / QUANT
+        return Grid(west + positions * (east - west), south + positions * (north - south), None)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Sample longitudes (west to east) and latitudes (south to north); ``posts``: the DEM
+    whose pixel centres inside the tile they are, else None (a regular grid from edge to
+    edge)."""
+
+    lon: np.ndarray
+    lat: np.ndarray
+    posts: str | None
 
 
 def layout_of(stack: Sequence[Layer]) -> Layout:
     regions = []
     for layer in stack:
         dem = read_dem(layer)
+        t = dem.transform
         regions.append(Region(layer.id, tuple(float(v) for v in dem.bounds),  # type: ignore[arg-type]
-                              dem.pixel_deg, dem_maxzoom(dem.pixel_deg)))
+                              dem.pixel_deg, dem_maxzoom(dem.pixel_deg),
+                              (t.c + t.a / 2, t.f + t.e / 2), (abs(t.a), abs(t.e))))
     return Layout(tuple(regions))
 
 
@@ -255,38 +281,102 @@ class Mesh:
     heights: np.ndarray  # (V,) float64 metres
     triangles: np.ndarray  # (T, 3) uint32, counter-clockwise seen from above
     max_error: float
-    cells: int
+    grid: tuple[int, int]  # samples west-east and south-north
+    posts: str | None  # the DEM whose pixel centres were the samples
 
 
-def build_mesh(dems: Sequence[DemArray], z: int, x: int, y: int, cells: int,
+def build_mesh(dems: Sequence[DemArray], z: int, x: int, y: int, grid: Grid,
                max_error: float) -> Mesh:
     west, south, east, north = tile_bounds(z, x, y)
-    grid = grid_positions(cells)
-    lon = west + grid / QUANT * (east - west)
-    lat = south + grid / QUANT * (north - south)
-    # Only the DEMs meeting the tile are read.
-    meeting = [dem for dem in dems if dem.bounds[0] <= east and dem.bounds[2] >= west
-               and dem.bounds[1] <= north and dem.bounds[3] >= south]
+    lon, lat = grid.lon, grid.lat
+    # Only the DEMs meeting the grid are read.
+    meeting = [dem for dem in dems if dem.bounds[0] <= lon[-1] and dem.bounds[2] >= lon[0]
+               and dem.bounds[1] <= lat[-1] and dem.bounds[3] >= lat[0]]
     # Row j is latitude j from the south, column i longitude i from the west.
     heights = surface_heights(meeting, lon[None, :], lat[:, None])
     delatin = Delatin(heights + _fall_off(lon, lat), max_error=max_error)
     points = delatin.vertices
-    triangles = delatin.triangles.astype(np.int64)
     # Delatin's y counts rows from the array's last one.
-    i, j = points[:, 0].round().astype(np.int64), cells - points[:, 1].round().astype(np.int64)
-    u, v, h = grid[i], grid[j], heights[j, i]
-    # Counter-clockwise in (u east, v north): seen from above, as Cesium draws front faces.
+    i = points[:, 0].round().astype(np.int64)
+    j = len(lat) - 1 - points[:, 1].round().astype(np.int64)
+    vertices = np.column_stack([lon[i], lat[j], heights[j, i]])
+    triangles = delatin.triangles.astype(np.int64)
+    if grid.posts is not None:
+        vertices, triangles = _edge_strips(meeting, vertices, triangles, i, j, grid,
+                                           (west, south, east, north))
+    u = np.clip(np.round((vertices[:, 0] - west) / (east - west) * QUANT), 0, QUANT)
+    v = np.clip(np.round((vertices[:, 1] - south) / (north - south) * QUANT), 0, QUANT)
+    u, v, h = u.astype(np.int64), v.astype(np.int64), vertices[:, 2]
+    if grid.posts is not None:
+        # A post within half a quantization step of an edge meets its edge vertex there.
+        _, first_at, same = np.unique(u * (QUANT + 1) + v, return_index=True,
+                                      return_inverse=True)
+        triangles = first_at[same][triangles]
+    # Counter-clockwise in (u east, v north): seen from above, as Cesium draws front faces;
+    # triangles that quantization flattened are left out (they cover nothing).
     a, b, c = triangles[:, 0], triangles[:, 1], triangles[:, 2]
     area = (u[b] - u[a]) * (v[c] - v[a]) - (u[c] - u[a]) * (v[b] - v[a])
     triangles[area < 0] = triangles[area < 0][:, [0, 2, 1]]
-    # Vertices in order of first use: the high-water-mark code needs it.
+    triangles = triangles[area != 0]
+    # Vertices in order of first use (the high-water-mark code needs it), unused ones out.
     flat = triangles.ravel()
     used, first = np.unique(flat, return_index=True)
     order = used[np.argsort(first)]
     remap = np.empty(len(u), dtype=np.int64)
     remap[order] = np.arange(len(order))
     return Mesh(u[order], v[order], h[order], remap[triangles].astype(np.uint32),
-                max_error, cells)
+                max_error, (len(lon), len(lat)), grid.posts)
+
+
+def _edge_strips(dems: Sequence[DemArray], vertices: np.ndarray, triangles: np.ndarray,
+                 i: np.ndarray, j: np.ndarray, grid: Grid,
+                 bounds: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """The mesh of the pixel centres inside the tile, widened to the tile's edges: between
+    its border vertices and the same places on the tile's edges (heights of the surface
+    there), strips less than a pixel wide that hold no pixel centre; a quad at each corner."""
+    west, south, east, north = bounds
+    last_i, last_j = len(grid.lon) - 1, len(grid.lat) - 1
+    added: list[tuple[float, float]] = []
+    made: list[tuple[int, int, int]] = []
+    count = len(vertices)
+
+    def point(lon: float, lat: float) -> int:
+        added.append((lon, lat))
+        return count + len(added) - 1
+
+    def strip(border: np.ndarray, edge_of: tuple[float | None, float | None]) -> list[int]:
+        """Triangles between the border vertices (in order along the side) and their
+        places on the tile's edge; the edge vertices, in the same order."""
+        outer = [point(edge_of[0] if edge_of[0] is not None else vertices[k, 0],
+                       edge_of[1] if edge_of[1] is not None else vertices[k, 1])
+                 for k in border.tolist()]
+        for n in range(len(border) - 1):
+            a, b = int(border[n]), int(border[n + 1])
+            made.extend([(outer[n], a, b), (outer[n], b, outer[n + 1])])
+        return outer
+
+    def side(mask: np.ndarray, by: np.ndarray) -> np.ndarray:
+        found = np.flatnonzero(mask)
+        return found[np.argsort(by[found])]
+
+    west_side, east_side = side(i == 0, j), side(i == last_i, j)
+    south_side, north_side = side(j == 0, i), side(j == last_j, i)
+    west_edge = strip(west_side, (west, None))
+    east_edge = strip(east_side, (east, None))
+    south_edge = strip(south_side, (None, south))
+    north_edge = strip(north_side, (None, north))
+    # The corners: the tile's corner, the inner corner, and its places on the two edges.
+    for corner, inner, on_x, on_y in (
+            ((west, south), west_side[0], west_edge[0], south_edge[0]),
+            ((east, south), east_side[0], east_edge[0], south_edge[-1]),
+            ((west, north), west_side[-1], west_edge[-1], north_edge[0]),
+            ((east, north), east_side[-1], east_edge[-1], north_edge[-1])):
+        tip = point(*corner)
+        made.extend([(tip, on_y, int(inner)), (tip, int(inner), on_x)])
+    places = np.array(added)
+    heights = surface_heights(dems, places[:, 0], places[:, 1])
+    return (np.vstack([vertices, np.column_stack([places, heights])]),
+            np.vstack([triangles, np.array(made, dtype=np.int64)]))
 
 
 def _fall_off(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
@@ -504,7 +594,7 @@ def make_tile(stack: Sequence[Layer], key: tuple, z: int, x: int, y: int,
     layout = layout_of(stack)
     layout.check(z, x, y)
     dems = [read_dem(layer) for layer in stack]
-    mesh = build_mesh(dems, z, x, y, layout.grid_cells(z, x, y), max_error_m(z))
+    mesh = build_mesh(dems, z, x, y, layout.grid(z, x, y), max_error_m(z))
     made = encode_mesh(mesh, z, x, y, normals), mesh
     with _made_lock:
         _made[key] = made
@@ -529,7 +619,9 @@ async def terrain_tile(service: TileService, request: MeshRequest) -> TileAnswer
     content, mesh = await anyio.to_thread.run_sync(
         make_tile, terrain.stack, key, request.z, request.x, request.y, normals)
     headers["Twin-Max-Error"] = f"{mesh.max_error:g}"
-    headers["Twin-Grid"] = str(mesh.cells + 1)
+    headers["Twin-Grid"] = f"{mesh.grid[0]}x{mesh.grid[1]}"
+    if mesh.posts:
+        headers["Twin-Grid-Posts"] = mesh.posts
     if request.accepts_gzip:
         content = gzip.compress(content, GZIP_LEVEL, mtime=0)
         headers["Content-Encoding"] = "gzip"
