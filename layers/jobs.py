@@ -32,7 +32,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from layers import coordinates, ingest_model, ingest_raster, ingest_vector
+from layers import coordinates, ingest_cityjson, ingest_model, ingest_raster, ingest_vector
 from layers import crs as crs_mod
 from layers.crs import Datum, SourceError
 from layers.job_liveness import (
@@ -282,6 +282,9 @@ def _build(conn: Connection, engine: Engine, settings: Settings, job: dict, plan
     def progress(percent: int, step: str) -> None:
         _set(engine, job["id"], RUNNING, progress=percent, step=step)
 
+    if plan.format == "cityjson":  # 3D buildings, published as a vector layer of footprints
+        return ingest_cityjson.build_version(conn, common, source, plan.source_crs, plan.datum,
+                                             settings.uploads, progress)
     if plan.kind == "vector":
         return _build_vector(conn, settings, plan, source, common, progress)
     if plan.kind == "raster":

@@ -9,6 +9,7 @@ import shapely
 from httpx import Client
 
 from layers.builtin import BUILTIN_LAYERS
+from layers.registry import sample_models
 
 
 def test_landing_page_links_the_api_for_clients(client: Client):
@@ -37,7 +38,8 @@ def test_collections_list_every_layer_with_exact_counts(client: Client, sample_d
     collections = {c["id"]: c for c in client.get("/collections").json()["collections"]}
     # Every built-in layer; anything else is an upload (other test modules leave some behind,
     # so the listing must not depend on which ran before).
-    builtin = {layer.id for layer in BUILTIN_LAYERS}
+    builtin = {layer.id for layer in BUILTIN_LAYERS} | {
+        model["id"] for model in sample_models(sample_dir)}
     assert builtin <= set(collections)
     assert all(c["origin"] == "upload" for i, c in collections.items() if i not in builtin)
     admin = pd.read_csv(sample_dir / "admin_units.csv", dtype={"code": str})
