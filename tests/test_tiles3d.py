@@ -299,3 +299,34 @@ def test_the_tileset_is_linked_from_collection_tilejson_and_landing(city: httpx.
     assert "tiles3d" not in city.get("/tiles/roads/tilejson.json").json()
     terrain = hrefs(city.get("/collections/terrain").json())
     assert any(h.endswith("/collections/terrain/quantized-mesh/layer.json") for h in terrain)
+
+
+def test_a_cityjson_upload_is_served_as_3d_tiles_with_its_own_surfaces(api: httpx.Client):
+    from tests.gltf_validator import validate_all
+    from tests.uploads import EDITOR, city_building, cityjson, upload_ok
+
+    buildings = [
+        city_building(106.5772, 29.5578, 251.5, 24.0, "gable", width_m=32.0, depth_m=14.0),
+        city_building(106.5332, 29.5752, 262.0, 96.0, "flat", width_m=40.0, depth_m=36.0)]
+    job = upload_ok(api, "twin3d.city.json", cityjson(buildings), title="CityJSON 3D")
+    base = f"/collections/{job['layer_id']}/3dtiles"
+    for query, lod in (("", 2), ("?cim=2", 1)):
+        walked = walk(api, base, query, headers=EDITOR)
+        decoded = [decode_glb(data) for data in walked.content.values()]
+        assert sum(len(glb.feature_ids()) for glb in decoded) == 2
+        assert all(r["issues"]["numErrors"] == 0
+                   for r in validate_all(list(walked.content.values())))
+        for glb in decoded:
+            for row, grade in enumerate(glb.properties["drawn_grade"]):
+                assert grade == lod + 1
+                mine = glb.feature == row
+                lon, lat, height = glb.lon[mine], glb.lat[mine], glb.height[mine]
+                building = min(buildings, key=lambda b: abs(b["corners"][0][0] - lon[0]))
+                # Its own heights, as the file gives them: no DEM under an upload's surfaces.
+                assert height.min() == pytest.approx(building["ground"], abs=0.1)
+                assert height.max() == pytest.approx(building["ground"] + building["height"],
+                                                     abs=0.1)
+                cos = math.cos(math.radians(lat[0]))
+                for cx, cy in building["corners"]:
+                    gap = np.hypot((lon - cx) * 111_320.0 * cos, (lat - cy) * 111_320.0).min()
+                    assert gap <= 0.5
