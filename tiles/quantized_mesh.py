@@ -13,16 +13,26 @@ between the pixel centres of a DEM (equal to the DEM at every pixel centre), nod
 dropped from the weights (the remaining weights renormalised), points in a DEM's outer half
 pixel clamped onto its edge centres; 0 m where no DEM has data (as terrain-RGB draws it).
 
-Mesh: the surface sampled on a regular grid of (N+1) x (N+1) points over the tile (grid
-point i at u = round(i * 32767 / N), exactly a quantized position, so vertex heights are the
-surface's at the decoded position), triangulated by Delatin (pydelatin) to a max error E at
-every grid point. N is the smallest power of two giving two samples per pixel of the
-finest DEM meeting the tile, between ``MIN_GRID`` and ``MAX_GRID``: from the level where the
-cap no longer binds, the grid resolves every DEM pixel. E per level is a 64th of the tile's
-ground resolution r(z) (a 65-sample tile's spacing at the equator, pi*a / 64 / 2^z; Cesium
-estimates a heightmap tile's geometric error at about r(z)/4), at least ``MIN_ERROR_M``:
-about 4.9 km at level 0, 9.6 m at level 9, 1.2 m at level 12. Each tile states its E and N
-in the ``Twin-Max-Error`` and ``Twin-Grid`` headers.
+Mesh: the surface sampled on a grid and triangulated by Delatin (pydelatin) to a max error E
+at every sample, E per level a 64th of the tile's ground resolution r(z) (a 65-sample tile's
+spacing at the equator, pi*a / 64 / 2^z; Cesium estimates a heightmap tile's geometric error
+at about r(z)/4), at least ``MIN_ERROR_M``: about 4.9 km at level 0, 9.6 m at level 9,
+1.2 m at level 12. Delatin triangulates the heights plus the ellipsoid's fall below the
+tile's tangent plane, so the straight triangles Cesium draws in ECEF keep E too.
+
+* Where a tile spans at most ``MAX_GRID`` pixel centres of the finest DEM meeting it (from
+  level 7 for the sample's 0.02-degree municipality DEM, level 10 for its 0.002-degree
+  central one), the samples are those pixel centres inside the tile: every pixel centre is
+  a sample, so the mesh is within E of the DEM at every one of them. Strips less than a
+  pixel wide (holding no pixel centre) join the mesh's border to the tile's edges, whose
+  vertices sit at the same places on the edge with the surface's height there.
+* Coarser tiles sample a regular (N+1) x (N+1) grid from edge to edge (grid point i at
+  u = round(i * 32767 / N), exactly a quantized position), N a power of two between
+  ``MIN_GRID`` and ``MAX_GRID``: two samples per pixel of the finest DEM meeting the tile,
+  and cells small enough that their chords follow the ellipsoid within E.
+
+Each tile states E and its grid in the ``Twin-Max-Error`` and ``Twin-Grid`` headers
+(``Twin-Grid-Posts``: the DEM whose pixel centres were the samples).
 
 Encoding: quantized-mesh-encoder's writers for the vertex, index (high-water mark) and edge
 sections and its octvertexnormals extension, with the header and quantization done here in
@@ -580,13 +590,22 @@ async def layer_json(service: TileService, layer_id: str, scope: Scope,
     return document, headers
 
 
-_made: OrderedDict[tuple, tuple[bytes, Mesh]] = OrderedDict()
+@dataclass(frozen=True)
+class MadeTile:
+    content: bytes
+    gzipped: bytes
+    # What the tile states about itself: Twin-Max-Error, Twin-Grid(-Posts).
+    facts: dict[str, str]
+
+
+_made: OrderedDict[tuple, MadeTile] = OrderedDict()
 _made_lock = Lock()
 
 
 def make_tile(stack: Sequence[Layer], key: tuple, z: int, x: int, y: int,
-              normals: bool) -> tuple[bytes, Mesh]:
-    """The tile's bytes (checked against the layout: 404 naming the range) and its mesh."""
+              normals: bool) -> MadeTile:
+    """The tile (checked against the layout first: 404 naming the range), made once per
+    key (the stack's data versions, the address, the extensions)."""
     with _made_lock:
         if key in _made:
             _made.move_to_end(key)
@@ -595,7 +614,11 @@ def make_tile(stack: Sequence[Layer], key: tuple, z: int, x: int, y: int,
     layout.check(z, x, y)
     dems = [read_dem(layer) for layer in stack]
     mesh = build_mesh(dems, z, x, y, layout.grid(z, x, y), max_error_m(z))
-    made = encode_mesh(mesh, z, x, y, normals), mesh
+    content = encode_mesh(mesh, z, x, y, normals)
+    facts = {"Twin-Max-Error": f"{mesh.max_error:g}", "Twin-Grid": f"{mesh.grid[0]}x{mesh.grid[1]}"}
+    if mesh.posts:
+        facts["Twin-Grid-Posts"] = mesh.posts
+    made = MadeTile(content, gzip.compress(content, GZIP_LEVEL, mtime=0), facts)
     with _made_lock:
         _made[key] = made
         while len(_made) > CACHE_TILES:
@@ -616,13 +639,9 @@ async def terrain_tile(service: TileService, request: MeshRequest) -> TileAnswer
         layout = await anyio.to_thread.run_sync(layout_of, terrain.stack)
         layout.check(request.z, request.x, request.y)
         return TileAnswer(None, MEDIA_TYPE, headers)
-    content, mesh = await anyio.to_thread.run_sync(
+    made = await anyio.to_thread.run_sync(
         make_tile, terrain.stack, key, request.z, request.x, request.y, normals)
-    headers["Twin-Max-Error"] = f"{mesh.max_error:g}"
-    headers["Twin-Grid"] = f"{mesh.grid[0]}x{mesh.grid[1]}"
-    if mesh.posts:
-        headers["Twin-Grid-Posts"] = mesh.posts
+    headers.update(made.facts)
     if request.accepts_gzip:
-        content = gzip.compress(content, GZIP_LEVEL, mtime=0)
-        headers["Content-Encoding"] = "gzip"
-    return TileAnswer(content, MEDIA_TYPE, headers)
+        return TileAnswer(made.gzipped, MEDIA_TYPE, {**headers, "Content-Encoding": "gzip"})
+    return TileAnswer(made.content, MEDIA_TYPE, headers)
