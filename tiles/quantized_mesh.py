@@ -52,6 +52,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from threading import Lock
+from weakref import WeakKeyDictionary
 
 import anyio.to_thread
 import numpy as np
@@ -545,12 +546,21 @@ class _Terrain:
 async def _terrain(service: TileService, layer_id: str, scope: Scope) -> _Terrain:
     versions = await service.layer_versions()
     registry, (layer,) = await service.layers_for((layer_id,), scope, versions)
-    stack = await anyio.to_thread.run_sync(_visible_stack, registry, layer, scope)
+    stacks = _stacks.setdefault(registry, {})
+    stack = stacks.get((layer.id, scope.key))
+    if stack is None:
+        # Reads the DEMs' pixel sizes (cached by file), once per registry and scope.
+        stack = await anyio.to_thread.run_sync(_visible_stack, registry, layer, scope)
+        stacks[(layer.id, scope.key)] = stack
     if len(stack) > 1:
         # The registry current for every DEM of the stack, not only the one asked for.
         registry, _ = await service.layers_for(tuple(s.id for s in stack), scope, versions)
     keyed = tuple((s.id, registry.data_version(s.id, versions)) for s in stack)
     return _Terrain(layer, tuple(stack), keyed)
+
+
+# Each registry's stacks by (layer, scope key): a publish resolves a new registry.
+_stacks: WeakKeyDictionary[LayerRegistry, dict[tuple, list[Layer]]] = WeakKeyDictionary()
 
 
 def _visible_stack(registry: LayerRegistry, layer: Layer, scope: Scope) -> list[Layer]:
@@ -602,14 +612,21 @@ _made: OrderedDict[tuple, MadeTile] = OrderedDict()
 _made_lock = Lock()
 
 
+def _cached(key: tuple) -> MadeTile | None:
+    with _made_lock:  # held for a dictionary operation only
+        made = _made.get(key)
+        if made is not None:
+            _made.move_to_end(key)
+        return made
+
+
 def make_tile(stack: Sequence[Layer], key: tuple, z: int, x: int, y: int,
               normals: bool) -> MadeTile:
     """The tile (checked against the layout first: 404 naming the range), made once per
     key (the stack's data versions, the address, the extensions)."""
-    with _made_lock:
-        if key in _made:
-            _made.move_to_end(key)
-            return _made[key]
+    made = _cached(key)
+    if made is not None:
+        return made
     layout = layout_of(stack)
     layout.check(z, x, y)
     dems = [read_dem(layer) for layer in stack]
@@ -639,8 +656,10 @@ async def terrain_tile(service: TileService, request: MeshRequest) -> TileAnswer
         layout = await anyio.to_thread.run_sync(layout_of, terrain.stack)
         layout.check(request.z, request.x, request.y)
         return TileAnswer(None, MEDIA_TYPE, headers)
-    made = await anyio.to_thread.run_sync(
-        make_tile, terrain.stack, key, request.z, request.x, request.y, normals)
+    made = _cached(key)  # made already: no thread
+    if made is None:
+        made = await anyio.to_thread.run_sync(
+            make_tile, terrain.stack, key, request.z, request.x, request.y, normals)
     headers.update(made.facts)
     if request.accepts_gzip:
         return TileAnswer(made.gzipped, MEDIA_TYPE, {**headers, "Content-Encoding": "gzip"})
