@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import re
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import numpy as np
 import pytest
 import rasterio
 from pyproj import Transformer
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from tests.servers import LiveServer
 from twin.core.settings import AuthSettings, Settings
@@ -586,3 +587,26 @@ def test_a_district_sees_the_builtin_terrain_as_the_city_does(
     assert mine.status_code == 200 and mine.content == theirs.content
     anonymous = httpx.get(f"{str(district_client.base_url).rstrip('/')}{url}")
     assert anonymous.status_code == 401
+
+
+def test_a_new_version_of_a_finer_dem_changes_the_terrain_of_the_municipality(
+        client: httpx.Client, engine: Engine, layer_json: dict):
+    """The municipality terrain is made of the central DEM too: a new data version of that
+    layer changes the tiles' ``v=`` and every ETag, so no client keeps the old mesh."""
+    z, x, y = available_tiles(layer_json)[-1]
+    url = tile_url(layer_json, z, x, y)
+    before = client.get(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE layers SET data_version = data_version + 1 "
+                          "WHERE id = 'terrain_central'"))
+    deadline = time.monotonic() + 10
+    while True:
+        document = client.get(f"{base()}/layer.json").json()
+        if document["tiles"] != layer_json["tiles"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert document["tiles"] != layer_json["tiles"]
+    assert document["available"] == layer_json["available"]
+    again = client.get(url, headers={"If-None-Match": before.headers["etag"]})
+    assert again.status_code == 200 and again.headers["etag"] != before.headers["etag"]
+    assert again.content == before.content  # the same file: the same mesh
