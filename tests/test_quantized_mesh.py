@@ -18,8 +18,11 @@ states plus quantization.
 from __future__ import annotations
 
 import gzip
+import json
+import os
 import re
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -610,3 +613,92 @@ def test_a_new_version_of_a_finer_dem_changes_the_terrain_of_the_municipality(
     again = client.get(url, headers={"If-None-Match": before.headers["etag"]})
     assert again.status_code == 200 and again.headers["etag"] != before.headers["etag"]
     assert again.content == before.content  # the same file: the same mesh
+
+
+# --- CesiumJS itself as the reader ----------------------------------------------------------
+
+WEB = Path(__file__).resolve().parents[1] / "web"
+CESIUM_READER = r"""
+import { createRequire } from "module";
+import { readFileSync } from "fs";
+const require = createRequire(process.env.TWIN_WEB + "/package.json");
+const Cesium = require("cesium");
+const job = JSON.parse(readFileSync(0, "utf8"));
+const provider = await Cesium.CesiumTerrainProvider.fromUrl(job.base, {
+  requestVertexNormals: true });
+const rows = (z) => 2 ** z - 1;  // Cesium counts rows from the north, TMS from the south
+const out = { normals: provider.hasVertexNormals, tiles: [], probes: [] };
+for (const [z, x, y] of job.probes) {
+  out.probes.push(provider.getTileDataAvailable(x, rows(z) - y, z));
+}
+for (const { z, x, y, points } of job.tiles) {
+  const data = await provider.requestTileGeometry(x, rows(z) - y, z);
+  const rect = provider.tilingScheme.tileXYToRectangle(x, rows(z) - y, z);
+  out.tiles.push({
+    vertices: data._quantizedVertices.length / 3, triangles: data._indices.length / 3,
+    min: data._minimumHeight, max: data._maximumHeight,
+    normals: data._encodedNormals ? data._encodedNormals.length / 2 : 0,
+    heights: points.map(([lon, lat]) => data.interpolateHeight(
+      rect, Cesium.Math.toRadians(lon), Cesium.Math.toRadians(lat))),
+  });
+}
+console.log(JSON.stringify(out));
+"""
+
+
+def test_cesium_reads_the_terrain(server: LiveServer, layer_json: dict, every_tile: dict,
+                                  dems: dict[str, Dem]):
+    """CesiumJS (the web app's npm package) loads layer.json and the tiles as the 3D view
+    will: availability as listed, the meshes our decoder read, normals, and its own
+    height interpolation at DEM pixel centres within the stated max error (plus the sag of
+    a triangle's chord, which Cesium's height interpolation leaves out, and quantization)."""
+    assert (WEB / "node_modules" / "cesium").exists(), "npm install in web/ first"
+    listed = available_tiles(layer_json)
+    sample = sorted({listed[i] for i in np.linspace(0, len(listed) - 1, 40).astype(int)}
+                    | {(0, 0, 0), (0, 1, 0)})
+    jobs = []
+    for z, x, y in sample:
+        tile, headers = every_tile[(z, x, y)]
+        posts = headers.get("twin-grid-posts")
+        points: list = []
+        if posts:
+            west, south, east, north = tile_box(z, x, y)
+            lon, lat, value = dems[posts].centres()
+            inside = ((lon > west) & (lon < east) & (lat > south) & (lat < north)
+                      & np.isfinite(value))
+            if posts == "terrain":
+                inside &= ~dems["terrain_central"].near(lon, lat, 0.0)
+            points = np.column_stack([lon[inside], lat[inside]]).tolist()
+        jobs.append({"z": z, "x": x, "y": y, "points": points})
+    top = layer_json["maxzoom"]
+    r = layer_json["available"][top][0]
+    probes = [[top, r["startX"], r["startY"]], [top, r["endX"], r["endY"]],
+              [top, r["endX"] + 1, r["endY"]], [top + 1, 2 * r["startX"], 2 * r["startY"]]]
+    result = subprocess.run(
+        ["node", "--input-type=module", "-e", CESIUM_READER],
+        input=json.dumps({"base": f"{server.url}{base()}/", "tiles": jobs, "probes": probes}),
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TWIN_WEB": str(WEB)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    read = json.loads(result.stdout)
+    assert read["normals"] is True
+    assert read["probes"] == [True, True, False, False]
+    checked = 0
+    for job, cesium in zip(jobs, read["tiles"], strict=True):
+        z, x, y = job["z"], job["x"], job["y"]
+        tile, headers = every_tile[(z, x, y)]
+        assert cesium["vertices"] == len(tile["u"]) == cesium["normals"]
+        assert cesium["triangles"] == len(tile["triangles"])
+        assert cesium["min"] == pytest.approx(tile["min_h"]) and cesium["max"] == pytest.approx(
+            tile["max_h"])
+        if not job["points"]:
+            continue
+        posts = headers["twin-grid-posts"]
+        lon, lat = np.array(job["points"]).T
+        value = dems[posts].surface(lon, lat)  # at a pixel centre: the pixel's value
+        size_m = 180 / 2**z * 111_320 * np.sqrt(2)
+        allowed = float(headers["twin-max-error"]) + quantization_m(z, tile) + size_m**2 / (
+            8 * A) + 0.01
+        error = np.abs(np.array(cesium["heights"], dtype=np.float64) - value)
+        assert error.max() <= allowed, (z, x, y, error.max(), allowed)
+        checked += len(error)
+    assert checked > 5000, checked
