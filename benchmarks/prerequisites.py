@@ -116,3 +116,27 @@ def prepare(settings: Settings, scale: str = "full") -> str:
                          f"run `{TWIN} sample load --scale {scale}` to see why")
     require(url, scale)
     return url
+
+
+def require_buildings_3d(url: str, scale: str = "full") -> int:
+    """The number of buildings, or one line and exit unless the database holds the ``scale``
+    sample's buildings as the current generator makes them (roof forms, migration 0009).
+    A sample generated before that is reused as it is by the loader (it generates into
+    TWIN_HOME/samples once): its folder must go for the new one to be made."""
+    url = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(url, connect_timeout=5) as conn:
+        has_roofs = conn.execute(
+            "SELECT count(*) FROM information_schema.columns "
+            "WHERE table_name = 'buildings' AND column_name = 'roof_type'").fetchone()[0]
+        if not has_roofs:
+            raise SystemExit(f"the database at {_where(url)} has no buildings.roof_type: run "
+                             f"`{TWIN} db migrate`, then `{TWIN} sample load --scale {scale}`")
+        buildings, forms = conn.execute(
+            "SELECT count(*), count(DISTINCT roof_type) FROM buildings").fetchone()
+    if buildings < SCALES[scale].buildings or forms < 2:
+        raise SystemExit(
+            f"the database at {_where(url)} holds {buildings:,} buildings with {forms} roof "
+            f"form(s), not the current {scale} sample's {SCALES[scale].buildings:,} with "
+            f"flat, gable and hip roofs: remove TWIN_HOME/samples/{scale} and run "
+            f"`{TWIN} sample load --scale {scale}`")
+    return int(buildings)
