@@ -300,9 +300,9 @@ def build_mesh(dems: Sequence[DemArray], z: int, x: int, y: int, grid: Grid,
                max_error: float) -> Mesh:
     west, south, east, north = tile_bounds(z, x, y)
     lon, lat = grid.lon, grid.lat
-    # Only the DEMs meeting the grid are read.
-    meeting = [dem for dem in dems if dem.bounds[0] <= lon[-1] and dem.bounds[2] >= lon[0]
-               and dem.bounds[1] <= lat[-1] and dem.bounds[3] >= lat[0]]
+    # Only the DEMs meeting the tile are read (a grid of pixel centres lies inside it).
+    meeting = [dem for dem in dems if dem.bounds[0] <= east and dem.bounds[2] >= west
+               and dem.bounds[1] <= north and dem.bounds[3] >= south]
     # Row j is latitude j from the south, column i longitude i from the west.
     heights = surface_heights(meeting, lon[None, :], lat[:, None])
     delatin = Delatin(heights + _fall_off(lon, lat), max_error=max_error)
