@@ -12,7 +12,11 @@ when every vertex is hidden), indices, edges, winding, and every vertex's height
 the DEM surface. On tiles whose grid resolves the DEM (two samples per pixel, the
 ``Twin-Grid`` header), the mesh as Cesium draws it (straight triangles in ECEF) at every
 DEM pixel centre against that pixel's value, within the ``Twin-Max-Error`` the tile
-states plus quantization.
+states plus quantization. CesiumJS itself (the web app's npm package, in node) reads a
+sample of the tiles as the 3D view will.
+
+The module serves the sample city from a database of its own (DEMs other modules upload
+into the shared one would join the municipality's terrain).
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ import numpy as np
 import pytest
 import rasterio
 from pyproj import Transformer
-from sqlalchemy import Engine, text
+from sqlalchemy import create_engine, text
 
-from tests.servers import LiveServer
+from data_samples.load import load_sample
+from tests.servers import LiveServer, sibling_database
 from twin.core.settings import AuthSettings, Settings
 
 QM = "application/vnd.quantized-mesh"
@@ -218,6 +223,29 @@ def tile_url(document: dict, z: int, x: int, y: int, layer: str = "terrain") -> 
     path = document["tiles"][0].replace("{z}", str(z)).replace("{x}", str(x)).replace(
         "{y}", str(y))
     return f"{base(layer)}/{path}"
+
+
+@pytest.fixture(scope="module")
+def qm_database(database_url: str, sample_dir: Path) -> Iterator[str]:
+    """A database of this module's own holding the sample city: a DEM layer's terrain is
+    made of every DEM inside it, so DEMs that other modules upload must not join it."""
+    with sibling_database(database_url, "qmesh") as url:
+        engine = create_engine(url)
+        load_sample(engine, sample_dir)
+        engine.dispose()
+        yield url
+
+
+@pytest.fixture(scope="module")
+def server(qm_database: str) -> Iterator[LiveServer]:
+    with LiveServer(Settings(database_url=qm_database)) as live:
+        yield live
+
+
+@pytest.fixture()
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -566,8 +594,8 @@ def test_non_dem_and_unknown_layers(client: httpx.Client):
 
 
 @pytest.fixture(scope="module")
-def district_client(engine: Engine, database_url: str) -> Iterator[httpx.Client]:
-    settings = Settings(database_url=database_url, auth=AuthSettings(
+def district_client(qm_database: str) -> Iterator[httpx.Client]:
+    settings = Settings(database_url=qm_database, auth=AuthSettings(
         keys={DISTRICT_KEY: "viewer:qmesh-district:district=500112"}, anonymous_role=""))
     with LiveServer(settings) as live, httpx.Client(
             base_url=live.url, timeout=30,
@@ -593,15 +621,17 @@ def test_a_district_sees_the_builtin_terrain_as_the_city_does(
 
 
 def test_a_new_version_of_a_finer_dem_changes_the_terrain_of_the_municipality(
-        client: httpx.Client, engine: Engine, layer_json: dict):
+        client: httpx.Client, qm_database: str, layer_json: dict):
     """The municipality terrain is made of the central DEM too: a new data version of that
     layer changes the tiles' ``v=`` and every ETag, so no client keeps the old mesh."""
     z, x, y = available_tiles(layer_json)[-1]
     url = tile_url(layer_json, z, x, y)
     before = client.get(url)
+    engine = create_engine(qm_database)
     with engine.begin() as conn:
         conn.execute(text("UPDATE layers SET data_version = data_version + 1 "
                           "WHERE id = 'terrain_central'"))
+    engine.dispose()
     deadline = time.monotonic() + 10
     while True:
         document = client.get(f"{base()}/layer.json").json()
