@@ -12,6 +12,7 @@ import * as Cesium from "cesium";
 import { apiGet, type RiskPoint } from "./api";
 import type { Card } from "./card";
 import { lang, t } from "./i18n";
+import { OutlineImagery, ringsOf } from "./outlines3d";
 import type { FilterState } from "./panel";
 
 export const TERRAIN_URL = "/collections/terrain/quantized-mesh/";
@@ -22,11 +23,6 @@ export const CIM_GRADES = [2, 3, 4, 5, 6];
 // higher up, the view holds more points than a clamped billboard each can carry.
 export const RISK_MAX_HEIGHT_M = 20_000;
 export const RISK_LIMIT = 2_000;
-// Street outlines only below this height (m); districts always.
-export const STREETS_MAX_HEIGHT_M = 60_000;
-// Outline simplification (m): light geometry, still on the boundary at the scale shown.
-const DISTRICT_TOLERANCE_M = 60;
-const STREET_TOLERANCE_M = 15;
 
 const EARTH_CIRCUMFERENCE_M = 2 * Math.PI * 6_378_137;
 // MapLibre's tiles are 512 px wide at zoom z (a zoom of a whole world is 512 * 2^z px).
@@ -42,8 +38,6 @@ const OTHER_USE_COLOUR = "#cfd8dc";
 export const CIM_COLOURS: Record<number, string> = {
   2: "#9e9e9e", 3: "#64b5f6", 4: "#ba68c8", 5: "#ff8a65", 6: "#ffd54f",
 };
-const DISTRICT_LINE = { colour: "#ffca28", width: 3 };
-const STREET_LINE = { colour: "#b0bec5", width: 1.5 };
 
 export type ColourMode = "use" | "cim";
 
@@ -100,9 +94,8 @@ export class View3D {
   /** Risk points drawn now and matching the view (numberMatched), or null when too high. */
   riskShown: { shown: number; matched: number } | null = null;
   readonly risk: Cesium.BillboardCollection;
-  districts: Cesium.GroundPolylinePrimitive | null = null;
-  streets: Cesium.GroundPolylinePrimitive | null = null;
-  private streetsBox: string | null = null;
+  /** The district and street outlines, draped on the terrain (outlines3d.ts). */
+  outlines: Cesium.ImageryLayer | null = null;
   private riskGeneration = 0;
   // The view and filters of the risk points drawn (a camera at rest asks nothing again).
   private riskKey: string | null = null;
@@ -180,7 +173,7 @@ export class View3D {
     const view = new View3D(container, deps, terrain);
     view.terrainFallback = fallback;
     view.renderPanel();
-    await Promise.all([view.loadTileset(), view.loadDistricts()]);
+    await Promise.all([view.loadTileset(), view.loadOutlines()]);
     return view;
   }
 
@@ -319,11 +312,11 @@ export class View3D {
 
   // --- risk points and outlines for the view ------------------------------------------------
 
-  /** The risk points (and, close up, the street outlines) of the view. */
+  /** The risk points of the view. */
   async refreshForView(): Promise<void> {
     this.pending += 1;
     try {
-      await Promise.all([this.loadRiskPoints(), this.loadStreets()]);
+      await this.loadRiskPoints();
     } finally {
       this.pending -= 1;
     }
@@ -414,62 +407,19 @@ export class View3D {
     return image;
   }
 
-  private async loadDistricts(): Promise<void> {
+  /** The district outlines (whole municipality, fetched once) and, close up, the streets'
+   *  (outlines3d.ts fetches them per tile), as a draped imagery layer. */
+  private async loadOutlines(): Promise<void> {
     const answer = await apiGet("/collections/{collection_id}/items", {
       path: { collection_id: "districts" }, query: { limit: 1000, properties: "code" },
     }).catch((error: unknown) => {
       console.warn(`twin 3D: district outlines did not load: ${describe(error)}`);
       return null;
     }) as GeoJSON.FeatureCollection | null;
-    if (!answer) return;
-    this.districts = this.outlines(answer, DISTRICT_TOLERANCE_M, DISTRICT_LINE);
-  }
-
-  private async loadStreets(): Promise<void> {
-    const box = this.heightAboveGround() <= STREETS_MAX_HEIGHT_M ? this.viewBox() : null;
-    const key = box ? box.map((v) => v.toFixed(3)).join(",") : null;
-    if (key === this.streetsBox) return;
-    this.streetsBox = key;
-    let answer: GeoJSON.FeatureCollection | null = null;
-    if (key) {
-      answer = await apiGet("/collections/{collection_id}/items", {
-        path: { collection_id: "streets" }, query: { bbox: key, limit: 2000, properties: "code" },
-      }).catch((error: unknown) => {
-        console.warn(`twin 3D: street outlines did not load: ${describe(error)}`);
-        return null;
-      }) as GeoJSON.FeatureCollection | null;
-      if (key !== this.streetsBox) return;
-    }
-    if (this.streets) this.viewer.scene.primitives.remove(this.streets);
-    this.streets = answer ? this.outlines(answer, STREET_TOLERANCE_M, STREET_LINE) : null;
-  }
-
-  /** The rings of polygons as ground-clamped lines, simplified to ``tolerance`` metres. */
-  private outlines(collection: GeoJSON.FeatureCollection, tolerance: number,
-                   line: { colour: string; width: number }): Cesium.GroundPolylinePrimitive | null {
-    const colour = Cesium.ColorGeometryInstanceAttribute.fromColor(
-      Cesium.Color.fromCssColorString(line.colour));
-    const instances: Cesium.GeometryInstance[] = [];
-    for (const feature of collection.features) {
-      for (const ring of rings(feature.geometry)) {
-        const kept = simplify(ring, tolerance);
-        if (kept.length < 3) continue;
-        instances.push(new Cesium.GeometryInstance({
-          geometry: new Cesium.GroundPolylineGeometry({
-            positions: Cesium.Cartesian3.fromDegreesArray(kept.flat()), width: line.width,
-          }),
-          attributes: { color: colour },
-        }));
-      }
-    }
-    if (!instances.length) return null;
-    const primitive = new Cesium.GroundPolylinePrimitive({
-      geometryInstances: instances, appearance: new Cesium.PolylineColorAppearance(),
-      asynchronous: true,
-    });
-    this.viewer.scene.primitives.add(primitive);
+    const provider = new OutlineImagery(answer ? ringsOf(answer) : []);
+    this.outlines = this.viewer.imageryLayers.addImageryProvider(
+      provider as unknown as Cesium.ImageryProvider);
     this.viewer.scene.requestRender();
-    return primitive;
   }
 
   // --- picking ------------------------------------------------------------------------
@@ -653,51 +603,6 @@ function buildingOf(feature: Cesium.Cesium3DTileFeature): BuildingProperties {
   for (const name of BUILDING_PROPERTIES) properties[name] = feature.getProperty(name) ?? null;
   properties.id = Number(properties.id);
   return properties as unknown as BuildingProperties;
-}
-
-function rings(geometry: GeoJSON.Geometry | null): GeoJSON.Position[][] {
-  if (!geometry) return [];
-  if (geometry.type === "Polygon") return geometry.coordinates;
-  if (geometry.type === "MultiPolygon") return geometry.coordinates.flat();
-  if (geometry.type === "LineString") return [geometry.coordinates];
-  if (geometry.type === "MultiLineString") return geometry.coordinates;
-  return [];
-}
-
-/** Douglas-Peucker on lon/lat, the tolerance in metres (local equirectangular scale). */
-export function simplify(ring: GeoJSON.Position[], tolerance: number): Array<[number, number]> {
-  const points = ring.map((p) => [p[0], p[1]] as [number, number]);
-  if (points.length <= 4) return points;
-  const lat = points[0][1] * Math.PI / 180;
-  const mx = Math.cos(lat) * 111_320;
-  const my = 110_540;
-  const keep = new Uint8Array(points.length);
-  keep[0] = keep[points.length - 1] = 1;
-  const stack: Array<[number, number]> = [[0, points.length - 1]];
-  while (stack.length) {
-    const [first, last] = stack.pop()!;
-    const [ax, ay] = [points[first][0] * mx, points[first][1] * my];
-    const [bx, by] = [points[last][0] * mx, points[last][1] * my];
-    const dx = bx - ax;
-    const dy = by - ay;
-    const length = Math.hypot(dx, dy);
-    let worst = -1;
-    let index = -1;
-    for (let i = first + 1; i < last; i += 1) {
-      const px = points[i][0] * mx - ax;
-      const py = points[i][1] * my - ay;
-      const distance = length === 0 ? Math.hypot(px, py) : Math.abs(px * dy - py * dx) / length;
-      if (distance > worst) {
-        worst = distance;
-        index = i;
-      }
-    }
-    if (index >= 0 && worst > tolerance) {
-      keep[index] = 1;
-      stack.push([first, index], [index, last]);
-    }
-  }
-  return points.filter((_, i) => keep[i]);
 }
 
 /** A light from the south-west, 50° above the horizon at lon/lat (world direction). */
