@@ -41,6 +41,7 @@ from sqlalchemy import create_engine, text
 
 from data_samples.load import load_sample
 from tests.servers import LiveServer, sibling_database
+from tests.uploads import geotiff, upload_ok, upload_settings
 from twin.core.settings import AuthSettings, Settings
 
 QM = "application/vnd.quantized-mesh"
@@ -732,3 +733,27 @@ def test_cesium_reads_the_terrain(server: LiveServer, layer_json: dict, every_ti
         assert error.max() <= allowed, (z, x, y, error.max(), allowed)
         checked += len(error)
     assert checked > 5000, checked
+
+
+def test_a_projected_dem_upload_is_left_out_of_the_municipality_terrain(
+        qm_database: str, layer_json: dict, tmp_path: Path):
+    """tiles/dem.py reads DEMs in EPSG:4326 only: a finer DEM uploaded in a projected CRS
+    inside the municipality gets a 400 naming that for its own terrain, and the
+    municipality's terrain stays what it was (it does not fail with it)."""
+    to_gk = Transformer.from_crs("EPSG:4326", "EPSG:4524", always_xy=True)
+    x0, y0 = to_gk.transform(106.577, 29.5576)
+    values = (300 + np.arange(100 * 120) % 97).astype("float32").reshape(100, 120)
+    content = geotiff(values, rasterio.transform.from_origin(round(x0), round(y0), 30, 30),
+                      "EPSG:4524")
+    with LiveServer(upload_settings(qm_database, tmp_path)) as live, httpx.Client(
+            base_url=live.url, timeout=60) as api:
+        job = upload_ok(api, "gk_dem.tif", content, title="GK DEM")
+        layer = api.get(f"/layers/{job['layer_id']}").json()
+        assert layer["meta"]["dem"] is True and layer["source_crs"] == "EPSG:4524"
+        own = api.get(f"{base(job['layer_id'])}/layer.json")
+        assert own.status_code == 400 and "EPSG:4326" in own.json()["description"]
+        municipality = api.get(f"{base()}/layer.json")
+        assert municipality.status_code == 200
+        assert municipality.json()["available"] == layer_json["available"]
+        z, x, y = available_tiles(layer_json)[-1]
+        assert api.get(tile_url(layer_json, z, x, y)).status_code == 200

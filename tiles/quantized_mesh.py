@@ -56,15 +56,16 @@ from weakref import WeakKeyDictionary
 
 import anyio.to_thread
 import numpy as np
+import rasterio.errors
 from pydelatin import Delatin
 from quantized_mesh_encoder.bounding_sphere import bounding_sphere
 from quantized_mesh_encoder.encode import write_edge_indices, write_indices, write_vertices
 from quantized_mesh_encoder.extensions import ExtensionId
 
-from tiles.dem import DemArray, dem_stack, read_dem
+from tiles.dem import DemArray, dem_layer, dem_stack, is_dem, read_dem
 from tiles.service import TileAnswer, TileService
 from tiles.validators import etag_of, headers_of, not_modified
-from twin.core.errors import NotFound
+from twin.core.errors import InvalidParameter, NotFound
 from twin.core.layer import Layer, LayerRegistry
 from twin.core.principal import Scope
 from twin.core.scope import layer_visible
@@ -564,10 +565,23 @@ _stacks: WeakKeyDictionary[LayerRegistry, dict[tuple, list[Layer]]] = WeakKeyDic
 
 
 def _visible_stack(registry: LayerRegistry, layer: Layer, scope: Scope) -> list[Layer]:
-    """The layer's DEM stack (400 for a layer that is no DEM), only the DEMs the caller may
-    see: an unshared upload of another centre never shapes its terrain."""
-    return [dem for dem in dem_stack(registry, layer)
-            if dem.id == layer.id or layer_visible(scope, dem.owner_scope, dem.shared)]
+    """The layer's DEM stack (400 for a layer that is no DEM, or whose DEM cannot make
+    terrain), of the DEMs the caller may see (an unshared upload of another centre never
+    shapes its terrain) and can serve terrain (a finer DEM uploaded in a projected CRS, which
+    tiles/dem.py does not read, is left out rather than failing the municipality's)."""
+    read_dem(dem_layer(layer))
+    usable = [other for other in registry if other.id == layer.id or (
+        layer_visible(scope, other.owner_scope, other.shared)
+        and (not is_dem(other) or _readable(other)))]
+    return dem_stack(LayerRegistry(usable), layer)
+
+
+def _readable(layer: Layer) -> bool:
+    try:
+        read_dem(layer)
+    except (InvalidParameter, OSError, rasterio.errors.RasterioError):
+        return False
+    return True
 
 
 async def layer_json(service: TileService, layer_id: str, scope: Scope,
