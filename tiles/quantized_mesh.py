@@ -81,7 +81,7 @@ MIN_GRID, MAX_GRID = 16, 128
 MIN_ERROR_M = 0.25
 MAX_LEVEL = 24
 GZIP_LEVEL = 6
-# Made tiles by key (plain bytes): a command hall asks for the same few hundred tiles.
+# Made tiles (plain and gzipped) by key: a command hall asks for the same few hundred tiles.
 CACHE_TILES = 2048
 
 
