@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import rasterio
 import shapely
+from scipy.interpolate import RegularGridInterpolator
 from sqlalchemy import Engine, text
 
 from tests.servers import LiveServer
@@ -50,22 +51,22 @@ def replaced_buildings(walked: Walk) -> set[int]:
 
 
 def dem_ground(engine: Engine, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
-    """The finest DEM with data at each point (central before municipality), as
-    rasterio's sample reads it."""
+    """The terrain under the points as the quantized-mesh terrain draws it: linear between
+    the DEM's pixel centres (scipy over rasterio's read), the central DEM before the
+    municipality's."""
     with engine.connect() as conn:
         paths = dict(conn.execute(text(
             "SELECT id, file_path FROM layers WHERE id IN ('terrain', 'terrain_central')")).all())
     out = np.full(lon.shape, np.nan)
     for layer_id in ("terrain_central", "terrain"):
         with rasterio.open(paths[layer_id]) as src:
-            values = np.array([v[0] for v in src.sample(zip(lon, lat, strict=True),
-                                                        masked=True)], dtype=object)
-            nodata = src.nodata
-        for k, value in enumerate(values):
-            inside = src.bounds.left <= lon[k] < src.bounds.right and \
-                src.bounds.bottom < lat[k] <= src.bounds.top
-            if np.isnan(out[k]) and inside and value is not np.ma.masked and value != nodata:
-                out[k] = float(value)
+            heights = src.read(1, masked=True).astype(np.float64).filled(np.nan)
+            t = src.transform
+        lons = t.c + (np.arange(heights.shape[1]) + 0.5) * t.a
+        lats = t.f + (np.arange(heights.shape[0]) + 0.5) * t.e
+        surface = RegularGridInterpolator((lats[::-1], lons), heights[::-1], bounds_error=False)
+        values = surface(np.column_stack([lat, lon]))
+        out = np.where(np.isnan(out), values, out)
     return out
 
 

@@ -56,19 +56,17 @@ from weakref import WeakKeyDictionary
 
 import anyio.to_thread
 import numpy as np
-import rasterio.errors
 from pydelatin import Delatin
 from quantized_mesh_encoder.bounding_sphere import bounding_sphere
 from quantized_mesh_encoder.encode import write_edge_indices, write_indices, write_vertices
 from quantized_mesh_encoder.extensions import ExtensionId
 
-from tiles.dem import DemArray, dem_layer, dem_stack, is_dem, read_dem
+from tiles.dem import DemArray, read_dem, surface_heights, visible_stack
 from tiles.service import TileAnswer, TileService
 from tiles.validators import etag_of, headers_of, not_modified
-from twin.core.errors import InvalidParameter, NotFound
+from twin.core.errors import NotFound
 from twin.core.layer import Layer, LayerRegistry
 from twin.core.principal import Scope
-from twin.core.scope import layer_visible
 
 MEDIA_TYPE = "application/vnd.quantized-mesh"
 FORMAT = "quantized-mesh-1.0"
@@ -230,54 +228,6 @@ def layout_of(stack: Sequence[Layer]) -> Layout:
 
 
 # --- the surface --------------------------------------------------------------------------
-
-def _bilinear(dem: DemArray, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
-    """The DEM's surface at the points (see the module docstring); NaN where it has none.
-
-    ``lon`` and ``lat`` broadcast against each other: a row of longitudes and a column of
-    latitudes give the grid at once (the DEM is north-up, so columns follow longitude and
-    rows latitude alone).
-    """
-    heights = dem.heights
-    rows, cols = heights.shape
-    t = dem.transform
-    col = (np.asarray(lon, dtype=np.float64) - t.c) / t.a
-    row = (np.asarray(lat, dtype=np.float64) - t.f) / t.e
-    inside = (col >= 0) & (col <= cols) & (row >= 0) & (row <= rows)
-    c = np.clip(col - 0.5, 0.0, cols - 1.0)
-    r = np.clip(row - 0.5, 0.0, rows - 1.0)
-    c0 = np.minimum(np.floor(c), max(cols - 2, 0)).astype(np.int64)
-    r0 = np.minimum(np.floor(r), max(rows - 2, 0)).astype(np.int64)
-    fc, fr = c - c0, r - r0
-    c1, r1 = np.minimum(c0 + 1, cols - 1), np.minimum(r0 + 1, rows - 1)
-    total: np.ndarray | float = 0.0
-    weight: np.ndarray | float = 0.0
-    for rr, cc, w in ((r0, c0, (1 - fr) * (1 - fc)), (r0, c1, (1 - fr) * fc),
-                      (r1, c0, fr * (1 - fc)), (r1, c1, fr * fc)):
-        h = heights[rr, cc]
-        valid = ~np.isnan(h)
-        w = np.where(valid, w, 0.0)
-        total = total + np.where(valid, h, 0.0) * w
-        weight = weight + w
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(inside & (weight > 0), total / weight, np.nan)
-
-
-def surface_heights(dems: Sequence[DemArray], lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
-    """The stack's surface at the points (broadcast as ``_bilinear``): the first DEM with
-    data there, else 0 m."""
-    out: np.ndarray | None = None
-    for dem in dems:
-        if dem.transform.b or dem.transform.d:
-            raise ValueError("terrain needs north-up DEMs")
-        heights = _bilinear(dem, lon, lat)
-        out = heights if out is None else np.where(np.isnan(out), heights, out)
-        if not np.isnan(out).any():
-            break
-    if out is None:
-        return np.zeros(np.broadcast_shapes(np.shape(lon), np.shape(lat)))
-    return np.nan_to_num(out, nan=0.0)
-
 
 def grid_positions(cells: int) -> np.ndarray:
     """The quantized positions (0..32767) of the grid's points along one side."""
@@ -551,7 +501,7 @@ async def _terrain(service: TileService, layer_id: str, scope: Scope) -> _Terrai
     stack = stacks.get((layer.id, scope.key))
     if stack is None:
         # Reads the DEMs' pixel sizes (cached by file), once per registry and scope.
-        stack = await anyio.to_thread.run_sync(_visible_stack, registry, layer, scope)
+        stack = await anyio.to_thread.run_sync(visible_stack, registry, layer, scope)
         stacks[(layer.id, scope.key)] = stack
     if len(stack) > 1:
         # The registry current for every DEM of the stack, not only the one asked for.
@@ -562,26 +512,6 @@ async def _terrain(service: TileService, layer_id: str, scope: Scope) -> _Terrai
 
 # Each registry's stacks by (layer, scope key): a publish resolves a new registry.
 _stacks: WeakKeyDictionary[LayerRegistry, dict[tuple, list[Layer]]] = WeakKeyDictionary()
-
-
-def _visible_stack(registry: LayerRegistry, layer: Layer, scope: Scope) -> list[Layer]:
-    """The layer's DEM stack (400 for a layer that is no DEM, or whose DEM cannot make
-    terrain), of the DEMs the caller may see (an unshared upload of another centre never
-    shapes its terrain) and can serve terrain (a finer DEM uploaded in a projected CRS, which
-    tiles/dem.py does not read, is left out rather than failing the municipality's)."""
-    read_dem(dem_layer(layer))
-    usable = [other for other in registry if other.id == layer.id or (
-        layer_visible(scope, other.owner_scope, other.shared)
-        and (not is_dem(other) or _readable(other)))]
-    return dem_stack(LayerRegistry(usable), layer)
-
-
-def _readable(layer: Layer) -> bool:
-    try:
-        read_dem(layer)
-    except (InvalidParameter, OSError, rasterio.errors.RasterioError):
-        return False
-    return True
 
 
 async def layer_json(service: TileService, layer_id: str, scope: Scope,

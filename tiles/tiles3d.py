@@ -122,7 +122,7 @@ class Tiles3D:
             raise InvalidParameter(
                 f"layer '{layer.id}' has no 3D tiles: they are made of 3D buildings layers "
                 "(the buildings, CityJSON uploads) and 3D models (glTF uploads)")
-        dems = self._dems(registry)
+        dems = self._dems(registry, request.scope)
         models = tuple(model for model in registry
                        if model.kind == "3d" and model.meta.get("cim_level") in grades.models()
                        and layer.id == "buildings"
@@ -133,12 +133,14 @@ class Tiles3D:
                                  if m.meta.get("building_id") is not None}))
         return _State(layer, request.scope, grades, dems, models, replaced, state_versions)
 
-    def _dems(self, registry: LayerRegistry) -> tuple[Layer, ...]:
+    def _dems(self, registry: LayerRegistry, scope: Scope) -> tuple[Layer, ...]:
+        """The terrain the blocks stand on: the same DEM stack the caller's quantized-mesh
+        terrain is made of (tiles/dem.py)."""
         try:
             terrain = registry.get(self.service.settings.terrain_3d)
-        except NotFound:
+            return tuple(dem.visible_stack(registry, terrain, scope))
+        except (NotFound, InvalidParameter):
             return ()
-        return tuple(dem.dem_stack(registry, terrain)) if dem.is_dem(terrain) else ()
 
     async def _placement(self, conn: AsyncConnection, state: _State, root: TileId
                          ) -> Placement:
