@@ -39,6 +39,10 @@ TIMEOUT_MS = 180_000
 # The 3D requests whose every answer must be a success (tiles, subtrees, terrain).
 TILE_PATHS = ("/3dtiles/", "/quantized-mesh/")
 # Where the 2D map looks when the 3D view first opens: the central city, buildings in view.
+# "Nothing else near" in degrees (indexed ST_DWithin on the 4326 columns): at least 40 m and
+# 60 m at the city's latitude (a degree of longitude is ~97 km there).
+NEAR_DEG = 0.0005
+FAR_DEG = 0.0007
 START = {"lon": 106.55, "lat": 29.56, "zoom": 14.0, "bearing": 30.0, "pitch": 40.0}
 
 
@@ -155,11 +159,11 @@ def _lone_building(engine: Engine) -> dict:
               FROM buildings AS b
              WHERE b.cim_level IN (2, 3) AND ST_Area(b.geom::geography) > 1500
                AND NOT EXISTS (SELECT 1 FROM buildings AS o WHERE o.id <> b.id
-                                  AND ST_DWithin(o.geom::geography, b.geom::geography, 40))
+                                  AND ST_DWithin(o.geom, b.geom, :near_deg))
                AND NOT EXISTS (SELECT 1 FROM risk_points AS r
-                                WHERE ST_DWithin(r.geom::geography, b.geom::geography, 60))
+                                WHERE ST_DWithin(r.geom, b.geom, :far_deg))
              ORDER BY ST_Area(b.geom::geography) DESC, b.id LIMIT 1
-        """)).mappings().one()
+        """), {"near_deg": NEAR_DEG, "far_deg": FAR_DEG}).mappings().one()
     from shapely import wkb
 
     corners = np.asarray(wkb.loads(bytes(row["footprint"])).exterior.coords)
@@ -175,11 +179,11 @@ def _lone_risk_point(engine: Engine) -> dict:
               FROM risk_points AS r
              WHERE ST_X(r.geom) BETWEEN 106.3 AND 106.8 AND ST_Y(r.geom) BETWEEN 29.3 AND 29.8
                AND NOT EXISTS (SELECT 1 FROM risk_points AS o WHERE o.id <> r.id
-                                  AND ST_DWithin(o.geom::geography, r.geom::geography, 60))
+                                  AND ST_DWithin(o.geom, r.geom, :far_deg))
                AND NOT EXISTS (SELECT 1 FROM buildings AS b
-                                WHERE ST_DWithin(b.geom::geography, r.geom::geography, 60))
+                                WHERE ST_DWithin(b.geom, r.geom, :far_deg))
              ORDER BY r.level, r.id LIMIT 1
-        """)).mappings().one()
+        """), {"far_deg": FAR_DEG}).mappings().one()
     ground = float(_dem_ground(engine, np.array([row["lon"]]), np.array([row["lat"]]))[0])
     return {**row, "ground": ground}
 

@@ -424,18 +424,15 @@ export class View3D {
 
   // --- picking ------------------------------------------------------------------------
 
-  /** What is drawn at a canvas pixel: a risk point first, then a building, else none. */
+  /** What is drawn at a canvas pixel: a risk point (drawn over everything), a building, or
+   *  nothing. One pick pass: software GL renders each pass on the CPU. */
   pickAt(x: number, y: number): { riskPoint?: number; building?: BuildingProperties } {
-    const picks = this.viewer.scene.drillPick(new Cesium.Cartesian2(x, y), 8);
-    for (const pick of picks) {
-      const id = (pick as { id?: unknown }).id;
-      if (id && typeof id === "object" && "riskPoint" in id) {
-        return { riskPoint: (id as RiskPick).riskPoint };
-      }
+    const pick: unknown = this.viewer.scene.pick(new Cesium.Cartesian2(x, y));
+    const id = (pick as { id?: unknown } | undefined)?.id;
+    if (id && typeof id === "object" && "riskPoint" in id) {
+      return { riskPoint: (id as RiskPick).riskPoint };
     }
-    for (const pick of picks) {
-      if (pick instanceof Cesium.Cesium3DTileFeature) return { building: buildingOf(pick) };
-    }
+    if (pick instanceof Cesium.Cesium3DTileFeature) return { building: buildingOf(pick) };
     return {};
   }
 
