@@ -351,8 +351,9 @@ def glb(mesh: Mesh, table: FeatureTable, *, double_sided: bool = False) -> bytes
 def _dumps(value: Any) -> str:
     """Compact JSON of the document, floats written exactly (shortest round-trip repr).
 
-    Not `json.dumps`: cjio (imported by the CityJSON upload) replaces the json module's float
-    formatting process-wide with 6 decimals, which would break accessor min/max.
+    Not `json.dumps`: its float formatting is module state a library can replace process-wide
+    (cjio's reader does: 6 decimals), which would break accessor min/max; the GLB's JSON is
+    small, so writing it here costs nothing measurable.
     """
     if isinstance(value, dict):
         return "{" + ",".join(f"{_string(k)}:{_dumps(v)}" for k, v in value.items()) + "}"
