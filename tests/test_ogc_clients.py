@@ -37,7 +37,9 @@ def test_gdal_lists_every_vector_collection_and_no_raster(oapif: str, engine: En
     listed = {name for name, _ in pyogrio.list_layers(oapif)}
     kinds = stored(engine, "SELECT id, kind FROM layers")
     assert {"terrain", "terrain_central"} <= set(kinds.loc[kinds["kind"] == "raster", "id"])
-    assert listed == set(kinds.loc[kinds["kind"] == "vector", "id"])
+    # GDAL's OAPIF driver skips only collections whose layerDataType is Raster or Coverage;
+    # 3D model collections (glTF, no items) are listed too (a known limit, README).
+    assert listed == set(kinds.loc[kinds["kind"].isin(["vector", "3d"]), "id"])
 
 
 def test_gdal_reads_a_whole_collection_through_its_paging(oapif: str, engine: Engine):
@@ -172,14 +174,20 @@ def ogrinfo_summary(lib: ctypes.CDLL, url: str) -> dict[str, int]:
     return counts
 
 
-def test_gdal_opens_and_reads_every_layer_without_an_error(oapif: str, engine: Engine):
+def test_gdal_opens_and_reads_every_feature_layer_without_an_error(oapif: str, engine: Engine):
     lib = libgdal()
     with gdal_messages(lib) as messages:
         counts = ogrinfo_summary(lib, oapif)
     errors = [text for klass, text in messages if klass >= CE_FAILURE]
-    assert errors == [], errors
+    models = set(stored(engine, "SELECT id FROM layers WHERE kind = '3d'")["id"])
+    # The only errors: GDAL asking a 3D model collection for items, answered by a 404 that
+    # names the model (GDAL lists them, see above); every feature collection reads cleanly.
+    for message in errors:
+        assert models and message.startswith("HTTP error code : 404"), message
+        assert "has no items" not in message or any(f"'{m}'" in message for m in models)
     vector = stored(engine, "SELECT id FROM layers WHERE kind = 'vector'")["id"]
-    assert set(counts) == set(vector)
+    assert set(vector) <= set(counts)
+    assert set(counts) - set(vector) <= models
     expected = stored(engine, "SELECT count(*) AS n FROM risk_points")["n"][0]
     assert counts["risk_points"] == expected
 

@@ -4,7 +4,8 @@ One terrain serves the 3D view (quantized-mesh, tiles/quantized_mesh.py) and the
 every building in the 3D tiles (tiles/buildings3d.py); both read heights through this module,
 so a block stands on the same ground the client draws. A DEM layer's *stack* is the finer
 DEMs that lie inside it, finest first, then the layer itself: the built-in municipality DEM
-hands the central urban area to its 20 m DEM.
+hands the central urban area to its 20 m DEM (built-in DEMs only: an upload never reshapes
+the city's terrain).
 
 The surface between pixel centres is bilinear (``surface_heights``): equal to the DEM at
 every pixel centre, the surface the terrain meshes stay within their stated error of.
@@ -80,10 +81,15 @@ def _inside(inner: Sequence[float] | None, outer: Sequence[float] | None) -> boo
 
 
 def dem_stack(registry: LayerRegistry, layer: Layer) -> list[Layer]:
-    """``layer`` and the finer DEM layers inside its bounds, finest first."""
+    """``layer`` and the finer DEM layers inside its bounds, finest first.
+
+    Only the built-in DEMs fuse: an uploaded DEM is a terrain of its own, never a silent
+    change to the city's terrain (and to the ground every building stands on) for everyone.
+    """
     dem_layer(layer)
     finer = [other for other in registry
-             if other.id != layer.id and is_dem(other) and _inside(other.bbox, layer.bbox)]
+             if other.id != layer.id and is_dem(other) and _inside(other.bbox, layer.bbox)
+             and other.origin == "builtin" and layer.origin == "builtin"]
     finer.sort(key=lambda other: (read_dem(other).pixel_deg, other.id))
     own = read_dem(layer).pixel_deg
     return [other for other in finer if read_dem(other).pixel_deg < own] + [layer]

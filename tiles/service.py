@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import anyio.to_thread
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tiles import raster, terrain
@@ -182,7 +183,7 @@ class TileService:
         registry, layers = await self.layers_for(request.layer_ids, request.scope, versions)
         connect = _TileConnection(self._engine)
         try:
-            options = await self._tile_options(request, connect)
+            options = await self._options_retried(request, connect)
             keyed = {layer.id: registry.data_version(layer.id, versions) for layer in layers}
             key = tile_key(layers, tile, options, keyed, request.scope.key)
             made = await cached_tile(key, connect, self.cache, layers, tile, options,
@@ -190,6 +191,21 @@ class TileService:
         finally:
             await connect.close()
         return _vector_answer(made, request)
+
+    async def _options_retried(self, request: TileRequest, connect: _TileConnection
+                               ) -> TileOptions:
+        """The tile's options; reading the sector codes (a process's first tile) retries on a
+        fresh connection like the tile itself, as the pooled ones may have died with a
+        database restart (tiles/cache.py)."""
+        for attempt in range(self._pooled + 1):
+            try:
+                if attempt:
+                    await connect(fresh=True)
+                return await self._tile_options(request, connect)
+            except DBAPIError as error:
+                if not error.connection_invalidated or attempt == self._pooled:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _tile_options(self, request: TileRequest, connect: _TileConnection) -> TileOptions:
         codes = self.sector_codes.known
