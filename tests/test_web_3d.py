@@ -18,12 +18,12 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-import rasterio
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.io import MemoryFile
 from sqlalchemy import Engine, text
 
 from tests.servers import LiveServer
+from tests.tiles3d import dem_ground
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -130,24 +130,6 @@ def globe(server: LiveServer) -> Iterator[GlobePage]:
         browser.close()
 
 
-def _dem_ground(engine: Engine, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
-    """The ground under each point: the finest sample DEM with data there (central first),
-    read with rasterio."""
-    with engine.connect() as conn:
-        paths = dict(conn.execute(text(
-            "SELECT id, file_path FROM layers WHERE id IN ('terrain', 'terrain_central')")).all())
-    out = np.full(lon.shape, np.nan)
-    for layer_id in ("terrain_central", "terrain"):
-        with rasterio.open(paths[layer_id]) as src:
-            bounds, nodata = src.bounds, src.nodata
-            values = [v[0] for v in src.sample(zip(lon, lat, strict=True), masked=True)]
-        for k, value in enumerate(values):
-            inside = bounds.left <= lon[k] < bounds.right and bounds.bottom < lat[k] <= bounds.top
-            if np.isnan(out[k]) and inside and value is not np.ma.masked and value != nodata:
-                out[k] = float(value)
-    return out
-
-
 def _lone_building(engine: Engine) -> dict:
     """A large LOD1/LOD2 building (no model replaces it) with no other building within 40 m
     and no risk point within 60 m: a click on its middle can only hit it."""
@@ -167,7 +149,7 @@ def _lone_building(engine: Engine) -> dict:
     from shapely import wkb
 
     corners = np.asarray(wkb.loads(bytes(row["footprint"])).exterior.coords)
-    ground = float(np.nanmin(_dem_ground(engine, corners[:, 0], corners[:, 1])))
+    ground = float(np.nanmin(dem_ground(engine, corners[:, 0], corners[:, 1])))
     return {**row, "roof": ground + row["height_m"]}
 
 
@@ -184,7 +166,7 @@ def _lone_risk_point(engine: Engine) -> dict:
                                 WHERE ST_DWithin(b.geom, r.geom, :far_deg))
              ORDER BY r.level, r.id LIMIT 1
         """), {"far_deg": FAR_DEG}).mappings().one()
-    ground = float(_dem_ground(engine, np.array([row["lon"]]), np.array([row["lat"]]))[0])
+    ground = float(dem_ground(engine, np.array([row["lon"]]), np.array([row["lat"]]))[0])
     return {**row, "ground": ground}
 
 

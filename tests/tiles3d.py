@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 import pygltflib
+import rasterio
 from pyproj import Transformer
+from scipy.interpolate import RegularGridInterpolator
+from sqlalchemy import Engine, text
 
 from tests.test_implicit import decode_subtree, tiles_of_subtree
 from tiles.implicit import TileId
@@ -177,4 +180,24 @@ def walk(client: httpx.Client, base: str, query: str = "", headers: dict | None 
             pending.append(TileId(root.level + subtree_levels,
                                   (root.x << subtree_levels) + x,
                                   (root.y << subtree_levels) + y))
+    return out
+
+
+def dem_ground(engine: Engine, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    """The terrain under the points as the quantized-mesh terrain draws it: linear between
+    the DEM's pixel centres (scipy over rasterio's read), the central DEM before the
+    municipality's."""
+    with engine.connect() as conn:
+        paths = dict(conn.execute(text(
+            "SELECT id, file_path FROM layers WHERE id IN ('terrain', 'terrain_central')")).all())
+    out = np.full(lon.shape, np.nan)
+    for layer_id in ("terrain_central", "terrain"):
+        with rasterio.open(paths[layer_id]) as src:
+            heights = src.read(1, masked=True).astype(np.float64).filled(np.nan)
+            t = src.transform
+        lons = t.c + (np.arange(heights.shape[1]) + 0.5) * t.a
+        lats = t.f + (np.arange(heights.shape[0]) + 0.5) * t.e
+        surface = RegularGridInterpolator((lats[::-1], lons), heights[::-1], bounds_error=False)
+        values = surface(np.column_stack([lat, lon]))
+        out = np.where(np.isnan(out), values, out)
     return out

@@ -305,8 +305,7 @@ class Tiles3D:
                     raise NotFound(f"tile {level}/{x}/{y} has no content (see its subtree's "
                                    "contentAvailability)")
                 rows = await buildings3d.fetch_rows(conn, state.layer, ids.tolist())
-            return await anyio.to_thread.run_sync(buildings3d.content, rows, state.grades,
-                                                  state.dems)
+            return await _glb(state, rows)
 
         content, etag = await self._cached(state, ("content", tile), make)
         return _answer(content, GLB_MEDIA_TYPE, request.if_none_match, etag)
@@ -324,8 +323,7 @@ class Tiles3D:
                                                                     (building_id,)):
                     raise NotFound(f"unknown building {building_id}")
                 rows = await buildings3d.fetch_rows(conn, state.layer, [building_id])
-            return await anyio.to_thread.run_sync(buildings3d.content, rows, state.grades,
-                                                  state.dems)
+            return await _glb(state, rows)
 
         content, etag = await self._cached(state, ("block", building_id), make)
         return _answer(content, GLB_MEDIA_TYPE, request.if_none_match, etag)
@@ -361,6 +359,12 @@ class Tiles3D:
             row.update(name=found[0] or model.title_zh, use=found[1], height=found[2],
                        floors=found[3], district_code=found[4], street_code=found[5])
         return row
+
+
+async def _glb(state: _State, rows: buildings3d.BuildingRows) -> bytes:
+    """The GLB of the rows as the state draws them: meshes off the event loop, the pool's
+    connection already given back."""
+    return await anyio.to_thread.run_sync(buildings3d.content, rows, state.grades, state.dems)
 
 
 def _rad(degrees: float) -> float:

@@ -10,21 +10,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from tiles.service import TileAnswer
 from tiles.tiles3d import Request3D, Tiles3D
 from twin.api.deps import ScopeDep
+from twin.api.routes.tiles import tile_answer
 
 router = APIRouter(tags=["3d"])
 
 CimQuery = Annotated[str | None, Query(
     description="comma list of CIM grades to draw: 2 LOD1 blocks, 3 LOD2 roofs, 4-6 models "
                 "(default all; CIM1 is the quantized-mesh terrain)", max_length=32)]
-
-
-def _answer(answer: TileAnswer) -> Response:
-    if answer.content is None:
-        return Response(status_code=304, headers=answer.headers)
-    return Response(answer.content, media_type=answer.media_type, headers=answer.headers)
 
 
 def _tiles3d(request: Request) -> Tiles3D:
@@ -39,7 +33,7 @@ def _request(request: Request, collection_id: str, scope, cim: str | None) -> Re
             summary="3D Tiles 1.1 tileset of a 3D layer (implicit quadtree, glTF content)")
 async def get_tileset(collection_id: str, request: Request, scope: ScopeDep,
                       cim: CimQuery = None) -> Response:
-    return _answer(await _tiles3d(request).tileset(
+    return tile_answer(await _tiles3d(request).tileset(
         _request(request, collection_id, scope, cim), "."))
 
 
@@ -47,7 +41,7 @@ async def get_tileset(collection_id: str, request: Request, scope: ScopeDep,
             response_class=Response, summary="An implicit-tiling subtree (availability)")
 async def get_subtree(collection_id: str, level: int, x: int, y: int, request: Request,
                       scope: ScopeDep, cim: CimQuery = None) -> Response:
-    return _answer(await _tiles3d(request).subtree(
+    return tile_answer(await _tiles3d(request).subtree(
         _request(request, collection_id, scope, cim), level, x, y))
 
 
@@ -55,7 +49,7 @@ async def get_subtree(collection_id: str, level: int, x: int, y: int, request: R
             response_class=Response, summary="The buildings of one tile as glTF (GLB)")
 async def get_content(collection_id: str, level: int, x: int, y: int, request: Request,
                       scope: ScopeDep, cim: CimQuery = None) -> Response:
-    return _answer(await _tiles3d(request).content(
+    return tile_answer(await _tiles3d(request).content(
         _request(request, collection_id, scope, cim), level, x, y))
 
 
@@ -64,7 +58,7 @@ async def get_content(collection_id: str, level: int, x: int, y: int, request: R
             summary="The block of a building whose model replaces it near the camera")
 async def get_block(collection_id: str, building_id: int, request: Request, scope: ScopeDep,
                     cim: CimQuery = None) -> Response:
-    return _answer(await _tiles3d(request).block(
+    return tile_answer(await _tiles3d(request).block(
         _request(request, collection_id, scope, cim), building_id))
 
 
@@ -72,5 +66,5 @@ async def get_block(collection_id: str, building_id: int, request: Request, scop
             response_class=Response, summary="A CIM4-6 model placed in a tileset")
 async def get_model(collection_id: str, model_id: str, request: Request, scope: ScopeDep,
                     cim: CimQuery = None) -> Response:
-    return _answer(await _tiles3d(request).model(
+    return tile_answer(await _tiles3d(request).model(
         _request(request, collection_id, scope, cim), model_id))
