@@ -50,6 +50,9 @@ RULES: tuple[Rule, ...] = (
     *(Rule(READ, path, PUBLIC) for path in (
         "/", "/conformance", "/healthz", "/api", "/api.html", "/docs/oauth2-redirect",
         "/redoc", "/assets*")),
+    # The push stream authenticates itself: a ticket in its URL (EventSource cannot send a
+    # header) or a bearer header (twin/api/routes/stream.py); viewer and up.
+    Rule(READ, "/events/stream", PUBLIC),
     # viewer: the map (tiles, styles, features, collections, layers) and statistics.
     Rule(READ, "/query/h3", "viewer"),
     Rule(READ, "/collections*", "viewer"),
@@ -61,11 +64,24 @@ RULES: tuple[Rule, ...] = (
     Rule(READ, "/jobs/*", "viewer"),
     Rule(READ, "/sectors", "viewer"),
     Rule(READ, "/emergency-plans/*", "viewer"),
+    # The living twin (issue 14): events, alerts and latest readings are on the map.
+    Rule(READ, "/events*", "viewer"),
+    Rule(READ, "/alerts*", "viewer"),
+    Rule(READ, "/sensors*", "viewer"),
+    Rule(WRITE, "/events/stream/tickets", "viewer"),
     # planner: every analysis (POST /query/impact posts a polygon; it writes nothing).
     Rule(ANY, "/query/*", "planner"),
+    # Reporting an event and moving it through its states: the centres' operators and the
+    # grid workers; the jurisdiction check is the route's (the event's place).
+    Rule(WRITE, "/events*", "planner"),
     # gis-editor: uploads and layer management, sensor gateways.
     Rule(WRITE, "/layers*", "gis-editor"),
     Rule(WRITE, "/sensors/readings", "gis-editor"),
+    Rule(WRITE, "/sensors/CreateObservations", "gis-editor"),
+    # Editing risk points (OGC API - Features Part 4) within the editor's jurisdiction.
+    Rule(WRITE, "/collections/risk_points/items*", "gis-editor"),
+    # Alert rules are the city's thresholds.
+    Rule(WRITE, "/alerts/rules*", "admin"),
     # admin: keys and the audit log.
     Rule(ANY, "/keys*", "admin"),
     Rule(READ, "/audit", "admin"),

@@ -20,9 +20,12 @@ from twin.api.deps import auth_error
 from twin.api.errors import install_error_handlers
 from twin.api.middleware import AuditMiddleware, BodyLimitMiddleware
 from twin.api.openapi import install_security
+from twin.api.routes import alerts as alert_routes
 from twin.api.routes import areas as area_routes
 from twin.api.routes import audit as audit_routes
 from twin.api.routes import collections, features, health, landing, queries, tiles
+from twin.api.routes import edits as edit_routes
+from twin.api.routes import events as event_routes
 from twin.api.routes import jobs as job_routes
 from twin.api.routes import keys as key_routes
 from twin.api.routes import layers as layer_routes
@@ -30,6 +33,7 @@ from twin.api.routes import pipes as pipe_routes
 from twin.api.routes import raster as raster_routes
 from twin.api.routes import reference as reference_routes
 from twin.api.routes import sensors as sensor_routes
+from twin.api.routes import stream as stream_routes
 from twin.api.routes import terrain3d as terrain3d_routes
 from twin.api.routes import tiles3d as tiles3d_routes
 from twin.api.sync import VersionsSyncMiddleware
@@ -38,6 +42,7 @@ from twin.auth import Authenticator
 from twin.core.db import async_engine
 from twin.core.principal import AuthError
 from twin.core.settings import Settings, get_settings
+from twin.live.runtime import LiveRuntime
 
 log = logging.getLogger("twin.api")
 
@@ -87,9 +92,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings, lambda layer_id: app.state.registry.invalidate())
         # Audit rows past TWIN_AUDIT_RETENTION_DAYS go now and daily, in one process of several.
         app.state.audit_pruner = AuditPruner.start(settings)
+        # The living twin: push fan-out, escalation, detectors, partitions, MQTT (issue 14).
+        app.state.live = await LiveRuntime.start(settings, app.state.engine)
         try:
             yield
         finally:
+            await app.state.live.stop()
             await app.state.audit_pruner.stop()
             await tiles_service.close()
             app.state.uploads.shutdown()
@@ -117,7 +125,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    tiles.router, queries.router, pipe_routes.router, sensor_routes.router,
                    area_routes.router, reference_routes.router, layer_routes.router,
                    job_routes.router, raster_routes.router, tiles3d_routes.router,
-                   terrain3d_routes.router,
+                   terrain3d_routes.router, stream_routes.router, event_routes.router,
+                   alert_routes.router, edit_routes.router,
                    audit_routes.router, key_routes.router):
         app.include_router(router, dependencies=access.GUARD)
     tiles.install_xyz_route(app)  # the warm tile path, ahead of the routers (same guard)

@@ -168,6 +168,77 @@ class SensorSettings(BaseSettings):
     future_tolerance_s: float = Field(default=60.0, ge=0)
 
 
+# --- the living twin (issue 14): each class is owned by the module its comment names --------
+
+class ReadingsSettings(BaseSettings):
+    """Stored readings (``TWIN_READINGS_``): day partitions kept by pg_partman
+    (twin/live/partitions.py)."""
+
+    model_config = SettingsConfigDict(env_prefix="TWIN_READINGS_")
+
+    # Days of readings kept; older day partitions are dropped. 0 keeps every reading.
+    retention_days: int = Field(default=0, ge=0)
+    # Day partitions made ahead of time.
+    premake_days: int = Field(default=7, ge=1)
+    # Seconds between partition maintenance runs (one server process of several runs it).
+    maintenance_every_s: float = Field(default=3600.0, gt=0)
+
+
+class MqttSettings(BaseSettings):
+    """Readings over MQTT (``TWIN_MQTT_``): twin/core/broker.py, twin/live/mqtt.py.
+
+    ``url`` set: twin subscribes there. Unset: `twin run` starts its own mosquitto and uses
+    it; `twin serve` and tests subscribe to nothing.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="TWIN_MQTT_")
+
+    url: str | None = None
+    # The managed broker's port (loopback only).
+    port: int = 51883
+    topic: str = "twin/readings/#"
+    qos: int = Field(default=1, ge=0, le=2)
+    # Bytes of one message's payload; a bigger one is dead-lettered unread.
+    max_payload_bytes: int = Field(default=1024 * 1024, ge=1)
+
+
+class EventsSettings(BaseSettings):
+    """Events and their escalation (``TWIN_EVENTS_``): twin/live/events.py, escalation.py."""
+
+    model_config = SettingsConfigDict(env_prefix="TWIN_EVENTS_")
+
+    # Seconds between the escalation worker's looks for deadlines that passed.
+    escalation_poll_s: float = Field(default=0.5, gt=0)
+    # Risk points within this many metres of an event are linked to it.
+    link_radius_m: float = Field(default=500.0, gt=0)
+    # Nearest response teams by road linked to an event.
+    nearest_teams: int = Field(default=3, ge=0)
+
+
+class RulesSettings(BaseSettings):
+    """Alert rules and detectors (``TWIN_RULES_``): twin/live/rules.py, detectors.py."""
+
+    model_config = SettingsConfigDict(env_prefix="TWIN_RULES_")
+
+    # Seconds between the looks for silent sensors.
+    silence_check_every_s: float = Field(default=30.0, gt=0)
+    # Seconds between incremental runs of the pipe-anomaly detector (when readings came).
+    anomaly_every_s: float = Field(default=60.0, gt=0)
+
+
+class StreamSettings(BaseSettings):
+    """The push stream (``TWIN_STREAM_``): twin/live/fanout.py, twin/api/routes/stream.py."""
+
+    model_config = SettingsConfigDict(env_prefix="TWIN_STREAM_")
+
+    # Seconds a stream ticket may be used to open (or reopen) a stream.
+    ticket_ttl_s: float = Field(default=60.0, gt=0)
+    # Seconds between keep-alive comments on an idle stream.
+    keepalive_s: float = Field(default=15.0, gt=0)
+    # Hours outbox messages are kept for reconnecting clients (Last-Event-ID).
+    retention_h: float = Field(default=48.0, gt=0)
+
+
 def default_workers() -> int:
     """2 server processes where at least 2 cores are usable, else 1.
 
@@ -211,6 +282,11 @@ class Settings(BaseSettings):
     cors: CorsSettings = Field(default_factory=CorsSettings)
     sensors: SensorSettings = Field(default_factory=SensorSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    readings: ReadingsSettings = Field(default_factory=ReadingsSettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    events: EventsSettings = Field(default_factory=EventsSettings)
+    rules: RulesSettings = Field(default_factory=RulesSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
 
     @property
     def pgdata(self) -> Path:

@@ -1,0 +1,9 @@
+"""Alert rules and open alerts (owner: rules).
+
+Stub: filled in by its owner (see the design notes)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["alerts"])

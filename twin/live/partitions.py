@@ -1,0 +1,16 @@
+"""Day partitions of sensor_readings made ahead and dropped past retention (owner: ingest).
+
+Stub: filled in by its owner (see the design notes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class _Idle:
+    async def stop(self) -> None:
+        return None
+
+
+async def start(ctx: Any) -> _Idle:
+    return _Idle()
