@@ -200,6 +200,25 @@ class MqttSettings(BaseSettings):
     qos: int = Field(default=1, ge=0, le=2)
     # Bytes of one message's payload; a bigger one is dead-lettered unread.
     max_payload_bytes: int = Field(default=1024 * 1024, ge=1)
+    # The managed broker (twin/core/broker.py): Debian's mosquitto, and the unprivileged
+    # user it runs as when twin runs as root.
+    broker_bin: Path = Path("/usr/sbin/mosquitto")
+    os_user: str = "mosquitto"
+    # The subscriber (twin/live/mqtt.py): its MQTT client id is
+    # ``<client_prefix>-<host>-<slot>`` (the slot a server process holds, so a restarted
+    # process finds its persistent session again); seconds the broker keeps that session
+    # while the process is away.
+    client_prefix: str = "twin"
+    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
+    # Messages stored per transaction at most (several small messages share one commit) and
+    # readings per transaction at most; each message is acknowledged after its commit.
+    batch_messages: int = Field(default=200, ge=1)
+    batch_readings: int = Field(default=10_000, ge=1)
+    # QoS 1 messages the broker may have in flight to one subscriber (MQTT 5 receive maximum).
+    receive_maximum: int = Field(default=500, ge=1, le=65535)
+    # Seconds between reconnection attempts: doubling from the first up to the second.
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=10.0, gt=0)
 
 
 class EventsSettings(BaseSettings):
