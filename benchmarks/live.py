@@ -19,6 +19,10 @@ Parts, each printed with its figures and the target from the issue:
   fired after its deadline (p50/p99), none before it, none twice.
 * ``scope``: events reported across two streets of one district; a street's stream gets
   all of its street's events and none of the other's; the district's gets both.
+* ``faults``: under HTTP, MQTT and event load with a reconnecting SSE client: ``kill -9``
+  of twin, a restart of mosquitto, a restart of PostgreSQL. Every acknowledged reading is
+  stored once, every stream message arrives once, deadlines overdue while twin was down fire
+  within 5 s of its start. Needs a throwaway TWIN_HOME/TWIN_DB_PORT (the cluster restarts).
 
 The server is ``twin serve`` (2 workers) on a managed broker of the same TWIN_HOME. A
 throwaway TWIN_HOME/TWIN_DB_PORT is advised: the run stores millions of readings.
@@ -30,7 +34,10 @@ import argparse
 import asyncio
 import json
 import os
+import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -49,7 +56,7 @@ from twin.core.settings import Settings  # noqa: E402
 
 EDITOR_KEY = "bench-live-editor-key-0123456789"
 KEYS = {EDITOR_KEY: "admin:bench-admin"}
-PARTS = ("ingest", "mqtt", "escalation", "scope")
+PARTS = ("ingest", "mqtt", "escalation", "scope", "faults")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -385,6 +392,237 @@ def part_scope(base: str, url: str, district: str, a: str, b: str, per_street: i
           f"district {district} got {len(got_d & every)}/{len(every)}; target 100% and none")
 
 
+# --- faults ---------------------------------------------------------------------------------
+
+class Server:
+    """``twin serve`` in a process group of its own, so it can be killed with SIGKILL whole
+    (the server and its workers), as a crash would."""
+
+    def __init__(self, env: dict[str, str], port: int):
+        self.env = {**env, "TWIN_HOST": "127.0.0.1", "TWIN_PORT": str(port)}
+        self.base = f"http://127.0.0.1:{port}"
+        self.process: subprocess.Popen | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix="bench-live-", suffix=".log",
+                                               delete=False)
+
+    def start(self) -> float:
+        """Starts it; the time it answered /healthz."""
+        self.process = subprocess.Popen([sys.executable, "-m", "twin.cli", "serve"],
+                                        env=self.env, cwd=ROOT, stdout=self.log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.base + "/healthz", timeout=2).status_code == 200:
+                    return time.time()
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise SystemExit(f"twin did not start; see {self.log.name}")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Resilient:
+    """The fault run's load: an HTTP gateway that retries each batch until answered (and
+    remembers the rows acknowledged), an MQTT publisher (rows whose PUBACK came back), a
+    reporter of events, and an SSE client that reconnects with Last-Event-ID."""
+
+    def __init__(self, base: str, url: str, mqtt_url: str):
+        self.base, self.url, self.mqtt_url = base, url, mqtt_url
+        self.http_acked: list[tuple[int, datetime, float]] = []
+        self.mqtt_acked: list[tuple[int, datetime, float]] = []
+        self.reported: set[int] = set()
+        self.received: list[int] = []  # outbox ids, duplicates kept
+        self.event_messages: list[int] = []  # event ids of 'reported' messages
+        self.stop = threading.Event()
+        self.readings = Readings(url, datetime.now(UTC) - timedelta(hours=3))
+        self.lock = threading.Lock()
+
+    def take(self, n: int) -> list[tuple[int, datetime, float]]:
+        with self.lock:
+            return self.readings.take(n)
+
+    def gateway(self) -> None:
+        headers = {"Authorization": f"Bearer {EDITOR_KEY}", "Content-Type": "application/json"}
+        with httpx.Client(base_url=self.base, timeout=30, headers=headers) as http:
+            while not self.stop.is_set():
+                rows = self.take(2000)
+                payload = body(rows)
+                while True:  # until answered, as OneNET-style platforms retry
+                    try:
+                        answer = http.post("/sensors/readings", content=payload)
+                        if answer.status_code in (200, 207):
+                            self.http_acked += rows
+                            break
+                    except httpx.TransportError:
+                        pass
+                    time.sleep(0.2)
+
+    def publisher(self) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        host, _, port = self.mqtt_url.removeprefix("mqtt://").partition(":")
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-fault-publisher",
+                             protocol=mqtt.MQTTv311, clean_session=False)
+        client.reconnect_delay_set(0.1, 1)
+        client.connect(host, int(port))
+        client.loop_start()
+        while not self.stop.is_set():
+            rows = self.take(500)
+            info = client.publish("twin/readings/faults", body(rows), qos=1)
+            try:
+                info.wait_for_publish(30)
+            except (RuntimeError, ValueError):
+                pass
+            if info.is_published():
+                self.mqtt_acked += rows
+            else:
+                time.sleep(0.2)
+        client.loop_stop()
+        client.disconnect()
+
+    def reporter(self, spots: list[tuple[float, float]], kind: str) -> None:
+        headers = {"Authorization": f"Bearer {EDITOR_KEY}"}
+        k = 0
+        with httpx.Client(base_url=self.base, timeout=30, headers=headers) as http:
+            while not self.stop.is_set():
+                x, y = spots[k % len(spots)]
+                k += 1
+                try:
+                    answer = http.post("/events", json={"lon": x, "lat": y, "kind": kind,
+                                                        "description": "fault run"})
+                    if answer.status_code == 201:
+                        self.reported.add(answer.json()["id"])
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+
+    def listener(self) -> None:
+        last: str | None = None
+        while not self.stop.is_set():
+            headers = {"Authorization": f"Bearer {EDITOR_KEY}",
+                       **({"Last-Event-ID": last} if last else {})}
+            try:
+                with httpx.Client(timeout=httpx.Timeout(5, read=30)) as client, \
+                        client.stream("GET", self.base + "/events/stream",
+                                      headers=headers) as answer:
+                    if answer.status_code != 200:
+                        time.sleep(0.5)
+                        continue
+                    kind, data, ident = "message", [], None
+                    for line in answer.iter_lines():
+                        if self.stop.is_set():
+                            return
+                        if not line:
+                            if data and ident is not None:
+                                self.received.append(int(ident))
+                                last = ident
+                                payload = json.loads("\n".join(data)).get("payload", {})
+                                if kind == "event" and payload.get("action") == "reported":
+                                    self.event_messages.append(payload.get("id"))
+                            kind, data, ident = "message", [], None
+                        elif line.startswith("id:"):
+                            ident = line[3:].strip()
+                        elif line.startswith("event:"):
+                            kind = line[6:].strip()
+                        elif line.startswith("data:"):
+                            data.append(line[5:].strip())
+            except (httpx.TransportError, httpx.HTTPError):
+                time.sleep(0.5)
+
+
+def stored_once(url: str, rows: list[tuple[int, datetime, float]]) -> tuple[int, int]:
+    """(rows found, rows missing) of ``rows`` in sensor_readings."""
+    with psycopg.connect(libpq(url)) as conn:
+        found = conn.execute("""
+            SELECT count(*) FROM unnest(%s::int[], %s::timestamptz[]) AS k(sensor_id, ts)
+              JOIN sensor_readings AS r USING (sensor_id, ts)""",
+                             ([r[0] for r in rows], [r[1] for r in rows])).fetchone()[0]
+    return found, len(rows) - found
+
+
+def part_faults(env: dict[str, str], url: str, settings: Settings, mqtt_url: str) -> None:
+    from benchmarks.serving import free_port
+    from twin.core.broker import ManagedBroker
+    from twin.core.cluster import ManagedCluster
+
+    server = Server(env, free_port())
+    server.start()
+    with psycopg.connect(libpq(url), autocommit=True) as conn:
+        conn.execute("""
+            INSERT INTO event_kinds (code, sector_code, name_zh, name_en, respond_s, verify_s,
+                                     handle_s)
+            SELECT 'bench_fault', code, '测试', 'Benchmark', 3, 600, 900 FROM sectors
+             ORDER BY sort_order LIMIT 1
+            ON CONFLICT (code) DO UPDATE SET respond_s = 3, verify_s = 600, handle_s = 900""")
+        spots = conn.execute("""
+            SELECT ST_X(p), ST_Y(p) FROM (SELECT ST_PointOnSurface(geom) AS p FROM admin_units
+             WHERE level = 'grid' ORDER BY code LIMIT 200) AS g""").fetchall()
+    load = Resilient(server.base, url, mqtt_url)
+    threads = [threading.Thread(target=load.gateway, daemon=True),
+               threading.Thread(target=load.publisher, daemon=True),
+               threading.Thread(target=load.reporter, args=(spots, "bench_fault"), daemon=True),
+               threading.Thread(target=load.listener, daemon=True)]
+    for thread in threads:
+        thread.start()
+    time.sleep(8)
+    print("faults: kill -9 of twin (server and workers)", flush=True)
+    server.kill()
+    time.sleep(5)  # the reporter's events of the last seconds become overdue while down
+    began = server.start()
+    with psycopg.connect(libpq(url)) as conn:
+        time.sleep(6)
+        overdue = conn.execute("""
+            SELECT extract(epoch FROM d.fired_at) - %s FROM event_deadlines AS d
+             WHERE d.due_at < to_timestamp(%s) AND d.fired_at >= to_timestamp(%s) - 1""",
+                               (began, began, began)).fetchall()
+    late = [float(r[0]) for r in overdue]
+    time.sleep(5)
+    print("faults: mosquitto restarted", flush=True)
+    broker = ManagedBroker(settings)
+    broker.down()
+    time.sleep(2)
+    broker.up()
+    time.sleep(8)
+    print("faults: PostgreSQL restarted", flush=True)
+    cluster = ManagedCluster(settings)
+    cluster.down()
+    time.sleep(2)
+    cluster.up()
+    time.sleep(10)
+    load.stop.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    time.sleep(5)  # the subscriber's last acknowledged messages are committed
+    server.stop()
+    http_found, http_missing = stored_once(url, load.http_acked)
+    mqtt_found, mqtt_missing = stored_once(url, load.mqtt_acked)
+    duplicates = len(load.received) - len(set(load.received))
+    seen = set(load.event_messages)
+    print(f"faults: HTTP {http_found:,} acknowledged readings stored, {http_missing} missing; "
+          f"MQTT {mqtt_found:,} acknowledged (PUBACK) stored, {mqtt_missing} missing "
+          "(target: none missing; the primary key stores each once)")
+    print(f"faults: stream {len(load.received):,} messages, {duplicates} duplicates; "
+          f"{len(seen & load.reported)}/{len(load.reported)} reported events seen "
+          "(target: each exactly once)")
+    print(f"faults: {len(late)} deadlines overdue at start-up fired {pct(late, 50):.1f} s "
+          f"(p50) / {max(late, default=float('nan')):.1f} s (max) after it answered; "
+          "target <= 5 s")
+
+
 @contextmanager
 def managed_broker(settings: Settings) -> Iterator[str]:
     from twin.core.broker import ManagedBroker
@@ -434,6 +672,11 @@ def main() -> None:
                 part_escalation(base, url, options.events)
             if "scope" in parts:
                 part_scope(base, url, district, street_a, street_b, options.scope_events)
+        if "faults" in parts:
+            if not settings.managed or settings.db.port == 55432:
+                raise SystemExit("--parts faults restarts the managed cluster: use a throwaway "
+                                 "TWIN_HOME and TWIN_DB_PORT")
+            part_faults(env, url, settings, mqtt_url)
 
 
 if __name__ == "__main__":
