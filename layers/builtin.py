@@ -82,6 +82,11 @@ BUILTIN_LAYERS: tuple[BuiltinLayer, ...] = (
         ("id", "name", "use", "height", "base_height", "floors", "cim_level"),
         min_zoom=13,
     ),
+    # Events (issue 14): located on the grid, restyled by status and level as they change.
+    BuiltinLayer(
+        "events", "事件", "Events", "vector", "Point", "events",
+        ("id", "kind", "sector_code", "title", "status", "level", "grid_code", "source"),
+    ),
     BuiltinLayer(
         "terrain", "地形（全市）", "Terrain (municipality)", "raster", None, None,
         file_name="dem_municipality.tif", max_zoom=12,
