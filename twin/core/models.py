@@ -539,3 +539,110 @@ class AuditEntry(Base):
     outcome: Mapped[str] = mapped_column(String(8))
     detail: Mapped[dict] = mapped_column(JSONB, default=dict)
     request_id: Mapped[str] = mapped_column(String(64))
+
+
+# --- events (issue 14; migration 0012; owner: twin/live/events.py) -------------------------
+EVENT_STATES = ("reported", "responded", "verified", "handled", "closed")
+EVENT_LEVELS = ("grid", "street", "district", "city")
+EVENT_SOURCES = ("report", "rule", "detector")
+EVENT_STEPS = ("respond", "verify", "handle")
+EVENT_ACTIONS = ("report", "raise", "transition", "escalate")
+
+
+class EventKind(Base):
+    """What can happen, by sector, and the seconds allowed (from the report) per step.
+
+    ``sector_code`` has no foreign key: the sample loader truncates ``sectors`` (CASCADE).
+    """
+
+    __tablename__ = "event_kinds"
+    __table_args__ = (
+        CheckConstraint("0 < respond_s AND respond_s <= verify_s AND verify_s <= handle_s",
+                        name="event_kind_deadlines"),
+    )
+
+    code: Mapped[str] = mapped_column(String(40), primary_key=True)
+    sector_code: Mapped[str] = mapped_column(String(40))
+    name_zh: Mapped[str] = mapped_column(Text)
+    name_en: Mapped[str] = mapped_column(Text)
+    respond_s: Mapped[int] = mapped_column(Integer, server_default="60")
+    verify_s: Mapped[int] = mapped_column(Integer, server_default="180")
+    handle_s: Mapped[int] = mapped_column(Integer, server_default="300")
+
+
+class Event(Base):
+    """An event located on the grid (its four admin codes), with its state and level."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        CheckConstraint(_in("source", EVENT_SOURCES), name="event_source"),
+        CheckConstraint(_in("status", EVENT_STATES), name="event_status"),
+        CheckConstraint(_in("level", EVENT_LEVELS), name="event_level"),
+        Index("events_grid_idx", "grid_code"),
+        Index("events_reported_at_idx", "reported_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(ForeignKey("event_kinds.code"))
+    sector_code: Mapped[str] = mapped_column(String(40))
+    title: Mapped[str] = mapped_column(Text)
+    description: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(10))
+    status: Mapped[str] = mapped_column(String(10), server_default="reported")
+    level: Mapped[str] = mapped_column(String(10), server_default="grid")
+    grid_code: Mapped[str] = mapped_column(ForeignKey("admin_units.code"))
+    community_code: Mapped[str] = mapped_column(String(15))
+    street_code: Mapped[str] = mapped_column(String(15))
+    district_code: Mapped[str] = mapped_column(String(15))
+    geom = mapped_column(Geometry("POINT", srid=SRID, spatial_index=True), nullable=False)
+    reported_by: Mapped[str] = mapped_column(Text)
+    reported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+                                                  server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+                                                 server_default=func.now())
+    version: Mapped[int] = mapped_column(Integer, server_default="1")
+    sensor_id: Mapped[int | None] = mapped_column(BigInteger)
+    rule_code: Mapped[str | None] = mapped_column(String(40))
+    links: Mapped[dict] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class EventHistory(Base):
+    """Every change of an event: report, transition, escalation (append-only)."""
+
+    __tablename__ = "event_history"
+    __table_args__ = (
+        CheckConstraint(_in("action", EVENT_ACTIONS), name="event_history_action"),
+        Index("event_history_event_idx", "event_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("events.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    action: Mapped[str] = mapped_column(String(12))
+    from_status: Mapped[str | None] = mapped_column(String(10))
+    to_status: Mapped[str | None] = mapped_column(String(10))
+    from_level: Mapped[str | None] = mapped_column(String(10))
+    to_level: Mapped[str | None] = mapped_column(String(10))
+    step: Mapped[str | None] = mapped_column(String(8))
+    principal: Mapped[str | None] = mapped_column(Text)
+    note: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(Integer)
+
+
+class EventDeadline(Base):
+    """One step's deadline; open ones (neither met nor fired) are the escalation's work."""
+
+    __tablename__ = "event_deadlines"
+    __table_args__ = (
+        CheckConstraint(_in("step", EVENT_STEPS), name="event_deadline_step"),
+        Index("event_deadlines_open_idx", "due_at",
+              postgresql_where=text("met_at IS NULL AND fired_at IS NULL")),
+    )
+
+    event_id: Mapped[int] = mapped_column(ForeignKey("events.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    step: Mapped[str] = mapped_column(String(8), primary_key=True)
+    due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    met_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    fired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -232,6 +232,12 @@ class EventsSettings(BaseSettings):
     link_radius_m: float = Field(default=500.0, gt=0)
     # Nearest response teams by road linked to an event.
     nearest_teams: int = Field(default=3, ge=0)
+    # How the linked teams are ranked: "road" (travel time over the road graph, pgRouting)
+    # or "distance" (geodesic). "road" falls back to "distance" (and says so in the links)
+    # when the road graph finds none.
+    teams_by: str = Field(default="road", pattern="^(road|distance)$")
+    # At most this many risk points (nearest first) are linked to an event.
+    max_linked_risk_points: int = Field(default=20, ge=0)
 
 
 class RulesSettings(BaseSettings):
