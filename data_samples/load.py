@@ -18,6 +18,8 @@ import psycopg
 from sqlalchemy import Connection, Engine, text
 
 from data_samples.output import MANIFEST, TABLE_ORDER, file_sha256, read_manifest
+from data_samples.scales import SCALES
+from data_samples.sensors import READINGS_START
 from layers.registry import register_builtin_layers
 from tiles import outlines
 from twin.core.errors import LoadError
@@ -97,8 +99,10 @@ def load_sample(engine: Engine, sample_dir: Path, verify: bool = True,
             register_builtin_layers(conn, sample_dir)
             return LoadReport(True, 0.0, manifest["tables"])
         conn.execute(text(f"TRUNCATE {', '.join(TABLE_ORDER)} CASCADE"))
+        _make_reading_partitions(conn, manifest)
         rows = {table: _copy_table(conn, sample_dir / f"{table}.csv", table)
                 for table in TABLE_ORDER}
+        _settle_readings(conn)
         _advance_sequences(conn)
         # The triggers counted the points per H3 cell; hexagon tiles draw those cells and
         # read their counts in the order of place.
@@ -116,6 +120,32 @@ def load_sample(engine: Engine, sample_dir: Path, verify: bool = True,
     log.info("loaded the %s sample city in %.1fs (%d rows)", manifest["scale"], seconds,
              sum(rows.values()))
     return LoadReport(False, seconds, rows)
+
+
+def _make_reading_partitions(conn: Connection, manifest: dict) -> None:
+    """The day partitions the sample's readings fall in, made before their COPY (readings
+    are partitioned by UTC day, migration 0011); otherwise they would all land in the
+    default partition."""
+    scale = SCALES.get(manifest.get("scale", ""))
+    hours = scale.reading_hours if scale is not None else 24
+    conn.execute(text("SELECT twin_readings_make_partitions(CAST(:start AS timestamptz), "
+                      "CAST(:start AS timestamptz) + make_interval(hours => :hours))"),
+                 {"start": READINGS_START.isoformat(), "hours": hours})
+
+
+def _settle_readings(conn: Connection) -> None:
+    """Readings outside the expected days (a hand-edited sample) moved from the default
+    partition into day partitions of their own; ``sensor_latest`` rebuilt from the readings."""
+    conn.execute(text("""
+        SELECT twin_readings_make_partitions(min(ts), max(ts)) FROM sensor_readings_default
+        HAVING count(*) > 0
+    """))
+    conn.execute(text("""
+        TRUNCATE sensor_latest;
+        INSERT INTO sensor_latest (sensor_id, ts, value)
+        SELECT DISTINCT ON (sensor_id) sensor_id, ts, value FROM sensor_readings
+         ORDER BY sensor_id, ts DESC
+    """))
 
 
 def _advance_sequences(conn: Connection) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     SmallInteger,
     String,
     Text,
@@ -134,6 +135,30 @@ class RiskPoint(Base):
     h3_r9: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     geom = mapped_column(Geometry("POINT", srid=SRID, spatial_index=True), nullable=False)
+
+
+RISK_POINT_EDIT_ACTIONS = ("create", "replace", "update", "delete")
+
+
+class RiskPointEdit(Base):
+    """One edit of a risk point through the API (twin/live/risk_edits.py), written in the
+    edit's transaction: the point before (NULL for a create) and after (NULL for a delete).
+    No foreign key: a deleted point keeps its history."""
+
+    __tablename__ = "risk_point_edits"
+    __table_args__ = (
+        CheckConstraint(_in("action", RISK_POINT_EDIT_ACTIONS), name="risk_point_edit_action"),
+        Index("risk_point_edits_point_at", "risk_point_id", "at"),
+        Index("risk_point_edits_at", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    risk_point_id: Mapped[int] = mapped_column(BigInteger)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    principal: Mapped[str] = mapped_column(Text)
+    action: Mapped[str] = mapped_column(String(8))
+    before: Mapped[dict | None] = mapped_column(JSONB)
+    after: Mapped[dict | None] = mapped_column(JSONB)
 
 
 class RiskPointH3Count(Base):
@@ -321,11 +346,48 @@ class Sensor(Base):
 
 
 class SensorReading(Base):
-    __tablename__ = "sensor_readings"
+    """Partitioned by UTC day on ts (migration 0011, pg_partman); no foreign key to sensors
+    (a per-row trigger): the ingest checks a batch's sensor ids itself."""
 
-    sensor_id: Mapped[int] = mapped_column(ForeignKey("sensors.id"), primary_key=True)
+    __tablename__ = "sensor_readings"
+    __table_args__ = (
+        Index("ix_sensor_readings_ts_brin", "ts", postgresql_using="brin"),
+        {"postgresql_partition_by": "RANGE (ts)"},
+    )
+
+    sensor_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     ts: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
     value: Mapped[float] = mapped_column(Double)
+
+
+class SensorLatest(Base):
+    """The newest reading of each sensor, kept by the ingest in the batch's transaction."""
+
+    __tablename__ = "sensor_latest"
+
+    sensor_id: Mapped[int] = mapped_column(ForeignKey("sensors.id", ondelete="CASCADE"),
+                                           primary_key=True)
+    ts: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    value: Mapped[float] = mapped_column(Double)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+                                                  server_default=func.now())
+
+
+class ReadingDeadLetter(Base):
+    """What MQTT or HTTP delivered that could not be stored, and why."""
+
+    __tablename__ = "reading_dead_letters"
+    __table_args__ = (
+        CheckConstraint(_in("source", ("mqtt", "http")), name="reading_dead_letters_source"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+                                                  server_default=func.now(), index=True)
+    source: Mapped[str] = mapped_column(String(8))
+    topic: Mapped[str | None] = mapped_column(Text)
+    payload: Mapped[bytes | None] = mapped_column(LargeBinary)
+    reason: Mapped[str] = mapped_column(Text)
 
 
 class HazardSource(Base):
@@ -646,3 +708,90 @@ class EventDeadline(Base):
     due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     met_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     fired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# --- alert rules, sensor alerts and live anomaly zones (issue 14, migration 0013) ---------
+
+class AlertRule(Base):
+    """A threshold test with hysteresis, or a silence test, on one kind of sensor."""
+
+    __tablename__ = "alert_rules"
+    __table_args__ = (
+        CheckConstraint(_in("sensor_kind", SENSOR_KINDS), name="alert_rule_sensor_kind"),
+        CheckConstraint("network IS NULL OR " + _in("network", NETWORKS),
+                        name="alert_rule_network"),
+        CheckConstraint("(silent_minutes IS NULL) = (num_nonnulls(open_above, open_below) > 0)",
+                        name="alert_rule_test"),
+        CheckConstraint("silent_minutes IS NULL OR silent_minutes > 0",
+                        name="alert_rule_silence"),
+        CheckConstraint(
+            "(open_above IS NULL) = (close_below IS NULL) "
+            "AND (open_below IS NULL) = (close_above IS NULL) "
+            "AND (open_above IS NULL OR close_below <= open_above) "
+            "AND (open_below IS NULL OR close_above >= open_below) "
+            "AND (close_above IS NULL OR close_below IS NULL OR close_above < close_below)",
+            name="alert_rule_hysteresis"),
+    )
+
+    code: Mapped[str] = mapped_column(String(40), primary_key=True)
+    sensor_kind: Mapped[str] = mapped_column(String(10))
+    network: Mapped[str | None] = mapped_column(String(10))
+    name_zh: Mapped[str] = mapped_column(Text)
+    name_en: Mapped[str] = mapped_column(Text)
+    open_above: Mapped[float | None] = mapped_column(Double)
+    open_below: Mapped[float | None] = mapped_column(Double)
+    close_above: Mapped[float | None] = mapped_column(Double)
+    close_below: Mapped[float | None] = mapped_column(Double)
+    silent_minutes: Mapped[int | None] = mapped_column(Integer)
+    event_kind: Mapped[str | None] = mapped_column(ForeignKey("event_kinds.code"))
+    enabled: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+                                                 server_default=func.now())
+
+
+class SensorAlert(Base):
+    """An alert a rule opened on a sensor; at most one open per sensor and rule."""
+
+    __tablename__ = "sensor_alerts"
+    __table_args__ = (
+        CheckConstraint("closed_at IS NULL OR closed_at >= opened_at",
+                        name="sensor_alert_closes_after"),
+        Index("sensor_alerts_one_open", "sensor_id", "rule_code", unique=True,
+              postgresql_where=text("closed_at IS NULL")),
+        Index("sensor_alerts_opened_idx", "opened_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    sensor_id: Mapped[int] = mapped_column(ForeignKey("sensors.id", ondelete="CASCADE"))
+    rule_code: Mapped[str] = mapped_column(ForeignKey("alert_rules.code", onupdate="CASCADE"))
+    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    opened_value: Mapped[float | None] = mapped_column(Double)
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    closed_value: Mapped[float | None] = mapped_column(Double)
+    event_id: Mapped[int | None] = mapped_column(ForeignKey("events.id", ondelete="SET NULL"))
+
+
+class AnomalyZone(Base):
+    """A pipe-anomaly zone found by the incremental detector, followed from run to run."""
+
+    __tablename__ = "anomaly_zones"
+    __table_args__ = (
+        CheckConstraint(_in("network", NETWORKS), name="anomaly_zone_network"),
+        Index("anomaly_zones_live_idx", "network", postgresql_where=text("closed_at IS NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    network: Mapped[str] = mapped_column(String(10))
+    geom = mapped_column(Geometry("MULTIPOLYGON", srid=SRID, spatial_index=True), nullable=False)
+    sensors: Mapped[list[int]] = mapped_column(ARRAY(Integer))
+    segments: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
+    source_segment_id: Mapped[int] = mapped_column(BigInteger)
+    severity: Mapped[float] = mapped_column(Double)
+    details: Mapped[dict] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+                                                 server_default=func.now())
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    event_id: Mapped[int | None] = mapped_column(ForeignKey("events.id", ondelete="SET NULL"))

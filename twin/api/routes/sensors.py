@@ -1,15 +1,28 @@
-"""Sensor readings coming in: ``POST /sensors/readings``."""
+"""Sensor readings coming in (``POST /sensors/readings``, SensorThings ``POST
+/sensors/CreateObservations``) and read back (the latest per sensor, one stored reading)."""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 
-from twin.api.deps import ConnDep, SettingsDep
-from twin.core.errors import InvalidParameter
-from twin.queries.readings import SHAPE, BatchTooLarge, store_readings
+from twin.api.deps import ConnDep, ScopeDep, SettingsDep
+from twin.core.errors import InvalidParameter, NotFound
+from twin.core.models import NETWORKS, SENSOR_KINDS
+from twin.core.scope import table_predicate
+from twin.live.readings import (
+    SHAPE,
+    STA_SHAPE,
+    BatchTooLarge,
+    create_observations,
+    latest_readings,
+    one_reading,
+    store_readings,
+)
 
 router = APIRouter(tags=["sensors"])
 
@@ -51,10 +64,103 @@ READINGS_BODY = {"required": True, "content": {"application/json": {"schema": {
                         400: {"description": "the body is not JSON or not a batch"},
                         413: {"description": "the batch or the body is too big"}})
 async def post_readings(request: Request, conn: ConnDep, settings: SettingsDep) -> JSONResponse:
-    body = await _read_body(request, settings.sensors.max_body_bytes)
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidParameter(f"body: not JSON; send {SHAPE}") from None
+    payload = await _read_json(request, settings.sensors.max_body_bytes, SHAPE)
     result = await store_readings(conn, payload, settings.sensors)
     return JSONResponse(result, status_code=207 if result["rejected"] else 200)
+
+
+async def _read_json(request: Request, limit: int, shape: str) -> Any:
+    body = await _read_body(request, limit)
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidParameter(f"body: not JSON; send {shape}") from None
+
+
+# SensorThings API 1.1, "Create multiple Observations with dataArray": a Datastream is a
+# twin sensor (its @iot.id is the sensor id); phenomenonTime is the reading's instant.
+OBSERVATIONS_BODY = {"required": True, "content": {"application/json": {"schema": {
+    "type": "array", "description": "at most TWIN_SENSORS_MAX_BATCH dataArray entries in all",
+    "items": {"type": "object", "required": ["Datastream", "components", "dataArray"],
+              "properties": {
+                  "Datastream": {"type": "object", "required": ["@iot.id"], "properties": {
+                      "@iot.id": {"type": "integer", "description": "the sensor id"}}},
+                  "components": {"type": "array", "items": {"type": "string"},
+                                 "description": 'must hold "phenomenonTime" and "result"; '
+                                                "other components are ignored",
+                                 "example": ["phenomenonTime", "result"]},
+                  "dataArray": {"type": "array", "items": {"type": "array", "items": {}},
+                                "description": "one array per observation, its values in "
+                                               "the order of components; phenomenonTime "
+                                               "ISO 8601 with a UTC offset",
+                                "example": [["2026-11-20T08:00:00+08:00", 1.5]]}}}}}}}
+
+
+@router.post("/sensors/CreateObservations", summary="Store observations in the SensorThings "
+             "API 1.1 dataArray form; the answer lists, per observation in order, its link or "
+             "\"error: <reason>\"", response_class=JSONResponse, status_code=201,
+             openapi_extra={"requestBody": OBSERVATIONS_BODY},
+             responses={201: {"description": "every observation stored (or already stored "
+                                             "with the same value)",
+                              "content": {"application/json": {"schema": {
+                                  "type": "array", "items": {"type": "string"}}}}},
+                        207: {"description": "some observations failed: their entries read "
+                                             "\"error: <reason>\""},
+                        400: {"description": "the body is not JSON or not dataArray groups"},
+                        413: {"description": "too many observations or too big a body"}})
+async def post_observations(request: Request, conn: ConnDep,
+                            settings: SettingsDep) -> JSONResponse:
+    body = await _read_json(request, settings.sensors.max_body_bytes, STA_SHAPE)
+    answer, all_stored = await create_observations(conn, body, settings.sensors)
+    return JSONResponse(answer, status_code=201 if all_stored else 207)
+
+
+def _sensors_in(scope: Any) -> Any:
+    return table_predicate(scope, "sensors", "s")
+
+
+SensorId = Annotated[int, Path(ge=1, le=2**31 - 1, description="the sensor id")]
+
+
+@router.get("/sensors/latest", summary="The newest reading of every sensor in the caller's "
+            "jurisdiction", response_class=JSONResponse)
+async def get_latest(conn: ConnDep, scope: ScopeDep,
+                     network: Annotated[str | None, Query(json_schema_extra={"enum": list(NETWORKS)})] = None,
+                     kind: Annotated[str | None, Query(json_schema_extra={"enum": list(SENSOR_KINDS)})] = None
+                     ) -> JSONResponse:
+    if network is not None and network not in NETWORKS:
+        raise InvalidParameter(f"network: one of {', '.join(NETWORKS)}, got {network!r}")
+    if kind is not None and kind not in SENSOR_KINDS:
+        raise InvalidParameter(f"kind: one of {', '.join(SENSOR_KINDS)}, got {kind!r}")
+    rows = await latest_readings(conn, _sensors_in(scope), network=network, kind=kind)
+    return JSONResponse({"numberReturned": len(rows), "sensors": rows})
+
+
+@router.get("/sensors/{sensor_id}/latest", summary="The newest reading of one sensor",
+            response_class=JSONResponse,
+            responses={404: {"description": "no such sensor in the caller's jurisdiction, "
+                                            "or no reading yet"}})
+async def get_sensor_latest(sensor_id: SensorId, conn: ConnDep,
+                            scope: ScopeDep) -> JSONResponse:
+    rows = await latest_readings(conn, _sensors_in(scope), sensor_id=sensor_id)
+    if not rows:
+        raise NotFound(f"sensor_id: no reading of sensor {sensor_id} (unknown, outside your "
+                       "jurisdiction, or nothing received yet)")
+    return JSONResponse(rows[0])
+
+
+@router.get("/sensors/{sensor_id}/readings/{ts}", summary="One stored reading (the link "
+            "CreateObservations answers with)", response_class=JSONResponse,
+            responses={404: {"description": "no such reading in the caller's jurisdiction"}})
+async def get_reading(sensor_id: SensorId, ts: str, conn: ConnDep,
+                      scope: ScopeDep) -> JSONResponse:
+    try:
+        instant = datetime.fromisoformat(ts)
+    except ValueError:
+        raise InvalidParameter(f"ts: not an ISO 8601 timestamp: {ts!r}") from None
+    if instant.utcoffset() is None:
+        raise InvalidParameter(f"ts: needs a UTC offset (e.g. Z): {ts!r}")
+    row = await one_reading(conn, _sensors_in(scope), sensor_id, instant)
+    if row is None:
+        raise NotFound(f"no reading of sensor {sensor_id} at {ts} in your jurisdiction")
+    return JSONResponse(row)
