@@ -54,9 +54,79 @@ export type UploadFields = NonNullable<
 type ErrorBody = JsonOf<NonNullable<Operation<"/layers", "post">["responses"][401]>>;
 
 export class ApiError extends Error {
-  constructor(public status: number, message: string) {
+  constructor(public status: number, message: string, public code?: string,
+              public body?: Record<string, unknown>) {
     super(message);
   }
+}
+
+// The key a person enters once (the header's key button, or the upload page) for the
+// writes the anonymous map may not make: kept in sessionStorage (gone with the tab), sent as
+// ``Authorization: Bearer``. Reads of the live routes send it too, so the events and the push
+// stream are scoped to the key's jurisdiction rather than the anonymous one.
+const KEY_STORAGE = "twin.key";
+const keyListeners: Array<() => void> = [];
+
+export function storedKey(): string {
+  return sessionStorage.getItem(KEY_STORAGE) ?? "";
+}
+
+export function setStoredKey(key: string): void {
+  if (key) sessionStorage.setItem(KEY_STORAGE, key);
+  else sessionStorage.removeItem(KEY_STORAGE);
+  for (const listener of keyListeners) listener();
+}
+
+export function onKeyChange(listener: () => void): void {
+  keyListeners.push(listener);
+}
+
+export function authHeaders(): Record<string, string> {
+  const key = storedKey();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+/** An answer with the headers the live routes need (ETag for If-Match, Location). */
+export interface Answer<T> {
+  status: number;
+  body: T;
+  etag: string | null;
+  location: string | null;
+}
+
+/** A JSON call to a route the OpenAPI document does not type (yet): issue 14's events, push
+ *  tickets and risk-point edits. Sends the stored key; a JSON body goes as ``contentType``
+ *  (merge-patch for PATCH). Refusals throw ApiError with the server's description. */
+export async function apiRequest<T>(method: string, url: string, body?: unknown,
+                                    headers: Record<string, string> = {},
+                                    contentType = "application/json"): Promise<Answer<T>> {
+  const init: RequestInit = { method, headers: { Accept: "application/json", ...authHeaders(),
+    ...headers } };
+  if (body !== undefined) {
+    init.body = JSON.stringify(body);
+    (init.headers as Record<string, string>)["Content-Type"] = contentType;
+  }
+  const response = await fetch(url, init);
+  if (!response.ok) throw await errorOf(response);
+  const text = await response.text();
+  return { status: response.status, body: (text ? JSON.parse(text) : null) as T,
+    etag: response.headers.get("ETag"), location: response.headers.get("Location") };
+}
+
+async function errorOf(response: Response): Promise<ApiError> {
+  let message = `${response.status} ${response.statusText}`;
+  let code: string | undefined;
+  let body: Record<string, unknown> | undefined;
+  try {
+    body = await response.json() as Record<string, unknown>;
+    const detail = body.detail;
+    message = (body.description as string | undefined)
+      ?? (typeof detail === "string" ? detail : undefined) ?? message;
+    code = body.code as string | undefined;
+  } catch {
+    // Not JSON: keep the status line.
+  }
+  return new ApiError(response.status, message, code, body);
 }
 
 /** The URL of a GET route with its parameters filled in (for MapLibre sources too). */
@@ -208,6 +278,7 @@ export interface RiskPoint {
   level: number;
   grid_code: string;
   plan_id: number | null;
+  address?: string;
 }
 
 export interface RoadTeam {

@@ -3,10 +3,12 @@
 
 import * as maplibregl from "maplibre-gl";
 import {
-  ApiError, apiGet, type Located, type Plan, type ReachAnswer, type RiskPoint, type RoadTeam,
-  type Sector, type Unit,
+  ApiError, apiGet, apiRequest, type Located, type Plan, type ReachAnswer, type RiskPoint,
+  type RoadTeam, type Sector, type Unit,
 } from "./api";
 import { lngLats } from "./bounds";
+import { deleteButton, type FormHost, reportForm, RISK_ITEMS, riskForm } from "./edit";
+import type { EventKind } from "./events";
 import { named, t } from "./i18n";
 import { setOverlay } from "./map";
 import type { BuildingProperties } from "./view3d";
@@ -14,14 +16,27 @@ import type { BuildingProperties } from "./view3d";
 export const REACH_MINUTES = [15, 10, 5];
 const NEAREST_K = 3;
 
-export class Card {
+/** What the card's forms need from the rest of the page (main.ts wires them). */
+export interface CardHooks {
+  reloadLayer(layerId: string): void;
+  reported(id: number): void;
+  kinds(): Promise<EventKind[]>;
+  askForKey(): void;
+}
+
+export class Card implements FormHost {
   private box = document.getElementById("card")!;
   private rerender: (() => void) | null = null;
   // Bumped on every open so a slow answer for an older click never overwrites a newer card.
   private generation = 0;
+  // The risk point shown, for a push that changes it.
+  shownRiskPoint: number | null = null;
+  private picker: ((lngLat: maplibregl.LngLat) => void) | null = null;
+  hooks: CardHooks = { reloadLayer: () => undefined, reported: () => undefined,
+    kinds: async () => [], askForKey: () => undefined };
 
-  constructor(private map: maplibregl.Map, private sectors: Sector[],
-              private levelColours: Record<number, string>) {}
+  constructor(readonly map: maplibregl.Map, readonly sectors: Sector[],
+              readonly levelColours: Record<number, string>) {}
 
   refresh(): void {
     this.rerender?.();
@@ -31,7 +46,46 @@ export class Card {
     this.generation += 1;
     this.box.hidden = true;
     this.rerender = null;
+    this.shownRiskPoint = null;
+    this.picker = null;
+    this.map.getCanvas().style.cursor = "";
+    for (const marker of document.querySelectorAll("#rp-marker")) marker.remove();
     for (const source of ["twin-route", "twin-reach", "twin-locate"]) setOverlay(this.map, source, []);
+  }
+
+  // FormHost: the forms of edit.ts draw into this card.
+  show(...parts: HTMLElement[]): void {
+    this.rerender = null;
+    this.box.hidden = false;
+    this.box.replaceChildren(closeButton(() => this.close()), ...parts);
+  }
+
+  pick(handler: ((lngLat: maplibregl.LngLat) => void) | null): void {
+    this.picker = handler;
+  }
+
+  /** A map click while a form waits for a spot: true when the form took it. */
+  takeClick(lngLat: maplibregl.LngLat): boolean {
+    const picker = this.picker;
+    if (!picker) return false;
+    picker(lngLat);
+    return true;
+  }
+
+  reloadLayer(layerId: string): void {
+    this.hooks.reloadLayer(layerId);
+  }
+
+  reported(id: number): void {
+    this.hooks.reported(id);
+  }
+
+  kinds(): Promise<EventKind[]> {
+    return this.hooks.kinds();
+  }
+
+  askForKey(): void {
+    this.hooks.askForKey();
   }
 
   private begin(): number {
@@ -43,11 +97,22 @@ export class Card {
 
   async openRiskPoint(featureId: number): Promise<void> {
     const generation = this.begin();
-    const feature = await apiGet("/collections/{collection_id}/items/{feature_id}",
-      { path: { collection_id: "risk_points", feature_id: String(featureId) } },
-    ) as GeoJSON.Feature<GeoJSON.Point, RiskPoint>;
+    this.shownRiskPoint = featureId;
+    let item;
+    try {
+      // With its ETag, for If-Match on an edit.
+      item = await apiRequest<GeoJSON.Feature<GeoJSON.Point, RiskPoint>>("GET",
+        `${RISK_ITEMS}/${featureId}`);
+    } catch (error) {
+      if (generation !== this.generation) return;
+      this.show(el("p", "muted", error instanceof ApiError && error.status === 404
+        ? t("edit.gone") : String(error)));
+      return;
+    }
+    const feature = item.body;
+    const etag = item.etag;
     const [lon, lat] = feature.geometry.coordinates;
-    const point = feature.properties;
+    const point = { ...feature.properties, id: Number(feature.properties.id ?? feature.id) };
     const [located, teams, plan] = await Promise.all([
       apiGet("/query/locate", { query: { lon, lat, k: 1 } }),
       apiGet("/query/nearest-teams",
@@ -58,13 +123,14 @@ export class Card {
     if (generation !== this.generation) return;
     setOverlay(this.map, "twin-locate", [{ type: "Feature", geometry: feature.geometry,
       properties: { colour: this.levelColours[point.level] } }]);
-    this.rerender = () => this.renderRiskPoint(point, located, teams.features, plan);
+    this.rerender = () => this.renderRiskPoint(point, located, teams.features, plan,
+      [lon, lat], etag);
     this.rerender();
   }
 
   private renderRiskPoint(point: RiskPoint, located: Located,
                           teams: Array<GeoJSON.Feature<GeoJSON.Point, RoadTeam>>,
-                          plan: Plan | null): void {
+                          plan: Plan | null, where: [number, number], etag: string | null): void {
     const sector = this.sectors.find((s) => s.code === point.sector_code);
     const level = el("span", "level-badge", t(`level.${point.level}`));
     level.style.background = this.levelColours[point.level];
@@ -75,6 +141,7 @@ export class Card {
       : point.sector_code);
     addFact(rows, t("card.category"), point.category);
     addFact(rows, t("card.level"), level);
+    if (point.address) addFact(rows, t("edit.address"), point.address);
     addOwners(rows, located);
     const planBox = el("div", "plan");
     planBox.append(el("h3", "", t("card.plan")));
@@ -95,8 +162,21 @@ export class Card {
       this.drawRoute(nearest);
       routeButton.textContent = t("card.routeShown");
     });
+    const edit = el("button", "", t("edit.edit")) as HTMLButtonElement;
+    edit.id = "rp-edit";
+    edit.addEventListener("click", () => {
+      const rerender = this.rerender;
+      riskForm(this, { id: point.id, point: where, etag, fields: { name: point.name,
+        level: point.level, sector_code: point.sector_code, category: point.category,
+        address: point.address ?? "" } }, () => {
+        this.rerender = rerender;
+        this.refresh();
+      });
+    });
+    const editing = el("div", "edit-box row");
+    editing.append(edit, deleteButton(this, point.id, etag));
     this.box.replaceChildren(closeButton(() => this.close()), title, rows, planBox,
-      el("h3", "", t("card.teams")), teamList, routeButton);
+      el("h3", "", t("card.teams")), teamList, routeButton, editing);
   }
 
   private drawRoute(team: GeoJSON.Feature<GeoJSON.Point, RoadTeam>): void {
@@ -165,8 +245,11 @@ export class Card {
       return;
     }
     if (generation !== this.generation) return;
-    const reach = await this.reach(lon, lat);
-    if (generation !== this.generation) return;
+    // The owners and the actions at once; the reach (three routings) follows.
+    this.rerender = () => this.renderLocation(located, null);
+    this.rerender();
+    const reach = await this.reach(lon, lat).catch(() => null);
+    if (generation !== this.generation || !reach) return;
     this.rerender = () => this.renderLocation(located, reach);
     this.rerender();
   }
@@ -183,13 +266,32 @@ export class Card {
     return results;
   }
 
-  private renderLocation(located: Located, reach: ReachResult[]): void {
-    const title = el("h2", "card-title", `${t("card.location")} ${located.point.lon.toFixed(5)}, `
-      + located.point.lat.toFixed(5));
+  private renderLocation(located: Located, reach: ReachResult[] | null): void {
+    const { lon, lat } = located.point;
+    const title = el("h2", "card-title", `${t("card.location")} ${lon.toFixed(5)}, `
+      + lat.toFixed(5));
     const rows = el("dl", "facts");
     addOwners(rows, located);
-    const parts: HTMLElement[] = [closeButton(() => this.close()), title, rows];
-    if (reach.length) {
+    const back = () => {
+      const rerender = this.rerender;
+      return () => {
+        this.rerender = rerender;
+        this.refresh();
+      };
+    };
+    const report = el("button", "primary", t("report.open")) as HTMLButtonElement;
+    report.id = "report-event";
+    report.addEventListener("click", () => void reportForm(this, lon, lat, back()));
+    const create = el("button", "", t("edit.create")) as HTMLButtonElement;
+    create.id = "rp-create";
+    create.addEventListener("click", () => riskForm(this, { id: null, point: [lon, lat],
+      etag: null, fields: { name: "", level: 3, sector_code: this.sectors[0]?.code ?? "",
+        category: "", address: "" } }, back()));
+    const actions = el("div", "row card-actions");
+    actions.append(report, create);
+    const parts: HTMLElement[] = [closeButton(() => this.close()), title, rows, actions];
+    if (reach === null) parts.push(el("p", "muted", t("card.loading")));
+    else if (reach.length) {
       parts.push(el("h3", "", t("card.reach")));
       const list = el("ul", "reach");
       for (const { minutes, answer } of [...reach].reverse()) {

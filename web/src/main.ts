@@ -1,11 +1,13 @@
 import "maplibre-gl/dist/maplibre-gl.css";
 import "./style.css";
 import type * as maplibregl from "maplibre-gl";
-import { apiGet, type Collection } from "./api";
+import { apiGet, type Collection, onKeyChange, setStoredKey, storedKey } from "./api";
 import { checkedBbox } from "./bounds";
 import { Card } from "./card";
+import { EventPanel } from "./events";
 import { applyStatic, lang, onLangChange, setLang, t } from "./i18n";
-import { createMap, levelColours, RISK_POINTS_LAYER, setVisible } from "./map";
+import { type LayerPayload, LiveConnection } from "./live";
+import { createMap, levelColours, reloadLayer, RISK_POINTS_LAYER, setVisible } from "./map";
 import { LayerPanel } from "./panel";
 import { PipePanel } from "./pipes";
 import { StatsStrip } from "./stats";
@@ -16,7 +18,9 @@ declare global {
   interface Window {
     // Exposed for the browser tests (tests/test_web.py) and for the curious in the console.
     __twinMap?: maplibregl.Map;
-    __twin?: { panel: LayerPanel; stats: StatsStrip; card: Card; pipes: PipePanel; ready: boolean };
+    __twin?: { panel: LayerPanel; stats: StatsStrip; card: Card; pipes: PipePanel; ready: boolean;
+      live?: LiveConnection; events?: EventPanel; reloads?: Array<{ layer: string;
+        sources: string[]; at: number }> };
     // The 3D view (view3d.ts), once opened; ``mode`` says which view is shown.
     __twin3d?: { mode: "2d" | "3d"; view: View3D | null; switching: boolean };
   }
@@ -127,6 +131,76 @@ function setUpViewSwitch(map: maplibregl.Map, card: Card, panel: LayerPanel,
   label();
 }
 
+/** The header's key box: a key entered once for the writes (api.ts keeps it for the tab). */
+function setUpKeyBox(): () => void {
+  const button = document.getElementById("key-button")!;
+  const form = document.getElementById("key-form") as HTMLFormElement;
+  const input = document.getElementById("key-input") as HTMLInputElement;
+  const mark = () => {
+    button.classList.toggle("set", Boolean(storedKey()));
+    button.title = storedKey() ? t("key.set") : "";
+  };
+  const open = () => {
+    input.value = storedKey();
+    form.hidden = false;
+    input.focus();
+  };
+  button.addEventListener("click", () => {
+    if (form.hidden) open();
+    else form.hidden = true;
+  });
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    form.hidden = true;
+    setStoredKey(input.value.trim());
+  });
+  document.getElementById("key-clear")!.addEventListener("click", () => {
+    form.hidden = true;
+    setStoredKey("");
+  });
+  onKeyChange(mark);
+  mark();
+  return open;
+}
+
+/** The push stream: the live status in the header, tiles reloaded per changed layer, the open
+ *  risk point's card kept current. */
+function setUpLive(map: maplibregl.Map, card: Card, stats: StatsStrip): LiveConnection {
+  const live = new LiveConnection();
+  const status = document.getElementById("live-status")!;
+  const label = () => {
+    status.dataset.state = live.state;
+    status.dataset.i18n = `live.${live.state}`;
+    status.textContent = t(status.dataset.i18n);
+  };
+  live.onState(label);
+  onLangChange(label);
+  const versions = new Map<string, string>();
+  const reloads: NonNullable<NonNullable<Window["__twin"]>["reloads"]> = [];
+  live.on("layer", (message) => {
+    const layer = message.payload as unknown as LayerPayload;
+    const version = String(layer.data_version ?? message.id);
+    if (versions.get(layer.id) === version) return;
+    versions.set(layer.id, version);
+    const sources = reloadLayer(map, layer.id);
+    reloads.push({ layer: layer.id, sources, at: Date.now() });
+    if (layer.id === "risk_points") stats.schedule();
+  });
+  live.on("feature", (message) => {
+    const payload = message.payload as { collection?: string; id?: number | string;
+      action?: string };
+    if (payload.collection !== "risk_points") return;
+    if (card.shownRiskPoint !== null && card.shownRiskPoint === Number(payload.id)
+        && !document.getElementById("risk-form")) {
+      if (payload.action === "delete") card.close();
+      else void card.openRiskPoint(Number(payload.id));
+    }
+  });
+  if (window.__twin) window.__twin.reloads = reloads;
+  label();
+  return live;
+}
+
 async function main(): Promise<void> {
   applyStatic();
   route();
@@ -153,7 +227,27 @@ async function main(): Promise<void> {
   const city = boundsOf(collections, "districts");
   if (city) map.fitBounds(city, { padding: 20, animate: false });
 
+  const live = setUpLive(map, card, stats);
+  const events = new EventPanel(map, live);
+  window.__twin.live = live;
+  window.__twin.events = events;
+  const askForKey = setUpKeyBox();
+  card.hooks = {
+    reloadLayer: (layerId) => { reloadLayer(map, layerId); },
+    reported: (id) => {
+      void events.refreshOne(id).then(() => events.flash(id));
+    },
+    kinds: () => events.loadKinds(),
+    askForKey,
+  };
+  onKeyChange(() => {
+    live.restart();
+    events.keyChanged();
+  });
+  live.start();
+
   map.on("click", (event) => {
+    if (card.takeClick(event.lngLat)) return;
     const { x, y } = event.point;
     const hits = map.queryRenderedFeatures([[x - HIT_PX, y - HIT_PX], [x + HIT_PX, y + HIT_PX]],
       { layers: [RISK_POINTS_LAYER] });
@@ -184,6 +278,7 @@ async function main(): Promise<void> {
     card.refresh();
     pipes.refresh();
     stats.draw();
+    events.refresh();
   });
 
   new UploadPage(async (layerId) => {
@@ -197,7 +292,7 @@ async function main(): Promise<void> {
     if (bbox) map.fitBounds(bbox, { padding: 80, maxZoom: 15 });
   });
 
-  await Promise.all([stats.update(), pipes.load()]);
+  await Promise.all([stats.update(), pipes.load(), events.load()]);
   window.__twin.ready = true;
 }
 

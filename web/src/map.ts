@@ -247,3 +247,28 @@ export function levelColours(map: maplibregl.Map): Record<number, string> {
   colours[4] ??= expression[expression.length - 1] as string;
   return colours;
 }
+
+/** The map's tile sources that draw registry layer ``layerId``: a tile URL names its layers
+ *  (``/tiles/<id>,<id>/{z}/{x}/{y}``), composite sources several of them. */
+export function sourcesOfLayer(map: maplibregl.Map, layerId: string): string[] {
+  const found: string[] = [];
+  for (const id of Object.keys(map.getStyle().sources)) {
+    const tiles = (map.getSource(id) as { tiles?: string[] } | undefined)?.tiles;
+    const match = tiles?.[0] && /\/tiles\/([^/?]+)\//.exec(tiles[0]);
+    if (match && decodeURIComponent(match[1]).split(",").includes(layerId)) found.push(id);
+  }
+  return found;
+}
+
+/** Re-request the tiles of the sources drawing ``layerId`` (tiles are ``no-cache`` with an
+ *  ETag of their layers' data versions: unchanged tiles come back as 304). A second pass a
+ *  moment later covers a message that arrived before this process's versions listener. */
+export function reloadLayer(map: maplibregl.Map, layerId: string): string[] {
+  const sources = sourcesOfLayer(map, layerId);
+  const refresh = () => {
+    for (const id of sources) if (map.getSource(id)) map.refreshTiles(id);
+  };
+  refresh();
+  if (sources.length) window.setTimeout(refresh, 1500);
+  return sources;
+}
