@@ -684,3 +684,90 @@ class EventDeadline(Base):
     due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     met_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     fired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# --- alert rules, sensor alerts and live anomaly zones (issue 14, migration 0013) ---------
+
+class AlertRule(Base):
+    """A threshold test with hysteresis, or a silence test, on one kind of sensor."""
+
+    __tablename__ = "alert_rules"
+    __table_args__ = (
+        CheckConstraint(_in("sensor_kind", SENSOR_KINDS), name="alert_rule_sensor_kind"),
+        CheckConstraint("network IS NULL OR " + _in("network", NETWORKS),
+                        name="alert_rule_network"),
+        CheckConstraint("(silent_minutes IS NULL) = (num_nonnulls(open_above, open_below) > 0)",
+                        name="alert_rule_test"),
+        CheckConstraint("silent_minutes IS NULL OR silent_minutes > 0",
+                        name="alert_rule_silence"),
+        CheckConstraint(
+            "(open_above IS NULL) = (close_below IS NULL) "
+            "AND (open_below IS NULL) = (close_above IS NULL) "
+            "AND (open_above IS NULL OR close_below <= open_above) "
+            "AND (open_below IS NULL OR close_above >= open_below) "
+            "AND (close_above IS NULL OR close_below IS NULL OR close_above < close_below)",
+            name="alert_rule_hysteresis"),
+    )
+
+    code: Mapped[str] = mapped_column(String(40), primary_key=True)
+    sensor_kind: Mapped[str] = mapped_column(String(10))
+    network: Mapped[str | None] = mapped_column(String(10))
+    name_zh: Mapped[str] = mapped_column(Text)
+    name_en: Mapped[str] = mapped_column(Text)
+    open_above: Mapped[float | None] = mapped_column(Double)
+    open_below: Mapped[float | None] = mapped_column(Double)
+    close_above: Mapped[float | None] = mapped_column(Double)
+    close_below: Mapped[float | None] = mapped_column(Double)
+    silent_minutes: Mapped[int | None] = mapped_column(Integer)
+    event_kind: Mapped[str | None] = mapped_column(ForeignKey("event_kinds.code"))
+    enabled: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+                                                 server_default=func.now())
+
+
+class SensorAlert(Base):
+    """An alert a rule opened on a sensor; at most one open per sensor and rule."""
+
+    __tablename__ = "sensor_alerts"
+    __table_args__ = (
+        CheckConstraint("closed_at IS NULL OR closed_at >= opened_at",
+                        name="sensor_alert_closes_after"),
+        Index("sensor_alerts_one_open", "sensor_id", "rule_code", unique=True,
+              postgresql_where=text("closed_at IS NULL")),
+        Index("sensor_alerts_opened_idx", "opened_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    sensor_id: Mapped[int] = mapped_column(ForeignKey("sensors.id", ondelete="CASCADE"))
+    rule_code: Mapped[str] = mapped_column(ForeignKey("alert_rules.code", onupdate="CASCADE"))
+    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    opened_value: Mapped[float | None] = mapped_column(Double)
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    closed_value: Mapped[float | None] = mapped_column(Double)
+    event_id: Mapped[int | None] = mapped_column(ForeignKey("events.id", ondelete="SET NULL"))
+
+
+class AnomalyZone(Base):
+    """A pipe-anomaly zone found by the incremental detector, followed from run to run."""
+
+    __tablename__ = "anomaly_zones"
+    __table_args__ = (
+        CheckConstraint(_in("network", NETWORKS), name="anomaly_zone_network"),
+        Index("anomaly_zones_live_idx", "network", postgresql_where=text("closed_at IS NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    network: Mapped[str] = mapped_column(String(10))
+    geom = mapped_column(Geometry("MULTIPOLYGON", srid=SRID, spatial_index=True), nullable=False)
+    sensors: Mapped[list[int]] = mapped_column(ARRAY(Integer))
+    segments: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
+    source_segment_id: Mapped[int] = mapped_column(BigInteger)
+    severity: Mapped[float] = mapped_column(Double)
+    details: Mapped[dict] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+                                                 server_default=func.now())
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    event_id: Mapped[int | None] = mapped_column(ForeignKey("events.id", ondelete="SET NULL"))

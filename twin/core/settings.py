@@ -249,6 +249,13 @@ class RulesSettings(BaseSettings):
     silence_check_every_s: float = Field(default=30.0, gt=0)
     # Seconds between incremental runs of the pipe-anomaly detector (when readings came).
     anomaly_every_s: float = Field(default=60.0, gt=0)
+    # Sensors silent longer than this many hours are taken as out of service: no silence
+    # alert is opened anew for them (a sample loaded from last week would otherwise raise an
+    # event per sensor).
+    silence_horizon_h: float = Field(default=24.0, gt=0)
+    # Minutes of readings the live detector scores (each sensor's baseline is the day before);
+    # a zone whose anomaly ended more than 15 minutes before the newest look is closed.
+    anomaly_window_min: float = Field(default=60.0, gt=0)
 
 
 class StreamSettings(BaseSettings):
