@@ -137,6 +137,30 @@ class RiskPoint(Base):
     geom = mapped_column(Geometry("POINT", srid=SRID, spatial_index=True), nullable=False)
 
 
+RISK_POINT_EDIT_ACTIONS = ("create", "replace", "update", "delete")
+
+
+class RiskPointEdit(Base):
+    """One edit of a risk point through the API (twin/live/risk_edits.py), written in the
+    edit's transaction: the point before (NULL for a create) and after (NULL for a delete).
+    No foreign key: a deleted point keeps its history."""
+
+    __tablename__ = "risk_point_edits"
+    __table_args__ = (
+        CheckConstraint(_in("action", RISK_POINT_EDIT_ACTIONS), name="risk_point_edit_action"),
+        Index("risk_point_edits_point_at", "risk_point_id", "at"),
+        Index("risk_point_edits_at", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    risk_point_id: Mapped[int] = mapped_column(BigInteger)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    principal: Mapped[str] = mapped_column(Text)
+    action: Mapped[str] = mapped_column(String(8))
+    before: Mapped[dict | None] = mapped_column(JSONB)
+    after: Mapped[dict | None] = mapped_column(JSONB)
+
+
 class RiskPointH3Count(Base):
     """Risk points per H3 cell, sector and level, for hexagon tiles (tiles/hexagons.py).
 

@@ -10,6 +10,7 @@ from twin.api.deps import ConnDep, RegistryDep, ScopeDep
 from twin.core import crs_ref
 from twin.core.errors import InvalidParameter
 from twin.core.scope import visible_layer
+from twin.live import risk_edits
 from twin.queries import features as queries
 
 router = APIRouter(tags=["features"])
@@ -133,13 +134,20 @@ async def item(collection_id: str, feature_id: str, request: Request, conn: Conn
                crs: str | None = CRS_QUERY) -> JSONResponse:
     layer = queries.vector_layer(visible_layer(scope, registry, collection_id), _base(request))
     out_crs = crs_ref.resolve(crs, "crs")
+    headers = _crs_headers(out_crs)
+    if layer.id == risk_edits.COLLECTION and layer.origin == "builtin":
+        # Risk points are edited (Part 4, routes/edits.py): the ETag their If-Match compares
+        # against. Read before the feature, so a write in between can only fail the If-Match.
+        etag = await risk_edits.etag(conn, feature_id)
+        if etag is not None:
+            headers["ETag"] = etag
     feature = await queries.feature_by_id(conn, layer, feature_id, scope, out_crs)
     collection = f"{_base(request)}/collections/{layer.id}"
     feature["links"] = [
         {"href": str(request.url), "rel": "self", "type": GEOJSON},
         {"href": collection, "rel": "collection", "type": "application/json"},
     ]
-    return JSONResponse(feature, media_type=GEOJSON, headers=_crs_headers(out_crs))
+    return JSONResponse(feature, media_type=GEOJSON, headers=headers)
 
 
 @router.get("/collections/{collection_id}/queryables", summary="Queryable properties",
