@@ -1,4 +1,5 @@
-"""twin's command line: ``twin db up|down|status|migrate``, ``twin sample …``,
+"""twin's command line: ``twin db up|down|status|migrate``, ``twin broker up|down|status``,
+``twin sample …``,
 ``twin keys add|list|revoke``, ``twin serve``, and ``twin run`` (everything ``make run``
 needs, then serve, with anonymous demo access)."""
 
@@ -20,6 +21,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from twin import ratelimit
+from twin.core.broker import ManagedBroker
 from twin.core.cluster import ManagedCluster
 from twin.core.errors import TwinError
 from twin.core.settings import Settings, get_settings
@@ -45,6 +47,41 @@ def db_status(settings: Settings) -> None:
         log.info("external database (TWIN_DATABASE_URL)")
         return
     log.info("managed PostGIS: %s", ManagedCluster(settings).status().describe())
+
+
+def broker_up(settings: Settings) -> None:
+    if settings.mqtt.url:
+        log.info("TWIN_MQTT_URL is set: using that broker (%s), nothing to start",
+                 settings.mqtt.url)
+        return
+    log.info("managed MQTT broker: %s", ManagedBroker(settings).up().describe())
+
+
+def broker_down(settings: Settings) -> None:
+    if not settings.mqtt.url:
+        ManagedBroker(settings).down()
+
+
+def broker_status(settings: Settings) -> None:
+    if settings.mqtt.url:
+        log.info("external MQTT broker (TWIN_MQTT_URL): %s", settings.mqtt.url)
+        return
+    log.info("managed MQTT broker: %s", ManagedBroker(settings).status().describe())
+
+
+def with_broker(settings: Settings) -> tuple[Settings, ManagedBroker | None]:
+    """The settings `twin run` serves with: TWIN_MQTT_URL's broker, or else the managed
+    broker, started if it is not running (returned then, so the caller stops it again)."""
+    if settings.mqtt.url:
+        log.info("readings over MQTT: subscribing to %s (TWIN_MQTT_URL)", settings.mqtt.url)
+        return settings, None
+    broker = ManagedBroker(settings)
+    started = None if broker.status().running else broker
+    broker.up()
+    log.info("readings over MQTT: the managed broker on %s (topic %s; TWIN_MQTT_URL uses "
+             "another broker)", broker.url, settings.mqtt.topic)
+    mqtt = settings.mqtt.model_copy(update={"url": broker.url})
+    return settings.model_copy(update={"mqtt": mqtt}), started
 
 
 def db_migrate(settings: Settings) -> None:
@@ -254,7 +291,12 @@ def run(settings: Settings, scale: str) -> None:
     db_up(settings)
     db_migrate(settings)
     sample_load(scale, force=False)
-    serve(demo_access(settings))
+    settings, started_broker = with_broker(demo_access(settings))
+    try:
+        serve(settings)
+    finally:  # the broker stops with the server if this run started it
+        if started_broker is not None:
+            started_broker.down()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        required=True)
     for action in ("up", "down", "status", "migrate"):
         db.add_parser(action)
+
+    broker = commands.add_parser("broker", help="the managed MQTT broker").add_subparsers(
+        dest="action", required=True)
+    for action in ("up", "down", "status"):
+        broker.add_parser(action)
 
     sample = commands.add_parser("sample", help="the sample city").add_subparsers(
         dest="action", required=True)
@@ -294,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep this many days (default TWIN_AUDIT_RETENTION_DAYS; 0: all)")
 
     commands.add_parser("serve", help="serve the API and the web map")
-    run_parser = commands.add_parser("run", help="db up, migrate, load the sample, serve")
+    run_parser = commands.add_parser(
+        "run", help="db up, migrate, load the sample, broker up, serve")
     run_parser.add_argument("--scale", default=None, choices=("full", "small"))
     return parser
 
@@ -309,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         ("db", "down"): lambda: db_down(settings),
         ("db", "status"): lambda: db_status(settings),
         ("db", "migrate"): lambda: db_migrate(settings),
+        ("broker", "up"): lambda: broker_up(settings),
+        ("broker", "down"): lambda: broker_down(settings),
+        ("broker", "status"): lambda: broker_status(settings),
         ("sample", "generate"): lambda: sample_generate(scale, args.out),
         ("sample", "load"): lambda: sample_load(scale, args.force),
         ("keys", "add"): lambda: keys_add(settings, args.name, args.role, args.scope),

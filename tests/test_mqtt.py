@@ -1,0 +1,296 @@
+"""Readings over MQTT: a real mosquitto run by twin (ManagedBroker), a real server subscribed to
+it, a paho publisher. What the publisher got a PUBACK for is counted back in the database:
+stored once, nothing lost across a broker restart, bad payloads dead-lettered with a reason
+while the subscriber keeps storing."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import Engine, text
+
+from tests.brokers import Publisher, own_broker
+from tests.servers import LiveServer, free_port
+from twin.core.broker import BrokerError, ManagedBroker
+from twin.core.settings import MqttSettings, Settings
+
+TOPIC = "twin/readings/test"
+MAX_PAYLOAD = 64 * 1024
+# Every reading published here has 7 microseconds past the millisecond (the sample's readings
+# are on whole minutes, tests/test_sensor_readings.py's carry another mark): deleted afterwards.
+MARK_US = 7
+
+
+class Clock:
+    """Distinct instants, 1 ms apart, in the last hour (never in the future)."""
+
+    def __init__(self) -> None:
+        start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=50)
+        self.next = start + timedelta(microseconds=MARK_US)
+
+    def take(self) -> str:
+        ts, self.next = self.next, self.next + timedelta(milliseconds=1)
+        return ts.isoformat()
+
+
+@pytest.fixture(scope="module")
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(scope="module")
+def sensors(engine: Engine) -> list[tuple[int, float, float]]:
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(text(
+            "SELECT id, min_value, max_value FROM sensors ORDER BY id LIMIT 40"))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def forget_published(engine: Engine) -> Iterator[None]:
+    yield
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM sensor_readings WHERE ts > now() - interval '2 hours' "
+                          "AND extract(microseconds FROM ts)::int % 1000 = :mark"),
+                     {"mark": MARK_US})
+        conn.execute(text("DELETE FROM reading_dead_letters "
+                          "WHERE topic LIKE 'twin/readings/test%'"))
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mqtt") / "home"
+
+
+@pytest.fixture(scope="module")
+def broker(home: Path) -> Iterator[ManagedBroker]:
+    with own_broker(home) as broker:
+        yield broker
+
+
+@pytest.fixture(scope="module")
+def server(engine: Engine, database_url: str, broker: ManagedBroker,
+           home: Path) -> Iterator[LiveServer]:
+    mqtt = MqttSettings(url=broker.url, max_payload_bytes=MAX_PAYLOAD,
+                        client_prefix=f"twin-test-{free_port()}")
+    with LiveServer(Settings(database_url=database_url, home=home, mqtt=mqtt)) as live:
+        wait_until(lambda: health(live)["mqtt"]["connected"], "the subscriber connects")
+        yield live
+
+
+@pytest.fixture()
+def publisher(broker: ManagedBroker) -> Iterator[Publisher]:
+    publisher = Publisher(broker.url)
+    yield publisher
+    publisher.close()
+
+
+def health(server: LiveServer) -> dict:
+    return httpx.get(f"{server.url}/healthz", timeout=10).json()
+
+
+def wait_until(check: Callable[[], object], what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.1)
+
+
+def batch(clock: Clock, sensors: list, n: int) -> list[dict]:
+    return [{"sensor_id": sensors[k % len(sensors)][0], "ts": clock.take(),
+             "value": (sensors[k % len(sensors)][1] + sensors[k % len(sensors)][2]) / 2}
+            for k in range(n)]
+
+
+def stored(engine: Engine, readings: list[dict]) -> int:
+    """How many rows the database holds at these readings' (sensor, time) keys."""
+    with engine.connect() as conn:
+        return conn.execute(text(
+            "SELECT count(*) FROM sensor_readings r JOIN unnest(CAST(:ids AS int[]), "
+            "CAST(:ts AS timestamptz[])) AS k(sensor_id, ts) "
+            "ON k.sensor_id = r.sensor_id AND k.ts = r.ts"),
+            {"ids": [r["sensor_id"] for r in readings],
+             "ts": [r["ts"] for r in readings]}).scalar_one()
+
+
+def dead_letters(engine: Engine, topic: str) -> list[dict]:
+    with engine.connect() as conn:
+        return [dict(row._mapping) for row in conn.execute(text(
+            "SELECT source, topic, payload, reason FROM reading_dead_letters "
+            "WHERE topic = :topic ORDER BY id"), {"topic": topic})]
+
+
+# -- the broker ----------------------------------------------------------------------------
+
+def test_managed_broker_up_down_status(tmp_path: Path):
+    broker = ManagedBroker(Settings(home=tmp_path / "home", mqtt=MqttSettings(port=free_port())))
+    assert not broker.status().configured and not broker.status().running
+    try:
+        first = broker.up()
+        again = broker.up()  # idempotent: the same process
+        assert first.running and again.pid == first.pid
+        assert broker.status().describe().startswith(f"running on 127.0.0.1:{broker.port}")
+        config = broker.config_file.read_text()
+        for line in (f"listener {broker.port} 127.0.0.1", "persistence true",
+                     "allow_anonymous true"):
+            assert line in config.splitlines()
+        if os.geteuid() == 0:  # mosquitto dropped root for the unprivileged user
+            owner = Path(f"/proc/{first.pid}").stat().st_uid
+            assert pwd.getpwuid(owner).pw_name == broker.settings.mqtt.os_user
+        # Only loopback: the port answers on 127.0.0.1, not on another address of the host.
+        with socket.create_connection(("127.0.0.1", broker.port), timeout=2):
+            pass
+    finally:
+        broker.down()
+    assert not broker.status().running
+    assert not broker.pid_file.exists()
+    broker.down()  # stopping a stopped broker is harmless
+    assert (broker.data / "mosquitto.db").exists()  # saved at shutdown
+
+
+def test_managed_broker_on_a_taken_port_says_so(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        broker = ManagedBroker(Settings(home=tmp_path / "home", mqtt=MqttSettings(port=port)))
+        with pytest.raises(BrokerError, match="TWIN_MQTT_PORT"):
+            broker.up()
+
+
+def test_twin_broker_cli(tmp_path: Path):
+    from twin.cli import main
+
+    env = {"TWIN_HOME": str(tmp_path / "home"), "TWIN_MQTT_PORT": str(free_port())}
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        from twin.core.settings import get_settings
+
+        get_settings.cache_clear()
+        assert main(["broker", "up"]) == 0
+        broker = ManagedBroker(get_settings())
+        assert broker.status().running
+        assert main(["broker", "status"]) == 0
+        assert main(["broker", "down"]) == 0
+        assert not broker.status().running
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        get_settings.cache_clear()
+
+
+# -- the subscriber ------------------------------------------------------------------------
+
+def test_published_readings_are_stored_once(server: LiveServer, publisher: Publisher,
+                                            engine: Engine, clock: Clock, sensors: list):
+    messages = [batch(clock, sensors, 500) for _ in range(20)]
+    single = batch(clock, sensors, 1)[0]
+    publisher.send_many(f"{TOPIC}/batches", [{"readings": m} for m in messages])
+    publisher.send(f"{TOPIC}/one", single)  # one reading object, not a batch
+    published = [r for m in messages for r in m] + [single]
+    wait_until(lambda: stored(engine, published) == len(published), "every reading is stored")
+    assert stored(engine, published) == 10_001
+    detail = health(server)["mqtt"]
+    assert detail["connected"] and detail["client_id"].startswith("twin-test-")
+
+
+def test_a_message_published_twice_is_stored_once(server: LiveServer, publisher: Publisher,
+                                                   engine: Engine, clock: Clock,
+                                                   sensors: list):
+    before = health(server)["mqtt"]["already_stored"]
+    readings = batch(clock, sensors, 300)
+    for _ in range(2):
+        publisher.send(f"{TOPIC}/twice", {"readings": readings})
+    # Both copies in flight together too (one transaction must not see them as duplicates).
+    more = batch(clock, sensors, 200)
+    publisher.send_many(f"{TOPIC}/twice", [{"readings": more}] * 3)
+    wait_until(lambda: health(server)["mqtt"]["already_stored"] - before >= 700,
+               "the repeats are recognised")
+    assert stored(engine, readings + more) == 500
+    assert dead_letters(engine, f"{TOPIC}/twice") == []
+
+
+def test_bad_payloads_are_dead_lettered_and_the_subscriber_goes_on(
+        server: LiveServer, publisher: Publisher, engine: Engine, clock: Clock,
+        sensors: list):
+    topic = f"{TOPIC}/bad"
+    good = batch(clock, sensors, 3)
+    unknown = {"sensor_id": 2_000_000_000, "ts": clock.take(), "value": 1.0}
+    no_offset = {"sensor_id": sensors[0][0], "ts": "2026-11-20T08:00:00", "value": 1.0}
+    publisher.send(topic, b'{"readings": [ not json')
+    publisher.send(topic, b"x" * (MAX_PAYLOAD + 1))
+    publisher.send(topic, b"[1, 2, 3]")
+    publisher.send(topic, b'{"readings": [' + json.dumps(good[0]).encode()
+                   + b', {"sensor_id": 1, "ts": "2026-11-20T08:00:00+08:00", "value": NaN}]}')
+    publisher.send(topic, {"readings": [unknown, good[1], no_offset]})
+    after = batch(clock, sensors, 50)
+    publisher.send(topic, {"readings": after})
+    publisher.send(topic, good[2])
+    wait_until(lambda: stored(engine, good + after) == 53, "the good rows are stored")
+    wait_until(lambda: len(dead_letters(engine, topic)) == 6, "six dead letters")
+    letters = dead_letters(engine, topic)
+    reasons = [d["reason"] for d in letters]
+    assert reasons[0].startswith("malformed: the payload is not JSON")
+    assert reasons[1].startswith(f"oversized: {MAX_PAYLOAD + 1} bytes")
+    assert reasons[2].startswith("malformed: the payload must be")
+    assert "finite" in reasons[3]
+    assert reasons[4] == "unknown sensor 2000000000"
+    assert "no UTC offset" in reasons[5]
+    assert {d["source"] for d in letters} == {"mqtt"}
+    assert bytes(letters[0]["payload"]) == b'{"readings": [ not json'
+    assert len(bytes(letters[1]["payload"])) < MAX_PAYLOAD  # truncated
+    assert json.loads(bytes(letters[4]["payload"])) == unknown
+    detail = health(server)
+    assert detail["status"] == "ok" and detail["mqtt"]["dead_letters"] >= 6
+    assert detail["mqtt"]["connected"]
+
+
+def test_a_broker_restart_loses_no_acknowledged_reading(
+        server: LiveServer, broker: ManagedBroker, engine: Engine, clock: Clock,
+        sensors: list):
+    messages = [batch(clock, sensors, 200) for _ in range(60)]
+    publisher = Publisher(broker.url)
+    sent: list[list[dict]] = []
+    failure: list[BaseException] = []
+
+    def publish() -> None:
+        try:
+            for m in messages:
+                publisher.send(f"{TOPIC}/restart", {"readings": m})
+                sent.append(m)
+                time.sleep(0.01)
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            failure.append(exc)
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    try:
+        wait_until(lambda: len(sent) >= 15, "a quarter is published")
+        broker.down()  # SIGTERM: mosquitto saves sessions and queued messages
+        assert not broker.status().running
+        time.sleep(0.5)
+        broker.up()
+        thread.join(timeout=120)
+    finally:
+        publisher.close()
+    assert not failure, failure
+    assert len(sent) == 60
+    published = [r for m in messages for r in m]
+    wait_until(lambda: stored(engine, published) == len(published),
+               "every acknowledged reading is stored", timeout_s=60)
+    assert stored(engine, published) == 12_000
+    wait_until(lambda: health(server)["mqtt"]["connected"], "the subscriber is back")
