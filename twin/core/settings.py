@@ -269,6 +269,11 @@ class StreamSettings(BaseSettings):
     keepalive_s: float = Field(default=15.0, gt=0)
     # Hours outbox messages are kept for reconnecting clients (Last-Event-ID).
     retention_h: float = Field(default=48.0, gt=0)
+    # Messages a stream may fall behind its client before it is ended (the client reconnects
+    # with Last-Event-ID and replays from the outbox).
+    queue_size: int = Field(default=10_000, ge=1)
+    # Milliseconds an EventSource waits before reconnecting (the stream's `retry:` hint).
+    retry_ms: int = Field(default=2_000, ge=0)
 
 
 def default_workers() -> int:

@@ -1,9 +1,125 @@
-"""The push stream: tickets and Server-Sent Events (owner: push).
+"""The push stream: tickets and Server-Sent Events (issue 14).
 
-Stub: filled in by its owner (see the design notes)."""
+``GET /events/stream`` is one Server-Sent Events stream per client carrying the outbox's
+messages for the caller's jurisdiction (twin/live/fanout.py). EventSource cannot send an
+Authorization header, so a client first trades its key or token for a short-lived ticket
+(``POST /events/stream/tickets``) and opens the stream with ``?ticket=``; other clients may
+send the bearer header instead. The access rule of the stream is public: it authenticates
+itself, here.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request
+from pydantic import BaseModel, Field
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from twin.api.deps import ConnDep, get_authenticator, get_principal
+from twin.core.errors import InvalidParameter
+from twin.core.principal import Principal, Unauthenticated, require_role
+from twin.live import fanout as push
+from twin.live.fanout import Subscription
 
 router = APIRouter(tags=["stream"])
+
+STREAM = "/events/stream"
+# A ticket is 43 URL-safe characters (32 random bytes); a little room, nothing unbounded.
+TICKET_MAX = 128
+ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+EVENT_STREAM_DOC = (
+    "`text/event-stream`: one event per outbox message for the caller's jurisdiction, "
+    "`id: <message id>`, `event: <kind>` (alert, event, layer, feature, anomaly), "
+    '`data: {"id", "kind", "created_at", "payload"}`; comment lines keep the connection '
+    "alive and a `retry:` line says how long to wait before reconnecting. Reconnect with "
+    "`Last-Event-ID` (or `last_event_id`) to receive every message after it, once, in order.")
+
+
+class StreamTicket(BaseModel):
+    ticket: str = Field(description="opens (and reopens) the stream until it expires")
+    expires_at: datetime
+    stream: str = Field(description="the stream's URL (path and query) with the ticket")
+
+
+@router.post(STREAM + "/tickets", status_code=201,
+             summary="A short-lived ticket that opens the push stream (viewer)")
+async def new_ticket(request: Request, conn: ConnDep) -> StreamTicket:
+    principal = require_role(await get_principal(request), "viewer")
+    settings = request.app.state.settings.stream
+    ticket, expires_at = await push.issue_ticket(conn, principal, settings.ticket_ttl_s)
+    await conn.commit()
+    return StreamTicket(ticket=ticket, expires_at=expires_at,
+                        stream=f"{STREAM}?ticket={ticket}")
+
+
+async def _caller(request: Request, ticket: str | None) -> Principal:
+    if ticket is not None:
+        async with request.app.state.engine.connect() as conn:
+            principal = await push.redeem_ticket(conn, ticket)
+        if principal is None:
+            raise Unauthenticated("unknown or expired stream ticket; ask POST "
+                                  f"{STREAM}/tickets for a new one")
+    else:
+        principal = await get_authenticator(request).principal(
+            request.headers.get("authorization"), request.app.state.engine.connect)
+    return require_role(principal, "viewer")
+
+
+def _last_event_id(header: str | None, query: int | None) -> int | None:
+    """The header wins: an EventSource reconnecting sends it with the URL it first opened."""
+    if header is None or not header.strip():
+        return query
+    try:
+        value = int(header.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise InvalidParameter(f"Last-Event-ID: expected a message id (an integer >= 0), "
+                               f"got {header[:40]!r}")
+    return value
+
+
+async def _events(subscription: Subscription, retry_ms: int) -> AsyncIterator[ServerSentEvent]:
+    try:
+        yield ServerSentEvent(comment="twin push stream", retry=retry_ms)
+        async for message in subscription:
+            yield ServerSentEvent(data=message.data, id=str(message.id), event=message.kind)
+    finally:
+        subscription.close()
+
+
+@router.get(
+    STREAM, response_class=EventSourceResponse,
+    summary="Server-Sent Events: alerts, events, layer versions and feature edits in the "
+            "caller's jurisdiction (viewer; a ticket or a bearer header)",
+    responses={
+        200: {"description": EVENT_STREAM_DOC,
+              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        401: {"description": "no credential, or an unknown, expired or revoked ticket, key "
+                             "or token", "content": ERROR},
+    })
+async def stream(
+    request: Request,
+    ticket: Annotated[str | None, Query(
+        min_length=1, max_length=TICKET_MAX,
+        description="a ticket from POST /events/stream/tickets (EventSource cannot send "
+                    "an Authorization header)")] = None,
+    last_event_id: Annotated[int | None, Query(
+        ge=0, description="resume after this message id (the Last-Event-ID header wins)")
+    ] = None,
+    last_event_id_header: Annotated[str | None, Header(
+        alias="Last-Event-ID", max_length=40,
+        description="sent by a reconnecting EventSource: resume after this message id")
+    ] = None,
+) -> EventSourceResponse:
+    principal = await _caller(request, ticket)
+    after = _last_event_id(last_event_id_header, last_event_id)
+    settings = request.app.state.settings.stream
+    # Registered before the answer starts: a message committed once the client has the
+    # headers is never missed.
+    subscription = request.app.state.live.fanout.subscribe(principal.scope, after)
+    return EventSourceResponse(_events(subscription, settings.retry_ms),
+                               ping=settings.keepalive_s)
