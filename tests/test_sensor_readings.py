@@ -31,7 +31,17 @@ def client(server: LiveServer) -> Iterator[Client]:
 def forget_posted_readings(engine: Engine):
     yield
     with engine.begin() as conn:
-        conn.execute(text("DELETE FROM sensor_readings WHERE ts <> date_trunc('second', ts)"))
+        touched = conn.execute(text(
+            "DELETE FROM sensor_readings WHERE ts <> date_trunc('second', ts) "
+            "RETURNING sensor_id")).scalars().all()
+        # The latest reading of those sensors is again the newest one left.
+        ids = {"ids": sorted(set(touched))}
+        conn.execute(text("DELETE FROM sensor_latest WHERE sensor_id = ANY(:ids)"), ids)
+        conn.execute(text("""
+            INSERT INTO sensor_latest (sensor_id, ts, value)
+            SELECT DISTINCT ON (sensor_id) sensor_id, ts, value FROM sensor_readings
+             WHERE sensor_id = ANY(:ids) ORDER BY sensor_id, ts DESC
+        """), ids)
 
 
 @pytest.fixture(scope="module")

@@ -120,14 +120,16 @@ def _sensors_in(scope: Any) -> Any:
 
 
 SensorId = Annotated[int, Path(ge=1, le=2**31 - 1, description="the sensor id")]
+NetworkQuery = Annotated[str | None, Query(description="only this network",
+                                           json_schema_extra={"enum": list(NETWORKS)})]
+KindQuery = Annotated[str | None, Query(description="only this kind of sensor",
+                                        json_schema_extra={"enum": list(SENSOR_KINDS)})]
 
 
 @router.get("/sensors/latest", summary="The newest reading of every sensor in the caller's "
             "jurisdiction", response_class=JSONResponse)
-async def get_latest(conn: ConnDep, scope: ScopeDep,
-                     network: Annotated[str | None, Query(json_schema_extra={"enum": list(NETWORKS)})] = None,
-                     kind: Annotated[str | None, Query(json_schema_extra={"enum": list(SENSOR_KINDS)})] = None
-                     ) -> JSONResponse:
+async def get_latest(conn: ConnDep, scope: ScopeDep, network: NetworkQuery = None,
+                     kind: KindQuery = None) -> JSONResponse:
     if network is not None and network not in NETWORKS:
         raise InvalidParameter(f"network: one of {', '.join(NETWORKS)}, got {network!r}")
     if kind is not None and kind not in SENSOR_KINDS:
