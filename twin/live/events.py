@@ -123,7 +123,8 @@ _DEADLINES_JSON = """
     (SELECT coalesce(json_agg(json_build_object(
                 'step', d.step, 'due_at', d.due_at, 'met_at', d.met_at,
                 'fired_at', d.fired_at)
-            ORDER BY d.due_at, d.step), '[]'::json)
+            ORDER BY array_position(ARRAY['respond', 'verify', 'handle'], d.step::text)),
+            '[]'::json)
        FROM event_deadlines AS d WHERE d.event_id = e.id) AS deadlines
 """
 
@@ -450,10 +451,10 @@ async def transition(conn: AsyncConnection, principal: Principal, event_id: int,
                else f"it is final, no state follows (asked for '{to}')"))
     updated = (await conn.execute(text("""
         UPDATE events SET status = :to, version = version + 1, updated_at = clock_timestamp(),
-                          closed_at = CASE WHEN :to = 'closed' THEN clock_timestamp() END
+                          closed_at = CASE WHEN :closing THEN clock_timestamp() END
          WHERE id = :id
         RETURNING version, updated_at
-    """), {"id": event_id, "to": to})).one()
+    """), {"id": event_id, "to": to, "closing": to == "closed"})).one()
     step = STEP_MET_BY.get(to)
     late = False
     if step is not None:
@@ -486,7 +487,8 @@ _CLAIM_DUE = text("""
     SELECT d.event_id, d.step, d.due_at
       FROM event_deadlines AS d JOIN events AS e ON e.id = d.event_id
      WHERE d.met_at IS NULL AND d.fired_at IS NULL AND d.due_at <= clock_timestamp()
-     ORDER BY d.due_at, d.event_id, d.step
+     ORDER BY d.due_at, d.event_id,
+              array_position(ARRAY['respond', 'verify', 'handle'], d.step::text)
      LIMIT :batch
        FOR UPDATE OF d, e SKIP LOCKED
 """)
