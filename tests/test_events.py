@@ -329,7 +329,7 @@ class TestEvents:
         time.sleep(1.0)  # nothing more happens
         steps = history(engine, fast["id"])
         escalations = [(h.from_level, h.to_level, h.step) for h in steps
-                       if h.action == "escalate"]
+                       if h.action == "escalated"]
         assert escalations == [("grid", "street", "respond"), ("street", "district", "verify"),
                                ("district", "city", "handle")]
         event = api.get("viewer", f"/events/{fast['id']}").json()
@@ -338,13 +338,13 @@ class TestEvents:
         kept_rows = deadlines(engine, kept["id"])
         assert kept_rows["respond"].met_at is not None
         assert kept_rows["respond"].fired_at is None
-        kept_steps = [h.step for h in history(engine, kept["id"]) if h.action == "escalate"]
+        kept_steps = [h.step for h in history(engine, kept["id"]) if h.action == "escalated"]
         assert kept_steps == ["verify", "handle"]
         # Escalations are pushed.
         with engine.connect() as conn:
             pushed = conn.execute(text("""
                 SELECT payload->>'step' FROM outbox WHERE kind = 'event'
-                   AND (payload->>'id')::bigint = :id AND payload->>'action' = 'escalate'
+                   AND (payload->>'id')::bigint = :id AND payload->>'action' = 'escalated'
                  ORDER BY id
             """), {"id": fast["id"]}).scalars().all()
         assert pushed == ["respond", "verify", "handle"]
@@ -411,15 +411,48 @@ def test_overdue_deadlines_fire_soon_after_a_server_starts(engine: Engine, datab
             time.sleep(wait)
             row = respond()
             assert row.fired_at is None and row.now > row.due_at  # overdue, nobody running
-            with LiveServer(settings):
+            with LiveServer(settings) as second, httpx.Client(base_url=second.url) as client:
                 started = time.monotonic()
                 while respond().fired_at is None:
                     assert time.monotonic() - started < 5, "not fired within 5 s of start-up"
                     time.sleep(0.05)
+                # The database drops every connection of the server (as in a restart): the
+                # loop logs, reconnects and goes on firing.
+                with check.connect() as conn:
+                    conn.execute(text("""
+                        SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                         WHERE datname = current_database() AND pid <> pg_backend_pid()
+                    """))
+                later = None
+                for _ in range(20):  # the pool notices the dead connections at checkout
+                    answer = client.post("/events", headers={
+                        "Authorization": f"Bearer {keys['street'][0]}"}, json={
+                        "lon": lon, "lat": lat, "kind": "test_restart", "description": "再次"})
+                    if answer.status_code == 201:
+                        later = answer.json()
+                        break
+                    assert answer.status_code == 503, answer.text
+                    time.sleep(0.2)
+                assert later is not None
+                with check.connect() as conn:
+                    due = conn.execute(text("""
+                        SELECT due_at FROM event_deadlines WHERE event_id = :id
+                           AND step = 'respond'"""), {"id": later["id"]}).scalar_one()
+                while True:
+                    with check.connect() as conn:
+                        fired, now = conn.execute(text("""
+                            SELECT fired_at, clock_timestamp() FROM event_deadlines
+                             WHERE event_id = :id AND step = 'respond'
+                        """), {"id": later["id"]}).one()
+                    if fired is not None:
+                        assert due <= fired and (fired - due).total_seconds() < 2
+                        break
+                    assert (now - due).total_seconds() < 2, "not fired after the reconnect"
+                    time.sleep(0.1)
             with check.connect() as conn:
                 steps = conn.execute(text("""
                     SELECT step, to_level FROM event_history
-                     WHERE event_id = :id AND action = 'escalate'
+                     WHERE event_id = :id AND action = 'escalated'
                 """), {"id": event["id"]}).all()
                 assert [tuple(s) for s in steps] == [("respond", "street")]
                 links = conn.execute(text("SELECT links FROM events WHERE id = :id"),

@@ -608,7 +608,7 @@ EVENT_STATES = ("reported", "responded", "verified", "handled", "closed")
 EVENT_LEVELS = ("grid", "street", "district", "city")
 EVENT_SOURCES = ("report", "rule", "detector")
 EVENT_STEPS = ("respond", "verify", "handle")
-EVENT_ACTIONS = ("report", "raise", "transition", "escalate")
+EVENT_ACTIONS = ("reported", "raised", "transitioned", "escalated")
 
 
 class EventKind(Base):

@@ -366,7 +366,7 @@ async def _create(conn: AsyncConnection, *, kind: str, lon: float, lat: float, s
           FROM unnest(CAST(:steps AS text[]), CAST(:secs AS integer[])) AS t(step, s)
     """), {"id": event_id, "at": reported_at, "steps": list(STEPS),
            "secs": [kind_row["respond_s"], kind_row["verify_s"], kind_row["handle_s"]]})
-    action = "report" if source == "report" else "raise"
+    action = "reported" if source == "report" else "raised"
     await conn.execute(text("""
         INSERT INTO event_history (event_id, at, action, to_status, to_level, principal, note,
                                    version)
@@ -467,14 +467,14 @@ async def transition(conn: AsyncConnection, principal: Principal, event_id: int,
     await conn.execute(text("""
         INSERT INTO event_history (event_id, at, action, from_status, to_status, from_level,
                                    to_level, step, principal, note, version)
-        VALUES (:id, :at, 'transition', :from, :to, :level, :level, :step, :by, :note,
+        VALUES (:id, :at, 'transitioned', :from, :to, :level, :level, :step, :by, :note,
                 :version)
     """), {"id": event_id, "at": updated.updated_at, "from": row["status"], "to": to,
            "level": row["level"], "step": step, "by": principal.name, "note": note,
            "version": updated.version})
     event = await read(conn, CITY, event_id)
     # Last: the outbox holds its lock from here to the commit.
-    await outbox.emit(conn, "event", _summary(event, "transition", step=step, late=late,
+    await outbox.emit(conn, "event", _summary(event, "transitioned", step=step, late=late,
                                               by=principal.name), [row["grid_code"]])
     return event
 
@@ -518,7 +518,7 @@ async def escalate_due(conn: AsyncConnection, batch: int = 100) -> int:
         await conn.execute(text("""
             INSERT INTO event_history (event_id, at, action, from_status, to_status,
                                        from_level, to_level, step, principal, note, version)
-            VALUES (:id, :at, 'escalate', :status, :status, :from, :to, :step, 'escalation',
+            VALUES (:id, :at, 'escalated', :status, :status, :from, :to, :step, 'escalation',
                     :note, :version)
         """), {"id": event_id, "at": row.updated_at, "status": row.status, "from": before,
                "to": after, "step": step, "version": row.version,
@@ -535,7 +535,7 @@ async def escalate_due(conn: AsyncConnection, batch: int = 100) -> int:
     # Last: the outbox messages, one per fired step.
     for event, step, due_at in fired:
         now = current[event["id"]]
-        await outbox.emit(conn, "event", _summary(now, "escalate", step=step,
+        await outbox.emit(conn, "event", _summary(now, "escalated", step=step,
                                                   due_at=due_at.isoformat()),
                           [now["grid_code"]])
     return len(fired)

@@ -69,7 +69,7 @@ class Deadline(BaseModel):
 class HistoryEntry(BaseModel):
     id: int
     at: str
-    action: Literal["report", "raise", "transition", "escalate"]
+    action: Literal["reported", "raised", "transitioned", "escalated"]
     from_status: str | None
     to_status: str | None
     from_level: str | None

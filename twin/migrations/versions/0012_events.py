@@ -91,8 +91,8 @@ CREATE TABLE event_history (
     principal text,
     note text,
     version integer NOT NULL,
-    CONSTRAINT event_history_action CHECK (action IN ('report', 'raise', 'transition',
-                                                      'escalate'))
+    CONSTRAINT event_history_action CHECK (action IN ('reported', 'raised',
+                                                      'transitioned', 'escalated'))
 );
 CREATE INDEX event_history_event_idx ON event_history (event_id, id);
 
