@@ -97,7 +97,7 @@ _RESUMED = text("""
       JOIN alert_rules AS r ON r.code = a.rule_code
       JOIN sensor_latest AS l ON l.sensor_id = a.sensor_id
      WHERE a.closed_at IS NULL AND r.silent_minutes IS NOT NULL
-       AND l.ts >= a.opened_at - make_interval(mins => r.silent_minutes)
+       AND l.ts > a.opened_at - make_interval(mins => r.silent_minutes)
      ORDER BY a.id
 """)
 

@@ -156,7 +156,7 @@ def walk(rows: Sequence[Any]) -> Changes:
             open_alert, episode = row.alert_id, None
         if row.silent_minutes is not None:
             # A silence alert: any reading newer than the last one before the silence ends it.
-            if open_alert is not None and row.ts >= row.opened_at - timedelta(
+            if open_alert is not None and row.ts > row.opened_at - timedelta(
                     minutes=row.silent_minutes):
                 changes.closed.append((open_alert, row.ts, row.value))
                 open_alert = None
