@@ -20,14 +20,16 @@ from collections.abc import Iterator
 import httpx
 import psycopg
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tests.servers import LiveServer
 from tests.sse import Event, EventStream
 from twin.core.outbox import emit
+from twin.core.principal import CITY, parse_scope
 from twin.core.settings import AuthSettings, Settings, StreamSettings
+from twin.live.fanout import Fanout, prune
 
 DISTRICT, STREET, SIBLING, FAR_STREET = "500112", "500112002", "500112001", "500103001"
 KEYS = {
@@ -356,3 +358,90 @@ def test_latency_from_commit_to_client(http: httpx.Client, database_url: str):
     print(f"push latency commit -> client over {len(latencies)} messages: "
           f"p50 {p50 * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms")
     assert p95 < 1.0
+
+
+# --- the library: overflow, shutdown, retention ------------------------------------------
+
+async def _drain(subscription, timeout: float = 5.0) -> list[int]:
+    """Every message until the stream ends (AssertionError if it does not within timeout)."""
+    got: list[int] = []
+
+    async def read() -> None:
+        async for message in subscription:
+            got.append(message.id)
+
+    await asyncio.wait_for(read(), timeout)
+    return got
+
+
+async def _until_read(fanout: Fanout, upto: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (fanout.last or 0) < upto:
+        assert time.monotonic() < deadline, "the listener did not read the outbox"
+        await asyncio.sleep(0.02)
+
+
+def test_a_client_that_falls_behind_is_ended_and_resumes_by_replay(
+        writer: Writer, database_url: str):
+    async def scenario() -> None:
+        fanout = await Fanout.start(libpq(database_url), writer.engine,
+                                    StreamSettings(queue_size=5))
+        try:
+            await _until_read(fanout, last_id(database_url))
+            slow = fanout.subscribe(CITY)
+            sent = await writer._emit([None] * 12, tag(), "event", False)
+            await _until_read(fanout, sent[-1])
+            # Ended after the 5 it could hold; nothing after them reached it.
+            first = await _drain(slow)
+            assert first == sent[:5] and fanout.subscribers == 0
+            resumed = fanout.subscribe(CITY, first[-1])
+            rest: list[int] = []
+            async for message in resumed:
+                rest.append(message.id)
+                if message.id == sent[-1]:
+                    break
+            assert rest == sent[5:]
+        finally:
+            await fanout.stop()
+
+    writer.runner.run(scenario())
+
+
+def test_stopping_the_fanout_ends_open_streams(writer: Writer, database_url: str):
+    async def scenario() -> None:
+        fanout = await Fanout.start(libpq(database_url), writer.engine, StreamSettings())
+        await _until_read(fanout, last_id(database_url))
+        street = fanout.subscribe(parse_scope(f"street={STREET}"))
+        sent = await writer._emit([[STREET], [FAR_STREET]], tag(), "event", False)
+        await _until_read(fanout, sent[-1])
+        await fanout.stop()
+        assert await _drain(street) == sent[:1]
+
+    writer.runner.run(scenario())
+
+
+def test_retention_deletes_old_messages_in_one_process_at_a_time(
+        writer: Writer, database_url: str):
+    with psycopg.connect(libpq(database_url)) as conn:
+        old, recent = [conn.execute(
+            "WITH locked AS (SELECT pg_advisory_xact_lock(7013)) "
+            "INSERT INTO outbox (kind, payload, created_at) "
+            "SELECT 'event', '{}', now() - make_interval(hours => %s) FROM locked "
+            "RETURNING id", (hours,)).fetchone()[0] for hours in (3, 0)]
+        conn.commit()
+
+    async def prune_once(holder: bool) -> int:
+        async with writer.engine.connect() as conn, writer.engine.connect() as other:
+            if holder:  # another process is pruning right now
+                await other.execute(text("SELECT pg_advisory_xact_lock(7014)"))
+            deleted = await prune(conn, retention_h=1.0)
+            await conn.commit()
+            await other.rollback()
+            return deleted
+
+    assert writer.runner.run(prune_once(holder=True)) == 0
+    assert writer.runner.run(prune_once(holder=False)) >= 1
+    with psycopg.connect(libpq(database_url)) as conn:
+        left = {row[0] for row in conn.execute("SELECT id FROM outbox WHERE id = ANY(%s)",
+                                               ([old, recent],))}
+    assert left == {recent}

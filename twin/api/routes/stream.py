@@ -20,9 +20,9 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from twin.api.deps import ConnDep, get_authenticator, get_principal
 from twin.core.errors import InvalidParameter
-from twin.core.principal import Principal, Unauthenticated, require_role
+from twin.core.principal import Principal, Scope, Unauthenticated, require_role
 from twin.live import fanout as push
-from twin.live.fanout import Subscription
+from twin.live.fanout import Fanout
 
 router = APIRouter(tags=["stream"])
 
@@ -82,7 +82,11 @@ def _last_event_id(header: str | None, query: int | None) -> int | None:
     return value
 
 
-async def _events(subscription: Subscription, retry_ms: int) -> AsyncIterator[ServerSentEvent]:
+async def _events(fanout: Fanout, scope: Scope, after: int | None,
+                  retry_ms: int) -> AsyncIterator[ServerSentEvent]:
+    # Subscribed here, where closing is certain (this generator's end), not in the route: a
+    # client gone before the body starts would leave a subscriber nobody reads.
+    subscription = fanout.subscribe(scope, after)
     try:
         yield ServerSentEvent(comment="twin push stream", retry=retry_ms)
         async for message in subscription:
@@ -118,8 +122,11 @@ async def stream(
     principal = await _caller(request, ticket)
     after = _last_event_id(last_event_id_header, last_event_id)
     settings = request.app.state.settings.stream
-    # Registered before the answer starts: a message committed once the client has the
-    # headers is never missed.
-    subscription = request.app.state.live.fanout.subscribe(principal.scope, after)
-    return EventSourceResponse(_events(subscription, settings.retry_ms),
+    fanout: Fanout = request.app.state.live.fanout
+    if after is None:
+        # "From now on" is from what this process has read so far: a message committed once
+        # the client has the headers is never missed (replayed if the listener read it
+        # before the subscription starts).
+        after = fanout.last
+    return EventSourceResponse(_events(fanout, principal.scope, after, settings.retry_ms),
                                ping=settings.keepalive_s)
