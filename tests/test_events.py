@@ -462,3 +462,65 @@ def test_overdue_deadlines_fire_soon_after_a_server_starts(engine: Engine, datab
                 assert json.dumps(links)
         finally:
             check.dispose()
+
+
+
+def in_a_connection(database_url: str, work: Any) -> Any:
+    """``await work(conn)`` on an async connection of its own (as the ingest holds one)."""
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def run() -> Any:
+        async_engine = create_async_engine(database_url.replace(
+            "postgresql://", "postgresql+psycopg://", 1))
+        try:
+            async with async_engine.connect() as conn:
+                return await work(conn)
+        finally:
+            await async_engine.dispose()
+
+    return asyncio.run(run())
+
+
+def test_raised_by_a_rule_inside_the_callers_transaction(engine: Engine, database_url: str,
+                                                        city: City):
+    """raise_event: no principal, no commit of its own; a rollback leaves nothing."""
+    from twin.live import events
+    from twin.live.events import OutsideMunicipality
+
+    lon, lat = city.inside(city.other_street)
+
+    async def raise_two(conn: Any) -> tuple[dict, dict]:
+        kept = await events.raise_event(
+            conn, kind="gas_leak", lon=lon, lat=lat, source="rule", title="燃气" * 300,
+            description="", sensor_id=1, rule_code="gas_high")
+        await conn.commit()
+        dropped = await events.raise_event(conn, kind="gas_leak", lon=lon, lat=lat,
+                                           source="detector", title="管网异常",
+                                           description="回滚")
+        await conn.rollback()
+        return kept, dropped
+
+    kept, dropped = in_a_connection(database_url, raise_two)
+    assert kept["grid_code"] == city.owner(lon, lat)
+    assert len(kept["title"]) == events.TITLE_MAX
+    assert kept["links"]["teams_by"] == "distance"
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT source, rule_code, sensor_id, reported_by FROM events "
+                                "WHERE id = :id"), {"id": kept["id"]}).one()
+        assert tuple(row) == ("rule", "gas_high", 1, "rule:gas_high")
+        assert conn.execute(text("SELECT count(*) FROM events WHERE id = :id"),
+                            {"id": dropped["id"]}).scalar_one() == 0
+        actions = conn.execute(text("""
+            SELECT payload->>'action' FROM outbox WHERE kind = 'event'
+               AND (payload->>'id')::bigint = ANY(:ids)"""),
+            {"ids": [kept["id"], dropped["id"]]}).scalars().all()
+        assert actions == ["raised"]
+
+    async def outside(conn: Any) -> None:
+        await events.raise_event(conn, kind="fire", lon=100.0, lat=20.0, source="rule",
+                                 title="x", description="y")
+
+    with pytest.raises(OutsideMunicipality):
+        in_a_connection(database_url, outside)

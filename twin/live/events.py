@@ -9,9 +9,13 @@ or detector (``raise_event``, no principal). Either way it is:
 * **owned** by that grid: it starts at level ``grid`` and rises one level (street, district,
   city) per missed deadline (twin/live/escalation.py).
 * **linked** to the risk points within ``TWIN_EVENTS_LINK_RADIUS_M`` (geodesic metres,
-  nearest first), the nearest response teams (by road over the pgRouting graph, or by
-  distance: ``TWIN_EVENTS_TEAMS_BY``; ``links.teams_by`` says which was used), and the
-  emergency plans of the linked risk points, the most severe first (``links.plan``).
+  nearest first), the nearest response teams, and the emergency plans of the linked risk
+  points, the most severe first (``links.plan``). Teams of a report are ranked by road over
+  the pgRouting graph (``TWIN_EVENTS_TEAMS_BY``, ~65-250 ms an event on the small sample);
+  those of a raised event by geodesic distance (``TWIN_EVENTS_RAISED_TEAMS_BY``, ~10 ms:
+  it is written inside the ingest's transaction, after its first outbox message may hold
+  the outbox lock). ``links.teams_by`` says which was used; "road" falls back to
+  "distance" when the road graph reaches no team.
 * **given deadlines** from its kind (``event_kinds.respond_s/verify_s/handle_s``, counted from
   the report).
 
@@ -252,7 +256,7 @@ _PLANS = text("""
 
 
 async def _links(conn: AsyncConnection, lon: float, lat: float,
-                 settings: EventsSettings) -> dict[str, Any]:
+                 settings: EventsSettings, teams_by: str) -> dict[str, Any]:
     radius = settings.link_radius_m
     # Metres per degree: >= 110,574 of latitude; of longitude >= 111,320 * cos(lat) (a
     # 1 % margin covers the ellipsoid's flattening).
@@ -273,7 +277,6 @@ async def _links(conn: AsyncConnection, lon: float, lat: float,
     plans = [plans_by_id[i] for i in plan_ids if i in plans_by_id]
 
     teams: list[dict[str, Any]] = []
-    teams_by = settings.teams_by
     if settings.nearest_teams > 0:
         k = settings.nearest_teams
         if teams_by == "road":
@@ -343,7 +346,8 @@ async def _create(conn: AsyncConnection, *, kind: str, lon: float, lat: float, s
             f"the point lon={lon}, lat={lat} lies in {street['name_zh']} ({street['code']}), "
             f"{district['name_zh']} ({district['code']}), outside your jurisdiction "
             f"({scope.text}); report it to that street's centre")
-    links = await _links(conn, lon, lat, settings)
+    links = await _links(conn, lon, lat, settings,
+                         settings.teams_by if source == "report" else settings.raised_teams_by)
     row = (await conn.execute(text("""
         INSERT INTO events (kind, sector_code, title, description, source, grid_code,
                             community_code, street_code, district_code, geom, reported_by,
@@ -418,9 +422,13 @@ async def raise_event(conn: AsyncConnection, *, kind: str, lon: float, lat: floa
     OutsideMunicipality (422) when no grid holds the spot and UnknownKind (422) for a kind
     not in ``event_kinds``.
     """
-    return await _create(conn, kind=kind, lon=lon, lat=lat, source=source, title=title,
-                         description=description, reported_by=f"{source}:{rule_code or kind}",
-                         scope=None, sensor_id=sensor_id, rule_code=rule_code)
+    # Never refused for its length: a detector's text must not fail the ingest.
+    short_title = (title or "").strip()[:TITLE_MAX]
+    text_ = (description or "").strip()[:MAX_TEXT] or short_title or kind
+    return await _create(conn, kind=kind, lon=lon, lat=lat, source=source,
+                         title=short_title or None, description=text_,
+                         reported_by=f"{source}:{rule_code or kind}", scope=None,
+                         sensor_id=sensor_id, rule_code=rule_code)
 
 
 async def transition(conn: AsyncConnection, principal: Principal, event_id: int, to: str,
