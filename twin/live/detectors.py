@@ -240,6 +240,7 @@ async def run_anomalies(conn: AsyncConnection, now: datetime, window: timedelta,
             match = (await conn.execute(_MATCH, {"network": network, "taken": kept,
                                                  "sensors": sensor_ids,
                                                  "geometry": impacts[k].geometry})).first()
+            row: Any
             if match is None:
                 row = SimpleNamespace(**(await conn.execute(
                     _INSERT, values | {"network": network})).one()._mapping)
@@ -256,9 +257,9 @@ async def run_anomalies(conn: AsyncConnection, now: datetime, window: timedelta,
                     messages.append((zone_message(row, "updated"), list(row.grid_codes)))
                     counts["updated"] += 1
             kept.append(row.id)
-        for row in (await conn.execute(_CLOSE, {"network": network, "kept": kept,
-                                                "now": now})).all():
-            messages.append((zone_message(row, "closed"), list(row.grid_codes)))
+        for gone in (await conn.execute(_CLOSE, {"network": network, "kept": kept,
+                                                 "now": now})).all():
+            messages.append((zone_message(gone, "closed"), list(gone.grid_codes)))
             counts["closed"] += 1
     # Last: the outbox holds its lock from the first message to the commit.
     for payload, grids in messages:
