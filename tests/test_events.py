@@ -524,3 +524,30 @@ def test_raised_by_a_rule_inside_the_callers_transaction(engine: Engine, databas
 
     with pytest.raises(OutsideMunicipality):
         in_a_connection(database_url, outside)
+
+
+def test_events_are_a_collection_and_a_tile_layer(engine: Engine, database_url: str,
+                                                  city: City):
+    """The events layer as every other: OGC API Features items and vector tiles, scoped."""
+    import mapbox_vector_tile
+    import morecantile
+
+    keys = keys_for(city.district, city.street, city.other_street)
+    lon, lat = city.inside(city.street)
+    with LiveServer(events_settings(database_url, keys)) as live, \
+            httpx.Client(base_url=live.url, timeout=60) as client:
+        api = Api(client, keys)
+        event = api.report("street", lon, lat).json()
+        items = api.get("street", "/collections/events/items", limit=1000,
+                        bbox=f"{lon - 0.001},{lat - 0.001},{lon + 0.001},{lat + 0.001}")
+        assert items.status_code == 200, items.text
+        ids = {f["id"] for f in items.json()["features"]}
+        assert event["id"] in ids
+        other = api.get("other", "/collections/events/items", limit=1000).json()
+        assert event["id"] not in {f["id"] for f in other["features"]}
+        tile = morecantile.tms.get("WebMercatorQuad").tile(lon, lat, 14)
+        answer = api.get("street", f"/tiles/events/{tile.z}/{tile.x}/{tile.y}.mvt")
+        assert answer.status_code == 200, answer.text
+        layers = mapbox_vector_tile.decode(answer.content)
+        assert any(f["id"] == event["id"] and f["properties"]["status"] == "reported"
+                   for f in layers["events"]["features"])
