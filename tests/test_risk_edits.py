@@ -235,6 +235,14 @@ def test_create_replace_patch_delete_round_trip(api, engine, grids, created):
     assert feature_messages(engine, point_id) == [
         ("create", [grid1]), ("replace", sorted({grid1, grid2})), ("update", [grid2]),
         ("update", sorted({grid1, grid2})), ("delete", [grid1])]
+    # Each edit's transaction also pushed the layer's new data version (migration 0010).
+    with engine.connect() as conn:
+        layer_versions = conn.execute(text("""
+            SELECT count(*) FROM outbox AS f JOIN outbox AS l ON l.txid = f.txid
+             WHERE f.kind = 'feature' AND (f.payload->>'id')::bigint = :id
+               AND l.kind = 'layer' AND l.payload->>'id' = 'risk_points' AND l.id > f.id"""),
+            {"id": point_id}).scalar_one()
+    assert layer_versions == 5
 
 
 def test_a_lost_update_is_refused(api, engine, grids, created):
