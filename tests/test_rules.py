@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -24,6 +25,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from tests.servers import ADMIN, EDITOR, LiveServer
 from twin.core.settings import AuthSettings, RulesSettings, Settings
 from twin.live import detectors
+from twin.live.runtime import LiveContext
 
 MARK = timedelta(microseconds=271_828)
 VIEWER_KEY = "rules-viewer-street-key-0123456789"
@@ -412,3 +414,60 @@ def test_rules_are_read_by_viewers_and_replaced_by_admins_with_checked_bounds(
                         "DELETE FROM sensor_alerts WHERE rule_code = 'gas_very_high'",
                         "DELETE FROM alert_rules WHERE code = 'gas_very_high'"):
                 conn.execute(text(sql))
+
+
+# ------------------------------------------------------------------ the loop
+
+class CountingDetectors(detectors.Detectors):
+    """The real loop and leadership, with the looks counted instead of run (tested above)."""
+
+    def __init__(self, ctx, lock):
+        super().__init__(ctx, lock)
+        self.looks = 0
+
+    async def _silence(self) -> None:
+        self.looks += 1
+
+    async def _anomalies(self) -> None:
+        self.looks += 1
+
+
+def test_one_process_leads_the_detectors_and_a_lost_connection_is_taken_over(
+        engine: Engine, database_url: str, monkeypatch):
+    lock = 0x7477696E_74657374  # not the servers' lock: they run beside this test
+    monkeypatch.setattr(detectors, "RETRY_S", 0.5)
+    settings = Settings(database_url=database_url,
+                        rules=RulesSettings(silence_check_every_s=0.1, anomaly_every_s=0.1))
+    holder = text("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                  "AND classid = :hi AND objid = :lo")
+    key = {"hi": lock >> 32, "lo": lock & 0xFFFFFFFF}
+
+    async def main() -> None:
+        work = create_async_engine(database_url)
+        ctx = LiveContext(settings, work, "")
+        one, two = CountingDetectors(ctx, lock).start(), CountingDetectors(ctx, lock).start()
+        try:
+            await asyncio.sleep(1.0)
+            assert (one.looks > 0) != (two.looks > 0), (one.looks, two.looks)
+            leader, other = (one, two) if one.looks else (two, one)
+            with engine.connect() as conn:
+                (pid,) = conn.execute(holder, key).scalars().all()
+                # The database drops the leader's connection (as a restart would).
+                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            before = leader.looks + other.looks
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                with engine.connect() as conn:
+                    pids = conn.execute(holder, key).scalars().all()
+                if pids and pids[0] != pid and leader.looks + other.looks > before + 2:
+                    break
+            assert pids and pids[0] != pid, "nobody took the lock again"
+        finally:
+            await one.stop()
+            await two.stop()
+            await work.dispose()
+        with engine.connect() as conn:
+            assert conn.execute(holder, key).scalars().all() == []
+
+    asyncio.run(main())

@@ -279,7 +279,8 @@ _NEWEST = text("""
 class Detectors:
     """Both looks on their own schedules, in the process holding ``DETECTOR_LOCK``."""
 
-    def __init__(self, ctx: Any):
+    def __init__(self, ctx: Any, lock: int = DETECTOR_LOCK):
+        self._lock = lock
         self._settings: RulesSettings = ctx.settings.rules
         self._work: AsyncEngine = ctx.engine
         self._lock_engine: AsyncEngine = async_engine(ctx.settings, pool_size=1,
@@ -344,8 +345,7 @@ class Detectors:
             log.info("detectors: anomaly zones %s", counts)
 
     async def _lead(self) -> bool:
-        """Whether this process holds ``DETECTOR_LOCK`` on a live connection (taking it when
-        free)."""
+        """Whether this process holds its lock on a live connection (taking it when free)."""
         if self._conn is not None:
             await self._conn.execute(text("SELECT 1"))  # raises when the database went away
             await self._conn.commit()
@@ -353,7 +353,7 @@ class Detectors:
         conn = await self._lock_engine.connect()
         try:
             taken = (await conn.execute(text("SELECT pg_try_advisory_lock(:key)"),
-                                        {"key": DETECTOR_LOCK})).scalar_one()
+                                        {"key": self._lock})).scalar_one()
             await conn.commit()  # a session-level lock outlives the transaction
         except BaseException:
             await conn.close()
