@@ -18,8 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
 
-from tests.brokers import Publisher, own_broker
+from tests.brokers import CuttableProxy, Publisher, own_broker
 from tests.servers import LiveServer, free_port
 from twin.core.broker import BrokerError, ManagedBroker
 from twin.core.settings import MqttSettings, Settings
@@ -98,11 +99,13 @@ def health(server: LiveServer) -> dict:
     return httpx.get(f"{server.url}/healthz", timeout=10).json()
 
 
-def wait_until(check: Callable[[], object], what: str, timeout_s: float = 30) -> None:
+def wait_until(check: Callable[[], object], what: str, timeout_s: float = 30,
+               state: Callable[[], object] | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
+            raise AssertionError(f"timed out waiting until {what}"
+                                 + (f": {state()}" if state else ""))
         time.sleep(0.1)
 
 
@@ -291,6 +294,137 @@ def test_a_broker_restart_loses_no_acknowledged_reading(
     assert len(sent) == 60
     published = [r for m in messages for r in m]
     wait_until(lambda: stored(engine, published) == len(published),
-               "every acknowledged reading is stored", timeout_s=60)
+               "every acknowledged reading is stored", timeout_s=60,
+               state=lambda: (stored(engine, published), health(server)))
     assert stored(engine, published) == 12_000
     wait_until(lambda: health(server)["mqtt"]["connected"], "the subscriber is back")
+
+
+# -- restarts and outages of the server and the database -----------------------------------
+
+def test_a_restarted_server_finds_its_session_and_what_was_queued(
+        engine: Engine, database_url: str, clock: Clock, sensors: list, tmp_path: Path):
+    """The client id is the slot's, not the pid's: the session, and the messages published
+    while no server ran, are there for the restarted process."""
+    home = tmp_path / "home"
+    with own_broker(home) as broker:
+        settings = Settings(database_url=database_url, home=home,
+                            mqtt=MqttSettings(url=broker.url))
+        publisher = Publisher(broker.url)
+        try:
+            first = batch(clock, sensors, 100)
+            with LiveServer(settings) as live:
+                wait_until(lambda: health(live)["mqtt"]["connected"], "connected")
+                before = health(live)["mqtt"]["client_id"]
+                publisher.send(f"{TOPIC}/restart-server", {"readings": first})
+                wait_until(lambda: stored(engine, first) == 100, "the first batch is stored")
+            queued = [batch(clock, sensors, 100) for _ in range(5)]
+            publisher.send_many(f"{TOPIC}/restart-server", [{"readings": m} for m in queued])
+            time.sleep(0.5)
+            waiting = [r for m in queued for r in m]
+            assert stored(engine, waiting) == 0  # nobody subscribed: the broker keeps them
+            with LiveServer(settings) as live:
+                wait_until(lambda: stored(engine, waiting) == 500,
+                           "the queued messages are stored after the restart")
+                detail = health(live)["mqtt"]
+                assert detail["client_id"] == before
+        finally:
+            publisher.close()
+
+
+def test_a_database_outage_acknowledges_nothing_and_loses_nothing(
+        engine: Engine, database_url: str, clock: Clock, sensors: list, tmp_path: Path):
+    url = make_url(database_url)
+    proxy = CuttableProxy(url.host or "127.0.0.1", url.port or 5432)
+    through_proxy = url.set(port=proxy.port).render_as_string(hide_password=False)
+    home = tmp_path / "home"
+    try:
+        with own_broker(home) as broker:
+            settings = Settings(database_url=through_proxy, home=home,
+                                mqtt=MqttSettings(url=broker.url, reconnect_max_s=1.0))
+            publisher = Publisher(broker.url)
+            with LiveServer(settings) as live:
+                wait_until(lambda: health(live)["mqtt"]["connected"], "connected")
+                first = batch(clock, sensors, 100)
+                publisher.send(f"{TOPIC}/outage", {"readings": first})
+                wait_until(lambda: stored(engine, first) == 100, "stored before the outage")
+                acked = health(live)["mqtt"]["acknowledged"]
+
+                proxy.cut()
+                during = [batch(clock, sensors, 100) for _ in range(3)]
+                publisher.send_many(f"{TOPIC}/outage", [{"readings": m} for m in during])
+                wait_until(lambda: health(live)["mqtt"]["database_retries"] >= 2,
+                           "the subscriber retries")
+                detail = health(live)
+                assert detail["status"] == "unavailable"  # 503: the database is away
+                assert detail["mqtt"]["acknowledged"] == acked  # nothing acked meanwhile
+                assert detail["mqtt"]["connected"]
+
+                proxy.restore()
+                waiting = [r for m in during for r in m]
+                wait_until(lambda: stored(engine, waiting) == 300, "stored after the outage")
+                wait_until(lambda: health(live)["mqtt"]["acknowledged"] == acked + 3,
+                           "acknowledged after the commit")
+            publisher.close()
+    finally:
+        proxy.close()
+
+
+def test_one_process_subscribes_and_another_takes_over(
+        engine: Engine, database_url: str, clock: Clock, sensors: list, tmp_path: Path):
+    """Two server processes of one home (two servers in this process hold the lock file
+    apart alike): one subscribes, the other stands by and takes the same session over when
+    the first ends, with what was published meanwhile."""
+    home = tmp_path / "home"
+    host = socket.gethostname().split(".")[0]
+    with own_broker(home) as broker:
+        settings = Settings(database_url=database_url, home=home,
+                            mqtt=MqttSettings(url=broker.url))
+        publisher = Publisher(broker.url)
+        first: LiveServer | None = LiveServer(settings).__enter__()
+        try:
+            assert first is not None
+            wait_until(lambda: health(first)["mqtt"]["connected"], "the first connects")
+            assert health(first)["mqtt"]["role"] == "subscriber"
+            with LiveServer(settings) as second:
+                assert health(second)["mqtt"]["role"] == "standby"
+                assert not health(second)["mqtt"]["connected"]
+                readings = batch(clock, sensors, 100)
+                publisher.send(f"{TOPIC}/takeover", {"readings": readings})
+                wait_until(lambda: stored(engine, readings) == 100, "stored by the first")
+                assert health(second)["mqtt"]["messages"] == 0
+                first.__exit__(None, None, None)  # the first process ends
+                first = None
+                queued = batch(clock, sensors, 100)
+                publisher.send(f"{TOPIC}/takeover", {"readings": queued})
+                wait_until(lambda: stored(engine, queued) == 100, "stored by the second")
+                detail = health(second)["mqtt"]
+                assert detail["role"] == "subscriber" and detail["messages"] >= 1
+                assert detail["client_id"] == f"twin-{host}"
+        finally:
+            if first is not None:
+                first.__exit__(None, None, None)
+            publisher.close()
+
+
+def test_shared_subscription_spreads_messages_over_processes(
+        engine: Engine, database_url: str, clock: Clock, sensors: list, tmp_path: Path):
+    home = tmp_path / "home"
+    with own_broker(home) as broker:
+        settings = Settings(database_url=database_url, home=home,
+                            mqtt=MqttSettings(url=broker.url, shared=True))
+        publisher = Publisher(broker.url)
+        try:
+            with LiveServer(settings) as one, LiveServer(settings) as two:
+                ids = {health(s)["mqtt"]["client_id"] for s in (one, two)}
+                assert len(ids) == 2 and all(i.rsplit("-", 1)[1] in "01" for i in ids)
+                for s in (one, two):
+                    wait_until(lambda s=s: health(s)["mqtt"]["connected"], "connected")
+                messages = [batch(clock, sensors, 50) for _ in range(20)]
+                publisher.send_many(f"{TOPIC}/shared", [{"readings": m} for m in messages])
+                published = [r for m in messages for r in m]
+                wait_until(lambda: stored(engine, published) == 1000, "every reading stored")
+                counts = [health(s)["mqtt"]["messages"] for s in (one, two)]
+                assert sum(counts) == 20 and min(counts) > 0, counts
+        finally:
+            publisher.close()

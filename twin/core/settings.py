@@ -209,6 +209,14 @@ class MqttSettings(BaseSettings):
     # process finds its persistent session again); seconds the broker keeps that session
     # while the process is away.
     client_prefix: str = "twin"
+    # False: one process of this TWIN_HOME subscribes (the others stand by and take over
+    # when it ends), with a plain subscription, which mosquitto 2.0 keeps across its own
+    # restart. True: every process subscribes to the shared subscription
+    # ``$share/twin/<topic>`` and the broker spreads the messages over them, but mosquitto
+    # 2.0.11 does not restore shared subscriptions from its persistence file: messages
+    # published after a broker restart and before the processes reconnect are lost. For
+    # brokers that keep them (or where losing that window is acceptable) and several hosts.
+    shared: bool = False
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
     # Messages stored per transaction at most (several small messages share one commit) and
     # readings per transaction at most; each message is acknowledged after its commit.

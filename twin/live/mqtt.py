@@ -1,23 +1,33 @@
 """The MQTT subscriber: sensor readings from a broker, acknowledged only after they are committed.
 
 When ``TWIN_MQTT_URL`` names a broker (``mqtt://host:port``; `twin run` points it at the
-broker it manages), every server process subscribes to the shared subscription
-``$share/twin/<TWIN_MQTT_TOPIC>`` (default topic ``twin/readings/#``), so the broker hands
-each message to one of them. A message's payload is the HTTP batch, ``{"readings": [{"sensor_id":
-12, "ts": "2026-11-20T08:00:00+08:00", "value": 1.5}, ...]}``, or one reading object.
+broker it manages), twin subscribes to ``TWIN_MQTT_TOPIC`` (default ``twin/readings/#``). A
+message's payload is the HTTP batch, ``{"readings": [{"sensor_id": 12, "ts":
+"2026-11-20T08:00:00+08:00", "value": 1.5}, ...]}``, or one reading object.
 
 Delivery: MQTT 5, QoS 1, a persistent session (clean start off, a session expiry), manual
-acknowledgements. A message is acknowledged (PUBACK) only once its rows are committed: the good
-readings stored (idempotent on sensor + time, so a message delivered again after a crash or a
-reconnection is not stored twice), its rejected rows, or the whole message when it is
-malformed or over ``TWIN_MQTT_MAX_PAYLOAD_BYTES``, written to ``reading_dead_letters`` with
-the reason. While the database is down nothing is acknowledged: the batch is retried with
-backoff and the broker keeps the rest queued for the session.
+acknowledgements. A message is acknowledged (PUBACK) only once its rows are committed: the
+good readings stored (idempotent on sensor + time, so a message delivered again after a crash
+or a reconnection is not stored twice) and, in the same transaction, its rejected rows, or
+the whole message when it is malformed or over ``TWIN_MQTT_MAX_PAYLOAD_BYTES``, written to
+``reading_dead_letters`` with the reason. While the database is down nothing is acknowledged:
+the batch is retried with backoff and the broker keeps the rest queued for the session.
 
-The client id is ``<prefix>-<host>-<slot>``: the slot is the lowest number whose lock file
-(``TWIN_HOME/mqtt-slots/<n>.lock``) no live process of this home holds, so a restarted server
-process takes the slot its predecessor had and finds its persistent session (and the messages
-queued for it) again, where a pid would start a new session each time and strand the old one.
+Who subscribes (``TWIN_MQTT_SHARED``):
+
+* default: one server process of this TWIN_HOME, the one holding the lock file
+  ``TWIN_HOME/mqtt-slots/subscriber.lock``, as ``<prefix>-<host>`` with a plain
+  subscription; the other processes stand by and take the lock (and the same client id and
+  session) when it ends. mosquitto 2.0.11 restores plain subscriptions from its persistence
+  file but not shared ones: with a shared subscription, messages published after a broker
+  restart and before the subscribers reconnect reach nobody (tests/test_mqtt.py shows the
+  plain one loses none).
+* shared: every process subscribes to ``$share/twin/<topic>`` and the broker hands each
+  message to one of them; the client id is ``<prefix>-<host>-<slot>``, the slot the lowest
+  number whose lock file (``TWIN_HOME/mqtt-slots/<n>.lock``) no live process holds.
+
+Either way the client id is stable across a restart, so the restarted process finds its
+persistent session (and what was queued for it) again, where a pid would strand it.
 
 Several small messages share one transaction (up to ``batch_messages`` messages and
 ``batch_readings`` readings); each is acknowledged after that commit, in the order received.
@@ -36,7 +46,6 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -68,15 +77,6 @@ _DEAD_LETTERS = text("""
     SELECT 'mqtt', * FROM unnest(CAST(:topics AS text[]), CAST(:payloads AS bytea[]),
                                  CAST(:reasons AS text[]))
 """)
-
-
-def _readings_module() -> Any:
-    """The ingest path: twin.live.readings (issue 14) or, before it moved, twin.queries.readings.
-    Either has ``store_readings(conn, payload, sensor_settings)``."""
-    try:
-        return importlib.import_module("twin.live.readings")
-    except ModuleNotFoundError:
-        return importlib.import_module("twin.queries.readings")
 
 
 # -- messages ------------------------------------------------------------------------------
@@ -177,11 +177,30 @@ def claim_slot(folder: Path, limit: int = 1024) -> tuple[int, IO[bytes] | None]:
     return -1, None
 
 
-def client_id(settings: Settings, slot: int) -> str:
+def try_lock(path: Path) -> IO[bytes] | None:
+    """The lock file, held (kept open while it is ours), or None when another process has it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("ab")
+    except OSError as exc:
+        log.warning("mqtt: cannot open %s (%s)", path, exc)
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
+def client_id(settings: Settings, slot: int | None) -> str:
+    """``<prefix>-<host>`` for the one subscriber of this home, ``<prefix>-<host>-<slot>`` for
+    each process of a shared subscription."""
     host = socket.gethostname().split(".")[0] or "host"
-    tail = str(slot) if slot >= 0 else f"pid{os.getpid()}"
-    # MQTT 3.1.1 servers need only accept 23 characters; mosquitto takes far more.
-    return f"{settings.mqtt.client_prefix}-{host}-{tail}"
+    base = f"{settings.mqtt.client_prefix}-{host}"
+    if slot is None:
+        return base
+    return f"{base}-{slot if slot >= 0 else f'pid{os.getpid()}'}"
 
 
 # -- the subscriber ------------------------------------------------------------------------
@@ -204,16 +223,27 @@ class Counters:
 
 
 class Subscriber:
-    def __init__(self, settings: Settings, engine: AsyncEngine,
-                 store: Callable[..., Any] | None = None):
+    def __init__(self, settings: Settings, engine: AsyncEngine):
         self.settings = settings
         self.mqtt = settings.mqtt
         self.engine = engine
-        self.store = store or _readings_module().store_readings
+        # The ingest's entry point for rows out of their envelope; it joins the transaction
+        # the dead letters are written in (twin/live/readings.py).
+        self._store_batch = importlib.import_module("twin.live.readings").store_batch
         self.counters = Counters()
-        self.slot, self._slot_lock = claim_slot(settings.home / "mqtt-slots")
-        self.client_id = client_id(settings, self.slot)
-        self.topic = f"$share/{SHARE_GROUP}/{self.mqtt.topic}"
+        self.shared = self.mqtt.shared
+        self._slot_lock: IO[bytes] | None = None
+        self.slot: int | None
+        if self.shared:
+            self.slot, self._slot_lock = claim_slot(settings.home / "mqtt-slots")
+            self.client_id = client_id(settings, self.slot)
+            self.topic = f"$share/{SHARE_GROUP}/{self.mqtt.topic}"
+        else:
+            self.slot = None
+            self.client_id = client_id(settings, None)
+            self.topic = self.mqtt.topic
+        self._leader_file = settings.home / "mqtt-slots" / "subscriber.lock"
+        self._standby: asyncio.Task | None = None
         self._generation = 0
         self._lock = threading.Lock()
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
@@ -227,6 +257,29 @@ class Subscriber:
     async def start(self) -> Subscriber:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._consume(), name="twin-mqtt-consumer")
+        if not self.shared:
+            self._slot_lock = try_lock(self._leader_file)
+            if self._slot_lock is None:
+                # Another process of this home subscribes; this one takes over when it ends.
+                self._standby = asyncio.create_task(self._stand_by(), name="twin-mqtt-standby")
+                return self
+        self._connect()
+        return self
+
+    async def _stand_by(self) -> None:
+        while self._slot_lock is None:
+            await asyncio.sleep(1.0)
+            self._slot_lock = try_lock(self._leader_file)
+        log.info("mqtt: the subscribing process of this home ended: this one takes over")
+        self._connect()
+
+    @property
+    def role(self) -> str:
+        if self.shared:
+            return "shared"
+        return "subscriber" if self._slot_lock is not None else "standby"
+
+    def _connect(self) -> None:
         url = urlsplit(self.mqtt.url or "")
         host, port = url.hostname or "127.0.0.1", url.port or (8883 if url.scheme == "mqtts"
                                                                else 1883)
@@ -239,10 +292,13 @@ class Subscriber:
         self.client.loop_start()
         log.info("mqtt: subscribing to %s on %s:%d as %s", self.topic, host, port,
                  self.client_id)
-        return self
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._standby is not None:
+            self._standby.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._standby
         if self._task is not None:
             # The batch being stored finishes (and is acknowledged) if it can within 5 s;
             # anything not acknowledged is delivered again to this session.
@@ -269,7 +325,8 @@ class Subscriber:
 
     def detail(self) -> dict:
         c = self.counters
-        return {"connected": c.connected, "client_id": self.client_id, "topic": self.topic,
+        return {"connected": c.connected, "role": self.role, "client_id": self.client_id,
+                "topic": self.topic,
                 "messages": c.messages, "acknowledged": c.acknowledged,
                 "readings": c.readings, "stored": c.stored,
                 "already_stored": c.already_stored, "dead_letters": c.dead_letters,
@@ -402,41 +459,45 @@ class Subscriber:
         return bool(acked) and all(m.generation != current for m in acked)
 
     async def _commit(self, messages: list[Message]) -> None:
-        """Store the readable messages' rows in one transaction, then their dead letters
-        (rejected rows, unreadable messages) in a second; both committed before any ack."""
+        """Store the readable messages' rows and write the dead letters (rejected rows,
+        unreadable messages) in one transaction, committed before any message is acked."""
         live = [m for m in messages if m.dead is None and m.rows]
         dead: list[tuple[str, bytes, str]] = [
             (m.topic, m.payload[:DEAD_LETTER_BYTES], m.dead) for m in messages if m.dead]
-        if live:
-            rows: list = []
-            starts: list[int] = []
-            for m in live:
-                starts.append(len(rows))
-                rows.extend(m.rows)
-            async with self.engine.connect() as conn:
+        result = None
+        async with self.engine.begin() as conn:
+            if live:
+                rows: list = []
+                starts: list[int] = []
+                for m in live:
+                    starts.append(len(rows))
+                    rows.extend(m.rows)
                 result = await self._store(conn, rows)
-            self.counters.transactions += 1
-            self.counters.stored += result["accepted"]
-            self.counters.already_stored += result["already_stored"]
-            for rejection in result["rejected"]:
-                index = rejection["index"]
-                m = live[bisect.bisect_right(starts, index) - 1]
-                row = rows[index]
-                try:
-                    body = json.dumps(row, allow_nan=True).encode()
-                except (TypeError, ValueError):
-                    body = repr(row).encode()
-                dead.append((m.topic, body[:DEAD_LETTER_BYTES], rejection["reason"]))
-        if dead:
-            async with self.engine.begin() as conn:
+                for rejection in result["rejected"]:
+                    index = rejection["index"]
+                    m = live[bisect.bisect_right(starts, index) - 1]
+                    dead.append((m.topic, _row_bytes(rows[index]), rejection["reason"]))
+            if dead:
                 await conn.execute(_DEAD_LETTERS, {"topics": [d[0] for d in dead],
                                                    "payloads": [d[1] for d in dead],
                                                    "reasons": [d[2] for d in dead]})
-            self.counters.dead_letters += len(dead)
-            self.counters.dead_messages += sum(1 for m in messages if m.dead)
+        self.counters.transactions += 1
+        if result is not None:
+            self.counters.stored += result["accepted"]
+            self.counters.already_stored += result["already_stored"]
+        self.counters.dead_letters += len(dead)
+        self.counters.dead_messages += sum(1 for m in messages if m.dead)
 
     async def _store(self, conn: AsyncConnection, rows: list) -> dict:
-        return await self.store(conn, {"readings": rows}, self.settings.sensors)
+        return await self._store_batch(conn, rows, self.settings.sensors, source="mqtt")
+
+
+def _row_bytes(row: object) -> bytes:
+    try:
+        body = json.dumps(row, allow_nan=True).encode()
+    except (TypeError, ValueError):
+        body = repr(row).encode()
+    return body[:DEAD_LETTER_BYTES]
 
 
 def _first_line(exc: BaseException) -> str:
