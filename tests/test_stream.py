@@ -11,6 +11,7 @@ one of its codes and one of the scope's are prefixes of one another; no codes: e
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import statistics
 import threading
@@ -24,7 +25,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from tests.servers import LiveServer
+from tests.servers import LiveServer, ServerProcess
 from tests.sse import Event, EventStream
 from twin.core.outbox import emit
 from twin.core.principal import CITY, parse_scope
@@ -272,9 +273,35 @@ def test_messages_committed_while_the_listener_is_down_arrive_after_it_reconnect
     assert ids(got) == sent
 
 
+def test_every_server_process_listens_once_and_streams_everything(
+        server_process: ServerProcess, writer: Writer, database_url: str):
+    """``twin serve`` (worker processes, anonymous planner as in the demo): whichever process
+    a client lands on, it gets every message, in order."""
+    with psycopg.connect(libpq(database_url)) as conn:
+        listeners = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'twin push'").fetchone()
+    # This module's own server, and one per worker process of `twin serve`.
+    workers = Settings().workers
+    assert listeners is not None and listeners[0] == 1 + workers
+    run = tag()
+    with httpx.Client(base_url=server_process.url, timeout=30) as client:
+        streams = [EventStream(client, "/events/stream") for _ in range(4)]
+        for stream in streams:
+            stream.__enter__()
+        try:
+            sent = writer.emit([[STREET], None, [FAR_STREET]] * 5, run)
+            for stream in streams:  # anonymous callers see the city
+                assert ids(stream.until(ended_by(sent[-1]))) == sent
+        finally:
+            for stream in streams:
+                stream.__exit__(None, None, None)
+
+
 # --- authentication ----------------------------------------------------------------------
 
-def test_a_ticket_opens_the_stream_until_it_expires(http: httpx.Client, writer: Writer):
+def test_a_ticket_opens_the_stream_until_it_expires(http: httpx.Client, writer: Writer,
+                                                   database_url: str):
     issued = http.post("/events/stream/tickets", headers=HEADERS["street"])
     assert issued.status_code == 201, issued.text
     body = issued.json()
@@ -288,6 +315,12 @@ def test_a_ticket_opens_the_stream_until_it_expires(http: httpx.Client, writer: 
             got = stream.take(1)
             assert ids(got) == sent[1:]  # the ticket carries the street's scope
             assert stream.retry_ms == 500
+    # Stored hashed, like a key: the ticket itself is nowhere in the database.
+    with psycopg.connect(libpq(database_url)) as conn:
+        stored = conn.execute("SELECT ticket_hash, principal, role, scope FROM stream_tickets "
+                              "WHERE ticket_hash = %s",
+                              (hashlib.sha256(body["ticket"].encode()).digest(),)).fetchall()
+    assert [row[1:] for row in stored] == [("push-street", "viewer", f"street={STREET}")]
     time.sleep(TICKET_TTL_S + 0.2)
     with EventStream(http, body["stream"]) as expired:
         assert_401(expired, "unknown or expired stream ticket")
