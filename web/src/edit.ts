@@ -219,8 +219,9 @@ export function riskForm(host: FormHost, item: RiskItem, back: () => void): void
   save.addEventListener("click", async () => {
     const now: RiskFields = { name: name.value.trim(), level: Number(level.value),
       sector_code: sector.value, category: category.value.trim(), address: address.value.trim() };
-    if (!now.name) {
-      note.textContent = t("edit.needName");
+    // The features API may not serve a point's address: an edit keeps it unless typed.
+    if (!now.name || !now.category || (item.id === null && !now.address)) {
+      note.textContent = t("edit.needFields");
       return;
     }
     save.disabled = true;

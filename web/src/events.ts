@@ -56,6 +56,7 @@ export interface TwinEvent {
   updated_at?: string;
   version?: number;
   deadlines?: EventDeadline[];
+  etag?: string;
   lon?: number;
   lat?: number;
   [key: string]: unknown;
@@ -141,9 +142,10 @@ export class EventPanel {
     return list;
   }
 
-  kindName(code: string): string {
-    const kind = this.kinds.get(code);
-    return kind ? named(kind) : code;
+  /** A kind's name: from GET /events/kinds, else the event's own kind_name_zh/_en. */
+  kindName(event: TwinEvent): string {
+    const kind = this.kinds.get(event.kind);
+    return (kind ? named(kind) : named(event, "kind_name")) || event.kind;
   }
 
   /** Read the events in scope and the deadlines of the open ones. */
@@ -190,7 +192,8 @@ export class EventPanel {
     const event = { ...feature.properties, id: Number(feature.properties.id ?? feature.id ?? id) };
     const isNew = !this.rows.has(id);
     const old = this.rows.get(id);
-    const row: Row = { event, point: pointOf(feature) ?? old?.point ?? null, etag: answer.etag,
+    const etag = answer.etag ?? (typeof event.etag === "string" ? event.etag : null);
+    const row: Row = { event, point: pointOf(feature) ?? old?.point ?? null, etag,
       detailed: true, message: old?.message ?? "" };
     this.rows.set(id, row);
     this.render();
@@ -287,7 +290,7 @@ export class EventPanel {
     item.dataset.level = event.level;
     if (flashing.has(String(event.id))) item.classList.add("flash");
     const head = el("div", "event-head");
-    const kind = el("span", "event-kind", this.kindName(event.kind));
+    const kind = el("span", "event-kind", this.kindName(event));
     kind.dataset.kind = event.kind;
     const level = el("span", `event-level level-${event.level}`, t(`elevel.${event.level}`));
     level.style.background = LEVEL_COLOURS[event.level] ?? "#ffb300";

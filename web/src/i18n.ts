@@ -191,7 +191,7 @@ const WORDS: Record<string, [string, string]> = {
   "edit.pick": ["在地图上选择新位置", "Pick a new spot"],
   "edit.picking": ["请点击地图…", "Click the map…"],
   "edit.dragHint": ["也可直接拖动地图上的青色标记", "Or drag the cyan marker on the map"],
-  "edit.needName": ["请填写名称", "A name is needed"],
+  "edit.needFields": ["请填写名称、类别和地址", "Name, category and address are needed"],
   "edit.stale": ["该风险点已被他人修改，请重新加载后再编辑", "Changed by someone else: reload, then edit"],
   "edit.reload": ["重新加载", "Reload"],
   "edit.delete": ["删除", "Delete"],

@@ -1,0 +1,370 @@
+"""The living map (issue 14) in two real browsers on one server: what one page does, the other
+sees through the push stream, without a reload.
+
+Debian's chromium driven by Playwright (as tests/test_web.py) on the built bundle (web/dist)
+served by a live twin on the sample city. Two pages, each in its own browser context (its own
+sessionStorage, so its own key): page A reports an event, B's panel shows it and its marker
+flashes; B moves it to its next state, A's panel follows; A edits, moves, creates and deletes
+risk points, B's tiles and card follow the ``layer`` and ``feature`` messages. Oracles are the
+database (events, deadlines, risk_points) and shapely over the admin units' polygons, never the
+page itself.
+
+Credentials: the server reads anonymously as a planner (tests/servers.py: reporting events and
+moving them need planner); editing risk points needs gis-editor, which the page gets from the
+key typed into the header's key box (kept in sessionStorage, sent as a bearer header).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from shapely import wkb
+from shapely.geometry import Point
+from sqlalchemy import Engine, text
+
+from tests.servers import EDITOR, EDITOR_KEY, LiveServer
+from twin.core.settings import Settings
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+ROOT = Path(__file__).resolve().parents[1]
+DIST_INDEX = ROOT / "web" / "dist" / "index.html"
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+                 "--ignore-gpu-blocklist", "--no-sandbox"]
+VIEWPORT = {"width": 1600, "height": 900}
+TIMEOUT_MS = 30_000
+# The stream's messages reach the other page within this (they take well under a second).
+PUSH_MS = 15_000
+ZOOM = 16
+# The page's own words (web/src/i18n.ts, zh-CN), as a person reads them.
+NEED_KEY = "需要权限"
+STALE = "已被他人修改"
+
+
+class LivePage:
+    """One browser page on the map, its console errors recorded."""
+
+    def __init__(self, page, base_url: str):
+        self.page = page
+        self.base_url = base_url
+        self.errors: list[str] = []
+        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+        page.set_default_timeout(TIMEOUT_MS)
+
+    def open(self) -> LivePage:
+        self.page.goto(f"{self.base_url}/")
+        self.page.wait_for_function("window.__twin && window.__twin.ready")
+        self.page.wait_for_function("window.__twin.live.state === 'open'")
+        # Gone if the page ever reloads.
+        self.page.evaluate("window.__sameDocument = true")
+        self.idle()
+        return self
+
+    def idle(self) -> None:
+        self.page.wait_for_function("window.__twinMap.loaded() && !window.__twinMap.isMoving()")
+
+    def jump(self, lon: float, lat: float, zoom: float = ZOOM) -> None:
+        self.page.evaluate("([lon, lat, zoom]) => window.__twinMap.jumpTo("
+                           "{center: [lon, lat], zoom, pitch: 0, bearing: 0})", [lon, lat, zoom])
+        self.idle()
+
+    def screen(self, lon: float, lat: float) -> tuple[float, float]:
+        return tuple(self.page.evaluate(
+            "([lon, lat]) => { const p = window.__twinMap.project([lon, lat]);"
+            " const r = window.__twinMap.getCanvas().getBoundingClientRect();"
+            " return [r.left + p.x, r.top + p.y]; }", [lon, lat]))
+
+    def click_lonlat(self, lon: float, lat: float) -> None:
+        self.page.mouse.click(*self.screen(lon, lat))
+
+    def problems(self, *expected: int) -> list[str]:
+        """Console errors, less the browser's note of each refusal the test provoked."""
+        said = [f"the server responded with a status of {status} " for status in expected]
+        return [e for e in self.errors if not any(s in e for s in said)]
+
+    def same_document(self) -> bool:
+        return self.page.evaluate("window.__sameDocument === true")
+
+    def wait_drawn(self, point_id: int, lon: float, lat: float, drawn: bool = True) -> None:
+        self.page.wait_for_function(
+            "([id, lon, lat, drawn]) => { const m = window.__twinMap;"
+            " const p = m.project([lon, lat]);"
+            " const hit = m.queryRenderedFeatures([[p.x - 8, p.y - 8], [p.x + 8, p.y + 8]],"
+            " {layers: ['risk-points']}).some((f) => Number(f.id) === id);"
+            " return hit === drawn && m.loaded(); }",
+            arg=[point_id, lon, lat, drawn], timeout=PUSH_MS)
+
+    def enter_key(self, key: str) -> None:
+        if self.page.locator("#key-form").is_hidden():
+            self.page.locator("#key-button").click()
+        self.page.locator("#key-input").fill(key)
+        self.page.locator("#key-save").click()
+        self.page.wait_for_function("window.__twin.live.state === 'open'")
+
+    def screenshot(self, name: str) -> None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(ARTIFACTS / name))
+
+
+@pytest.fixture(scope="module")
+def live_server(engine: Engine, database_url: str) -> Iterator[LiveServer]:
+    """Anonymous planner (tests/servers.with_test_access) and the fixture gis-editor key."""
+    if not DIST_INDEX.exists():
+        pytest.fail("web/dist is not built: run `make web` (or npm ci && npm run build in web/)")
+    with LiveServer(Settings(database_url=database_url)) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def pages(live_server: LiveServer) -> Iterator[tuple[LivePage, LivePage]]:
+    assert CHROMIUM.exists(), "Debian's chromium is missing: `make system-deps` installs it"
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        contexts = [browser.new_context(viewport=VIEWPORT, locale="zh-CN") for _ in range(2)]
+        a, b = (LivePage(context.new_page(), live_server.url).open() for context in contexts)
+        yield a, b
+        for context in contexts:
+            context.close()
+        browser.close()
+
+
+def _grid_of(engine: Engine, lon: float, lat: float) -> str:
+    """The grid whose polygon holds the spot, by shapely over admin_units (lowest code on an
+    edge, as the server's rule)."""
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT code, ST_AsBinary(geom) AS geom FROM admin_units WHERE level = 'grid' "
+            "AND geom && ST_Expand(ST_SetSRID(ST_MakePoint(:lon, :lat), 4326), 0.01)"),
+            {"lon": lon, "lat": lat}).all()
+    spot = Point(lon, lat)
+    codes = sorted(code for code, geom in rows if wkb.loads(bytes(geom)).covers(spot))
+    assert codes, f"({lon}, {lat}) lies in no grid"
+    return codes[0]
+
+
+def _empty_spot(engine: Engine, offset: int = 0) -> tuple[float, float]:
+    """A spot inside a grid cell with no risk point within ~300 m."""
+    with engine.connect() as conn:
+        row = conn.execute(text("""
+            SELECT ST_X(ST_PointOnSurface(g.geom)) AS lon, ST_Y(ST_PointOnSurface(g.geom)) AS lat
+              FROM admin_units AS g
+             WHERE g.level = 'grid' AND NOT EXISTS (
+                   SELECT 1 FROM risk_points AS r
+                    WHERE ST_DWithin(r.geom, ST_PointOnSurface(g.geom), 0.003))
+             ORDER BY g.code OFFSET :offset LIMIT 1
+        """), {"offset": offset}).one()
+    return row.lon, row.lat
+
+
+def _movable_risk_point(engine: Engine) -> dict:
+    """A risk point alone within ~150 m whose spot ~60 m east is also free and in a grid."""
+    with engine.connect() as conn:
+        row = conn.execute(text("""
+            SELECT r.id, r.name, r.category, ST_X(r.geom) AS lon, ST_Y(r.geom) AS lat
+              FROM risk_points AS r
+             WHERE NOT EXISTS (SELECT 1 FROM risk_points AS o
+                                WHERE o.id <> r.id AND ST_DWithin(o.geom, r.geom, 0.0015))
+               AND EXISTS (SELECT 1 FROM admin_units AS g WHERE g.level = 'grid'
+                            AND ST_Covers(g.geom, ST_Translate(r.geom, 0.0006, 0)))
+             ORDER BY r.level DESC, r.id DESC LIMIT 1
+        """)).mappings().one()
+    return dict(row)
+
+
+def test_an_event_reported_in_one_page_appears_and_flashes_in_the_other(
+        pages: tuple[LivePage, LivePage], engine: Engine):
+    a, b = pages
+    lon, lat = _empty_spot(engine)
+    a.jump(lon, lat)
+    b.jump(lon, lat)
+
+    a.click_lonlat(lon, lat)
+    a.page.locator("#report-event").click()
+    a.page.wait_for_function("document.querySelectorAll('#report-kind option').length > 0")
+    kind = a.page.locator("#report-kind").input_value()
+    a.page.locator("#report-description").fill("网页测试：井盖冒水")
+    a.page.locator("#report-submit").click()
+    done = a.page.locator("#report-message[data-event-id]")
+    done.wait_for()
+    event_id = int(done.get_attribute("data-event-id"))
+    with engine.connect() as conn:
+        stored = conn.execute(text(
+            "SELECT kind, status, level, grid_code, ST_X(geom) AS lon, ST_Y(geom) AS lat "
+            "FROM events WHERE id = :id"), {"id": event_id}).mappings().one()
+        respond_due = conn.execute(text(
+            "SELECT due_at FROM event_deadlines WHERE event_id = :id AND step = 'respond'"),
+            {"id": event_id}).scalar_one()
+    assert stored["kind"] == kind and stored["status"] == "reported" and stored["level"] == "grid"
+    # The click's spot, located to its grid.
+    assert abs(stored["lon"] - lon) < 2e-5 and abs(stored["lat"] - lat) < 2e-5
+    assert stored["grid_code"] == _grid_of(engine, stored["lon"], stored["lat"])
+
+    # Page B: in the panel through the stream, no reload; its marker pulses at the spot.
+    item = b.page.locator(f"#event-list li.event[data-event-id='{event_id}']")
+    item.wait_for(timeout=PUSH_MS)
+    assert b.same_document()
+    assert item.get_attribute("data-status") == "reported"
+    assert item.get_attribute("data-level") == "grid"
+    assert item.locator(".place-part[data-unit='grid']").get_attribute("title") == \
+        stored["grid_code"]
+    # Newest first.
+    assert b.page.locator("#event-list li.event").first.get_attribute("data-event-id") == \
+        str(event_id)
+    countdown = item.locator(".countdown")
+    assert countdown.get_attribute("data-step") == "respond"
+    assert datetime.fromisoformat(countdown.get_attribute("data-due")) == respond_due
+    assert "剩余" in countdown.inner_text()
+    flash = b.page.locator(f".flash-marker[data-event-id='{event_id}']")
+    flash.wait_for(timeout=PUSH_MS)
+    box = flash.bounding_box()
+    x, y = b.screen(stored["lon"], stored["lat"])
+    assert abs(box["x"] + box["width"] / 2 - x) < 3 and abs(box["y"] + box["height"] / 2 - y) < 3
+    assert "flash" in (item.get_attribute("class") or "")
+    b.screenshot("live-event-flash.png")
+
+    # A transition in B reaches A.
+    item.locator("button.transition[data-to='responded']").click()
+    mine = a.page.locator(f"#event-list li.event[data-event-id='{event_id}']")
+    a.page.wait_for_function(
+        "(id) => document.querySelector(`#event-list li.event[data-event-id='${id}']`)"
+        "?.dataset.status === 'responded'", arg=event_id, timeout=PUSH_MS)
+    assert a.same_document()
+    with engine.connect() as conn:
+        status = conn.execute(text("SELECT status FROM events WHERE id = :id"),
+                              {"id": event_id}).scalar_one()
+        met = conn.execute(text("SELECT met_at FROM event_deadlines WHERE event_id = :id "
+                                "AND step = 'respond'"), {"id": event_id}).scalar_one()
+    assert status == "responded" and met is not None
+    # The next deadline is now the verification's; the next button in both pages "verify".
+    assert mine.locator(".countdown").get_attribute("data-step") == "verify"
+    assert mine.locator("button.transition").get_attribute("data-to") == "verified"
+    b.page.wait_for_function(
+        "(id) => document.querySelector(`#event-list li.event[data-event-id='${id}'] "
+        "button.transition`)?.dataset.to === 'verified'", arg=event_id)
+
+    # Out of order (A's page still offers "verified"; the server moves it on first): 409 named.
+    with httpx.Client(base_url=b.base_url) as client:
+        moved = client.post(f"/events/{event_id}/transitions", json={"to": "verified"})
+        assert moved.status_code == 200, moved.text
+    a.page.wait_for_function(
+        "(id) => document.querySelector(`#event-list li.event[data-event-id='${id}']`)"
+        "?.dataset.status === 'verified'", arg=event_id, timeout=PUSH_MS)
+    assert a.problems(401, 412) == [] and b.problems(401, 412) == []
+
+
+def test_a_risk_point_edited_in_one_page_moves_and_renames_in_the_other(
+        pages: tuple[LivePage, LivePage], engine: Engine):
+    a, b = pages
+    point = _movable_risk_point(engine)
+    pid, lon, lat = point["id"], point["lon"], point["lat"]
+    for page in (a, b):
+        page.jump(lon + 0.0003, lat)
+        page.wait_drawn(pid, lon, lat)
+    b.click_lonlat(lon, lat)
+    b.page.locator(f"#card .card-title[data-risk-point='{pid}']").wait_for()
+
+    a.click_lonlat(lon, lat)
+    a.page.locator(f"#card .card-title[data-risk-point='{pid}']").wait_for()
+    a.page.locator("#rp-edit").click()
+    new_name = f"{point['name']}（已核查）"
+    a.page.locator("#rp-name").fill(new_name)
+    # Anonymous (planner) cannot edit: the page says so and opens the key box.
+    a.page.locator("#rp-save").click()
+    a.page.wait_for_function("(t) => document.querySelector('#rp-message')?.textContent"
+                             ".includes(t)", arg=NEED_KEY)
+    assert a.page.locator("#key-form").is_visible()
+    a.enter_key(EDITOR_KEY)
+    # Move it: "pick a new spot", then a click on the map ~60 m east.
+    a.page.locator("#rp-pick").click()
+    a.click_lonlat(lon + 0.0006, lat)
+    position = a.page.locator("#rp-position")
+    a.page.wait_for_function(f"Number(document.querySelector('#rp-position').dataset.lon) > {lon}")
+    sent = (float(position.get_attribute("data-lon")), float(position.get_attribute("data-lat")))
+    assert abs(sent[0] - (lon + 0.0006)) < 2e-5 and abs(sent[1] - lat) < 2e-5
+    a.page.locator("#rp-save").click()
+    a.page.locator(f"#card .card-title[data-risk-point='{pid}']").wait_for()
+    assert a.page.locator("#card .card-title").inner_text() == new_name
+
+    with engine.connect() as conn:
+        row = conn.execute(text(
+            "SELECT name, grid_code, ST_X(geom) AS lon, ST_Y(geom) AS lat FROM risk_points "
+            "WHERE id = :id"), {"id": pid}).mappings().one()
+        audit = conn.execute(text("SELECT action FROM risk_point_edits WHERE risk_point_id = :id "
+                                  "ORDER BY id"), {"id": pid}).scalars().all()
+    assert row["name"] == new_name
+    assert abs(row["lon"] - sent[0]) < 1e-9 and abs(row["lat"] - sent[1]) < 1e-9
+    assert row["grid_code"] == _grid_of(engine, row["lon"], row["lat"])
+    assert audit[-1] == "update"
+
+    # Page B: its card shows the new name, its tiles the new place (not the old one).
+    b.page.wait_for_function(
+        "([id, name]) => document.querySelector(`#card .card-title[data-risk-point='${id}']`)"
+        "?.textContent === name", arg=[pid, new_name], timeout=PUSH_MS)
+    b.wait_drawn(pid, row["lon"], row["lat"])
+    b.wait_drawn(pid, lon, lat, drawn=False)
+    reloads = b.page.evaluate("window.__twin.reloads")
+    assert any(r["layer"] == "risk_points" and "risk_points" in r["sources"] for r in reloads)
+    assert b.same_document()
+    b.screenshot("live-risk-point-moved.png")
+
+    # A lost update: B edits from the version it read; someone else writes first: 412 said.
+    b.enter_key(EDITOR_KEY)
+    b.page.locator("#rp-edit").click()
+    with httpx.Client(base_url=b.base_url, headers=EDITOR) as client:
+        other = client.patch(f"/collections/risk_points/items/{pid}",
+                             content='{"properties": {"category": "其他人修改"}}',
+                             headers={"Content-Type": "application/merge-patch+json"})
+        assert other.status_code == 200, other.text
+    b.page.locator("#rp-address").fill("测试路 1 号")
+    b.page.locator("#rp-save").click()
+    b.page.wait_for_function("(t) => document.querySelector('#rp-message')?.textContent"
+                             ".includes(t)", arg=STALE)
+    b.page.locator("#rp-reload").click()
+    b.page.locator(f"#card .card-title[data-risk-point='{pid}']").wait_for()
+    assert "其他人修改" in b.page.locator("#card dl.facts").inner_text()
+    assert a.problems(401) == [] and b.problems(412) == []
+    assert any("412" in e for e in b.errors)
+
+
+def test_a_risk_point_created_then_deleted_in_one_page_comes_and_goes_in_the_other(
+        pages: tuple[LivePage, LivePage], engine: Engine):
+    a, b = pages
+    lon, lat = _empty_spot(engine, offset=3)
+    for page in (a, b):
+        page.jump(lon, lat)
+    a.click_lonlat(lon, lat)
+    a.page.locator("#rp-create").click()
+    a.page.locator("#rp-name").fill("网页测试新增风险点")
+    a.page.locator("#rp-level").select_option("2")
+    a.page.locator("#rp-category").fill("测试类别")
+    a.page.locator("#rp-address").fill("测试路 2 号")
+    sector = a.page.locator("#rp-sector").input_value()
+    a.page.locator("#rp-save").click()
+    title = a.page.locator("#card .card-title[data-risk-point]")
+    title.wait_for()
+    pid = int(title.get_attribute("data-risk-point"))
+    with engine.connect() as conn:
+        row = conn.execute(text(
+            "SELECT name, level, sector_code, grid_code, ST_X(geom) AS lon, ST_Y(geom) AS lat "
+            "FROM risk_points WHERE id = :id"), {"id": pid}).mappings().one()
+    assert (row["name"], row["level"], row["sector_code"]) == ("网页测试新增风险点", 2, sector)
+    assert abs(row["lon"] - lon) < 2e-5 and abs(row["lat"] - lat) < 2e-5
+    assert row["grid_code"] == _grid_of(engine, row["lon"], row["lat"])
+    b.wait_drawn(pid, row["lon"], row["lat"])
+
+    a.page.locator("#rp-delete").click()
+    a.page.locator("#rp-confirm-delete").click()
+    a.page.locator("#card").wait_for(state="hidden")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM risk_points WHERE id = :id"),
+                            {"id": pid}).scalar_one() == 0
+    b.wait_drawn(pid, row["lon"], row["lat"], drawn=False)
+    assert a.same_document() and b.same_document()
+    assert a.problems(401, 412) == [] and b.problems(401, 412) == []
