@@ -196,6 +196,26 @@ def test_twin_broker_cli(tmp_path: Path):
         get_settings.cache_clear()
 
 
+def test_twin_run_uses_the_managed_broker_and_stops_what_it_started(tmp_path: Path):
+    from twin.cli import with_broker
+
+    settings = Settings(home=tmp_path / "home", mqtt=MqttSettings(port=free_port()))
+    serving, started = with_broker(settings)
+    try:
+        assert started is not None and started.status().running
+        assert serving.mqtt.url == f"mqtt://127.0.0.1:{settings.mqtt.port}"
+        # Already running (say `twin broker up`): used, and left running afterwards.
+        again, second = with_broker(settings)
+        assert second is None and again.mqtt.url == serving.mqtt.url
+        # TWIN_MQTT_URL set: that broker, nothing started.
+        external = settings.model_copy(update={"mqtt": MqttSettings(url="mqtt://10.0.0.1:1883")})
+        assert with_broker(external) == (external, None)
+    finally:
+        if started is not None:
+            started.down()
+    assert not ManagedBroker(settings).status().running
+
+
 # -- the subscriber ------------------------------------------------------------------------
 
 def test_published_readings_are_stored_once(server: LiveServer, publisher: Publisher,

@@ -40,7 +40,6 @@ import asyncio
 import bisect
 import contextlib
 import fcntl
-import importlib
 import json
 import logging
 import os
@@ -61,6 +60,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from twin.core.errors import DatabaseUnavailable, StatementTimeout
 from twin.core.settings import Settings
+from twin.live.readings import store_batch
 
 log = logging.getLogger("twin.live.mqtt")
 
@@ -227,9 +227,6 @@ class Subscriber:
         self.settings = settings
         self.mqtt = settings.mqtt
         self.engine = engine
-        # The ingest's entry point for rows out of their envelope; it joins the transaction
-        # the dead letters are written in (twin/live/readings.py).
-        self._store_batch = importlib.import_module("twin.live.readings").store_batch
         self.counters = Counters()
         self.shared = self.mqtt.shared
         self._slot_lock: IO[bytes] | None = None
@@ -380,7 +377,8 @@ class Subscriber:
             generation = self._generation
         message = Message(generation, msg.mid, msg.qos, msg.topic, bytes(msg.payload))
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, message)
+            with contextlib.suppress(RuntimeError):  # the app's loop closed: shutting down
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, message)
 
     def _ack(self, message: Message) -> None:
         """PUBACK after the commit; never on a later connection than the message came on (its
@@ -489,7 +487,9 @@ class Subscriber:
         self.counters.dead_messages += sum(1 for m in messages if m.dead)
 
     async def _store(self, conn: AsyncConnection, rows: list) -> dict:
-        return await self._store_batch(conn, rows, self.settings.sensors, source="mqtt")
+        """The ingest's entry point for rows out of their envelope: it joins the transaction
+        the dead letters are written in."""
+        return await store_batch(conn, rows, self.settings.sensors, source="mqtt")
 
 
 def _row_bytes(row: object) -> bytes:
