@@ -206,6 +206,9 @@ def test_a_reconnecting_client_gets_every_missed_message_once_in_order(
         got = again.until(ended_by(marker))
     mine = [i for n, i in enumerate(missed) if n % 3 != 1]
     assert ids(got) == mine + [marker]
+    # Replayed from the table, a message reads as it did live.
+    assert [event.json()["payload"]["n"] for event in got[:3]] == [0, 2, 3]
+    assert {event.json()["payload"]["tag"] for event in got} == {run}
     # The query parameter does the same; the city gets everything.
     with EventStream(http, "/events/stream", headers=HEADERS["city"],
                      params={"last_event_id": first[-1]}) as again:

@@ -212,16 +212,26 @@ class Fanout:
 
     def _deliver(self, messages: list[Message]) -> None:
         limit = self._settings.queue_size
-        for subscription in list(self._subscribers):
-            for message in messages:
-                if not belongs(subscription.scope, message.area_codes):
-                    continue
-                if subscription.queue.qsize() >= limit:
+        # Subscribers share scopes (every street centre of a street, the city's many maps):
+        # each message is matched once per scope.
+        by_scope: dict[Scope, list[Subscription]] = {}
+        for subscription in self._subscribers:
+            by_scope.setdefault(subscription.scope, []).append(subscription)
+        for scope, subscriptions in by_scope.items():
+            mine = [message for message in messages if belongs(scope, message.area_codes)]
+            if not mine:
+                continue
+            for subscription in subscriptions:
+                if subscription.queue.qsize() + len(mine) > limit:
+                    # Given what fits, then ended: the client resumes after the last of them.
+                    for message in mine[:max(0, limit - subscription.queue.qsize())]:
+                        subscription.queue.put_nowait(message)
                     log.info("push: a stream fell %d messages behind (TWIN_STREAM_QUEUE_SIZE);"
                              " ended, the client resumes with Last-Event-ID", limit)
                     subscription._end("overflow")
-                    break
-                subscription.queue.put_nowait(message)
+                    continue
+                for message in mine:
+                    subscription.queue.put_nowait(message)
 
     # --- the listener -------------------------------------------------------------------
 
@@ -254,6 +264,9 @@ class Fanout:
                     log.warning("push: listener down, reconnecting (messages wait in the "
                                 "outbox): %s", error)
                 failing = True
+            except Exception:  # never leave the process without its listener
+                self.listening, failing = False, True
+                log.exception("push: listener failed; reconnecting")
             await asyncio.sleep(delay)
             delay = min(2 * delay, BACKOFF_S[1])
 

@@ -10,12 +10,14 @@ itself, here.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DBAPIError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from twin.api.deps import ConnDep, get_authenticator, get_principal
@@ -25,6 +27,7 @@ from twin.live import fanout as push
 from twin.live.fanout import Fanout
 
 router = APIRouter(tags=["stream"])
+log = logging.getLogger("twin.api.stream")
 
 STREAM = "/events/stream"
 # A ticket is 43 URL-safe characters (32 random bytes); a little room, nothing unbounded.
@@ -91,6 +94,10 @@ async def _events(fanout: Fanout, scope: Scope, after: int | None,
         yield ServerSentEvent(comment="twin push stream", retry=retry_ms)
         async for message in subscription:
             yield ServerSentEvent(data=message.data, id=str(message.id), event=message.kind)
+    except (DBAPIError, OSError) as error:
+        # A replay the database could not answer: the stream ends and the client, told to
+        # retry, resumes from its last id once the database is back.
+        log.warning("push: a stream's replay failed; the client will resume: %s", error)
     finally:
         subscription.close()
 
