@@ -11,10 +11,12 @@ deleted after the module, with the alerts, zones and events they made.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,10 +24,12 @@ from httpx import Client
 from sqlalchemy import Engine, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from data_samples.sensors import READINGS_START
 from tests.servers import ADMIN, EDITOR, LiveServer
 from twin.core.settings import AuthSettings, RulesSettings, Settings
 from twin.live import detectors
 from twin.live.runtime import LiveContext
+from twin.queries.anomalies import pipe_anomalies
 
 MARK = timedelta(microseconds=271_828)
 VIEWER_KEY = "rules-viewer-street-key-0123456789"
@@ -340,6 +344,46 @@ def test_a_planted_incident_becomes_a_live_zone_with_an_event(engine: Engine, pl
     assert [(m.payload["id"], m.payload["state"]) for m in messages] == [
         (zone.id, "opened"), (zone.id, "closed")]
     assert zone.grid_code in messages[0].area_codes
+
+
+def test_live_zones_are_the_on_demand_detectors_and_find_the_samples_incidents(
+        database_url: str, sample_dir: Path):
+    """Mid-way through each incident injected into the sample: the live look finds the zones
+    GET /query/pipe-anomalies finds over the same hour, one of them on the incident's sensors
+    (the truth file) when the sample has hours of readings before it. Rolled back: nothing
+    is kept."""
+    truth = json.loads((sample_dir / "anomalies_truth.json").read_text())["anomalies"]
+
+    async def main() -> None:
+        engine = create_async_engine(database_url)
+        try:
+            for incident in truth:
+                start = datetime.fromisoformat(incident["start"])
+                clock = start + (datetime.fromisoformat(incident["end"]) - start) / 2
+                network = incident["network"]
+                async with engine.connect() as conn:
+                    await conn.begin()
+                    counts = await detectors.run_anomalies(conn, clock, timedelta(hours=1),
+                                                           (network,))
+                    live = {frozenset(z) for z in (await conn.execute(text(
+                        "SELECT sensors FROM anomaly_zones WHERE closed_at IS NULL "
+                        "AND network = :n"), {"n": network})).scalars()}
+                    answer = await pipe_anomalies(conn, network,
+                                                  (clock - timedelta(hours=1)).isoformat(),
+                                                  clock.isoformat())
+                    await conn.rollback()
+                on_demand = {frozenset(f["properties"]["sensor_ids"])
+                             for f in answer["features"]}
+                assert counts["opened"] == len(live) and live == on_demand, (incident, live)
+                if start - READINGS_START < timedelta(hours=4):
+                    continue  # too little history before it for a baseline (either way)
+                affected = set(incident["affected_sensor_ids"])
+                assert any(len(zone & affected) * 2 >= len(affected) for zone in live), (
+                    incident, live)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
 
 
 # ------------------------------------------------------------------ routes
