@@ -327,7 +327,8 @@ class Subscriber:
                 "messages": c.messages, "acknowledged": c.acknowledged,
                 "readings": c.readings, "stored": c.stored,
                 "already_stored": c.already_stored, "dead_letters": c.dead_letters,
-                "database_retries": c.database_retries, "last_error": c.last_error}
+                "transactions": c.transactions, "database_retries": c.database_retries,
+                "last_error": c.last_error}
 
     # -- paho (its own thread) ----------------------------------------------------------
     def _client(self) -> paho.Client:
