@@ -63,8 +63,10 @@ class BatchTooLarge(TwinError):
     status_code = 413
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs microseconds per reading
 class Reading:
+    """One well-formed reading; ``index``: its position in the batch it came in."""
+
     index: int
     sensor_id: int
     ts: datetime
@@ -79,36 +81,55 @@ def _is_integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _reject(index: int, row: object, reason: str) -> dict:
+    sensor_id = row.get("sensor_id") if isinstance(row, dict) else None
+    return {"index": index, "sensor_id": sensor_id if _is_integer(sensor_id) else None,
+            "reason": reason}
+
+
 def parse_row(index: int, row: object) -> Reading | dict:
     """A well-formed reading, or its rejection."""
-    def reject(reason: str) -> dict:
-        sensor_id = row.get("sensor_id") if isinstance(row, dict) else None
-        return {"index": index, "sensor_id": sensor_id if _is_integer(sensor_id) else None,
-                "reason": reason}
+    # The common case first, cheaply: an object with an int id, a float value and an ISO
+    # string with an offset (a batch of 5,000 spends most of its Python time here).
+    if type(row) is dict and len(row) == 3:
+        sensor_id, ts, value = row.get("sensor_id"), row.get("ts"), row.get("value")
+        if (type(sensor_id) is int and type(value) is float and type(ts) is str
+                and math.isfinite(value)):
+            try:
+                instant = datetime.fromisoformat(ts)
+            except ValueError:
+                pass
+            else:
+                if instant.tzinfo is not None and instant.utcoffset() is not None:
+                    return Reading(index, sensor_id, instant, value)
+    return _parse_row_slowly(index, row)
 
+
+def _parse_row_slowly(index: int, row: object) -> Reading | dict:
     if not isinstance(row, dict):
-        return reject("malformed: a reading must be an object with sensor_id, ts and value")
+        return _reject(index, row, "malformed: a reading must be an object with sensor_id, "
+                                   "ts and value")
     missing = [key for key in ("sensor_id", "ts", "value") if key not in row]
     if missing:
-        return reject(f"malformed: missing {', '.join(missing)}")
+        return _reject(index, row, f"malformed: missing {', '.join(missing)}")
     sensor_id, ts, value = row["sensor_id"], row["ts"], row["value"]
     if not _is_integer(sensor_id):
-        return reject("malformed: sensor_id must be an integer")
+        return _reject(index, row, "malformed: sensor_id must be an integer")
     try:
         value = float(value) if _is_number(value) else math.nan
     except OverflowError:  # an integer beyond float range
         value = math.nan
     if not math.isfinite(value):
-        return reject("malformed: value must be a finite number")
+        return _reject(index, row, "malformed: value must be a finite number")
     if not isinstance(ts, str):
-        return reject("malformed: ts must be an ISO 8601 string")
+        return _reject(index, row, "malformed: ts must be an ISO 8601 string")
     try:
         instant = datetime.fromisoformat(ts)
     except ValueError:
-        return reject(f"malformed: ts is not an ISO 8601 timestamp: {ts!r}")
+        return _reject(index, row, f"malformed: ts is not an ISO 8601 timestamp: {ts!r}")
     if instant.utcoffset() is None:
-        return reject(f"ts has no UTC offset (e.g. +08:00 or Z): {ts!r}")
-    return Reading(index, sensor_id, instant, value)
+        return _reject(index, row, f"ts has no UTC offset (e.g. +08:00 or Z): {ts!r}")
+    return Reading(index, int(sensor_id), instant, value)
 
 
 def check_batch(payload: object, settings: SensorSettings) -> list:
