@@ -55,6 +55,8 @@ export class Card implements FormHost {
 
   // FormHost: the forms of edit.ts draw into this card.
   show(...parts: HTMLElement[]): void {
+    // A form replaces the card: a slower answer for what it showed (the reach) must not.
+    this.generation += 1;
     this.rerender = null;
     this.box.hidden = false;
     this.box.replaceChildren(closeButton(() => this.close()), ...parts);
