@@ -100,7 +100,7 @@ class ServerProcess:
 
     def __enter__(self) -> ServerProcess:
         # Generous: on a busy 2-core machine two uvicorn workers take a while to come up.
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:

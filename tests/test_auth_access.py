@@ -23,10 +23,7 @@ from twin.core.settings import AuthSettings, Settings
 ROLE_KEYS = {f"role-test-{role}-key-0123456789": f"{role}:role-test-{role}" for role in ROLES}
 HEADERS = {role: {"Authorization": f"Bearer role-test-{role}-key-0123456789"} for role in ROLES}
 PUBLIC_PATHS = {"/", "/conformance", "/healthz", "/api", "/api.html", "/docs/oauth2-redirect",
-                "/redoc", "/assets/{path}", "/events/stream"}
-# Public to the guard, but they authenticate themselves (the push stream: a ticket in its URL
-# or a bearer header, twin/api/routes/stream.py): without credentials, 401 all the same.
-SELF_AUTHENTICATING = {"/events/stream"}
+                "/redoc", "/assets/{path}"}
 LOCATE = "/query/locate?lon=106.55&lat=29.56"
 # One route of each class, and the smallest request each role's holder may make there.
 CLASSES = {
@@ -83,11 +80,7 @@ def concrete(template: str) -> str:
 def test_without_credentials_every_route_but_the_public_ones_is_401(closed: httpx.Client):
     for method, template in routes():
         response = closed.request(method, concrete(template))
-        if template in SELF_AUTHENTICATING:
-            assert response.status_code == 401, (method, template, response.text)
-            assert response.headers["www-authenticate"].startswith('Bearer realm="twin"')
-            assert "anonymous access is off" in response.json()["description"]
-        elif template in PUBLIC_PATHS:
+        if template in PUBLIC_PATHS:
             assert response.status_code != 401, (method, template)
         else:
             assert response.status_code == 401, (method, template, response.text)

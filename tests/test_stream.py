@@ -17,6 +17,7 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import psycopg
@@ -260,15 +261,17 @@ def test_a_replay_that_overlaps_live_writing_has_no_gap_and_no_duplicate(
 # --- the listener ------------------------------------------------------------------------
 
 def test_messages_committed_while_the_listener_is_down_arrive_after_it_reconnects(
-        http: httpx.Client, writer: Writer, database_url: str):
+        http: httpx.Client, writer: Writer, database_url: str, push_server: LiveServer):
     run = tag()
     with EventStream(http, "/events/stream", headers=HEADERS["city"]) as stream:
         before = writer.emit([None], run)
         assert ids(stream.take(1)) == before
         with psycopg.connect(libpq(database_url), autocommit=True) as admin:
+            # This server's listener (the suite's other servers listen too).
+            name = push_server.server.config.app.state.live.fanout.name
             killed = admin.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND application_name = 'twin push'"
+                "WHERE datname = current_database() AND application_name = %s", (name,)
             ).fetchone()
             assert killed is not None and killed[0] == 1
             sent = writer.emit([None] * 10, run)
@@ -280,13 +283,25 @@ def test_every_server_process_listens_once_and_streams_everything(
         server_process: ServerProcess, writer: Writer, database_url: str):
     """``twin serve`` (worker processes, anonymous planner as in the demo): whichever process
     a client lands on, it gets every message, in order."""
-    with psycopg.connect(libpq(database_url)) as conn:
-        listeners = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND application_name = 'twin push'").fetchone()
-    # This module's own server, and one per worker process of `twin serve`.
-    workers = Settings().workers
-    assert listeners is not None and listeners[0] == 1 + workers
+    # One listener per worker process of `twin serve` (named by its pid; the suite's other
+    # servers listen too).
+    # (Its children are the workers and multiprocessing's resource tracker; a worker's
+    # listener may still be connecting when the first one answers /healthz.)
+    pid = server_process.process.pid
+    deadline = time.monotonic() + 30
+    while True:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        with psycopg.connect(libpq(database_url)) as conn:
+            names = [row[0] for row in conn.execute(
+                "SELECT application_name FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name LIKE 'twin push %'")]
+        per_child = [sum(name.split()[2].startswith(f"{child}-") for name in names)
+                     for child in children]
+        if sum(per_child) == Settings().workers or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert sorted(per_child, reverse=True)[:Settings().workers] == [1] * Settings().workers
+    assert sum(per_child) == Settings().workers, (children, names)
     run = tag()
     with httpx.Client(base_url=server_process.url, timeout=30) as client:
         streams = [EventStream(client, "/events/stream") for _ in range(4)]

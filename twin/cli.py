@@ -227,8 +227,12 @@ def serve(settings: Settings) -> None:
     # Idle keep-alive connections stay open 75 s (nginx's default), not uvicorn's 5 s: under
     # load a busy event loop can run the idle timer before the next request on that
     # connection is read, and the client gets a closed connection instead of an answer.
+    # A worker gets 60 s, not uvicorn's 5, to answer the supervisor's health check: on a
+    # loaded 2-core machine importing the app alone can take longer, and a worker that does
+    # not answer in time is killed and started again, over and over.
     options: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": "info",
-               "access_log": False, "timeout_keep_alive": 75}
+                               "access_log": False, "timeout_keep_alive": 75,
+                               "timeout_worker_healthcheck": 60}
     if settings.workers == 1:
         log_workers(settings, None)
         uvicorn.run(create_app(settings), **options)

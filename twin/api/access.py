@@ -50,9 +50,6 @@ RULES: tuple[Rule, ...] = (
     *(Rule(READ, path, PUBLIC) for path in (
         "/", "/conformance", "/healthz", "/api", "/api.html", "/docs/oauth2-redirect",
         "/redoc", "/assets*")),
-    # The push stream authenticates itself: a ticket in its URL (EventSource cannot send a
-    # header) or a bearer header (twin/api/routes/stream.py); viewer and up.
-    Rule(READ, "/events/stream", PUBLIC),
     # viewer: the map (tiles, styles, features, collections, layers) and statistics.
     Rule(READ, "/query/h3", "viewer"),
     Rule(READ, "/collections*", "viewer"),
@@ -64,7 +61,9 @@ RULES: tuple[Rule, ...] = (
     Rule(READ, "/jobs/*", "viewer"),
     Rule(READ, "/sectors", "viewer"),
     Rule(READ, "/emergency-plans/*", "viewer"),
-    # The living twin (issue 14): events, alerts and latest readings are on the map.
+    # The living twin (issue 14): events, alerts and latest readings are on the map. The
+    # push stream (GET /events/stream) takes a bearer header or a ticket in its URL
+    # (twin/api/deps.py, TICKET_PATHS).
     Rule(READ, "/events*", "viewer"),
     Rule(READ, "/alerts*", "viewer"),
     Rule(READ, "/sensors*", "viewer"),

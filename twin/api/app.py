@@ -68,8 +68,9 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
     if settings.cors.origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors.origins,
-            allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "If-None-Match", "X-Request-ID"],
+            allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match",
+                           "Last-Event-ID", "X-Request-ID"],
             expose_headers=["ETag", "Location", "Retry-After", "X-Request-ID"],
             max_age=settings.cors.max_age_s)
 

@@ -23,6 +23,7 @@ from twin.core.principal import (
     Unauthenticated,
 )
 from twin.core.settings import Settings
+from twin.live.fanout import redeem_ticket
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -70,18 +71,38 @@ def get_authenticator(request: Request) -> Authenticator:
     return authenticator
 
 
+# Routes a client may open with ``?ticket=`` instead of an Authorization header: the push
+# stream, as a browser's EventSource cannot send headers (twin/api/routes/stream.py).
+TICKET_PATHS = frozenset({"/events/stream"})
+
+
 async def get_principal(request: Request) -> Principal | None:
     """The caller (the anonymous principal when allowed), or None: anonymous access is off.
 
-    Raises Unauthenticated for a malformed, unknown, revoked or expired key or token.
+    Raises Unauthenticated for a malformed, unknown, revoked or expired key or token, or an
+    unknown or expired stream ticket.
     """
     # Resolved already (None too is an answer) when the access guard has run.
     if hasattr(request.state, "principal"):
         principal: Principal | None = request.state.principal
     else:
-        principal = await get_authenticator(request).principal(
-            request.headers.get("authorization"), request.app.state.engine.connect)
+        header = request.headers.get("authorization")
+        ticket = request.query_params.get("ticket")
+        if header is None and ticket is not None and request.url.path in TICKET_PATHS:
+            principal = await _ticket_principal(request, ticket)
+        else:
+            principal = await get_authenticator(request).principal(
+                header, request.app.state.engine.connect)
         request.state.principal = principal
+    return principal
+
+
+async def _ticket_principal(request: Request, ticket: str) -> Principal:
+    async with request.app.state.engine.connect() as conn:
+        principal = await redeem_ticket(conn, ticket)
+    if principal is None:
+        raise Unauthenticated("unknown or expired stream ticket; ask POST "
+                              "/events/stream/tickets for a new one")
     return principal
 
 

@@ -27,6 +27,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +57,8 @@ PRUNE_LOCK = 7014
 PRUNE_EVERY_S = 300.0
 # Expired tickets are kept this long past their expiry, then deleted with the old messages.
 TICKET_GRACE = timedelta(hours=1)
-# The listener's application_name (pg_stat_activity): one per process.
+# The listener's application_name (pg_stat_activity) starts so, then ``<pid>-<random>``:
+# one per process, told apart (a test or an operator can find one process's listener).
 LISTENER_NAME = "twin push"
 _COLUMNS = "id, created_at, kind, area_codes, payload"
 
@@ -163,6 +165,7 @@ class Fanout:
         # The last outbox id read (and delivered); None until the first connection.
         self.last: int | None = None
         self.listening = False
+        self.name = f"{LISTENER_NAME} {os.getpid()}-{secrets.token_hex(4)}"
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
@@ -241,7 +244,7 @@ class Fanout:
             try:
                 async with await psycopg.AsyncConnection.connect(
                         self._url, autocommit=True, row_factory=dict_row,
-                        connect_timeout=3, application_name=LISTENER_NAME) as conn:
+                        connect_timeout=3, application_name=self.name) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     if self.last is None:
                         cursor = await conn.execute("SELECT coalesce(max(id), 0) AS id "

@@ -4,8 +4,8 @@
 messages for the caller's jurisdiction (twin/live/fanout.py). EventSource cannot send an
 Authorization header, so a client first trades its key or token for a short-lived ticket
 (``POST /events/stream/tickets``) and opens the stream with ``?ticket=``; other clients may
-send the bearer header instead. The access rule of the stream is public: it authenticates
-itself, here.
+send the bearer header instead. The access guard takes either (twin/api/deps.py,
+``get_principal``), so the stream is rate-limited and role-checked like every route.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from twin.api.deps import ConnDep, get_authenticator, get_principal
+from twin.api.deps import ConnDep, get_principal
 from twin.core.errors import InvalidParameter
-from twin.core.principal import Principal, Scope, Unauthenticated, require_role
+from twin.core.principal import Scope, require_role
 from twin.live import fanout as push
 from twin.live.fanout import Fanout
 
@@ -56,19 +56,6 @@ async def new_ticket(request: Request, conn: ConnDep) -> StreamTicket:
     await conn.commit()
     return StreamTicket(ticket=ticket, expires_at=expires_at,
                         stream=f"{STREAM}?ticket={ticket}")
-
-
-async def _caller(request: Request, ticket: str | None) -> Principal:
-    if ticket is not None:
-        async with request.app.state.engine.connect() as conn:
-            principal = await push.redeem_ticket(conn, ticket)
-        if principal is None:
-            raise Unauthenticated("unknown or expired stream ticket; ask POST "
-                                  f"{STREAM}/tickets for a new one")
-    else:
-        principal = await get_authenticator(request).principal(
-            request.headers.get("authorization"), request.app.state.engine.connect)
-    return require_role(principal, "viewer")
 
 
 def _last_event_id(header: str | None, query: int | None) -> int | None:
@@ -126,7 +113,8 @@ async def stream(
         description="sent by a reconnecting EventSource: resume after this message id")
     ] = None,
 ) -> EventSourceResponse:
-    principal = await _caller(request, ticket)
+    # The guard has checked the ticket (or header) and the role; the ticket's principal.
+    principal = require_role(await get_principal(request), "viewer")
     after = _last_event_id(last_event_id_header, last_event_id)
     settings = request.app.state.settings.stream
     fanout: Fanout = request.app.state.live.fanout
