@@ -383,3 +383,50 @@ def test_a_risk_point_created_then_deleted_in_one_page_comes_and_goes_in_the_oth
     b.wait_drawn(pid, row["lon"], row["lat"], drawn=False)
     assert a.same_document() and b.same_document()
     assert a.problems(401, 412) == [] and b.problems(401, 412) == []
+
+
+def test_a_missed_deadline_turns_red_and_the_escalation_reaches_the_panel(
+        pages: tuple[LivePage, LivePage], engine: Engine, scene: dict):
+    """A kind with a 2 s respond deadline (set in this module's database): the countdown runs
+    out, turns red, and the escalation grid -> street arrives through the stream."""
+    a, b = pages
+    lon, lat = scene["report"]
+    with engine.begin() as conn:
+        kind, respond_s = conn.execute(text(
+            "SELECT code, respond_s FROM event_kinds ORDER BY code LIMIT 1")).one()
+        conn.execute(text("UPDATE event_kinds SET respond_s = 2 WHERE code = :code"),
+                     {"code": kind})
+    try:
+        with httpx.Client(base_url=a.base_url) as client:
+            answer = client.post("/events", json={"lon": lon + 0.0002, "lat": lat, "kind": kind,
+                                                  "description": "网页测试：超时升级"})
+        assert answer.status_code == 201, answer.text
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE event_kinds SET respond_s = :s WHERE code = :code"),
+                         {"s": respond_s, "code": kind})
+    event_id = answer.json()["id"]
+    item = b.page.locator(f"#event-list li.event[data-event-id='{event_id}']")
+    item.wait_for(timeout=PUSH_MS)
+    b.page.wait_for_function(
+        "(id) => document.querySelector(`#event-list li.event[data-event-id='${id}']`)"
+        "?.dataset.level === 'street'", arg=event_id, timeout=PUSH_MS)
+    with engine.connect() as conn:
+        level = conn.execute(text("SELECT level FROM events WHERE id = :id"),
+                             {"id": event_id}).scalar_one()
+        fired = conn.execute(text(
+            "SELECT fired_at FROM event_deadlines WHERE event_id = :id AND step = 'respond'"),
+            {"id": event_id}).scalar_one()
+    assert level == "street" and fired is not None
+    countdown = item.locator(".countdown")
+    assert countdown.get_attribute("data-step") == "respond"
+    assert "overdue" in (countdown.get_attribute("class") or "")
+    assert "已超时" in countdown.inner_text()
+    assert countdown.evaluate("(e) => getComputedStyle(e).color") == "rgb(255, 82, 82)"
+    assert item.locator(".event-level").inner_text() == "镇街级"
+    # Escalated: it flashed again.
+    assert "flash" in (item.get_attribute("class") or "")
+    a.page.locator(f"#event-list li.event[data-event-id='{event_id}'][data-level='street']"
+                   ).wait_for(timeout=PUSH_MS)
+    b.screenshot("live-event-escalated.png")
+    assert a.problems(401, 412) == [] and b.problems(401, 412) == []

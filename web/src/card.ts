@@ -247,12 +247,11 @@ export class Card implements FormHost {
       return;
     }
     if (generation !== this.generation) return;
-    // The owners and the actions at once; the reach (three routings) follows.
-    this.rerender = () => this.renderLocation(located, null);
-    this.rerender();
+    // One render once the reach is drawn too (tests/test_web.py reads the owners as the sign
+    // that the reach overlay is there).
     const reach = await this.reach(lon, lat).catch(() => null);
-    if (generation !== this.generation || !reach) return;
-    this.rerender = () => this.renderLocation(located, reach);
+    if (generation !== this.generation) return;
+    this.rerender = () => this.renderLocation(located, reach ?? []);
     this.rerender();
   }
 
@@ -268,7 +267,7 @@ export class Card implements FormHost {
     return results;
   }
 
-  private renderLocation(located: Located, reach: ReachResult[] | null): void {
+  private renderLocation(located: Located, reach: ReachResult[]): void {
     const { lon, lat } = located.point;
     const title = el("h2", "card-title", `${t("card.location")} ${lon.toFixed(5)}, `
       + lat.toFixed(5));
@@ -292,8 +291,7 @@ export class Card implements FormHost {
     const actions = el("div", "row card-actions");
     actions.append(report, create);
     const parts: HTMLElement[] = [closeButton(() => this.close()), title, rows, actions];
-    if (reach === null) parts.push(el("p", "muted", t("card.loading")));
-    else if (reach.length) {
+    if (reach.length) {
       parts.push(el("h3", "", t("card.reach")));
       const list = el("ul", "reach");
       for (const { minutes, answer } of [...reach].reverse()) {

@@ -215,16 +215,22 @@ export class EventPanel {
     if (result.isNew || changed) this.flash(id);
   }
 
+  /** An alert opened or closed (twin/live/rules.py's payload): said above the list; the
+   *  event it raised flashes once it is read. */
   private onAlert(message: LiveMessage): void {
     const payload = message.payload as Record<string, unknown>;
+    const closed = payload.state === "closed";
+    const sensor = payload.sensor_code ?? payload.sensor_id;
+    const value = payload.value === undefined || payload.value === null ? ""
+      : ` = ${String(payload.value)}`;
+    this.say(`${t(closed ? "events.alertClosed" : "events.alert")} ${String(payload.rule ?? "")}`
+      + `${sensor !== undefined ? ` · ${t("events.sensor")} ${String(sensor)}${value}` : ""}`,
+    closed ? "info" : "alert");
     const eventId = Number(payload.event_id);
-    const kind = String(payload.rule_code ?? payload.kind ?? "");
-    this.say(`${t("events.alert")} ${kind}${payload.sensor_id !== undefined
-      ? ` · ${t("events.sensor")} ${String(payload.sensor_id)}` : ""}`, "alert");
-    if (Number.isFinite(eventId) && this.rows.has(eventId)) this.flash(eventId);
-    else if (typeof payload.lon === "number" && typeof payload.lat === "number") {
-      this.pulse(-Number(message.id), [payload.lon, payload.lat]);
-    }
+    if (closed || !payload.event_id || !Number.isFinite(eventId)) return;
+    void this.refreshOne(eventId).then((result) => {
+      if (result) this.flash(eventId);
+    }, () => undefined);
   }
 
   /** The event in the list and on the map, pulsing for a while. */

@@ -153,6 +153,8 @@ const WORDS: Record<string, [string, string]> = {
   "events.left": ["剩余", "due in"],
   "events.alert": ["新告警", "New alert"],
   "events.sensor": ["传感器", "sensor"],
+  "events.alertClosed": ["告警解除", "Alert closed"],
+  "events.anomaly": ["管网异常区域已更新", "Pipe anomaly zones updated"],
   "status.reported": ["已上报", "Reported"],
   "status.responded": ["已响应", "Responded"],
   "status.verified": ["已核实", "Verified"],

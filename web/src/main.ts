@@ -244,6 +244,12 @@ async function main(): Promise<void> {
     live.restart();
     events.keyChanged();
   });
+  // The live detector changed its zones: the pipe panel reads them again (once per burst).
+  let anomalyTimer: number | undefined;
+  live.on("anomaly", () => {
+    window.clearTimeout(anomalyTimer);
+    anomalyTimer = window.setTimeout(() => void pipes.load(), 2000);
+  });
   live.start();
 
   map.on("click", (event) => {
