@@ -116,7 +116,9 @@ def test_every_4xx_of_every_operation_is_declared_as_code_and_description():
     assert "HTTPValidationError" not in str(DOCUMENT)
     for method, path, operation in OPERATIONS:
         responses = operation["responses"]
-        assert "422" not in responses, (method, path)
+        # FastAPI's 422 is replaced by the 400 twin sends; a route's own 422 is twin's.
+        assert "422" not in responses or "HTTPValidationError" not in str(responses["422"]), (
+            method, path)
         if operation.get("parameters") or "requestBody" in operation:
             assert "400" in responses, (method, path)
         if operation["x-twin-role"] != "public":  # every call with a role is rate-limited

@@ -228,7 +228,8 @@ FASTAPI_VALIDATION = ("HTTPValidationError", "ValidationError")
 
 def describe_error_responses(document: dict) -> dict:
     """In place: every operation's 4xx answers carry ``ERROR_SCHEMA``; FastAPI's 422 with its
-    ``HTTPValidationError`` (which twin never sends) becomes the 400 it does send."""
+    ``HTTPValidationError`` (which twin never sends) becomes the 400 it does send, and a 422
+    a route declares stays."""
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     schemas[ERROR_SCHEMA_NAME] = ERROR_SCHEMA
     for path, operations in document.get("paths", {}).items():
@@ -243,7 +244,14 @@ def describe_error_responses(document: dict) -> dict:
 def _describe_operation_errors(operation: dict, limited: bool) -> None:
     responses = operation.setdefault("responses", {})
     parameters = operation.get("parameters", [])
-    if responses.pop("422", None) is not None or parameters or "requestBody" in operation:
+    # FastAPI's own 422 (its HTTPValidationError body) is never sent; a 422 a route declares
+    # itself (input twin understood but cannot take: outside the municipality) is.
+    validation = responses.get("422")
+    if validation is not None and "HTTPValidationError" in json.dumps(validation):
+        del responses["422"]
+    else:
+        validation = None
+    if validation is not None or parameters or "requestBody" in operation:
         responses.setdefault("400", INVALID)
     if any(parameter["in"] == "path" for parameter in parameters):
         responses.setdefault("404", NO_SUCH)
