@@ -215,7 +215,9 @@ async def get_event(conn: ConnDep, scope: ScopeDep,
                         412: {"description": "If-Match names another version"}})
 async def post_transition(body: Transition, request: Request, conn: ConnDep,
                           event_id: int = Path(ge=1, le=2**63 - 1),
-                          if_match: str | None = Header(None, max_length=200)) -> Response:
+                          if_match: str | None = Header(None, description=(
+                              "the ETag of GET /events/{id}; another version: 412"))
+                          ) -> Response:
     principal = await _principal(request)
     event = await events.transition(conn, principal, event_id, body.to, body.note, if_match)
     await conn.commit()
