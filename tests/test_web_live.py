@@ -430,3 +430,38 @@ def test_a_missed_deadline_turns_red_and_the_escalation_reaches_the_panel(
                    ).wait_for(timeout=PUSH_MS)
     b.screenshot("live-event-escalated.png")
     assert a.problems(401, 412) == [] and b.problems(401, 412) == []
+
+
+def test_a_page_that_lost_its_stream_gets_what_it_missed_once(
+        pages: tuple[LivePage, LivePage], engine: Engine, scene: dict):
+    """B's stream goes down; an event is reported meanwhile; B reopens with a fresh ticket and
+    ``last_event_id``: the missed message is replayed, once."""
+    _, b = pages
+    lon, lat = scene["report"]
+    last = b.page.evaluate("window.__twin.live.stop(); window.__twin.live.lastId")
+    assert last is not None
+    with httpx.Client(base_url=b.base_url) as client:
+        answer = client.post("/events", json={"lon": lon - 0.0002, "lat": lat,
+                                              "kind": _a_kind(engine),
+                                              "description": "网页测试：断线期间上报"})
+    assert answer.status_code == 201, answer.text
+    event_id = answer.json()["id"]
+    assert b.page.locator(f"#event-list li.event[data-event-id='{event_id}']").count() == 0
+    with b.page.expect_request(lambda r: "/events/stream?" in r.url) as opened:
+        b.page.evaluate("window.__twin.live.restart()")
+    assert f"last_event_id={last}" in opened.value.url
+    b.page.locator(f"#event-list li.event[data-event-id='{event_id}']").wait_for(
+        timeout=PUSH_MS)
+    ids = b.page.evaluate("window.__twin.live.recent.map((m) => Number(m.id))")
+    assert len(ids) == len(set(ids)) and ids == sorted(ids)
+    with engine.connect() as conn:
+        missed = conn.execute(text(
+            "SELECT id FROM outbox WHERE id > :last AND kind = 'event' "
+            "AND payload->>'id' = :event"), {"last": last, "event": str(event_id)}).scalars().all()
+    assert missed and all(m in ids for m in missed)
+    assert b.problems(401, 412) == []
+
+
+def _a_kind(engine: Engine) -> str:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT code FROM event_kinds ORDER BY code LIMIT 1")).scalar_one()
