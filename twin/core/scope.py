@@ -7,12 +7,13 @@ several predicates.
 
 The rules (issue 7):
 
-* **Admin units and risk points by code.** Codes nest by prefix (district 6 digits, street 9,
-  community 12, grid 15), so a unit lies in the scope when its code starts with a scope code
-  and a risk point when its ``grid_code`` does. A district principal sees its district's
-  polygon and everything below it; a street principal its street and below. Nobody but the
-  city sees the city polygon or a unit *above* their own (a street centre does not get its
-  district's outline), and neighbours are never visible, even where they touch.
+* **Admin units, risk points and events by code.** Codes nest by prefix (district 6 digits,
+  street 9, community 12, grid 15), so a unit lies in the scope when its code starts with a
+  scope code and a risk point or an event when its ``grid_code`` does. A district principal
+  sees its district's polygon and everything below it; a street principal its street and
+  below. Nobody but the city sees the city polygon or a unit *above* their own (a street
+  centre does not get its district's outline), and neighbours are never visible, even where
+  they touch.
 * **Supply depots and buildings by district code, streets by place.** Their
   ``district_code`` is where they stand (it matches their location everywhere in the sample
   city), so a district scope compares codes, which is exact at borders and needs no geometry;
@@ -148,7 +149,7 @@ def team_predicate(scope: Scope, alias: str | None = None, name: str = "scope") 
 
 
 # Tables with a rule other than "by place"; the column holding their admin code.
-_BY_CODE = {"risk_points": "grid_code", "admin_units": "code"}
+_BY_CODE = {"risk_points": "grid_code", "admin_units": "code", "events": "grid_code"}
 _BY_DISTRICT = ("supply_depots", "buildings")
 
 
