@@ -302,9 +302,10 @@ export class EventPanel {
     level.style.background = LEVEL_COLOURS[event.level] ?? "#ffb300";
     head.append(kind, el("span", "event-id", `#${event.id}`), level);
     item.append(head);
-    if (event.title || event.description) {
-      item.append(el("p", "event-text", String(event.title || event.description)));
-    }
+    // The title defaults to the kind's name: said once.
+    const title = event.title && event.title !== event.kind_name_zh ? String(event.title) : "";
+    const text = [title, event.description ?? ""].filter(Boolean).join(" · ");
+    if (text) item.append(el("p", "event-text", text));
     item.append(this.place(event));
     const status = el("div", "event-status");
     const badge = el("span", "status-badge", t(`status.${event.status}`));
