@@ -76,6 +76,12 @@ async def database_error(request: Request, exc: DBAPIError) -> JSONResponse:
         log.warning("database unavailable during %s %s: %s", request.method,
                     request.url.path, exc.orig)
         return _unavailable("the database is unavailable; retry shortly")
+    if "NUL (0x00)" in str(exc.orig):
+        # A text the client sent that PostgreSQL cannot hold (psycopg refuses it before it
+        # leaves): the input's fault, not the server's. Routes refuse it up front where they
+        # can (twin/api/fields.py); this is the net under the others.
+        return _problem(400, "InvalidParameter", "a text value contains a NUL (U+0000) "
+                        "character, which cannot be stored; remove it")
     log.exception("database error during %s %s", request.method, request.url.path)
     return _problem(500, "DatabaseError", "database error (see the server log)")
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import text
 
 from twin.api.deps import ConnDep, ScopeDep
+from twin.api.fields import Text
 from twin.core.errors import InvalidParameter, NotFound
 from twin.core.models import NETWORKS, SENSOR_KINDS
 from twin.core.scope import spatial_predicate, table_predicate
@@ -108,14 +109,14 @@ class RuleBody(BaseModel):
 
     sensor_kind: SensorKind
     network: Network | None = None
-    name_zh: str | None = Field(None, min_length=1, max_length=200)
-    name_en: str | None = Field(None, min_length=1, max_length=200)
+    name_zh: Text | None = Field(None, min_length=1, max_length=200)
+    name_en: Text | None = Field(None, min_length=1, max_length=200)
     open_above: float | None = Bound
     open_below: float | None = Bound
     close_above: float | None = Bound
     close_below: float | None = Bound
     silent_minutes: int | None = Field(None, ge=1, le=7 * 24 * 60)
-    event_kind: str | None = Field(None, max_length=40,
+    event_kind: Text | None = Field(None, max_length=40,
                                    description="the kind of event an opened alert raises "
                                    "(GET /event-kinds); none: the alert raises no event")
     enabled: bool = True

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from twin.api.deps import ConnDep, ScopeDep, SettingsDep, get_principal
+from twin.api.fields import Text
 from twin.core.errors import InvalidParameter
 from twin.core.models import EVENT_LEVELS, EVENT_STATES
 from twin.core.principal import Principal, Unauthenticated
@@ -32,17 +33,17 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 class NewEvent(BaseModel):
     lon: float = Field(ge=-180, le=180, description="longitude, WGS84 degrees")
     lat: float = Field(ge=-90, le=90, description="latitude, WGS84 degrees")
-    kind: str = Field(min_length=1, max_length=40,
+    kind: Text = Field(min_length=1, max_length=40,
                       description="an event kind code (GET /events/kinds)")
-    description: str = Field(min_length=1, max_length=events.MAX_TEXT)
-    title: str | None = Field(None, max_length=events.TITLE_MAX,
+    description: Text = Field(min_length=1, max_length=events.MAX_TEXT)
+    title: Text | None = Field(None, max_length=events.TITLE_MAX,
                               description="defaults to the kind's Chinese name")
 
 
 class Transition(BaseModel):
     to: State = Field(description="the next state: reported -> responded -> verified -> "
                                   "handled -> closed")
-    note: str | None = Field(None, max_length=events.MAX_TEXT)
+    note: Text | None = Field(None, max_length=events.MAX_TEXT)
 
 
 class EventKind(BaseModel):
