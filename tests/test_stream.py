@@ -6,6 +6,12 @@ committed SQL transaction (several connections at once where the order matters).
 is the tests' own bookkeeping (which message went to which area) and the ``outbox`` table
 read directly; the scope rule is restated here from the design (a message is a scope's when
 one of its codes and one of the scope's are prefixes of one another; no codes: everyone's).
+
+The suite's database is not quiet while these tests run: events reported by earlier tests
+escalate when their deadlines pass (``event`` and ``layer`` messages), sensors fall silent
+(``alert`` messages). So a test checks its own messages by their tag, and everything a stream
+delivered against the ``outbox`` table (in the stream's scope), never a count of "all
+messages" it assumes were its own.
 """
 
 from __future__ import annotations
@@ -119,14 +125,36 @@ def last_id(database_url: str) -> int:
     return int(row[0]) if row else 0
 
 
-def outbox_ids(database_url: str, after: int, upto: int) -> list[int]:
+def in_scope(codes: list[str] | None, scope: str | None) -> bool:
+    """The design's rule: no codes, everyone's; else one code and the scope's code are
+    prefixes of one another. ``scope`` None is the city."""
+    return scope is None or codes is None or any(
+        code.startswith(scope) or scope.startswith(code) for code in codes)
+
+
+def outbox_ids(database_url: str, after: int, upto: int, scope: str | None = None
+               ) -> list[int]:
+    """The outbox's messages in (after, upto] that ``scope`` (a district or street code, None
+    for the city) may see, in id order."""
     with psycopg.connect(libpq(database_url)) as conn:
         return [row[0] for row in conn.execute(
-            "SELECT id FROM outbox WHERE id > %s AND id <= %s ORDER BY id", (after, upto))]
+            "SELECT id, area_codes FROM outbox WHERE id > %s AND id <= %s ORDER BY id",
+            (after, upto)) if in_scope(row[1], scope)]
 
 
-def ids(events: list[Event]) -> list[int]:
-    return [int(event.id) for event in events if event.id is not None]
+def ids(events: list[Event], after: int = 0) -> list[int]:
+    return [int(event.id) for event in events if event.id is not None and int(event.id) > after]
+
+
+def tag_of(event: Event) -> str | None:
+    payload = event.json().get("payload")
+    return payload.get("tag") if isinstance(payload, dict) else None
+
+
+def of_run(events: list[Event], run: str) -> list[Event]:
+    """The events this test wrote (its writers tag them ``run`` or ``run-<n>``)."""
+    return [event for event in events
+            if (tag_of(event) or "").split("-")[0] == run]
 
 
 def ended_by(marker: int):
@@ -139,13 +167,18 @@ def tag() -> str:
 
 # --- scope --------------------------------------------------------------------------------
 
-def test_each_jurisdiction_gets_exactly_its_messages(http: httpx.Client, writer: Writer):
+def test_each_jurisdiction_gets_exactly_its_messages(http: httpx.Client, writer: Writer,
+                                                     database_url: str):
     run = tag()
+    scopes = {"city": None, "district": DISTRICT, "street": STREET, "sibling": SIBLING,
+              "far": FAR_STREET}
     streams = {name: EventStream(http, "/events/stream", headers=HEADERS[name])
                for name in KEYS}
     for stream in streams.values():
         stream.__enter__()
         assert stream.response is not None and stream.response.status_code == 200
+    # Every message after this one reaches the open streams (those before may, too).
+    start = last_id(database_url)
     try:
         grid = {name: f"{code}{i:03d}{i:03d}" for i, (name, code) in enumerate(
             (("street", STREET), ("sibling", SIBLING), ("far", FAR_STREET)), start=1)}
@@ -169,12 +202,13 @@ def test_each_jurisdiction_gets_exactly_its_messages(http: httpx.Client, writer:
         }
         for name, stream in streams.items():
             got = stream.until(ended_by(marker))
-            assert ids(got) == sorted(expected[name]) + [marker], name
-            assert all(event.event == "event" and event.json()["payload"]["tag"] == run
-                       for event in got), name
-            first = got[0].json()
+            assert ids(got, start) == outbox_ids(database_url, start, marker, scopes[name])
+            mine = of_run(got, run)
+            assert ids(mine) == sorted(expected[name]) + [marker], name
+            assert all(event.event == "event" for event in mine), name
+            first = mine[0].json()
             assert set(first) == {"id", "kind", "created_at", "payload"}
-            assert first["id"] == int(got[0].id or 0) and first["kind"] == "event"
+            assert first["id"] == int(mine[0].id or 0) and first["kind"] == "event"
     finally:
         for stream in streams.values():
             stream.__exit__(None, None, None)
@@ -186,7 +220,7 @@ def test_a_rolled_back_message_never_arrives(http: httpx.Client, writer: Writer)
         rolled_back = writer.emit([None, [STREET]], run, rollback=True)
         marker = writer.emit([None], run)[0]
         got = stream.until(ended_by(marker))
-    assert ids(got) == [marker]
+    assert ids(of_run(got, run)) == [marker]
     assert not set(rolled_back) & set(ids(got))
 
 
@@ -197,35 +231,38 @@ def test_a_reconnecting_client_gets_every_missed_message_once_in_order(
     run = tag()
     with EventStream(http, "/events/stream", headers=HEADERS["street"]) as stream:
         first = writer.emit([[STREET + "001001"], [FAR_STREET + "001001"]] * 5, run)
-        seen = stream.take(5)
-    assert ids(seen) == first[0::2]
+        seen = stream.until(ended_by(first[-2]))
+    assert ids(of_run(seen, run)) == first[0::2]
     missed = writer.emit([[STREET + "001001"], [FAR_STREET + "001001"], None] * 10, run)
     marker = writer.emit([None], run)[0]
     # The header, as an EventSource sends it; the street's own messages only, in order.
     with EventStream(http, "/events/stream", headers={
             **HEADERS["street"], "Last-Event-ID": seen[-1].id or ""}) as again:
         got = again.until(ended_by(marker))
+    assert ids(got) == outbox_ids(database_url, int(seen[-1].id or 0), marker, STREET)
     mine = [i for n, i in enumerate(missed) if n % 3 != 1]
-    assert ids(got) == mine + [marker]
+    assert ids(of_run(got, run)) == mine + [marker]
     # Replayed from the table, a message reads as it did live.
-    assert [event.json()["payload"]["n"] for event in got[:3]] == [0, 2, 3]
-    assert {event.json()["payload"]["tag"] for event in got} == {run}
+    assert [event.json()["payload"]["n"] for event in of_run(got, run)[:3]] == [0, 2, 3]
     # The query parameter does the same; the city gets everything.
     with EventStream(http, "/events/stream", headers=HEADERS["city"],
                      params={"last_event_id": first[-1]}) as again:
         got = again.until(ended_by(marker))
-    assert ids(got) == outbox_ids(database_url, first[-1], marker) == missed + [marker]
+    assert ids(got) == outbox_ids(database_url, first[-1], marker)
+    assert ids(of_run(got, run)) == missed + [marker]
 
 
 def test_concurrent_writers_arrive_in_id_order_live_and_on_replay(
         http: httpx.Client, writer: Writer, database_url: str):
     run = tag()
-    start = last_id(database_url)
     with EventStream(http, "/events/stream", headers=HEADERS["city"]) as live:
+        start = last_id(database_url)
         written = writer.concurrently(writers=4, each=50, tag=run)
         marker = writer.emit([None], run)[0]
-        got = ids(live.until(ended_by(marker)))
-    assert got == sorted(written) + [marker] == outbox_ids(database_url, start, marker)
+        events = live.until(ended_by(marker))
+    got = ids(events, start)
+    assert got == outbox_ids(database_url, start, marker)
+    assert ids(of_run(events, run)) == sorted(written) + [marker]
     with EventStream(http, "/events/stream", headers=HEADERS["city"],
                      params={"last_event_id": start}) as replay:
         assert ids(replay.until(ended_by(marker))) == got
@@ -250,12 +287,12 @@ def test_a_replay_that_overlaps_live_writing_has_no_gap_and_no_duplicate(
         time.sleep(0.2)
         with EventStream(http, "/events/stream", headers=HEADERS["city"],
                          params={"last_event_id": start}) as stream:
-            got = stream.until(lambda event: event.json()["payload"]["tag"] == run + "-end",
-                               timeout=30)
+            got = stream.until(lambda event: tag_of(event) == run + "-end", timeout=30)
     finally:
         thread.join()
         background.close()
-    assert ids(got) == outbox_ids(database_url, start, done[-1]) == sorted(done)
+    assert ids(got) == outbox_ids(database_url, start, done[-1])
+    assert ids(of_run(got, run)) == sorted(done)
 
 
 # --- the listener ------------------------------------------------------------------------
@@ -265,7 +302,7 @@ def test_messages_committed_while_the_listener_is_down_arrive_after_it_reconnect
     run = tag()
     with EventStream(http, "/events/stream", headers=HEADERS["city"]) as stream:
         before = writer.emit([None], run)
-        assert ids(stream.take(1)) == before
+        assert ids(of_run(stream.until(ended_by(before[0])), run)) == before
         with psycopg.connect(libpq(database_url), autocommit=True) as admin:
             # This server's listener (the suite's other servers listen too).
             name = push_server.server.config.app.state.live.fanout.name
@@ -275,8 +312,9 @@ def test_messages_committed_while_the_listener_is_down_arrive_after_it_reconnect
             ).fetchone()
             assert killed is not None and killed[0] == 1
             sent = writer.emit([None] * 10, run)
-        got = stream.take(10, timeout=15)
-    assert ids(got) == sent
+        got = stream.until(ended_by(sent[-1]), timeout=15)
+    assert ids(got) == outbox_ids(database_url, before[0], sent[-1])
+    assert ids(of_run(got, run)) == sent
 
 
 def test_every_server_process_listens_once_and_streams_everything(
@@ -310,7 +348,7 @@ def test_every_server_process_listens_once_and_streams_everything(
         try:
             sent = writer.emit([[STREET], None, [FAR_STREET]] * 5, run)
             for stream in streams:  # anonymous callers see the city
-                assert ids(stream.until(ended_by(sent[-1]))) == sent
+                assert ids(of_run(stream.until(ended_by(sent[-1])), run)) == sent
         finally:
             for stream in streams:
                 stream.__exit__(None, None, None)
@@ -330,8 +368,8 @@ def test_a_ticket_opens_the_stream_until_it_expires(http: httpx.Client, writer: 
         with EventStream(http, body["stream"]) as stream:
             assert stream.response is not None and stream.response.status_code == 200
             sent = writer.emit([[FAR_STREET], [STREET]], run)
-            got = stream.take(1)
-            assert ids(got) == sent[1:]  # the ticket carries the street's scope
+            got = stream.until(ended_by(sent[1]))
+            assert ids(of_run(got, run)) == sent[1:]  # the ticket carries the street's scope
             assert stream.retry_ms == 500
     # Stored hashed, like a key: the ticket itself is nowhere in the database.
     with psycopg.connect(libpq(database_url)) as conn:
@@ -381,7 +419,8 @@ def test_a_layer_data_version_change_arrives_as_a_layer_message(
         with psycopg.connect(libpq(database_url)) as conn:
             row = conn.execute("SELECT data_version FROM layers WHERE id = 'risk_points'"
                                ).fetchone()
-        got = stream.until(lambda event: event.event == "layer")
+        got = stream.until(lambda event: event.event == "layer"
+                           and event.json()["payload"]["id"] == "risk_points")
     assert row is not None
     assert got[-1].json()["payload"] == {"id": "risk_points", "data_version": row[0],
                                          "deleted": False}
@@ -403,7 +442,7 @@ def test_latency_from_commit_to_client(http: httpx.Client, database_url: str):
             assert message is not None
             got = stream.until(ended_by(message[0]))
             latencies.append(time.perf_counter() - committed)
-            assert ids(got) == [message[0]]
+            assert ids(got)[-1] == message[0]
     p50 = statistics.median(latencies)
     p95 = statistics.quantiles(latencies, n=20)[-1]
     print(f"push latency commit -> client over {len(latencies)} messages: "
@@ -439,19 +478,21 @@ def test_a_client_that_falls_behind_is_ended_and_resumes_by_replay(
                                     StreamSettings(queue_size=5))
         try:
             await _until_read(fanout, last_id(database_url))
+            start = fanout.last or 0  # the subscription gets what is read after it
             slow = fanout.subscribe(CITY)
             sent = await writer._emit([None] * 12, tag(), "event", False)
             await _until_read(fanout, sent[-1])
+            expected = outbox_ids(database_url, start, sent[-1])
             # Ended after the 5 it could hold; nothing after them reached it.
             first = await _drain(slow)
-            assert first == sent[:5] and fanout.subscribers == 0
+            assert first == expected[:5] and fanout.subscribers == 0
             resumed = fanout.subscribe(CITY, first[-1])
             rest: list[int] = []
             async for message in resumed:
                 rest.append(message.id)
                 if message.id == sent[-1]:
                     break
-            assert rest == sent[5:]
+            assert rest == expected[5:]
         finally:
             await fanout.stop()
 
@@ -462,11 +503,15 @@ def test_stopping_the_fanout_ends_open_streams(writer: Writer, database_url: str
     async def scenario() -> None:
         fanout = await Fanout.start(libpq(database_url), writer.engine, StreamSettings())
         await _until_read(fanout, last_id(database_url))
+        start = fanout.last or 0
         street = fanout.subscribe(parse_scope(f"street={STREET}"))
         sent = await writer._emit([[STREET], [FAR_STREET]], tag(), "event", False)
         await _until_read(fanout, sent[-1])
         await fanout.stop()
-        assert await _drain(street) == sent[:1]
+        got = await _drain(street)  # ended, holding what was read before the stop
+        assert sent[0] in got and sent[1] not in got
+        assert [i for i in got if i <= sent[-1]] == outbox_ids(database_url, start, sent[-1],
+                                                               STREET)
 
     writer.runner.run(scenario())
 

@@ -59,12 +59,15 @@ def sync_engine(settings: Settings) -> Engine:
 
 def async_engine(settings: Settings, pool_size: int | None = None,
                  max_overflow: int | None = None, pre_ping: bool = True,
-                 server_settings: dict[str, str] | None = None) -> AsyncEngine:
+                 server_settings: dict[str, str] | None = None,
+                 application_name: str | None = None) -> AsyncEngine:
     """The API's pool. Every connection carries the statement timeout, set once at connect
     time (libpq ``options``) so it costs no round trip per request and covers every
     statement, including the tile path's autocommit connections.
 
     ``server_settings`` are more PostgreSQL settings for every connection of the pool.
+    ``application_name`` labels a background job's connections in ``pg_stat_activity``
+    (``twin escalation``, ...), so an operator, and a test, tells them from requests.
     ``pool_size``/``max_overflow`` override the settings for a pool of a special purpose:
     work a request does besides its own connection (loading the layer registry) needs a pool
     of its own, or under load every pooled connection can be held by requests that each wait
@@ -72,6 +75,8 @@ def async_engine(settings: Settings, pool_size: int | None = None,
     """
     db = settings.db
     connect_args: dict = {"connect_timeout": db.connect_timeout}
+    if application_name:
+        connect_args["application_name"] = application_name
     options = dict(server_settings or {})
     if db.statement_timeout_ms:
         options["statement_timeout"] = str(db.statement_timeout_ms)

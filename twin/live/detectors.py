@@ -282,9 +282,12 @@ class Detectors:
     def __init__(self, ctx: Any, lock: int = DETECTOR_LOCK):
         self._lock = lock
         self._settings: RulesSettings = ctx.settings.rules
-        self._work: AsyncEngine = ctx.engine
+        # Pools of their own, labelled: the looks are long statements, never a request's.
+        self._work: AsyncEngine = async_engine(ctx.settings, pool_size=1, max_overflow=1,
+                                               application_name="twin detectors")
         self._lock_engine: AsyncEngine = async_engine(ctx.settings, pool_size=1,
-                                                      max_overflow=0)
+                                                      max_overflow=0,
+                                                      application_name="twin detectors lock")
         self._conn: AsyncConnection | None = None
         self._task: asyncio.Task | None = None
         # The newest received_at per network at the last anomaly run.
@@ -300,6 +303,7 @@ class Detectors:
             await asyncio.gather(self._task, return_exceptions=True)
         await self._let_go()
         await self._lock_engine.dispose()
+        await self._work.dispose()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from twin.core.db import async_engine
 from twin.live import events
 
 log = logging.getLogger("twin.live.escalation")
@@ -35,8 +36,9 @@ MIN_PAUSE_S = 0.05
 
 
 class Escalator:
-    def __init__(self, engine: AsyncEngine, poll_s: float):
+    def __init__(self, engine: AsyncEngine, poll_s: float, owns_engine: bool = False):
         self.engine = engine
+        self._owns_engine = owns_engine
         self.poll_s = poll_s
         self.fired = 0
         self._task: asyncio.Task[None] | None = None
@@ -89,12 +91,18 @@ class Escalator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._owns_engine:
+            await self.engine.dispose()
 
 
 async def start(ctx: Any) -> Escalator:
     """The escalation loop of this process (its first look is immediate: overdue deadlines
     fire at start-up)."""
     events.configure(ctx.settings.events)
-    escalator = Escalator(ctx.engine, ctx.settings.events.escalation_poll_s)
+    # A pool of its own: a deadline fires on time however busy the requests keep the app's
+    # pool (one connection at a time is all the loop uses).
+    engine = async_engine(ctx.settings, pool_size=1, max_overflow=1,
+                          application_name="twin escalation")
+    escalator = Escalator(engine, ctx.settings.events.escalation_poll_s, owns_engine=True)
     escalator.start()
     return escalator

@@ -90,7 +90,8 @@ class PartitionKeeper:
 
     def __init__(self, ctx: Any):
         self._settings: ReadingsSettings = ctx.settings.readings
-        self._engine: AsyncEngine = async_engine(ctx.settings, pool_size=1, max_overflow=0)
+        self._engine: AsyncEngine = async_engine(ctx.settings, pool_size=1, max_overflow=0,
+                                                 application_name="twin partitions")
         self._conn: AsyncConnection | None = None
         self._task: asyncio.Task | None = None
         self.last: MaintenanceReport | None = None
