@@ -32,6 +32,18 @@ _EMIT = text("""
     RETURNING id
 """)
 _NOTIFY = text("SELECT pg_notify(:channel, '')")
+# Several messages, ids in list order (the rows are inserted in ordinality order).
+_EMIT_MANY = text("""
+    WITH locked AS (SELECT pg_advisory_xact_lock(:lock))
+    INSERT INTO outbox (kind, area_codes, payload)
+    SELECT m.kind, CASE WHEN m.codes IS NULL THEN NULL
+                        ELSE ARRAY(SELECT json_array_elements_text(m.codes)) END,
+           m.payload
+      FROM locked, unnest(CAST(:kinds AS text[]), CAST(:codes AS json[]),
+                          CAST(:payloads AS jsonb[])) WITH ORDINALITY AS m(kind, codes, payload, n)
+     ORDER BY m.n
+    RETURNING id
+""")
 
 
 async def emit(conn: AsyncConnection, kind: str, payload: dict,
@@ -48,3 +60,22 @@ async def emit(conn: AsyncConnection, kind: str, payload: dict,
         "payload": json.dumps(payload, ensure_ascii=False, default=str)})).scalar_one()
     await conn.execute(_NOTIFY, {"channel": CHANNEL})
     return int(message_id)
+
+
+async def emit_many(conn: AsyncConnection,
+                    messages: list[tuple[str, dict, Iterable[str] | None]]) -> list[int]:
+    """``emit`` for several messages ``(kind, payload, area_codes)`` in two round trips; their
+    ids, in order."""
+    if not messages:
+        return []
+    for kind, _, _ in messages:
+        if kind not in KINDS:
+            raise ValueError(f"outbox kind {kind!r} is not one of {KINDS}")
+    ids = (await conn.execute(_EMIT_MANY, {
+        "lock": OUTBOX_LOCK, "kinds": [kind for kind, _, _ in messages],
+        "codes": [None if codes is None else json.dumps(sorted(codes))
+                  for _, _, codes in messages],
+        "payloads": [json.dumps(payload, ensure_ascii=False, default=str)
+                     for _, payload, _ in messages]})).scalars().all()
+    await conn.execute(_NOTIFY, {"channel": CHANNEL})
+    return sorted(int(i) for i in ids)
