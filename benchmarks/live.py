@@ -294,19 +294,29 @@ def part_mqtt(url: str, mqtt_url: str, seconds: float, batch: int) -> None:
           f" = {stored / took:,.0f}/s (messages of {batch:,}); target >= 10,000/s")
 
 
-def part_escalation(base: str, url: str, events: int) -> None:
-    """1,000 events whose respond deadline is 5 s after the report."""
+def event_kind_and_spots(url: str, code: str, deadlines_s: tuple[int, int, int],
+                         spots: int) -> list[tuple[float, float]]:
+    """A benchmark event kind with these respond/verify/handle seconds (made or reset), and
+    a point in each of the first ``spots`` grid cells."""
     with psycopg.connect(libpq(url), autocommit=True) as conn:
         conn.execute("""
             INSERT INTO event_kinds (code, sector_code, name_zh, name_en, respond_s, verify_s,
                                      handle_s)
-            SELECT 'bench_fast', code, '测试', 'Benchmark', 5, 10, 15 FROM sectors
+            SELECT %(code)s, code, '测试', 'Benchmark', %(r)s, %(v)s, %(h)s FROM sectors
              ORDER BY sort_order LIMIT 1
-            ON CONFLICT (code) DO UPDATE SET respond_s = 5, verify_s = 10, handle_s = 15""")
-        spots = conn.execute("""
+            ON CONFLICT (code) DO UPDATE SET respond_s = %(r)s, verify_s = %(v)s,
+                                             handle_s = %(h)s""",
+                     {"code": code, "r": deadlines_s[0], "v": deadlines_s[1],
+                      "h": deadlines_s[2]})
+        return conn.execute("""
             SELECT ST_X(p), ST_Y(p) FROM (
                 SELECT ST_PointOnSurface(geom) AS p FROM admin_units WHERE level = 'grid'
-                 ORDER BY code LIMIT %s) AS g""", (events,)).fetchall()
+                 ORDER BY code LIMIT %s) AS g""", (spots,)).fetchall()
+
+
+def part_escalation(base: str, url: str, events: int) -> None:
+    """1,000 events whose respond deadline is 5 s after the report."""
+    spots = event_kind_and_spots(url, "bench_fast", (5, 10, 15), events)
     headers = {"Authorization": f"Bearer {EDITOR_KEY}"}
 
     async def report() -> list[int]:
@@ -587,16 +597,7 @@ def _faults(server: Server, url: str, settings: Settings) -> None:
     from twin.core.cluster import ManagedCluster
 
     mqtt_url = server.env["TWIN_MQTT_URL"]
-    with psycopg.connect(libpq(url), autocommit=True) as conn:
-        conn.execute("""
-            INSERT INTO event_kinds (code, sector_code, name_zh, name_en, respond_s, verify_s,
-                                     handle_s)
-            SELECT 'bench_fault', code, '测试', 'Benchmark', 3, 600, 900 FROM sectors
-             ORDER BY sort_order LIMIT 1
-            ON CONFLICT (code) DO UPDATE SET respond_s = 3, verify_s = 600, handle_s = 900""")
-        spots = conn.execute("""
-            SELECT ST_X(p), ST_Y(p) FROM (SELECT ST_PointOnSurface(geom) AS p FROM admin_units
-             WHERE level = 'grid' ORDER BY code LIMIT 200) AS g""").fetchall()
+    spots = event_kind_and_spots(url, "bench_fault", (3, 600, 900), 200)
     load = Resilient(server.base, url, mqtt_url)
     threads = [threading.Thread(target=load.gateway, daemon=True),
                threading.Thread(target=load.publisher, daemon=True),
