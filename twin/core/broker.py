@@ -14,15 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import pwd
-import shutil
 import signal
 import socket
-import stat
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from twin.core.cluster import hand_over, system_user
 from twin.core.errors import TwinError
 from twin.core.settings import Settings
 
@@ -188,26 +187,13 @@ class ManagedBroker:
             return
         # mosquitto reads its configuration as root, then works as the user: it writes its
         # persistence, log and (removes its) pid file in the data folder.
-        for path in (self.data, *self.data.iterdir()):
-            shutil.chown(path, user.pw_uid, user.pw_gid)
-        self.data.chmod(0o700)
-        for parent in self.data.parents:
-            mode = parent.stat().st_mode
-            if not mode & stat.S_IXOTH:
-                log.warning("adding o+x to %s so the broker's user can reach its data", parent)
-                parent.chmod(mode | stat.S_IXOTH)
+        hand_over(self.data, (self.data, *self.data.iterdir()), user, "the broker's user")
 
     def _os_user(self) -> pwd.struct_passwd | None:
         """The user the broker runs as when twin runs as root; None otherwise."""
         if os.geteuid() != 0:
             return None
-        name = self.settings.mqtt.os_user
-        try:
-            return pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                            "/usr/sbin/nologin", name], check=True)
-            return pwd.getpwnam(name)
+        return system_user(self.settings.mqtt.os_user)
 
     def _log_tail(self, start: int) -> str:
         try:

@@ -15,6 +15,7 @@ import secrets
 import shutil
 import stat
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,32 @@ random_page_cost = 1.1
 jit = off
 logging_collector = off
 """
+
+
+def system_user(name: str) -> pwd.struct_passwd:
+    """The OS user ``name``, created (a system user without a home or a shell) if missing."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                        "/usr/sbin/nologin", name], check=True)
+        return pwd.getpwnam(name)
+
+
+def hand_over(folder: Path, paths: Iterable[Path], user: pwd.struct_passwd, who: str) -> None:
+    """Give ``paths`` to ``user``, make ``folder`` (one of them) theirs alone, and let them
+    reach it: a service that drops root privileges (PostgreSQL, mosquitto) works in a folder
+    twin made as root. ``who`` names the user in the log ("the database user")."""
+    for path in paths:
+        shutil.chown(path, user.pw_uid, user.pw_gid)
+    folder.chmod(0o700)
+    # The user must traverse every parent folder; add search (x) permission only,
+    # never read, where a parent lacks it (e.g. a checkout under /root).
+    for parent in folder.parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            log.warning("adding o+x to %s so %s can reach its data", parent, who)
+            parent.chmod(mode | stat.S_IXOTH)
 
 
 @dataclass(frozen=True)
@@ -146,28 +173,9 @@ class ManagedCluster:
 
     def _hand_over(self, *paths: Path) -> None:
         """Give the data folder to the cluster's OS user and let it reach that folder."""
-        if not self._as_root():
-            return
-        user = self._ensure_os_user()
-        for path in paths:
-            shutil.chown(path, user.pw_uid, user.pw_gid)
-        self.pgdata.chmod(0o700)
-        # The user must traverse every parent folder; add search (x) permission only,
-        # never read, where a parent lacks it (e.g. a checkout under /root).
-        for parent in self.pgdata.parents:
-            mode = parent.stat().st_mode
-            if not mode & stat.S_IXOTH:
-                log.warning("adding o+x to %s so the database user can reach its data", parent)
-                parent.chmod(mode | stat.S_IXOTH)
-
-    def _ensure_os_user(self) -> pwd.struct_passwd:
-        name = self.settings.db.os_user
-        try:
-            return pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                            "/usr/sbin/nologin", name], check=True)
-            return pwd.getpwnam(name)
+        if self._as_root():
+            hand_over(self.pgdata, paths, system_user(self.settings.db.os_user),
+                      "the database user")
 
     def _pg_ctl(self, *args: str) -> list[str]:
         return [str(self.bin / "pg_ctl"), "-D", str(self.pgdata), *args]
