@@ -9,6 +9,9 @@ PG_PACKAGES := postgresql-$(PG_VERSION) postgresql-$(PG_VERSION)-postgis-3 postg
 	postgresql-$(PG_VERSION)-partman
 # The MQTT broker sensor platforms publish to (twin runs its own: twin/core/broker.py).
 BROKER_PACKAGES := mosquitto
+# The proxy and shared tile cache in front of several twin nodes (`twin cluster up`:
+# twin/core/proxy.py); Debian's nginx-light has the proxy and cache modules it needs.
+PROXY_PACKAGES := nginx-light
 PYTEST_ARGS ?=
 
 .PHONY: run test system-deps browser-deps venv web lint clean-db
@@ -32,23 +35,23 @@ lint: venv
 	$(VENV)/bin/mypy
 
 # Debian packages: PostgreSQL with PostGIS, pgRouting and pg_partman (readings partitioned by
-# day), mosquitto (the MQTT broker), Python's venv module, and Node.js (npm runs the MapLibre
+# day), mosquitto (the MQTT broker), nginx (the proxy of several nodes), Python's venv module, and Node.js (npm runs the MapLibre
 # style validator in the tests).
 # Debian's own 'main' cluster is not created: twin runs its own (see twin/core/cluster.py).
 system-deps:
 	@missing=0; \
 	for f in /usr/lib/postgresql/$(PG_VERSION)/bin/initdb $(PG_SHARE)/postgis.control $(PG_SHARE)/pgrouting.control \
-	    $(PG_SHARE)/pg_partman.control /usr/sbin/mosquitto; do \
+	    $(PG_SHARE)/pg_partman.control /usr/sbin/mosquitto /usr/sbin/nginx; do \
 	  [ -e "$$f" ] || missing=1; \
 	done; \
 	python3 -c 'import venv, ensurepip' 2>/dev/null || missing=1; \
 	command -v npm >/dev/null || missing=1; \
 	if [ $$missing = 1 ]; then \
-	  echo "Installing Debian packages: $(PG_PACKAGES) $(BROKER_PACKAGES) python3-venv nodejs npm"; \
+	  echo "Installing Debian packages: $(PG_PACKAGES) $(BROKER_PACKAGES) $(PROXY_PACKAGES) python3-venv nodejs npm"; \
 	  mkdir -p /etc/postgresql-common; \
 	  [ -e /etc/postgresql-common/createcluster.conf ] || echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.conf; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	    $(PG_PACKAGES) $(BROKER_PACKAGES) python3-venv python3-dev build-essential \
+	    $(PG_PACKAGES) $(BROKER_PACKAGES) $(PROXY_PACKAGES) python3-venv python3-dev build-essential \
 	    $$(command -v npm >/dev/null || echo nodejs npm); \
 	fi
 
