@@ -15,7 +15,7 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from twin.core.db import async_engine
+from twin.core.db import SessionLock, async_engine
 from twin.core.settings import AuditSettings, Settings
 
 log = logging.getLogger("twin.audit")
@@ -115,7 +115,7 @@ class AuditPruner:
     def __init__(self, settings: Settings):
         self._settings: AuditSettings = settings.audit
         self._engine: AsyncEngine = async_engine(settings, pool_size=1, max_overflow=0)
-        self._conn: AsyncConnection | None = None
+        self._lock = SessionLock(self._engine, PRUNE_LOCK, "audit log")
         self._task: asyncio.Task | None = None
 
     @classmethod
@@ -129,7 +129,7 @@ class AuditPruner:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self._let_go()
+        await self._lock.release()
         await self._engine.dispose()
 
     async def _run(self) -> None:
@@ -137,7 +137,7 @@ class AuditPruner:
         while True:
             wait = min(every, RETRY_S)
             try:
-                conn = await self._lead()
+                conn = await self._lock.hold()
                 if conn is not None:
                     deleted = await prune(conn, days)
                     log.log(logging.INFO if deleted else logging.DEBUG,
@@ -146,31 +146,5 @@ class AuditPruner:
                     wait = every
             except Exception as error:  # the loop outlives any one failure
                 log.warning("audit log: pruning failed, retrying in %.0f s: %s", wait, error)
-                await self._let_go()
+                await self._lock.release()
             await asyncio.sleep(wait)
-
-    async def _lead(self) -> AsyncConnection | None:
-        """The connection holding ``PRUNE_LOCK`` when this process holds it (taking it when it
-        is free), else None."""
-        if self._conn is not None:
-            return self._conn
-        conn = await self._engine.connect()
-        taken = (await conn.execute(text("SELECT pg_try_advisory_lock(:key)"),
-                                    {"key": PRUNE_LOCK})).scalar_one()
-        await conn.commit()  # a session-level lock outlives the transaction
-        if taken:
-            self._conn = conn
-            return conn
-        await conn.close()
-        return None
-
-    async def _let_go(self) -> None:
-        """Close the lock's connection for good (returned to the pool, it would keep the
-        lock)."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                await conn.invalidate()
-                await conn.close()
-            except Exception as error:
-                log.warning("audit log: closing the pruning connection: %s", error)

@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -117,3 +117,57 @@ async def pooled_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
             await conn.close()
         except DBAPIError as error:
             log.warning("database connection lost on release: %s", error.orig)
+
+
+class SessionLock:
+    """Leadership among server processes: the one holding a session-level advisory lock
+    (``pg_try_advisory_lock(key)``) on a connection of its own is the one that runs a
+    background job (audit pruning, partition maintenance, the detectors).
+
+    The lock belongs to the session, not to a transaction: it outlives every commit, so the
+    holder keeps it by keeping the connection, and loses it only when that connection ends
+    (the process stops, or the database drops it; another process then takes over). For the
+    same reason the connection must never go back to the pool, where it would keep the lock
+    for whoever checks it out next: ``release`` invalidates it (closing it for good).
+    """
+
+    def __init__(self, engine: AsyncEngine, key: int, label: str):
+        """``engine`` gives the lock's connection (a pool of its own: the connection is held
+        for as long as the process leads); ``label`` starts the log messages ("audit log")."""
+        self._engine = engine
+        self._key = key
+        self._label = label
+        self._conn: AsyncConnection | None = None
+
+    async def hold(self) -> AsyncConnection | None:
+        """The connection holding the lock when this process holds it (taking it when it is
+        free), else None. A held connection is checked first: when the database dropped it
+        (and the lock with it) this raises, and the caller ``release``s and tries later."""
+        if self._conn is not None:
+            await self._conn.execute(text("SELECT 1"))
+            await self._conn.commit()
+            return self._conn
+        conn = await self._engine.connect()
+        try:
+            taken = (await conn.execute(text("SELECT pg_try_advisory_lock(:key)"),
+                                        {"key": self._key})).scalar_one()
+            await conn.commit()  # the lock outlives the transaction
+        except BaseException:
+            await conn.close()
+            raise
+        if taken:
+            self._conn = conn
+            return conn
+        await conn.close()
+        return None
+
+    async def release(self) -> None:
+        """Let go of the lock, if held: close its connection for good (never to the pool)."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        for step in (conn.invalidate, conn.close):
+            try:
+                await step()
+            except Exception as error:
+                log.warning("%s: closing the lock's connection: %s", self._label, error)

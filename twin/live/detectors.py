@@ -24,18 +24,19 @@ Both functions take the clock as an argument, so a test runs one look at a fixed
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
+from psycopg.errors import QueryCanceled
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from twin.core import outbox
-from twin.core.db import async_engine
+from twin.core.db import SessionLock, async_engine
 from twin.core.models import NETWORKS
 from twin.core.settings import RulesSettings
 from twin.live import events
@@ -55,6 +56,8 @@ log = logging.getLogger("twin.live.detectors")
 # 'twin' 'dete': one detector process at a time.
 DETECTOR_LOCK = 0x7477696E_64657465
 RETRY_S = 5.0
+# The longest wait before an anomaly look that failed is tried again.
+MAX_BACKOFF_S = 3600.0
 # The event a new anomaly zone raises, by network.
 ZONE_EVENT_KIND = {"drainage": "waterlogging", "water": "pipe_burst", "gas": "gas_leak"}
 ZONE_NAME_ZH = {"drainage": "排水管网异常", "water": "供水管网异常", "gas": "燃气管网异常"}
@@ -276,19 +279,32 @@ _NEWEST = text("""
 """)
 
 
+class AnomalyLookTimedOut(Exception):
+    """The anomaly look ran past the statement timeout (the message says what to do)."""
+
+
 class Detectors:
-    """Both looks on their own schedules, in the process holding ``DETECTOR_LOCK``."""
+    """Both looks on their own schedules, in the process holding ``DETECTOR_LOCK``.
+
+    Each look fails on its own. A failed silence look is retried after ``RETRY_S``. A failed
+    anomaly look (on tens of millions of readings a day its statements can run past the
+    statement timeout every time) is retried after a backoff that doubles from
+    ``anomaly_every_s`` up to ``MAX_BACKOFF_S`` and starts over after a look that succeeds,
+    so it neither burns a core nor delays the silence look. Losing the lock's connection
+    (the database went away) lets go of the lock: the next try takes it again, here or in
+    another process.
+    """
 
     def __init__(self, ctx: Any, lock: int = DETECTOR_LOCK):
-        self._lock = lock
         self._settings: RulesSettings = ctx.settings.rules
+        self._statement_timeout_ms: int = ctx.settings.db.statement_timeout_ms
         # Pools of their own, labelled: the looks are long statements, never a request's.
         self._work: AsyncEngine = async_engine(ctx.settings, pool_size=1, max_overflow=1,
                                                application_name="twin detectors")
         self._lock_engine: AsyncEngine = async_engine(ctx.settings, pool_size=1,
                                                       max_overflow=0,
                                                       application_name="twin detectors lock")
-        self._conn: AsyncConnection | None = None
+        self._lock = SessionLock(self._lock_engine, lock, "detectors")
         self._task: asyncio.Task | None = None
         # The newest received_at per network at the last anomaly run.
         self._seen: dict[str, datetime] = {}
@@ -301,30 +317,55 @@ class Detectors:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self._let_go()
+        await self._lock.release()
         await self._lock_engine.dispose()
         await self._work.dispose()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        every_silence = self._settings.silence_check_every_s
+        every_anomaly = self._settings.anomaly_every_s
         due_silence = due_anomaly = 0.0
+        backoff = 0.0  # after the last anomaly look, when it failed
         while True:
-            wait = RETRY_S
-            try:
-                if await self._lead():
-                    if loop.time() >= due_silence:
-                        await self._silence()
-                        due_silence = loop.time() + self._settings.silence_check_every_s
-                    if loop.time() >= due_anomaly:
-                        await self._anomalies()
-                        due_anomaly = loop.time() + self._settings.anomaly_every_s
-                    wait = max(0.05, min(due_silence, due_anomaly) - loop.time(), 0.0)
-                    wait = min(wait, RETRY_S * 12)
-            except Exception as error:  # the loop outlives any one failure
-                log.warning("detectors: failed, retrying in %.0f s: %s", RETRY_S, error)
-                await self._let_go()
-                wait = RETRY_S
+            if not await self._lead():
+                await asyncio.sleep(RETRY_S)
+                continue
+            if loop.time() >= due_silence:
+                try:
+                    await self._silence()
+                    due_silence = loop.time() + every_silence
+                except Exception as error:  # the loop outlives any one failure
+                    log.warning("detectors: the silence look failed, retrying in %.0f s: %s",
+                                RETRY_S, error)
+                    due_silence = loop.time() + RETRY_S
+            if loop.time() >= due_anomaly:
+                try:
+                    await self._anomalies()
+                    backoff = 0.0
+                    due_anomaly = loop.time() + every_anomaly
+                except Exception as error:  # the loop outlives any one failure
+                    backoff = min(2 * backoff or every_anomaly,
+                                  max(MAX_BACKOFF_S, every_anomaly))
+                    if isinstance(error, AnomalyLookTimedOut):
+                        log.warning("detectors: %s; retrying in %.0f s", error, backoff)
+                    else:
+                        log.warning("detectors: the anomaly look failed, retrying in %.0f s: "
+                                    "%s", backoff, error)
+                    due_anomaly = loop.time() + backoff
+            # Back at least every RETRY_S * 12 to check that the lock is still held.
+            wait = min(max(0.05, min(due_silence, due_anomaly) - loop.time()), RETRY_S * 12)
             await asyncio.sleep(wait)
+
+    async def _lead(self) -> bool:
+        """Whether this process holds its lock on a live connection (taking it when free)."""
+        try:
+            return await self._lock.hold() is not None
+        except Exception as error:
+            log.warning("detectors: the lock's connection failed, retrying in %.0f s: %s",
+                        RETRY_S, error)
+            await self._lock.release()
+            return False
 
     async def _silence(self) -> None:
         async with self._work.begin() as conn:
@@ -340,42 +381,21 @@ class Detectors:
                       if newest.get(n) is not None and newest[n] != self._seen.get(n))
         if not fresh:
             return
-        async with self._work.begin() as conn:
-            counts = await run_anomalies(conn, datetime.now(UTC),
-                                         timedelta(minutes=self._settings.anomaly_window_min),
-                                         fresh)
+        window = timedelta(minutes=self._settings.anomaly_window_min)
+        try:
+            async with self._work.begin() as conn:
+                counts = await run_anomalies(conn, datetime.now(UTC), window, fresh)
+        except DBAPIError as error:
+            if not isinstance(error.orig, QueryCanceled):
+                raise
+            hours = max(BASELINE, window).total_seconds() / 3600
+            raise AnomalyLookTimedOut(
+                f"the anomaly look over {', '.join(fresh)} took longer than the statement "
+                f"timeout ({self._statement_timeout_ms} ms, TWIN_DB_STATEMENT_TIMEOUT_MS): "
+                f"too many readings in the last {hours:g} h") from error
         self._seen.update({n: newest[n] for n in fresh})
         if any(counts.values()):
             log.info("detectors: anomaly zones %s", counts)
-
-    async def _lead(self) -> bool:
-        """Whether this process holds its lock on a live connection (taking it when free)."""
-        if self._conn is not None:
-            await self._conn.execute(text("SELECT 1"))  # raises when the database went away
-            await self._conn.commit()
-            return True
-        conn = await self._lock_engine.connect()
-        try:
-            taken = (await conn.execute(text("SELECT pg_try_advisory_lock(:key)"),
-                                        {"key": self._lock})).scalar_one()
-            await conn.commit()  # a session-level lock outlives the transaction
-        except BaseException:
-            await conn.close()
-            raise
-        if taken:
-            self._conn = conn
-            return True
-        await conn.close()
-        return False
-
-    async def _let_go(self) -> None:
-        """Close the lock's connection for good (returned to the pool it would keep the lock)."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.invalidate()
-            with contextlib.suppress(Exception):
-                await conn.close()
 
 
 async def start(ctx: Any) -> Detectors:

@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from twin.core.db import async_engine
+from twin.core.db import SessionLock, async_engine
 from twin.core.settings import ReadingsSettings
 
 log = logging.getLogger("twin.live.partitions")
@@ -92,7 +92,7 @@ class PartitionKeeper:
         self._settings: ReadingsSettings = ctx.settings.readings
         self._engine: AsyncEngine = async_engine(ctx.settings, pool_size=1, max_overflow=0,
                                                  application_name="twin partitions")
-        self._conn: AsyncConnection | None = None
+        self._lock = SessionLock(self._engine, PARTITION_LOCK, "readings: partitions")
         self._task: asyncio.Task | None = None
         self.last: MaintenanceReport | None = None
 
@@ -100,7 +100,7 @@ class PartitionKeeper:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self._let_go()
+        await self._lock.release()
         await self._engine.dispose()
 
     async def _run(self) -> None:
@@ -108,7 +108,7 @@ class PartitionKeeper:
         while True:
             wait = min(every, RETRY_S)
             try:
-                conn = await self._lead()
+                conn = await self._lock.hold()
                 if conn is not None:
                     self.last = report = await maintain(conn, self._settings)
                     log.log(logging.INFO if report.made or report.dropped else logging.DEBUG,
@@ -119,34 +119,8 @@ class PartitionKeeper:
             except Exception as error:  # the loop outlives any one failure
                 log.warning("readings: partition maintenance failed, retrying in %.0f s: %s",
                             wait, error)
-                await self._let_go()
+                await self._lock.release()
             await asyncio.sleep(wait)
-
-    async def _lead(self) -> AsyncConnection | None:
-        """The connection holding ``PARTITION_LOCK`` when this process holds it (taking it
-        when it is free), else None."""
-        if self._conn is not None:
-            return self._conn
-        conn = await self._engine.connect()
-        taken = (await conn.execute(text("SELECT pg_try_advisory_lock(:key)"),
-                                    {"key": PARTITION_LOCK})).scalar_one()
-        await conn.commit()  # a session-level lock outlives the transaction
-        if taken:
-            self._conn = conn
-            return conn
-        await conn.close()
-        return None
-
-    async def _let_go(self) -> None:
-        """Close the lock's connection for good (returned to the pool, it would keep the
-        lock)."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                await conn.invalidate()
-                await conn.close()
-            except Exception as error:
-                log.warning("readings: closing the partition connection: %s", error)
 
 
 async def start(ctx: Any) -> PartitionKeeper:
