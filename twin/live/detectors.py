@@ -40,7 +40,7 @@ from twin.core.db import SessionLock, async_engine
 from twin.core.models import NETWORKS
 from twin.core.settings import RulesSettings
 from twin.live import events
-from twin.live.rules import SENSOR_PLACE, close_alerts, emit_changes, with_events
+from twin.live.rules import OPENED_ALERTS, close_alerts, emit_changes, with_events
 from twin.queries.anomalies import (
     BASELINE,
     MAX_GAP,
@@ -82,16 +82,7 @@ _SILENT = text(f"""
     ), new AS (
         INSERT INTO sensor_alerts (sensor_id, rule_code, opened_at)
         SELECT sensor_id, rule_code, opened_at FROM silent
-        ON CONFLICT (sensor_id, rule_code) WHERE closed_at IS NULL DO NOTHING
-        RETURNING id, sensor_id, rule_code, opened_at, opened_value, closed_at, closed_value
-    )
-    SELECT new.*, p.sensor_code, p.sensor_kind, p.unit, p.lon, p.lat, p.grid_code,
-           r.name_zh, r.name_en, r.event_kind
-      FROM new
-      JOIN ({SENSOR_PLACE}) AS p ON p.sensor_id = new.sensor_id
-      JOIN alert_rules AS r ON r.code = new.rule_code
-     ORDER BY new.id
-""")
+{OPENED_ALERTS}""")
 
 # Open silence alerts whose sensor spoke again (a reading newer than the last one before).
 _RESUMED = text("""

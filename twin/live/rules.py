@@ -104,13 +104,11 @@ SENSOR_PLACE = """
                           ORDER BY u.code LIMIT 1) AS g ON true
 """
 
-_OPEN = text(f"""
-    WITH new AS (
-        INSERT INTO sensor_alerts (sensor_id, rule_code, opened_at, opened_value, closed_at,
-                                   closed_value)
-        SELECT * FROM unnest(CAST(:ids AS int[]), CAST(:rules AS text[]),
-                             CAST(:opened_at AS timestamptz[]), CAST(:opened AS float8[]),
-                             CAST(:closed_at AS timestamptz[]), CAST(:closed AS float8[]))
+# The end of a statement opening alerts: it closes the CTE ``new`` (an ``INSERT INTO
+# sensor_alerts`` whose conflicting rows, an alert already open, are skipped) and selects the
+# alerts opened, with their sensor's place and their rule's names: the rows ``with_events``
+# takes. Here and in twin/live/detectors.py (silence).
+OPENED_ALERTS = f"""
         ON CONFLICT (sensor_id, rule_code) WHERE closed_at IS NULL DO NOTHING
         RETURNING id, sensor_id, rule_code, opened_at, opened_value, closed_at, closed_value
     )
@@ -120,7 +118,16 @@ _OPEN = text(f"""
       JOIN ({SENSOR_PLACE}) AS p ON p.sensor_id = new.sensor_id
       JOIN alert_rules AS r ON r.code = new.rule_code
      ORDER BY new.id
-""")
+"""
+
+_OPEN = text(f"""
+    WITH new AS (
+        INSERT INTO sensor_alerts (sensor_id, rule_code, opened_at, opened_value, closed_at,
+                                   closed_value)
+        SELECT * FROM unnest(CAST(:ids AS int[]), CAST(:rules AS text[]),
+                             CAST(:opened_at AS timestamptz[]), CAST(:opened AS float8[]),
+                             CAST(:closed_at AS timestamptz[]), CAST(:closed AS float8[]))
+{OPENED_ALERTS}""")
 
 CLOSE = text(f"""
     WITH closed AS (
