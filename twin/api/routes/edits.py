@@ -12,14 +12,17 @@ version (twin/api/sync.py: these are writes).
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from twin.api.deps import ConnDep, EditorDep
 from twin.core import crs_ref
 from twin.core.errors import InvalidParameter, TwinError
+from twin.core.principal import Principal
 from twin.live import risk_edits
 
 router = APIRouter(tags=["edits"])
@@ -110,6 +113,21 @@ def _answer(request: Request, written: risk_edits.Written, status: int) -> JSONR
     return JSONResponse(feature, status_code=status, media_type=GEOJSON, headers=headers)
 
 
+# risk_edits.replace or risk_edits.update: (conn, principal, feature_id, body, crs, if_match).
+_Edit = Callable[[AsyncConnection, Principal, str, Any, crs_ref.CrsRef, str | None],
+                 Awaitable[risk_edits.Written]]
+
+
+async def _edit(edit: _Edit, types: tuple[str, ...], request: Request, conn: AsyncConnection,
+                principal: Principal, feature_id: str, content_crs: str | None,
+                if_match: str | None) -> JSONResponse:
+    """PUT and PATCH: the body (of one of ``types``) in its CRS, written by ``edit``."""
+    crs = crs_ref.resolve(content_crs, "Content-Crs")
+    body = await _json(request, types)
+    written = await edit(conn, principal, feature_id, body, crs, if_match)
+    return _answer(request, written, 200)
+
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "Not JSON, not a GeoJSON Feature with a Point, or an unknown CRS"},
     403: {"description": "The point lies (or would move) outside the editor's jurisdiction"},
@@ -140,10 +158,8 @@ async def create_item(request: Request, conn: ConnDep, principal: EditorDep,
 async def replace_item(feature_id: str, request: Request, conn: ConnDep, principal: EditorDep,
                        content_crs: str | None = CONTENT_CRS,
                        if_match: str | None = IF_MATCH) -> JSONResponse:
-    crs = crs_ref.resolve(content_crs, "Content-Crs")
-    body = await _json(request, FEATURE_TYPES)
-    written = await risk_edits.replace(conn, principal, feature_id, body, crs, if_match)
-    return _answer(request, written, 200)
+    return await _edit(risk_edits.replace, FEATURE_TYPES, request, conn, principal, feature_id,
+                       content_crs, if_match)
 
 
 @router.patch(ITEM, summary="Update a risk point by a JSON merge patch (OGC API - Features "
@@ -152,10 +168,8 @@ async def replace_item(feature_id: str, request: Request, conn: ConnDep, princip
 async def update_item(feature_id: str, request: Request, conn: ConnDep, principal: EditorDep,
                       content_crs: str | None = CONTENT_CRS,
                       if_match: str | None = IF_MATCH) -> JSONResponse:
-    crs = crs_ref.resolve(content_crs, "Content-Crs")
-    body = await _json(request, PATCH_TYPES)
-    written = await risk_edits.update(conn, principal, feature_id, body, crs, if_match)
-    return _answer(request, written, 200)
+    return await _edit(risk_edits.update, PATCH_TYPES, request, conn, principal, feature_id,
+                       content_crs, if_match)
 
 
 @router.delete(ITEM, status_code=204, summary="Delete a risk point (OGC API - Features Part 4)",
