@@ -25,6 +25,25 @@ class NotFound(TwinError):
     status_code = 404
 
 
+class Conflict(TwinError):
+    """The write clashes with the stored state (a unique code already taken, ...)."""
+
+    status_code = 409
+
+
+class PreconditionFailed(TwinError):
+    """A precondition of the request (If-Match) does not hold for the stored item."""
+
+    status_code = 412
+
+
+class Unprocessable(TwinError):
+    """Well-formed, but not something twin can store (an unknown property, a place outside
+    the municipality, ...)."""
+
+    status_code = 422
+
+
 class DatabaseUnavailable(TwinError):
     status_code = 503
 

@@ -44,7 +44,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from twin.core import outbox
 from twin.core.crs_ref import CrsRef, resolve
-from twin.core.errors import InvalidParameter, NotFound, TwinError
+from twin.core.errors import (
+    Conflict,
+    InvalidParameter,
+    NotFound,
+    PreconditionFailed,
+    Unprocessable,
+)
 from twin.core.principal import Forbidden, Principal
 from twin.core.scope import code_in_scope, table_predicate
 
@@ -59,24 +65,6 @@ READ_ONLY = ("id", "grid_code", "updated_at", *(f"h3_r{res}" for res in H3_RESOL
 MAX_TEXT = 500
 MAX_CODE = 24  # risk_points.code is varchar(24)
 MAX_BIGINT = 2**63 - 1
-
-
-class Unprocessable(TwinError):
-    """Well-formed, but not a risk point twin can store (422)."""
-
-    status_code = 422
-
-
-class PreconditionFailed(TwinError):
-    """If-Match names another version of the item than the stored one (412)."""
-
-    status_code = 412
-
-
-class Conflict(TwinError):
-    """The code is another risk point's (409)."""
-
-    status_code = 409
 
 
 # --- the ETag ----------------------------------------------------------------------------
