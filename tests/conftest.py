@@ -11,12 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import psycopg
 import pyogrio
 import pytest
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, text
 
 from data_samples.load import load_sample
+from tests.databases import libpq
+from tests.sensors import SUB_SECOND, forget_readings
 from tests.servers import LiveServer, ServerProcess, free_port
 from tests.uploads import upload_settings
 from twin.core.cluster import ManagedCluster
@@ -28,8 +31,7 @@ TEST_DATABASE = os.environ.get("TWIN_TEST_DATABASE", "twin_test")
 
 
 def _fresh_test_database(cluster: ManagedCluster) -> str:
-    admin = cluster.url("postgres").replace("postgresql+psycopg", "postgresql")
-    with psycopg.connect(admin, autocommit=True) as conn:
+    with psycopg.connect(libpq(cluster.url("postgres")), autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {TEST_DATABASE} WITH (FORCE)")
         conn.execute(f"CREATE DATABASE {TEST_DATABASE}")
     return cluster.url(TEST_DATABASE)
@@ -72,7 +74,7 @@ def server(engine: Engine, database_url: str) -> Iterator[LiveServer]:
 
 @pytest.fixture()
 def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as client:
+    with server.client() as client:
         yield client
 
 
@@ -80,6 +82,25 @@ def client(server: LiveServer) -> Iterator[httpx.Client]:
 def server_process(engine: Engine, database_url: str) -> Iterator[ServerProcess]:
     with ServerProcess(database_url) as live:
         yield live
+
+
+# --- sensors, and the readings a module posts (tests/sensors.py) ----------------------------
+
+@pytest.fixture(scope="module")
+def sensors(engine: Engine) -> pd.DataFrame:
+    """Every sensor's kind and value range, by id."""
+    return pd.read_sql(text("SELECT id, kind, min_value, max_value FROM sensors ORDER BY id"),
+                       engine).set_index("id")
+
+
+@pytest.fixture(scope="module")
+def forget_posted_readings(engine: Engine) -> Iterator[None]:
+    """After the module, the readings it posted (those with a sub-second mark) are gone again,
+    and the latest reading of each sensor they touched is again the newest one left. A module
+    asks for it with ``pytestmark = pytest.mark.usefixtures("forget_posted_readings")``."""
+    yield
+    with engine.begin() as conn:
+        forget_readings(conn, SUB_SECOND)
 
 
 # --- a cluster of a test's own, and the upload server ------------------------------------

@@ -24,7 +24,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
 from twin.api.app import create_app
-from twin.core.settings import Settings
+from twin.core.settings import AuthSettings, Settings
 from twin.migrate import upgrade
 
 # Issue 7: anonymous access is off by default. Test servers read anonymously as a planner (like
@@ -76,6 +76,15 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+    def client(self, **options) -> httpx.Client:
+        """An HTTP client of this server (30 s timeout unless ``options`` say otherwise)."""
+        return httpx.Client(**{"base_url": self.url, "timeout": 30, **options})
+
+
+def closed_settings(database_url: str, **auth) -> Settings:
+    """Anonymous access off, as twin ships; ``auth`` the rest of the access settings."""
+    return Settings(database_url=database_url, auth=AuthSettings(anonymous_role="", **auth))
 
 
 class ServerProcess:

@@ -8,7 +8,6 @@ the suite's shared audit log. The oracle is the age each row was written with.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -18,8 +17,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.ext.asyncio import create_async_engine
 
+from tests.databases import on_own_connection
 from tests.servers import ADMIN, LiveServer, sibling_database
 from twin.audit import PRUNE_LOCK, prune
 from twin.core.settings import AuditSettings, AuthSettings, Settings
@@ -62,15 +61,7 @@ def ages_left(engine: Engine) -> list[int]:
 
 
 def run_prune(url: str, days: int, batch: int) -> int:
-    async def go() -> int:
-        engine = create_async_engine(url.replace("postgresql://", "postgresql+psycopg://"))
-        try:
-            async with engine.connect() as conn:
-                return await prune(conn, days, batch)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(go())
+    return on_own_connection(url, lambda conn: prune(conn, days, batch))
 
 
 @pytest.mark.parametrize("days,batch", [(365, 5000), (365, 1), (30, 2), (2, 3)])

@@ -14,11 +14,11 @@ import pytest
 from fastapi.routing import iter_route_contexts
 from sqlalchemy import Engine
 
-from tests.servers import EDITOR, LiveServer
+from tests.servers import EDITOR, LiveServer, closed_settings
 from twin.api import access
 from twin.api.app import create_app
 from twin.core.principal import ROLES
-from twin.core.settings import AuthSettings, Settings
+from twin.core.settings import Settings
 
 ROLE_KEYS = {f"role-test-{role}-key-0123456789": f"{role}:role-test-{role}" for role in ROLES}
 HEADERS = {role: {"Authorization": f"Bearer role-test-{role}-key-0123456789"} for role in ROLES}
@@ -60,15 +60,13 @@ def test_every_route_declares_a_role_and_public_ones_are_the_documented_few():
 @pytest.fixture(scope="module")
 def closed_server(engine: Engine, database_url: str) -> Iterator[LiveServer]:
     """Anonymous access off, as twin ships; one settings key per role."""
-    settings = Settings(database_url=database_url,
-                        auth=AuthSettings(keys=ROLE_KEYS, anonymous_role=""))
-    with LiveServer(settings) as live:
+    with LiveServer(closed_settings(database_url, keys=ROLE_KEYS)) as live:
         yield live
 
 
 @pytest.fixture()
 def closed(closed_server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=closed_server.url, timeout=30) as client:
+    with closed_server.client() as client:
         yield client
 
 

@@ -22,10 +22,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from sqlalchemy import Engine, text
 
-from tests.servers import ADMIN, LiveServer
+from tests.servers import ADMIN, LiveServer, closed_settings
 from twin import cli
 from twin.core.errors import InvalidParameter, NotFound
-from twin.core.settings import AuthSettings, Settings
+from twin.core.settings import Settings
 
 SECRET = "test-jwt-secret-with-at-least-32-bytes!!"
 LOCATE = "/query/locate?lon=106.55&lat=29.56"
@@ -52,14 +52,14 @@ def jwks_file(signing_keys: dict, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="module")
 def token_server(engine: Engine, database_url: str, jwks_file: Path) -> Iterator[LiveServer]:
-    auth = AuthSettings(anonymous_role="", jwt_secret=SECRET, jwks_file=jwks_file)
-    with LiveServer(Settings(database_url=database_url, auth=auth)) as live:
+    settings = closed_settings(database_url, jwt_secret=SECRET, jwks_file=jwks_file)
+    with LiveServer(settings) as live:
         yield live
 
 
 @pytest.fixture()
 def api(token_server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=token_server.url, timeout=30) as client:
+    with token_server.client() as client:
         yield client
 
 

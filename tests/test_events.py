@@ -22,6 +22,7 @@ import shapely
 from pyproj import Geod
 from sqlalchemy import Engine, create_engine, text
 
+from tests.databases import on_own_connection
 from tests.servers import LiveServer, sibling_database
 from twin.core.settings import AuthSettings, EventsSettings, Settings
 
@@ -465,24 +466,6 @@ def test_overdue_deadlines_fire_soon_after_a_server_starts(engine: Engine, datab
 
 
 
-def in_a_connection(database_url: str, work: Any) -> Any:
-    """``await work(conn)`` on an async connection of its own (as the ingest holds one)."""
-    import asyncio
-
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    async def run() -> Any:
-        async_engine = create_async_engine(database_url.replace(
-            "postgresql://", "postgresql+psycopg://", 1))
-        try:
-            async with async_engine.connect() as conn:
-                return await work(conn)
-        finally:
-            await async_engine.dispose()
-
-    return asyncio.run(run())
-
-
 def test_raised_by_a_rule_inside_the_callers_transaction(engine: Engine, database_url: str,
                                                         city: City):
     """raise_event: no principal, no commit of its own; a rollback leaves nothing."""
@@ -502,7 +485,7 @@ def test_raised_by_a_rule_inside_the_callers_transaction(engine: Engine, databas
         await conn.rollback()
         return kept, dropped
 
-    kept, dropped = in_a_connection(database_url, raise_two)
+    kept, dropped = on_own_connection(database_url, raise_two)
     assert kept["grid_code"] == city.owner(lon, lat)
     assert len(kept["title"]) == events.TITLE_MAX
     assert kept["links"]["teams_by"] == "distance"
@@ -523,7 +506,7 @@ def test_raised_by_a_rule_inside_the_callers_transaction(engine: Engine, databas
                                  title="x", description="y")
 
     with pytest.raises(OutsideMunicipality):
-        in_a_connection(database_url, outside)
+        on_own_connection(database_url, outside)
 
 
 def test_events_are_a_collection_and_a_tile_layer(engine: Engine, database_url: str,

@@ -21,6 +21,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
 from tests.brokers import CuttableProxy, Publisher, own_broker
+from tests.sensors import forget_readings
 from tests.servers import LiveServer, free_port
 from twin.core.broker import BrokerError, ManagedBroker
 from twin.core.settings import MqttSettings, Settings
@@ -60,9 +61,8 @@ def sensors(engine: Engine) -> list[tuple[int, float, float]]:
 def forget_published(engine: Engine) -> Iterator[None]:
     yield
     with engine.begin() as conn:
-        conn.execute(text("DELETE FROM sensor_readings WHERE ts > now() - interval '2 hours' "
-                          "AND extract(microseconds FROM ts)::int % 1000 = :mark"),
-                     {"mark": MARK_US})
+        forget_readings(conn, "ts > now() - interval '2 hours' "
+                        "AND extract(microseconds FROM ts)::int % 1000 = :mark", {"mark": MARK_US})
         conn.execute(text("DELETE FROM reading_dead_letters "
                           "WHERE topic LIKE 'twin/readings/test%'"))
 

@@ -7,7 +7,6 @@ benchmark count the same way. What a zone affects is checked against shapely/geo
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -20,9 +19,9 @@ import pytest
 import shapely
 from httpx import Client
 from sqlalchemy import Engine, text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from benchmarks.anomalies import score
+from tests.databases import on_own_connection
 from twin.queries.anomalies import BUFFER_M, Zone, group_medians, zone_impacts
 
 NETWORKS = ("drainage", "water", "gas")
@@ -159,15 +158,8 @@ def test_impacts_of_a_large_zone_agree_with_shapely(database_url: str, engine: E
         "SELECT id FROM pipe_segments WHERE network = 'drainage' ORDER BY id LIMIT 60"),
         engine)["id"])
 
-    async def impacts():
-        async_engine = create_async_engine(database_url)
-        try:
-            async with async_engine.connect() as conn:
-                return await zone_impacts(conn, [Zone([], ids[0], ids)])
-        finally:
-            await async_engine.dispose()
-
-    row = asyncio.run(impacts())[0]
+    row = on_own_connection(database_url,
+                            lambda conn: zone_impacts(conn, [Zone([], ids[0], ids)]))[0]
     assert row.risk_points["count"] + row.buildings + len(row.communities) > 0
     _check_impact(json.loads(row.geometry), row.communities, row.risk_points, row.buildings,
                   ids, places)

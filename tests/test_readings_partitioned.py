@@ -34,6 +34,7 @@ from twin.live.runtime import LiveContext
 MARK = timedelta(microseconds=654_321)
 STREET = "500112002"
 STREET_KEY = "ingest-street-key-0123456789"
+pytestmark = pytest.mark.usefixtures("forget_posted_readings")
 
 
 @pytest.fixture(scope="module")
@@ -47,28 +48,6 @@ def live(engine: Engine, database_url: str) -> Iterator[LiveServer]:
 def client(live: LiveServer) -> Iterator[Client]:
     with Client(base_url=live.url, timeout=60, headers=EDITOR) as client:
         yield client
-
-
-@pytest.fixture(scope="module", autouse=True)
-def forget_posted_readings(engine: Engine):
-    yield
-    with engine.begin() as conn:
-        touched = conn.execute(text(
-            "DELETE FROM sensor_readings WHERE ts <> date_trunc('second', ts) "
-            "RETURNING sensor_id")).scalars().all()
-        ids = {"ids": sorted(set(touched))}
-        conn.execute(text("DELETE FROM sensor_latest WHERE sensor_id = ANY(:ids)"), ids)
-        conn.execute(text("""
-            INSERT INTO sensor_latest (sensor_id, ts, value)
-            SELECT DISTINCT ON (sensor_id) sensor_id, ts, value FROM sensor_readings
-             WHERE sensor_id = ANY(:ids) ORDER BY sensor_id, ts DESC
-        """), ids)
-
-
-@pytest.fixture(scope="module")
-def sensors(engine: Engine) -> pd.DataFrame:
-    return pd.read_sql(text("SELECT id, kind, min_value, max_value FROM sensors ORDER BY id"),
-                       engine).set_index("id")
 
 
 def stamp(instant: datetime) -> str:

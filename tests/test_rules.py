@@ -25,6 +25,8 @@ from sqlalchemy import Engine, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from data_samples.sensors import READINGS_START
+from tests.databases import in_own_transaction
+from tests.sensors import forget_readings
 from tests.servers import ADMIN, EDITOR, LiveServer
 from twin.core.settings import AuthSettings, RulesSettings, Settings
 from twin.live import detectors
@@ -77,10 +79,8 @@ def client(live: LiveServer) -> Iterator[Client]:
 def forget_what_the_module_made(engine: Engine):
     yield
     with engine.begin() as conn:
-        touched = conn.execute(text(
-            "DELETE FROM sensor_readings WHERE date_part('microseconds', ts)::int % 1000000 "
-            "= :mark RETURNING sensor_id"), {"mark": MARK.microseconds}).scalars().all()
-        ids = sorted(set(touched))
+        ids = forget_readings(conn, "date_part('microseconds', ts)::int % 1000000 = :mark",
+                              {"mark": MARK.microseconds})
         events = conn.execute(text("""
             SELECT event_id FROM sensor_alerts WHERE sensor_id = ANY(:ids) AND event_id IS NOT NULL
             UNION SELECT event_id FROM anomaly_zones WHERE event_id IS NOT NULL
@@ -88,12 +88,6 @@ def forget_what_the_module_made(engine: Engine):
         conn.execute(text("DELETE FROM sensor_alerts WHERE sensor_id = ANY(:ids)"), {"ids": ids})
         conn.execute(text("DELETE FROM anomaly_zones"))
         conn.execute(text("DELETE FROM events WHERE id = ANY(:ids)"), {"ids": events})
-        conn.execute(text("DELETE FROM sensor_latest WHERE sensor_id = ANY(:ids)"), {"ids": ids})
-        conn.execute(text("""
-            INSERT INTO sensor_latest (sensor_id, ts, value)
-            SELECT DISTINCT ON (sensor_id) sensor_id, ts, value FROM sensor_readings
-             WHERE sensor_id = ANY(:ids) ORDER BY sensor_id, ts DESC
-        """), {"ids": ids})
 
 
 def marked(instant: datetime) -> datetime:
@@ -106,18 +100,6 @@ def post(client: Client, readings: list[tuple[int, datetime, float]]) -> None:
     response = client.post("/sensors/readings", json=body)
     assert response.status_code == 200, response.text
     assert response.json()["accepted"] == len(readings), response.text
-
-
-def run(database_url: str, work) -> object:
-    """``work(conn)`` in one committed transaction on a connection of its own."""
-    async def main():
-        engine = create_async_engine(database_url)
-        try:
-            async with engine.begin() as conn:
-                return await work(conn)
-        finally:
-            await engine.dispose()
-    return asyncio.run(main())
 
 
 def alerts_of(engine: Engine, sensor_id: int, rule: str) -> list:
@@ -265,15 +247,15 @@ def test_a_silent_sensor_opens_an_alert_and_speaking_again_closes_it(client: Cli
         return await detectors.check_silence(conn, at, timedelta(hours=24))
 
     # 20 minutes later than the reading: not silent yet.
-    run(database_url, lambda conn: look(conn, last + timedelta(minutes=20)))
+    in_own_transaction(database_url, lambda conn: look(conn, last + timedelta(minutes=20)))
     assert not alerts_of(engine, first, "flow_silent")
-    run(database_url, look)
+    in_own_transaction(database_url, look)
     for sensor in (first, second):
         (alert,) = alerts_of(engine, sensor, "flow_silent")
         assert alert.opened_at == last + timedelta(minutes=30) and alert.closed_at is None
         assert alert.event_kind == "sensor_fault" and alert.event_sensor == sensor
     # A second look opens nothing more.
-    run(database_url, look)
+    in_own_transaction(database_url, look)
     assert len(alerts_of(engine, first, "flow_silent")) == 1
     # A reading arrives: the ingest closes the alert at once.
     post(client, [(first, marked(now - timedelta(minutes=1)), 0.21)])
@@ -286,7 +268,7 @@ def test_a_silent_sensor_opens_an_alert_and_speaking_again_closes_it(client: Cli
                           "VALUES (:s, :t, 0.22)"), {"s": second, "t": resumed})
         conn.execute(text("UPDATE sensor_latest SET ts = :t, value = 0.22 WHERE sensor_id = :s"),
                      {"s": second, "t": resumed})
-    run(database_url, look)
+    in_own_transaction(database_url, look)
     (alert,) = alerts_of(engine, second, "flow_silent")
     assert alert.closed_at == resumed
     states = [m.payload["state"] for m in outbox_alerts(engine, second)
@@ -315,8 +297,8 @@ def test_a_planted_incident_becomes_a_live_zone_with_an_event(engine: Engine, pl
     async def look(conn, at):
         return await detectors.run_anomalies(conn, at, window, ("gas",))
 
-    assert run(database_url, lambda c: look(c, clock)) == {"opened": 1, "updated": 0,
-                                                           "closed": 0}
+    assert in_own_transaction(database_url, lambda c: look(c, clock)) == {
+        "opened": 1, "updated": 0, "closed": 0}
     zone = engine.connect().execute(text("""
         SELECT z.*, e.kind AS event_kind, e.source AS event_source, e.grid_code
           FROM anomaly_zones z LEFT JOIN events e ON e.id = z.event_id
@@ -325,7 +307,7 @@ def test_a_planted_incident_becomes_a_live_zone_with_an_event(engine: Engine, pl
     assert zone.event_kind == "gas_leak" and zone.event_source == "detector"
     assert zone.started_at == steps[-7] and zone.last_seen_at == steps[-1]
     # Seen again: matched, not a second zone, and nothing new pushed.
-    assert run(database_url, lambda c: look(c, clock + timedelta(minutes=1))) == {
+    assert in_own_transaction(database_url, lambda c: look(c, clock + timedelta(minutes=1))) == {
         "opened": 0, "updated": 0, "closed": 0}
     # The map reads it, in scope only.
     with Client(base_url=live.url, timeout=60) as client:
@@ -340,7 +322,7 @@ def test_a_planted_incident_becomes_a_live_zone_with_an_event(engine: Engine, pl
                            headers={"Authorization": f"Bearer {OTHER_KEY}"}).json()
         assert other["features"] == []
     # Over once its last anomalous reading is more than 15 minutes old.
-    assert run(database_url, lambda c: look(c, clock + timedelta(minutes=30))) == {
+    assert in_own_transaction(database_url, lambda c: look(c, clock + timedelta(minutes=30))) == {
         "opened": 0, "updated": 0, "closed": 1}
     messages = engine.connect().execute(text(
         "SELECT payload, area_codes FROM outbox WHERE kind = 'anomaly' ORDER BY id")).all()

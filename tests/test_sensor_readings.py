@@ -18,6 +18,7 @@ from sqlalchemy import Engine, text
 from tests.servers import EDITOR, LiveServer
 
 MARK = timedelta(microseconds=123_457)
+pytestmark = pytest.mark.usefixtures("forget_posted_readings")
 
 
 @pytest.fixture()
@@ -25,29 +26,6 @@ def client(server: LiveServer) -> Iterator[Client]:
     """Sensor gateways post with a gis-editor key (issue 7: twin/api/access.py)."""
     with Client(base_url=server.url, timeout=30, headers=EDITOR) as client:
         yield client
-
-
-@pytest.fixture(scope="module", autouse=True)
-def forget_posted_readings(engine: Engine):
-    yield
-    with engine.begin() as conn:
-        touched = conn.execute(text(
-            "DELETE FROM sensor_readings WHERE ts <> date_trunc('second', ts) "
-            "RETURNING sensor_id")).scalars().all()
-        # The latest reading of those sensors is again the newest one left.
-        ids = {"ids": sorted(set(touched))}
-        conn.execute(text("DELETE FROM sensor_latest WHERE sensor_id = ANY(:ids)"), ids)
-        conn.execute(text("""
-            INSERT INTO sensor_latest (sensor_id, ts, value)
-            SELECT DISTINCT ON (sensor_id) sensor_id, ts, value FROM sensor_readings
-             WHERE sensor_id = ANY(:ids) ORDER BY sensor_id, ts DESC
-        """), ids)
-
-
-@pytest.fixture(scope="module")
-def sensors(engine: Engine) -> pd.DataFrame:
-    return pd.read_sql(text("SELECT id, kind, min_value, max_value FROM sensors ORDER BY id"),
-                       engine).set_index("id")
 
 
 def stamp(minutes_ago: float, tz: str = "+08:00") -> str:

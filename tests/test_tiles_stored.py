@@ -26,6 +26,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from layers.job_liveness import _recover_if_alone
+from tests.databases import libpq
 from tiles import hexagons
 from tiles.filters import SectorCodes, TileFilters
 from tiles.vector import TileOptions, render_tile
@@ -343,8 +344,7 @@ def test_tiles_survive_their_connections_being_dropped(client: Client, database_
     has no pre-ping and the version reader holds its own connection; both retry once."""
     paths = [f"/tiles/risk_points/8/207/107.mvt?level={level}" for level in (1, 2, 3)]
     assert client.get(paths[0]).status_code == 200
-    libpq = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    with psycopg.connect(libpq, autocommit=True) as admin:
+    with psycopg.connect(libpq(database_url), autocommit=True) as admin:
         killed = admin.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()[0]

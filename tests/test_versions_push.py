@@ -21,6 +21,7 @@ import psycopg
 import pytest
 from sqlalchemy import Engine, text
 
+from tests.databases import libpq
 from tests.servers import ServerProcess
 from tests.workers import EDITOR, KEY, Fresh, pinned_connections, points_csv, wait_for_job
 from tiles.vector import BUFFER, EXTENT
@@ -47,8 +48,7 @@ def points_in_tile(csv: bytes) -> int:
 
 
 def listeners(database_url: str) -> list[str]:
-    libpq = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    with psycopg.connect(libpq) as conn:
+    with psycopg.connect(libpq(database_url)) as conn:
         return [name for (name,) in conn.execute(
             "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()"
             " AND application_name LIKE %s", (LISTENER_PREFIX + "%",))]
@@ -141,7 +141,7 @@ async def until(condition, seconds: float = 20.0) -> None:
 
 async def listener_follows_every_change(database_url: str, engine: Engine) -> None:
     settings = Settings(database_url=database_url)
-    url = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    url = libpq(database_url)
     versions = LayerVersions(url, DataVersions(async_engine(settings, 1, 0)), poll_s=0.5)
     versions.start()
     try:
@@ -214,7 +214,7 @@ def test_a_writer_outside_twin_is_acknowledged_by_every_listener(database_url: s
                                                                  engine: Engine):
     async def scenario() -> tuple[set[str], dict, dict]:
         settings = Settings(database_url=database_url)
-        url = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+        url = libpq(database_url)
         processes = [LayerVersions(url, DataVersions(async_engine(settings, 1, 0)))
                      for _ in range(2)]
         for versions in processes:

@@ -33,17 +33,9 @@ from sqlalchemy import Engine, text
 from data_samples.generate import ANOMALY_TRUTH
 from tests.servers import LiveServer
 from tests.uploads import minimal_glb
+from tests.webpages import BrowserPage, chromium, need_built_web
 from twin.core.settings import AuthSettings, Settings, UploadSettings
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-
-ROOT = Path(__file__).resolve().parents[1]
-DIST_INDEX = ROOT / "web" / "dist" / "index.html"
-ARTIFACTS = ROOT / "tests" / "artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
-# WebGL without a GPU: ANGLE on SwiftShader.
-CHROMIUM_ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-                 "--ignore-gpu-blocklist", "--no-sandbox"]
 EDITOR_KEY = "web-test-editor-key"
 VIEWPORT = {"width": 1920, "height": 1080}
 LAPTOP = {"width": 1366, "height": 768}
@@ -54,8 +46,7 @@ TIMEOUT_MS = 30_000
 def web_server(engine: Engine, database_url: str,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """twin with a gis-editor key and its own upload folder (the page's upload needs both)."""
-    if not DIST_INDEX.exists():
-        pytest.fail("web/dist is not built: run `make test` (or npm ci && npm run build in web/)")
+    need_built_web()
     settings = Settings(
         database_url=database_url,
         auth=AuthSettings(keys={EDITOR_KEY: "gis-editor:web-test"}),
@@ -67,25 +58,17 @@ def web_server(engine: Engine, database_url: str,
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    assert CHROMIUM.exists(), "Debian's chromium is missing: `make system-deps` installs it"
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
-class MapPage:
+class MapPage(BrowserPage):
     """One browser page on the map, recording console errors and requests."""
 
     def __init__(self, page, base_url: str):
-        self.page = page
-        self.base_url = base_url
-        self.errors: list[str] = []
+        super().__init__(page, base_url, TIMEOUT_MS)
         self.requests: list[str] = []
-        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: self.errors.append(str(e)))
         page.on("request", lambda r: self.requests.append(r.url))
-        page.set_default_timeout(TIMEOUT_MS)
 
     def open(self, fragment: str = "") -> MapPage:
         self.page.goto(f"{self.base_url}/{fragment}")
@@ -93,30 +76,9 @@ class MapPage:
         self.idle()
         return self
 
-    def idle(self) -> None:
-        self.page.wait_for_function(
-            "window.__twinMap.loaded() && !window.__twinMap.isMoving()")
-
-    def jump(self, lon: float, lat: float, zoom: float) -> None:
-        self.page.evaluate("([lon, lat, zoom]) => window.__twinMap.jumpTo("
-                           "{center: [lon, lat], zoom, pitch: 0, bearing: 0})", [lon, lat, zoom])
-        self.idle()
-
-    def click_lonlat(self, lon: float, lat: float) -> None:
-        """Click where the map draws lon/lat (map.project gives canvas pixels)."""
-        x, y = self.page.evaluate(
-            "([lon, lat]) => { const p = window.__twinMap.project([lon, lat]);"
-            " const r = window.__twinMap.getCanvas().getBoundingClientRect();"
-            " return [r.left + p.x, r.top + p.y]; }", [lon, lat])
-        self.page.mouse.click(x, y)
-
     def source_features(self, source: str) -> list[dict]:
         return self.page.evaluate(
             "async (id) => (await window.__twinMap.getSource(id).getData()).features", source)
-
-    def screenshot(self, name: str) -> None:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        self.page.screenshot(path=str(ARTIFACTS / name))
 
 
 @pytest.fixture()

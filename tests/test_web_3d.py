@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -24,15 +23,8 @@ from sqlalchemy import Engine, text
 
 from tests.servers import LiveServer
 from tests.tiles3d import dem_ground
+from tests.webpages import artifact, chromium, need_built_web
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-
-ROOT = Path(__file__).resolve().parents[1]
-DIST_INDEX = ROOT / "web" / "dist" / "index.html"
-ARTIFACTS = ROOT / "tests" / "artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-                 "--ignore-gpu-blocklist", "--no-sandbox"]
 # Small: SwiftShader draws every pixel on the CPU.
 VIEWPORT = {"width": 1000, "height": 700}
 TIMEOUT_MS = 180_000
@@ -111,23 +103,18 @@ class GlobePage:
             " })()")
 
     def screenshot(self, name: str) -> bytes:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
         png = self.page.locator("#globe-view").screenshot()
-        (ARTIFACTS / name).write_bytes(png)
+        artifact(name).write_bytes(png)
         return png
 
 
 @pytest.fixture(scope="module")
 def globe(server: LiveServer) -> Iterator[GlobePage]:
-    if not DIST_INDEX.exists():
-        pytest.fail("web/dist is not built: run `make web`")
-    assert CHROMIUM.exists(), "Debian's chromium is missing: `make browser-deps` installs it"
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    need_built_web()
+    with chromium() as browser:
         context = browser.new_context(viewport=VIEWPORT, locale="zh-CN")
         yield GlobePage(context.new_page(), server.url).open()
         context.close()
-        browser.close()
 
 
 def _lone_building(engine: Engine) -> dict:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 
 import httpx
 import pytest
@@ -27,16 +26,9 @@ from shapely.geometry import Point
 from sqlalchemy import Engine, text
 
 from tests.servers import EDITOR, EDITOR_KEY, LiveServer
+from tests.webpages import BrowserPage, chromium, need_built_web
 from twin.core.settings import Settings
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-
-ROOT = Path(__file__).resolve().parents[1]
-DIST_INDEX = ROOT / "web" / "dist" / "index.html"
-ARTIFACTS = ROOT / "tests" / "artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-                 "--ignore-gpu-blocklist", "--no-sandbox"]
 VIEWPORT = {"width": 1280, "height": 800}
 TIMEOUT_MS = 30_000
 # The stream's messages reach the other page within this (they take well under a second).
@@ -50,16 +42,11 @@ NEED_KEY = "需要权限"
 STALE = "已被他人修改"
 
 
-class LivePage:
-    """One browser page on the map, its console errors recorded."""
+class LivePage(BrowserPage):
+    """One browser page on the map, its console errors recorded, its stream open."""
 
     def __init__(self, page, base_url: str):
-        self.page = page
-        self.base_url = base_url
-        self.errors: list[str] = []
-        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: self.errors.append(str(e)))
-        page.set_default_timeout(TIMEOUT_MS)
+        super().__init__(page, base_url, TIMEOUT_MS)
 
     def open(self) -> LivePage:
         self.page.goto(f"{self.base_url}/")
@@ -72,23 +59,6 @@ class LivePage:
                            HEAVY_LAYERS)
         self.idle()
         return self
-
-    def idle(self) -> None:
-        self.page.wait_for_function("window.__twinMap.loaded() && !window.__twinMap.isMoving()")
-
-    def jump(self, lon: float, lat: float, zoom: float = ZOOM) -> None:
-        self.page.evaluate("([lon, lat, zoom]) => window.__twinMap.jumpTo("
-                           "{center: [lon, lat], zoom, pitch: 0, bearing: 0})", [lon, lat, zoom])
-        self.idle()
-
-    def screen(self, lon: float, lat: float) -> tuple[float, float]:
-        return tuple(self.page.evaluate(
-            "([lon, lat]) => { const p = window.__twinMap.project([lon, lat]);"
-            " const r = window.__twinMap.getCanvas().getBoundingClientRect();"
-            " return [r.left + p.x, r.top + p.y]; }", [lon, lat]))
-
-    def click_lonlat(self, lon: float, lat: float) -> None:
-        self.page.mouse.click(*self.screen(lon, lat))
 
     def problems(self, *expected: int) -> list[str]:
         """Console errors, less the browser's note of each refusal the test provoked."""
@@ -107,6 +77,26 @@ class LivePage:
             " return hit === drawn && m.loaded(); }",
             arg=[point_id, lon, lat, drawn], timeout=PUSH_MS)
 
+    def wait_event(self, event_id: int, data: str, value: str) -> None:
+        """Until the panel's item of the event has ``data-<data>`` = ``value``."""
+        self.page.wait_for_function(
+            "([id, data, value]) => document.querySelector("
+            "`#event-list li.event[data-event-id='${id}']`)?.dataset[data] === value",
+            arg=[event_id, data, value], timeout=PUSH_MS)
+
+    def submit(self, button: str, answer: str, attribute: str) -> int:
+        """Clicks the form's ``button``; the id the server gave, once the page shows it as
+        ``answer``'s ``attribute``."""
+        self.page.locator(button).click()
+        shown = self.page.locator(f"{answer}[{attribute}]")
+        shown.wait_for()
+        return int(shown.get_attribute(attribute))
+
+    def wait_said(self, words: str) -> None:
+        """Until the risk point card's message says ``words``."""
+        self.page.wait_for_function("(t) => document.querySelector('#rp-message')?.textContent"
+                                    ".includes(t)", arg=words)
+
     def enter_key(self, key: str) -> None:
         if self.page.locator("#key-form").is_hidden():
             self.page.locator("#key-button").click()
@@ -114,31 +104,23 @@ class LivePage:
         self.page.locator("#key-save").click()
         self.page.wait_for_function("window.__twin.live.state === 'open'")
 
-    def screenshot(self, name: str) -> None:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        self.page.screenshot(path=str(ARTIFACTS / name))
-
 
 @pytest.fixture(scope="module")
 def live_server(engine: Engine, database_url: str) -> Iterator[LiveServer]:
     """Anonymous planner (tests/servers.with_test_access) and the fixture gis-editor key."""
-    if not DIST_INDEX.exists():
-        pytest.fail("web/dist is not built: run `make web` (or npm ci && npm run build in web/)")
+    need_built_web()
     with LiveServer(Settings(database_url=database_url)) as live:
         yield live
 
 
 @pytest.fixture(scope="module")
 def pages(live_server: LiveServer) -> Iterator[tuple[LivePage, LivePage]]:
-    assert CHROMIUM.exists(), "Debian's chromium is missing: `make system-deps` installs it"
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with chromium() as browser:
         contexts = [browser.new_context(viewport=VIEWPORT, locale="zh-CN") for _ in range(2)]
         a, b = (LivePage(context.new_page(), live_server.url).open() for context in contexts)
         yield a, b
         for context in contexts:
             context.close()
-        browser.close()
 
 
 def _grid_of(engine: Engine, lon: float, lat: float) -> str:
@@ -192,24 +174,35 @@ def scene(engine: Engine) -> dict:
 
 def _look(pages: tuple[LivePage, LivePage], scene: dict) -> None:
     for page in pages:
-        page.jump(*scene["centre"])
+        page.jump(*scene["centre"], ZOOM)
+
+
+def _press_at(pages: tuple[LivePage, LivePage], scene: dict, spot: str,
+              button: str) -> tuple[float, float]:
+    """Both pages look at the scene; page A clicks the map at the scene's ``spot``, then the
+    ``button`` the click offers. Returns the spot."""
+    lon, lat = scene[spot]
+    _look(pages, scene)
+    pages[0].click_lonlat(lon, lat)
+    pages[0].page.locator(button).click()
+    return lon, lat
+
+
+def _located(engine: Engine, row, lon: float, lat: float, within: float = 2e-5) -> None:
+    """The stored row stands at (lon, lat), give or take ``within`` degrees, and its grid is
+    the one whose polygon holds it."""
+    assert abs(row["lon"] - lon) < within and abs(row["lat"] - lat) < within
+    assert row["grid_code"] == _grid_of(engine, row["lon"], row["lat"])
 
 
 def test_an_event_reported_in_one_page_appears_and_flashes_in_the_other(
         pages: tuple[LivePage, LivePage], engine: Engine, scene: dict):
     a, b = pages
-    lon, lat = scene["report"]
-    _look(pages, scene)
-
-    a.click_lonlat(lon, lat)
-    a.page.locator("#report-event").click()
+    lon, lat = _press_at(pages, scene, "report", "#report-event")
     a.page.wait_for_function("document.querySelectorAll('#report-kind option').length > 0")
     kind = a.page.locator("#report-kind").input_value()
     a.page.locator("#report-description").fill("网页测试：井盖冒水")
-    a.page.locator("#report-submit").click()
-    done = a.page.locator("#report-message[data-event-id]")
-    done.wait_for()
-    event_id = int(done.get_attribute("data-event-id"))
+    event_id = a.submit("#report-submit", "#report-message", "data-event-id")
     with engine.connect() as conn:
         stored = conn.execute(text(
             "SELECT kind, status, level, grid_code, ST_X(geom) AS lon, ST_Y(geom) AS lat "
@@ -219,8 +212,7 @@ def test_an_event_reported_in_one_page_appears_and_flashes_in_the_other(
             {"id": event_id}).scalar_one()
     assert stored["kind"] == kind and stored["status"] == "reported" and stored["level"] == "grid"
     # The click's spot, located to its grid.
-    assert abs(stored["lon"] - lon) < 2e-5 and abs(stored["lat"] - lat) < 2e-5
-    assert stored["grid_code"] == _grid_of(engine, stored["lon"], stored["lat"])
+    _located(engine, stored, lon, lat)
 
     # Page B: in the panel through the stream, no reload; its marker pulses at the spot.
     item = b.page.locator(f"#event-list li.event[data-event-id='{event_id}']")
@@ -248,9 +240,7 @@ def test_an_event_reported_in_one_page_appears_and_flashes_in_the_other(
     # A transition in B reaches A.
     item.locator("button.transition[data-to='responded']").click()
     mine = a.page.locator(f"#event-list li.event[data-event-id='{event_id}']")
-    a.page.wait_for_function(
-        "(id) => document.querySelector(`#event-list li.event[data-event-id='${id}']`)"
-        "?.dataset.status === 'responded'", arg=event_id, timeout=PUSH_MS)
+    a.wait_event(event_id, "status", "responded")
     assert a.same_document()
     with engine.connect() as conn:
         status = conn.execute(text("SELECT status FROM events WHERE id = :id"),
@@ -269,9 +259,7 @@ def test_an_event_reported_in_one_page_appears_and_flashes_in_the_other(
     with httpx.Client(base_url=b.base_url) as client:
         moved = client.post(f"/events/{event_id}/transitions", json={"to": "verified"})
         assert moved.status_code == 200, moved.text
-    a.page.wait_for_function(
-        "(id) => document.querySelector(`#event-list li.event[data-event-id='${id}']`)"
-        "?.dataset.status === 'verified'", arg=event_id, timeout=PUSH_MS)
+    a.wait_event(event_id, "status", "verified")
     assert a.problems(401, 412) == [] and b.problems(401, 412) == []
 
 
@@ -293,8 +281,7 @@ def test_a_risk_point_edited_in_one_page_moves_and_renames_in_the_other(
     a.page.locator("#rp-name").fill(new_name)
     # Anonymous (planner) cannot edit: the page says so and opens the key box.
     a.page.locator("#rp-save").click()
-    a.page.wait_for_function("(t) => document.querySelector('#rp-message')?.textContent"
-                             ".includes(t)", arg=NEED_KEY)
+    a.wait_said(NEED_KEY)
     assert a.page.locator("#key-form").is_visible()
     a.enter_key(EDITOR_KEY)
     # Move it: "pick a new spot", then a click on the map ~60 m east.
@@ -315,8 +302,7 @@ def test_a_risk_point_edited_in_one_page_moves_and_renames_in_the_other(
         audit = conn.execute(text("SELECT action FROM risk_point_edits WHERE risk_point_id = :id "
                                   "ORDER BY id"), {"id": pid}).scalars().all()
     assert row["name"] == new_name
-    assert abs(row["lon"] - sent[0]) < 1e-9 and abs(row["lat"] - sent[1]) < 1e-9
-    assert row["grid_code"] == _grid_of(engine, row["lon"], row["lat"])
+    _located(engine, row, *sent, within=1e-9)
     assert audit[-1] == "update"
 
     # Page B: its card shows the new name, its tiles the new place (not the old one).
@@ -340,8 +326,7 @@ def test_a_risk_point_edited_in_one_page_moves_and_renames_in_the_other(
         assert other.status_code == 200, other.text
     b.page.locator("#rp-address").fill("测试路 1 号")
     b.page.locator("#rp-save").click()
-    b.page.wait_for_function("(t) => document.querySelector('#rp-message')?.textContent"
-                             ".includes(t)", arg=STALE)
+    b.wait_said(STALE)
     b.page.locator("#rp-reload").click()
     b.page.locator(f"#card .card-title[data-risk-point='{pid}']").wait_for()
     assert "其他人修改" in b.page.locator("#card dl.facts").inner_text()
@@ -352,26 +337,19 @@ def test_a_risk_point_edited_in_one_page_moves_and_renames_in_the_other(
 def test_a_risk_point_created_then_deleted_in_one_page_comes_and_goes_in_the_other(
         pages: tuple[LivePage, LivePage], engine: Engine, scene: dict):
     a, b = pages
-    lon, lat = scene["create"]
-    _look(pages, scene)
-    a.click_lonlat(lon, lat)
-    a.page.locator("#rp-create").click()
+    lon, lat = _press_at(pages, scene, "create", "#rp-create")
     a.page.locator("#rp-name").fill("网页测试新增风险点")
     a.page.locator("#rp-level").select_option("2")
     a.page.locator("#rp-category").fill("测试类别")
     a.page.locator("#rp-address").fill("测试路 2 号")
     sector = a.page.locator("#rp-sector").input_value()
-    a.page.locator("#rp-save").click()
-    title = a.page.locator("#card .card-title[data-risk-point]")
-    title.wait_for()
-    pid = int(title.get_attribute("data-risk-point"))
+    pid = a.submit("#rp-save", "#card .card-title", "data-risk-point")
     with engine.connect() as conn:
         row = conn.execute(text(
             "SELECT name, level, sector_code, grid_code, ST_X(geom) AS lon, ST_Y(geom) AS lat "
             "FROM risk_points WHERE id = :id"), {"id": pid}).mappings().one()
     assert (row["name"], row["level"], row["sector_code"]) == ("网页测试新增风险点", 2, sector)
-    assert abs(row["lon"] - lon) < 2e-5 and abs(row["lat"] - lat) < 2e-5
-    assert row["grid_code"] == _grid_of(engine, row["lon"], row["lat"])
+    _located(engine, row, lon, lat)
     b.wait_drawn(pid, row["lon"], row["lat"])
 
     a.page.locator("#rp-delete").click()
@@ -408,9 +386,7 @@ def test_a_missed_deadline_turns_red_and_the_escalation_reaches_the_panel(
     event_id = answer.json()["id"]
     item = b.page.locator(f"#event-list li.event[data-event-id='{event_id}']")
     item.wait_for(timeout=PUSH_MS)
-    b.page.wait_for_function(
-        "(id) => document.querySelector(`#event-list li.event[data-event-id='${id}']`)"
-        "?.dataset.level === 'street'", arg=event_id, timeout=PUSH_MS)
+    b.wait_event(event_id, "level", "street")
     with engine.connect() as conn:
         level = conn.execute(text("SELECT level FROM events WHERE id = :id"),
                              {"id": event_id}).scalar_one()
