@@ -13,7 +13,7 @@ from datetime import datetime
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from twin.core.db import SessionLock, async_engine
 from twin.core.settings import AuditSettings, Settings
@@ -114,8 +114,8 @@ class AuditPruner:
 
     def __init__(self, settings: Settings):
         self._settings: AuditSettings = settings.audit
-        self._engine: AsyncEngine = async_engine(settings, pool_size=1, max_overflow=0)
-        self._lock = SessionLock(self._engine, PRUNE_LOCK, "audit log")
+        # The pruning runs on the lock's connection.
+        self._lock = SessionLock(settings, PRUNE_LOCK, "audit log")
         self._task: asyncio.Task | None = None
 
     @classmethod
@@ -129,8 +129,7 @@ class AuditPruner:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self._lock.release()
-        await self._engine.dispose()
+        await self._lock.close()
 
     async def _run(self) -> None:
         days, every = self._settings.retention_days, self._settings.prune_every_s

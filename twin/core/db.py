@@ -131,10 +131,14 @@ class SessionLock:
     for whoever checks it out next: ``release`` invalidates it (closing it for good).
     """
 
-    def __init__(self, engine: AsyncEngine, key: int, label: str):
-        """``engine`` gives the lock's connection (a pool of its own: the connection is held
-        for as long as the process leads); ``label`` starts the log messages ("audit log")."""
-        self._engine = engine
+    def __init__(self, settings: Settings, key: int, label: str,
+                 application_name: str | None = None):
+        """``label`` starts the log messages ("audit log"); ``application_name`` labels the
+        lock's connection in ``pg_stat_activity``. The connection comes from a pool of one
+        of the lock's own (``close`` disposes of it): it is held for as long as the process
+        leads, and must never be one a request or a job waits for."""
+        self._engine = async_engine(settings, pool_size=1, max_overflow=0,
+                                    application_name=application_name)
         self._key = key
         self._label = label
         self._conn: AsyncConnection | None = None
@@ -171,3 +175,8 @@ class SessionLock:
                 await step()
             except Exception as error:
                 log.warning("%s: closing the lock's connection: %s", self._label, error)
+
+    async def close(self) -> None:
+        """``release``, and close the lock's pool."""
+        await self.release()
+        await self._engine.dispose()

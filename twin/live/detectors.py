@@ -292,10 +292,8 @@ class Detectors:
         # Pools of their own, labelled: the looks are long statements, never a request's.
         self._work: AsyncEngine = async_engine(ctx.settings, pool_size=1, max_overflow=1,
                                                application_name="twin detectors")
-        self._lock_engine: AsyncEngine = async_engine(ctx.settings, pool_size=1,
-                                                      max_overflow=0,
-                                                      application_name="twin detectors lock")
-        self._lock = SessionLock(self._lock_engine, lock, "detectors")
+        self._lock = SessionLock(ctx.settings, lock, "detectors",
+                                 application_name="twin detectors lock")
         self._task: asyncio.Task | None = None
         # The newest received_at per network at the last anomaly run.
         self._seen: dict[str, datetime] = {}
@@ -308,8 +306,7 @@ class Detectors:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self._lock.release()
-        await self._lock_engine.dispose()
+        await self._lock.close()
         await self._work.dispose()
 
     async def _run(self) -> None:

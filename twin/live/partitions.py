@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from twin.core.db import SessionLock, async_engine
+from twin.core.db import SessionLock
 from twin.core.settings import ReadingsSettings
 
 log = logging.getLogger("twin.live.partitions")
@@ -90,9 +90,9 @@ class PartitionKeeper:
 
     def __init__(self, ctx: Any):
         self._settings: ReadingsSettings = ctx.settings.readings
-        self._engine: AsyncEngine = async_engine(ctx.settings, pool_size=1, max_overflow=0,
-                                                 application_name="twin partitions")
-        self._lock = SessionLock(self._engine, PARTITION_LOCK, "readings: partitions")
+        # The maintenance runs on the lock's connection.
+        self._lock = SessionLock(ctx.settings, PARTITION_LOCK, "readings: partitions",
+                                 application_name="twin partitions")
         self._task: asyncio.Task | None = None
         self.last: MaintenanceReport | None = None
 
@@ -100,8 +100,7 @@ class PartitionKeeper:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self._lock.release()
-        await self._engine.dispose()
+        await self._lock.close()
 
     async def _run(self) -> None:
         every = self._settings.maintenance_every_s
