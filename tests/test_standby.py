@@ -1,0 +1,170 @@
+"""A hot standby of the managed primary (twin/core/standby.py), made once for the module by
+pg_basebackup from the suite's cluster: read-only, in recovery, caught up within a bound
+(measured by WAL positions read on each server), stopped and started again, destroyed with
+its replication slot. The oracles are the primary itself, read directly, and PostgreSQL's
+own views (pg_replication_slots, pg_is_in_recovery)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from sqlalchemy import Engine, text
+
+from tests.conftest import TEST_DATABASE
+from tests.databases import libpq
+from twin.core.cluster import ManagedCluster
+from twin.core.settings import Settings
+from twin.core.standby import ManagedStandby, prepare_primary, wait_for_lsn
+
+# A number no other test or helper uses: its port is TWIN_DB_PORT + 10 + 9.
+K = 9
+# Seconds a committed write may take to be replayed on the idle standby.
+CATCH_UP_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def standby(engine: Engine) -> Iterator[ManagedStandby]:
+    if os.environ.get("TWIN_TEST_DATABASE_URL"):
+        pytest.skip("a standby is made from the managed cluster, not an external database")
+    standby = ManagedStandby(Settings(), K)
+    standby.destroy()  # what an interrupted earlier run may have left
+    try:
+        started = time.monotonic()
+        standby.up()
+        print(f"standby {K} made and started in {time.monotonic() - started:.1f} s")
+        yield standby
+    finally:
+        standby.destroy()
+
+
+def primary_lsn(engine: Engine) -> str:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT pg_current_wal_lsn()::text")).scalar_one()
+
+
+def on_standby(standby: ManagedStandby, autocommit: bool = True) -> psycopg.Connection:
+    return psycopg.connect(libpq(standby.url(TEST_DATABASE)), autocommit=autocommit)
+
+
+def slots(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.execute(text("SELECT slot_name FROM pg_replication_slots")).scalars())
+
+
+def rename(engine: Engine, point_id: int, name: str) -> str:
+    """Rename a risk point on the primary; the primary's WAL position after the commit."""
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE risk_points SET name = :name WHERE id = :id"),
+                     {"name": name, "id": point_id})
+    return primary_lsn(engine)
+
+
+@pytest.fixture()
+def risk_point(engine: Engine) -> Iterator[tuple[int, str]]:
+    """A risk point of the test database, its name restored after the test."""
+    with engine.connect() as conn:
+        point_id, name = conn.execute(
+            text("SELECT id, name FROM risk_points ORDER BY id LIMIT 1")).one()
+    yield point_id, name
+    rename(engine, point_id, name)
+
+
+def test_the_standby_is_a_read_only_copy_in_recovery(standby: ManagedStandby, engine: Engine):
+    assert f"twin_standby_{K}" in slots(engine)
+    with engine.connect() as conn:
+        tables = set(conn.execute(text(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")).scalars())
+        points = conn.execute(text("SELECT count(*) FROM risk_points")).scalar_one()
+    lsn = primary_lsn(engine)
+    with on_standby(standby) as conn:
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+        assert wait_for_lsn(conn, lsn, CATCH_UP_S)
+        assert "risk_points" in tables
+        assert set(conn.execute("SELECT tablename FROM pg_tables "
+                                "WHERE schemaname = 'public'").fetchall()) == {
+            (table,) for table in tables}
+        assert conn.execute("SELECT count(*) FROM risk_points").fetchone() == (points,)
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as refused:
+            conn.execute("UPDATE risk_points SET name = name WHERE id = 1")
+        assert refused.value.sqlstate == "25006"
+
+
+def test_a_write_on_the_primary_is_replayed_within_the_bound(
+        standby: ManagedStandby, engine: Engine, risk_point: tuple[int, str]):
+    point_id, name = risk_point
+    with on_standby(standby) as conn:
+        written = time.monotonic()
+        lsn = rename(engine, point_id, f"{name} (standby check)")
+        assert wait_for_lsn(conn, lsn, CATCH_UP_S)
+        waited = time.monotonic() - written
+        print(f"replayed {waited * 1000:.0f} ms after the commit")
+        assert conn.execute("SELECT name FROM risk_points WHERE id = %s",
+                            (point_id,)).fetchone() == (f"{name} (standby check)",)
+        assert conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn",
+                            (lsn,)).fetchone() == (True,)
+
+
+def test_wait_for_lsn_gives_up_without_raising(standby: ManagedStandby, engine: Engine,
+                                               database_url: str):
+    # A WAL position the primary will not reach in this run.
+    ahead = "FFFFFFF/0"
+    with on_standby(standby) as conn:
+        started = time.monotonic()
+        assert wait_for_lsn(conn, ahead, 0.3) is False
+        assert 0.3 <= time.monotonic() - started < 3
+        assert wait_for_lsn(conn, ahead, 0) is False
+    # Not in autocommit: the connection is left idle, so the next read takes a fresh snapshot.
+    with on_standby(standby, autocommit=False) as conn:
+        assert wait_for_lsn(conn, primary_lsn(engine), CATCH_UP_S)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    # On the primary it compares with the primary's own position.
+    with psycopg.connect(libpq(database_url), autocommit=True) as conn:
+        assert wait_for_lsn(conn, primary_lsn(engine), 0)
+        assert wait_for_lsn(conn, ahead, 0.1) is False
+
+
+def test_status_down_and_up_again_catches_up(
+        standby: ManagedStandby, engine: Engine, risk_point: tuple[int, str]):
+    prepare_primary(ManagedCluster(Settings()))  # idempotent: nothing changes
+    lsn = primary_lsn(engine)
+    with on_standby(standby) as conn:
+        assert wait_for_lsn(conn, lsn, CATCH_UP_S)
+    status = standby.status()
+    assert status.running and status.in_recovery and status.port == standby.port
+    assert status.replay_lsn is not None
+    # Other databases of the shared cluster may be written meanwhile: small, not always 0.
+    assert status.lag_bytes is not None and status.lag_bytes < 16 * 1024 * 1024
+
+    standby.up()  # running: nothing to do
+    assert standby.status().running
+
+    standby.down()
+    assert not standby.status().running
+    with pytest.raises(psycopg.OperationalError):
+        on_standby(standby).close()
+    point_id, name = risk_point
+    lsn = rename(engine, point_id, f"{name} (written while the standby was down)")
+    with engine.connect() as conn:  # the primary still serves
+        assert conn.execute(text("SELECT name FROM risk_points WHERE id = :id"),
+                            {"id": point_id}).scalar_one() == (
+            f"{name} (written while the standby was down)")
+
+    standby.up()
+    assert standby.status().running
+    with on_standby(standby) as conn:
+        assert wait_for_lsn(conn, lsn, CATCH_UP_S)
+        assert conn.execute("SELECT name FROM risk_points WHERE id = %s",
+                            (point_id,)).fetchone() == (
+            f"{name} (written while the standby was down)",)
+
+
+def test_destroy_leaves_no_slot_and_no_data(standby: ManagedStandby, engine: Engine):
+    standby.destroy()
+    assert f"twin_standby_{K}" not in slots(engine)
+    assert not standby.folder.exists()
+    status = standby.status()
+    assert not status.initialised and not status.running
