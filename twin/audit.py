@@ -126,10 +126,7 @@ class AuditPruner:
         return pruner
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self._lock.close()
+        await self._lock.close(self._task)
 
     async def _run(self) -> None:
         days, every = self._settings.retention_days, self._settings.prune_every_s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -176,7 +177,11 @@ class SessionLock:
             except Exception as error:
                 log.warning("%s: closing the lock's connection: %s", self._label, error)
 
-    async def close(self) -> None:
-        """``release``, and close the lock's pool."""
+    async def close(self, job: asyncio.Task | None = None) -> None:
+        """Stop ``job`` (the task leading under the lock: cancelled, then awaited, for it may
+        be using the lock's connection), ``release``, and close the lock's pool."""
+        if job is not None:
+            job.cancel()
+            await asyncio.gather(job, return_exceptions=True)
         await self.release()
         await self._engine.dispose()

@@ -303,10 +303,7 @@ class Detectors:
         return self
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self._lock.close()
+        await self._lock.close(self._task)
         await self._work.dispose()
 
     async def _run(self) -> None:

@@ -97,10 +97,7 @@ class PartitionKeeper:
         self.last: MaintenanceReport | None = None
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self._lock.close()
+        await self._lock.close(self._task)
 
     async def _run(self) -> None:
         every = self._settings.maintenance_every_s
