@@ -10,10 +10,16 @@ and a key's connections land on any of them. Two stores with one interface (``ta
   tests' in-thread server), and the fallback when the table cannot be used.
 
 Neither needs the database, so limits keep working while it is down.
+
+Several twin nodes (machines) on one database share a third store, ``PostgresTokenBuckets``:
+a row per key in the UNLOGGED table ``rate_buckets`` (migration 0015), one statement per
+request (its ``take`` is a coroutine). While the database cannot be reached it limits with
+the node's own store (one of the two above), so limits still hold, per node.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import math
@@ -29,6 +35,13 @@ from collections.abc import Callable
 from contextlib import suppress
 from hashlib import blake2b
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported where used: worker and test processes that only use the shared
+    # table start without SQLAlchemy (about a second on a busy 2-core machine)
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from twin.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +262,173 @@ def open_buckets(table: Path | None, rate: float, burst: int
         log.warning("rate-limit table %s: cannot use it (%s); this worker process keeps "
                     "its own buckets, so a key may get more than its limit", table, exc)
         return TokenBuckets(rate, burst)
+
+
+# --- the database's table (several nodes) ----------------------------------------------------
+# One statement per take. The upsert locks the key's row, so the takes of every node on one
+# key are serialised. Each refills the bucket from ``at`` to its own clock reading (taken in
+# VALUES, before it may wait for the lock; one that queued behind a take stamped later refills
+# nothing and leaves the later time), then spends a token if there is a whole one.
+# ``tokens`` is what the bucket holds minus the token the last take asked for: negative when
+# that take was refused (it got nothing, so the next take adds the token back). RETURNING sees
+# only the new row; this way it still tells a grant (tokens >= 0) from a refusal, whose wait is
+# -tokens / rate: the same arithmetic as ``_spend``.
+TAKE_SQL = """
+INSERT INTO rate_buckets AS b (key, tokens, at)
+VALUES (:key, CAST(:burst AS float8) - 1, clock_timestamp())
+ON CONFLICT (key) DO UPDATE SET
+    tokens = least(CAST(:burst AS float8),
+                   CASE WHEN b.tokens < 0 THEN b.tokens + 1 ELSE b.tokens END
+                   + CAST(:rate AS float8)
+                     * greatest(0, extract(epoch FROM excluded.at - b.at))::float8) - 1,
+    at = greatest(b.at, excluded.at)
+RETURNING tokens
+"""
+# A bucket idle for burst / rate seconds is full, the same as no row: such rows go. A take
+# racing the delete either locked the row first (then its new ``at`` fails the re-checked
+# condition) or finds no row and starts a full bucket, as the deleted row would have given.
+SWEEP_SQL = "DELETE FROM rate_buckets WHERE at < clock_timestamp() - make_interval(secs => :idle_s)"
+MAX_IDLE_S = 10 * 365 * 86_400.0  # past this, a tiny rate's rows are simply kept
+HASH_PERSON = b"twin-ratelimit"
+
+
+def row_key(key: str, hash_key: bytes = b"") -> str:
+    """A bucket's key in ``rate_buckets``: keyed blake2b of its name, 128 bits as hex. Every
+    node must hash with the same ``hash_key``."""
+    return blake2b(key.encode(), digest_size=16, key=hash_key, person=HASH_PERSON).hexdigest()
+
+
+class PostgresTokenBuckets:
+    """``TokenBuckets`` in the database's ``rate_buckets`` table, shared by every twin node
+    (process, machine) working on that database; ``take`` is a coroutine.
+
+    Exact across nodes: one ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING`` per take
+    (``TAKE_SQL``), in autocommit, on a small pool of its own (never the requests' pool: a
+    request holding its connection must not wait for another one to be limited). The clock is
+    the database server's, one for every node. Keys are stored as a keyed blake2b hash, never
+    as given (a principal's name, a client's address).
+
+    When the database does not answer (down, unreachable, a statement over its timeout, the
+    pool exhausted) the take falls back to ``fallback`` (the node's shared-memory table or an
+    in-process store), logged once per outage; the database is tried again by one take every
+    ``retry_after_s``. A database outage thus never refuses a request for the limiter's sake:
+    limits still hold, per node, from full buckets. ``rate_buckets`` is UNLOGGED, so a crash
+    of the database refills every bucket too.
+
+    Rows of buckets full again are deleted every ``sweep_every_s`` by a background task of
+    the process (``sweep``), each node on its own (the delete is idempotent).
+    """
+
+    def __init__(self, engine: AsyncEngine, rate: float, burst: int, *,
+                 fallback: TokenBuckets | SharedTokenBuckets | None = None,
+                 hash_key: bytes = b"", retry_after_s: float = 5.0,
+                 sweep_every_s: float = 300.0, owns_engine: bool = False):
+        from sqlalchemy import text
+        from sqlalchemy.exc import SQLAlchemyError
+
+        self.rate = rate
+        self.burst = burst
+        self.engine = engine
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._owns_engine = owns_engine
+        self.fallback = fallback if fallback is not None else TokenBuckets(rate, burst)
+        self._hash_key = hash_key
+        self._retry_after_s = retry_after_s
+        self._sweep_every_s = sweep_every_s
+        self._next_sweep = time.monotonic() + sweep_every_s
+        self._down_until: float | None = None  # falling back until then
+        self._sweeping: asyncio.Task | None = None
+        self._take_sql = text(TAKE_SQL)
+        self._sweep_sql = text(SWEEP_SQL)
+        self._errors: tuple[type[Exception], ...] = (SQLAlchemyError, OSError)
+
+    @property
+    def falling_back(self) -> bool:
+        """True while the database did not answer and takes go to ``fallback``."""
+        return self._down_until is not None
+
+    def hashed(self, key: str) -> str:
+        return row_key(key, self._hash_key)
+
+    async def take(self, key: str) -> float:
+        """0 when the request may go ahead; else the seconds until it may (Retry-After)."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        if self._down_until is not None and now < self._down_until:
+            return self.fallback.take(key)
+        try:
+            async with self._autocommit.connect() as conn:
+                result = await conn.execute(self._take_sql, {
+                    "key": self.hashed(key), "rate": self.rate, "burst": float(self.burst)})
+                tokens = result.scalar_one()
+        except self._errors as error:
+            self._lost(error, now)
+            return self.fallback.take(key)
+        if self._down_until is not None:
+            self._down_until = None
+            log.info("rate limits: the database answers again; the buckets are shared again")
+        if now >= self._next_sweep:
+            self._start_sweep(now)
+        return 0.0 if tokens >= 0 else -tokens / self.rate
+
+    def _lost(self, error: Exception, now: float) -> None:
+        if self._down_until is None:
+            reason = str(error).strip().splitlines() or [type(error).__name__]
+            log.warning("rate limits: the database does not answer (%s); this process limits "
+                        "with its own buckets until it does (tried again every %g s)",
+                        reason[0], self._retry_after_s)
+        self._down_until = now + self._retry_after_s
+
+    def _start_sweep(self, now: float) -> None:
+        self._next_sweep = now + self._sweep_every_s
+        if self._sweeping is None or self._sweeping.done():
+            self._sweeping = asyncio.get_running_loop().create_task(self._sweep_quietly())
+
+    async def _sweep_quietly(self) -> None:
+        try:
+            await self.sweep()
+        except self._errors as error:
+            log.info("rate limits: idle buckets not swept this time (%s)", error)
+
+    async def sweep(self) -> int:
+        """Deletes the rows of buckets full again (idle burst / rate seconds); how many."""
+        from sqlalchemy import text
+
+        idle_s = min(self.burst / self.rate, MAX_IDLE_S) if self.rate > 0 else MAX_IDLE_S
+        async with self.engine.begin() as conn:
+            # A big table may take longer than a take's timeout.
+            await conn.execute(text("SET LOCAL statement_timeout = '60s'"))
+            result = await conn.execute(self._sweep_sql, {"idle_s": idle_s})
+        return result.rowcount
+
+    async def close(self) -> None:
+        """Waits for a running sweep; disposes of the pool when this object made it."""
+        if self._sweeping is not None:
+            with suppress(Exception):
+                await self._sweeping
+        if self._owns_engine:
+            await self.engine.dispose()
+
+
+def open_postgres_buckets(settings: Settings,
+                          fallback: TokenBuckets | SharedTokenBuckets | None = None, *,
+                          pool_size: int = 2, max_overflow: int = 2,
+                          **options: Any) -> PostgresTokenBuckets:
+    """``PostgresTokenBuckets`` of ``settings.limits`` on a pool of their own (``pool_size``
+    + ``max_overflow`` connections, labelled ``twin rate limits`` in pg_stat_activity) to the
+    settings' database. A take waits at most 1 s to connect, 1 s for a pooled connection and
+    2 s for its statement before it falls back: a slow database must not hold requests.
+    ``options``: ``PostgresTokenBuckets``'s (``hash_key``, ``retry_after_s``, ...)."""
+    from twin.core.db import async_engine
+
+    db = settings.db.model_copy(update={"connect_timeout": 1, "statement_timeout_ms": 2_000,
+                                        "pool_timeout": 1.0})
+    engine = async_engine(settings.model_copy(update={"db": db}), pool_size=pool_size,
+                          max_overflow=max_overflow, pre_ping=False,
+                          application_name="twin rate limits")
+    return PostgresTokenBuckets(engine, settings.limits.rate_per_s, settings.limits.burst,
+                                fallback=fallback, owns_engine=True, **options)
 
 
 def retry_after(wait_s: float) -> str:

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from twin.api.deps import get_principal
 from twin.core.errors import TwinError
 from twin.core.principal import Principal, Unauthenticated, require_role
-from twin.ratelimit import SharedTokenBuckets, TokenBuckets, retry_after
+from twin.ratelimit import PostgresTokenBuckets, SharedTokenBuckets, TokenBuckets, retry_after
 
 PUBLIC = "public"
 READ = frozenset({"GET", "HEAD"})
@@ -118,9 +118,11 @@ async def rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
                         headers={"Retry-After": exc.retry_after})
 
 
-def _buckets(request: Request) -> TokenBuckets | SharedTokenBuckets:
+def _buckets(request: Request) -> TokenBuckets | SharedTokenBuckets | PostgresTokenBuckets:
     """The app's rate-limit buckets: ``twin serve``'s worker processes are given the
-    server's shared table (twin/cli.py ``worker_app``); a single process keeps its own."""
+    server's shared table (twin/cli.py ``worker_app``); a single process keeps its own; the
+    nodes of a cluster share the database's (``PostgresTokenBuckets``, whose take is
+    awaited)."""
     buckets = getattr(request.app.state, "rate_buckets", None)
     if buckets is None:
         limits = request.app.state.settings.limits
@@ -132,8 +134,12 @@ def _client(request: Request) -> str:
     return "ip:" + (request.client.host if request.client else "unknown")
 
 
-def _charge(request: Request, bucket: str) -> None:
-    wait = _buckets(request).take(bucket)
+async def _charge(request: Request, bucket: str) -> None:
+    buckets = _buckets(request)
+    if isinstance(buckets, PostgresTokenBuckets):
+        wait = await buckets.take(bucket)
+    else:
+        wait = buckets.take(bucket)
     if wait > 0:
         limits = request.app.state.settings.limits
         raise RateLimited(
@@ -152,12 +158,12 @@ async def enforce(request: Request) -> None:
     try:
         principal: Principal | None = await get_principal(request)
     except Unauthenticated:
-        _charge(request, _client(request))  # guessing keys costs the guesser's IP
+        await _charge(request, _client(request))  # guessing keys costs the guesser's IP
         raise
     if principal is None or principal.anonymous:
-        _charge(request, _client(request))
+        await _charge(request, _client(request))
     else:
-        _charge(request, "key:" + principal.name)
+        await _charge(request, "key:" + principal.name)
     require_role(principal, role)
 
 
