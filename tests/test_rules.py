@@ -79,8 +79,9 @@ def client(live: LiveServer) -> Iterator[Client]:
 def forget_what_the_module_made(engine: Engine):
     yield
     with engine.begin() as conn:
-        ids = forget_readings(conn, "date_part('microseconds', ts)::int % 1000000 = :mark",
-                              {"mark": MARK.microseconds})
+        # Marked readings, and the quiet sensors' fillers whole milliseconds after them.
+        ids = forget_readings(conn, "date_part('microseconds', ts)::int % 1000 = :mark",
+                              {"mark": MARK.microseconds % 1000})
         events = conn.execute(text("""
             SELECT event_id FROM sensor_alerts WHERE sensor_id = ANY(:ids) AND event_id IS NOT NULL
             UNION SELECT event_id FROM anomaly_zones WHERE event_id IS NOT NULL
@@ -467,8 +468,10 @@ def test_one_process_leads_the_detectors_and_a_lost_connection_is_taken_over(
     monkeypatch.setattr(detectors, "RETRY_S", 0.5)
     settings = Settings(database_url=database_url,
                         rules=RulesSettings(silence_check_every_s=0.1, anomaly_every_s=0.1))
+    # In this database only: the suite may be running beside this one on the same cluster.
     holder = text("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                  "AND classid = :hi AND objid = :lo")
+                  "AND classid = :hi AND objid = :lo AND database = "
+                  "(SELECT oid FROM pg_database WHERE datname = current_database())")
     key = {"hi": lock >> 32, "lo": lock & 0xFFFFFFFF}
 
     async def main() -> None:
