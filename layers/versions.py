@@ -15,13 +15,10 @@ from pathlib import Path
 
 from sqlalchemy import Connection, text
 
-from twin.core.errors import InvalidParameter, NotFound, TwinError
+from twin.core.errors import Conflict, InvalidParameter, NotFound, TwinError
 
 LAYER_ID = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
-
-class Conflict(TwinError):
-    status_code = 409
 
 
 class BuiltinLayerError(TwinError):

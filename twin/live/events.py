@@ -48,7 +48,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from twin.core import outbox
-from twin.core.errors import InvalidParameter, NotFound, TwinError
+from twin.core.errors import InvalidParameter, NotFound, PreconditionFailed, TwinError
 from twin.core.models import EVENT_LEVELS, EVENT_SOURCES, EVENT_STATES
 from twin.core.principal import CITY, Principal, Scope
 from twin.core.scope import code_in_scope, code_predicate
@@ -97,9 +97,6 @@ class OutsideJurisdiction(TwinError):
 class TransitionNotAllowed(TwinError):
     status_code = 409
 
-
-class PreconditionFailed(TwinError):
-    status_code = 412
 
 
 def etag(event_id: int, version: int) -> str:
