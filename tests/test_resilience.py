@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 
 from data_samples.load import load_sample
+from tests.databases import libpq
 from tests.servers import LiveServer
 from twin.core.cluster import ManagedCluster
 from twin.core.db import async_engine
@@ -33,10 +34,6 @@ TMS = morecantile.tms.get("WebMercatorQuad")
 def api_settings(database_url: str, **db) -> Settings:
     return Settings(database_url=database_url, db=DatabaseSettings(**db),
                     auth=AuthSettings(keys={KEY: "gis-editor:resilience"}))
-
-
-def libpq(database_url: str) -> str:
-    return database_url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
 @contextmanager

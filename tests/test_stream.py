@@ -29,9 +29,9 @@ import httpx
 import psycopg
 import pytest
 from sqlalchemy import Engine, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from tests.databases import async_url, libpq
 from tests.servers import LiveServer, ServerProcess
 from tests.sse import Event, EventStream
 from twin.core.outbox import emit
@@ -64,20 +64,15 @@ def push_server(engine: Engine, database_url: str) -> Iterator[LiveServer]:
 
 @pytest.fixture()
 def http(push_server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=push_server.url, timeout=30) as client:
+    with push_server.client() as client:
         yield client
-
-
-def libpq(database_url: str) -> str:
-    return make_url(database_url).set(drivername="postgresql").render_as_string(
-        hide_password=False)
 
 
 class Writer:
     """Commits outbox messages through ``emit`` on an AsyncEngine, from a loop of its own."""
 
     def __init__(self, database_url: str):
-        self.url = make_url(database_url).set(drivername="postgresql+psycopg")
+        self.url = async_url(database_url)
         self.runner = asyncio.Runner()
         self.engine: AsyncEngine = self.runner.run(self._engine())
 
