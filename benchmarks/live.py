@@ -619,18 +619,13 @@ def _faults(server: Server, url: str, settings: Settings) -> None:
                                (began, began, began)).fetchall()
     late = [float(r[0]) for r in overdue]
     time.sleep(5)
-    print("faults: mosquitto restarted", flush=True)
-    broker = ManagedBroker(settings)
-    broker.down()
-    time.sleep(2)
-    broker.up()
-    time.sleep(8)
-    print("faults: PostgreSQL restarted", flush=True)
-    cluster = ManagedCluster(settings)
-    cluster.down()
-    time.sleep(2)
-    cluster.up()
-    time.sleep(10)
+    for name, service, settle_s in (("mosquitto", ManagedBroker(settings), 8),
+                                    ("PostgreSQL", ManagedCluster(settings), 10)):
+        print(f"faults: {name} restarted", flush=True)
+        service.down()
+        time.sleep(2)
+        service.up()
+        time.sleep(settle_s)
     # The writers stop first; the listener keeps reading until their last messages are in,
     # and the server runs until the broker's backlog (messages PUBACKed to the publisher,
     # not yet stored) is drained: "missing" means lost, not late.
