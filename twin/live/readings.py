@@ -143,11 +143,13 @@ def check_batch(payload: object, settings: SensorSettings) -> list:
     return rows
 
 
-_SENSORS = text("""
-    SELECT id, min_value, max_value FROM sensors WHERE id = ANY(CAST(:ids AS int[]))
+# The transaction's clock and the batch's sensors in one round trip (one row with a NULL id
+# when no sensor matches, so the clock always comes back).
+_NOW_AND_SENSORS = text("""
+    SELECT now() AS now, s.id, s.min_value, s.max_value
+      FROM (SELECT 1) AS one
+      LEFT JOIN sensors AS s ON s.id = ANY(CAST(:ids AS int[]))
 """)
-
-_NOW = text("SELECT now()")
 
 # One statement per batch: the rows inserted (ON CONFLICT keeps a stored reading), the newest
 # inserted reading of each sensor upserted into sensor_latest in sensor order (concurrent
@@ -256,10 +258,11 @@ async def store_parsed(conn: AsyncConnection, readings: Sequence[Reading],
     rejected: list[dict] = []
     accepted = already = 0
     async with _transaction(conn):
-        now = (await conn.execute(_NOW)).scalar_one()
         # Sensor ids are int4: a larger id names no sensor (and must not reach the cast).
         ids = sorted({r.sensor_id for r in readings if 0 < r.sensor_id < 2**31})
-        sensors = {row.id: row for row in await conn.execute(_SENSORS, {"ids": ids})}
+        found = (await conn.execute(_NOW_AND_SENSORS, {"ids": ids})).all()
+        now = found[0].now
+        sensors = {row.id: row for row in found if row.id is not None}
         valid, refused = _check_against_sensors(
             readings, sensors, now, timedelta(seconds=settings.future_tolerance_s))
         rejected += refused
