@@ -27,10 +27,16 @@ from sqlalchemy.engine import make_url
 
 from tests.servers import LiveServer, free_port
 from twin.core.settings import AuthSettings, LimitsSettings, Settings
-from twin.ratelimit import PostgresTokenBuckets, TokenBuckets, open_postgres_buckets, row_key
+from twin.ratelimit import (
+    POOL_LABEL,
+    PostgresTokenBuckets,
+    TokenBuckets,
+    open_postgres_buckets,
+    row_key,
+)
 
 LOCATE = "/query/locate?lon=106.55&lat=29.56"
-LIMITER = "twin rate limits"  # the limiter pool's application_name
+LIMITER = POOL_LABEL  # the limiter pool's application_name
 
 
 def limits(database_url: str, rate: float, burst: int, **auth) -> Settings:

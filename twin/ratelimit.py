@@ -272,24 +272,35 @@ def open_buckets(table: Path | None, rate: float, burst: int
 # ``tokens`` is what the bucket holds minus the token the last take asked for: negative when
 # that take was refused (it got nothing, so the next take adds the token back). RETURNING sees
 # only the new row; this way it still tells a grant (tokens >= 0) from a refusal, whose wait is
-# -tokens / rate: the same arithmetic as ``_spend``.
+# -tokens / rate: the same arithmetic as ``_spend``. (psycopg placeholders: the take runs on
+# the driver's connection, see ``PostgresTokenBuckets.take``.)
 TAKE_SQL = """
 INSERT INTO rate_buckets AS b (key, tokens, at)
-VALUES (:key, CAST(:burst AS float8) - 1, clock_timestamp())
+VALUES (%(key)s, %(burst)s::float8 - 1, clock_timestamp())
 ON CONFLICT (key) DO UPDATE SET
-    tokens = least(CAST(:burst AS float8),
+    tokens = least(%(burst)s::float8,
                    CASE WHEN b.tokens < 0 THEN b.tokens + 1 ELSE b.tokens END
-                   + CAST(:rate AS float8)
+                   + %(rate)s::float8
                      * greatest(0, extract(epoch FROM excluded.at - b.at))::float8) - 1,
     at = greatest(b.at, excluded.at)
 RETURNING tokens
 """
-# A bucket idle for burst / rate seconds is full, the same as no row: such rows go. A take
+# A bucket idle for burst / rate seconds is full, the same as no row: such rows go, a batch
+# at a time (short statements; rows a take holds are skipped, they are not idle). A take
 # racing the delete either locked the row first (then its new ``at`` fails the re-checked
 # condition) or finds no row and starts a full bucket, as the deleted row would have given.
-SWEEP_SQL = "DELETE FROM rate_buckets WHERE at < clock_timestamp() - make_interval(secs => :idle_s)"
+# No index on ``at``: it changes on every take, and an index on it would end HOT updates.
+SWEEP_SQL = """
+DELETE FROM rate_buckets WHERE key IN (
+    SELECT key FROM rate_buckets
+    WHERE at < clock_timestamp() - make_interval(secs => :idle_s)
+    LIMIT :batch FOR UPDATE SKIP LOCKED)
+  AND at < clock_timestamp() - make_interval(secs => :idle_s)
+"""
+SWEEP_BATCH = 5_000
 MAX_IDLE_S = 10 * 365 * 86_400.0  # past this, a tiny rate's rows are simply kept
 HASH_PERSON = b"twin-ratelimit"
+POOL_LABEL = "twin rate limits"  # application_name of the limiter's connections
 
 
 def row_key(key: str, hash_key: bytes = b"") -> str:
@@ -303,10 +314,10 @@ class PostgresTokenBuckets:
     (process, machine) working on that database; ``take`` is a coroutine.
 
     Exact across nodes: one ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING`` per take
-    (``TAKE_SQL``), in autocommit, on a small pool of its own (never the requests' pool: a
+    (``TAKE_SQL``) on a small pool of its own in autocommit (never the requests' pool: a
     request holding its connection must not wait for another one to be limited). The clock is
-    the database server's, one for every node. Keys are stored as a keyed blake2b hash, never
-    as given (a principal's name, a client's address).
+    the database server's, one for every node. Keys are stored as a keyed blake2b hash
+    (``row_key``), never as given (a principal's name, a client's address).
 
     When the database does not answer (down, unreachable, a statement over its timeout, the
     pool exhausted) the take falls back to ``fallback`` (the node's shared-memory table or an
@@ -316,20 +327,22 @@ class PostgresTokenBuckets:
     of the database refills every bucket too.
 
     Rows of buckets full again are deleted every ``sweep_every_s`` by a background task of
-    the process (``sweep``), each node on its own (the delete is idempotent).
+    the process (``sweep``), each node on its own (the delete is idempotent). Every node must
+    have the same limits: a node sweeps what its own limits call full.
     """
 
     def __init__(self, engine: AsyncEngine, rate: float, burst: int, *,
                  fallback: TokenBuckets | SharedTokenBuckets | None = None,
                  hash_key: bytes = b"", retry_after_s: float = 5.0,
                  sweep_every_s: float = 300.0, owns_engine: bool = False):
+        """``engine``: a pool in autocommit (``open_postgres_buckets`` makes one)."""
+        import psycopg
         from sqlalchemy import text
         from sqlalchemy.exc import SQLAlchemyError
 
         self.rate = rate
         self.burst = burst
         self.engine = engine
-        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._owns_engine = owns_engine
         self.fallback = fallback if fallback is not None else TokenBuckets(rate, burst)
         self._hash_key = hash_key
@@ -338,9 +351,8 @@ class PostgresTokenBuckets:
         self._next_sweep = time.monotonic() + sweep_every_s
         self._down_until: float | None = None  # falling back until then
         self._sweeping: asyncio.Task | None = None
-        self._take_sql = text(TAKE_SQL)
         self._sweep_sql = text(SWEEP_SQL)
-        self._errors: tuple[type[Exception], ...] = (SQLAlchemyError, OSError)
+        self._errors: tuple[type[Exception], ...] = (SQLAlchemyError, psycopg.Error, OSError)
 
     @property
     def falling_back(self) -> bool:
@@ -351,17 +363,29 @@ class PostgresTokenBuckets:
         return row_key(key, self._hash_key)
 
     async def take(self, key: str) -> float:
-        """0 when the request may go ahead; else the seconds until it may (Retry-After)."""
+        """0 when the request may go ahead; else the seconds until it may (Retry-After).
+
+        The statement runs on the pooled connection's psycopg connection itself, prepared:
+        SQLAlchemy's execution would add about as much time again as the round trip
+        (benchmarks/ratelimit.py). A connection that fails is invalidated (closed, never
+        reused)."""
         if self.rate <= 0:
             return 0.0
         now = time.monotonic()
         if self._down_until is not None and now < self._down_until:
             return self.fallback.take(key)
         try:
-            async with self._autocommit.connect() as conn:
-                result = await conn.execute(self._take_sql, {
-                    "key": self.hashed(key), "rate": self.rate, "burst": float(self.burst)})
-                tokens = result.scalar_one()
+            async with self.engine.connect() as conn:
+                driver = (await conn.get_raw_connection()).driver_connection
+                assert driver is not None  # a checked-out connection has its driver's
+                try:
+                    cursor = await driver.execute(
+                        TAKE_SQL, {"key": self.hashed(key), "rate": self.rate,
+                                   "burst": float(self.burst)}, prepare=True)
+                    found = await cursor.fetchone()
+                except BaseException:
+                    await conn.invalidate()
+                    raise
         except self._errors as error:
             self._lost(error, now)
             return self.fallback.take(key)
@@ -370,6 +394,7 @@ class PostgresTokenBuckets:
             log.info("rate limits: the database answers again; the buckets are shared again")
         if now >= self._next_sweep:
             self._start_sweep(now)
+        tokens = found[0]
         return 0.0 if tokens >= 0 else -tokens / self.rate
 
     def _lost(self, error: Exception, now: float) -> None:
@@ -393,14 +418,15 @@ class PostgresTokenBuckets:
 
     async def sweep(self) -> int:
         """Deletes the rows of buckets full again (idle burst / rate seconds); how many."""
-        from sqlalchemy import text
-
         idle_s = min(self.burst / self.rate, MAX_IDLE_S) if self.rate > 0 else MAX_IDLE_S
-        async with self.engine.begin() as conn:
-            # A big table may take longer than a take's timeout.
-            await conn.execute(text("SET LOCAL statement_timeout = '60s'"))
-            result = await conn.execute(self._sweep_sql, {"idle_s": idle_s})
-        return result.rowcount
+        deleted = 0
+        while True:
+            async with self.engine.connect() as conn:
+                result = await conn.execute(self._sweep_sql,
+                                            {"idle_s": idle_s, "batch": SWEEP_BATCH})
+            deleted += result.rowcount
+            if result.rowcount < SWEEP_BATCH:
+                return deleted
 
     async def close(self) -> None:
         """Waits for a running sweep; disposes of the pool when this object made it."""
@@ -416,17 +442,21 @@ def open_postgres_buckets(settings: Settings,
                           pool_size: int = 2, max_overflow: int = 2,
                           **options: Any) -> PostgresTokenBuckets:
     """``PostgresTokenBuckets`` of ``settings.limits`` on a pool of their own (``pool_size``
-    + ``max_overflow`` connections, labelled ``twin rate limits`` in pg_stat_activity) to the
-    settings' database. A take waits at most 1 s to connect, 1 s for a pooled connection and
-    2 s for its statement before it falls back: a slow database must not hold requests.
-    ``options``: ``PostgresTokenBuckets``'s (``hash_key``, ``retry_after_s``, ...)."""
-    from twin.core.db import async_engine
+    + ``max_overflow`` connections in autocommit, labelled ``twin rate limits`` in
+    pg_stat_activity) to the settings' database. A take waits at most 1 s to connect, 1 s
+    for a pooled connection and 2 s for its statement before it falls back: a slow database
+    must not hold requests. ``options``: ``PostgresTokenBuckets``'s (``hash_key``,
+    ``retry_after_s``, ...)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
 
-    db = settings.db.model_copy(update={"connect_timeout": 1, "statement_timeout_ms": 2_000,
-                                        "pool_timeout": 1.0})
-    engine = async_engine(settings.model_copy(update={"db": db}), pool_size=pool_size,
-                          max_overflow=max_overflow, pre_ping=False,
-                          application_name="twin rate limits")
+    from twin.core.db import database_url
+
+    engine = create_async_engine(
+        database_url(settings), pool_size=pool_size, max_overflow=max_overflow,
+        pool_timeout=1.0, pool_pre_ping=False,  # a dead connection fails its take: fallback
+        isolation_level="AUTOCOMMIT", pool_reset_on_return=None,  # no transaction to end
+        connect_args={"connect_timeout": 1, "application_name": POOL_LABEL,
+                      "options": "-c statement_timeout=2000"})
     return PostgresTokenBuckets(engine, settings.limits.rate_per_s, settings.limits.burst,
                                 fallback=fallback, owns_engine=True, **options)
 
