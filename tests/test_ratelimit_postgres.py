@@ -160,6 +160,25 @@ def test_full_buckets_are_swept(engine: Engine, database_url: str):
     assert row(engine, fast) is None
 
 
+def test_takes_start_the_sweep_in_the_background(engine: Engine, database_url: str):
+    """Every ``sweep_every_s`` a take starts a sweep of its own (not waited for): a bucket
+    idle past burst / rate (1 s) goes, one just taken stays."""
+    idle, busy = unique("key:planner:idle"), unique("key:planner:busy")
+
+    async def run() -> None:
+        buckets = open_postgres_buckets(limits(database_url, 1.0, 1), sweep_every_s=0.5)
+        try:
+            await buckets.take(idle)
+            await asyncio.sleep(1.3)
+            await buckets.take(busy)  # due: starts the sweep
+        finally:
+            await buckets.close()  # waits for it
+
+    asyncio.run(run())
+    assert row(engine, idle) is None
+    assert row(engine, busy) is not None
+
+
 def closed_port_url(database_url: str) -> str:
     """The test database's URL on a loopback port nobody listens on."""
     return make_url(database_url).set(host="127.0.0.1", port=free_port()).render_as_string(
@@ -281,6 +300,13 @@ def test_a_key_gets_its_burst_once_across_two_nodes(two_nodes, engine: Engine):
         # Another key (and the anonymous callers, by address) are untouched, on both nodes.
         assert [client.get(LOCATE, headers=KEY_B).status_code for client in clients] == [200] * 2
         assert not any(buckets.falling_back for _, buckets in two_nodes)
+        # The limiters took on pools of their own (labelled), not on the requests' pools.
+        with engine.connect() as conn:
+            pooled = conn.execute(text(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE application_name = :name AND datname = current_database()"),
+                {"name": LIMITER}).scalar_one()
+        assert pooled >= 2
     finally:
         for client in clients:
             client.close()
