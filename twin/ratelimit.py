@@ -372,8 +372,11 @@ class PostgresTokenBuckets:
         if self.rate <= 0:
             return 0.0
         now = time.monotonic()
-        if self._down_until is not None and now < self._down_until:
-            return self.fallback.take(key)
+        if self._down_until is not None:
+            if now < self._down_until:
+                return self.fallback.take(key)
+            # This take tries the database again; the takes meanwhile keep falling back.
+            self._down_until = now + self._retry_after_s
         try:
             async with self.engine.connect() as conn:
                 driver = (await conn.get_raw_connection()).driver_connection
