@@ -7,8 +7,13 @@ own views (pg_replication_slots, pg_is_in_recovery)."""
 from __future__ import annotations
 
 import os
+import random
+import shutil
+import socket
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -17,7 +22,8 @@ from sqlalchemy import Engine, text
 from tests.conftest import TEST_DATABASE
 from tests.databases import libpq
 from twin.core.cluster import ManagedCluster
-from twin.core.settings import Settings
+from twin.core.errors import ClusterError
+from twin.core.settings import DatabaseSettings, Settings
 from twin.core.standby import ManagedStandby, prepare_primary, wait_for_lsn
 
 # A number no other test or helper uses: its port is TWIN_DB_PORT + 10 + 9.
@@ -133,11 +139,24 @@ def test_status_down_and_up_again_catches_up(
     lsn = primary_lsn(engine)
     with on_standby(standby) as conn:
         assert wait_for_lsn(conn, lsn, CATCH_UP_S)
+    # The lag is the primary's WAL position, read around status(), less the replayed one.
+    before = primary_lsn(engine)
     status = standby.status()
+    after = primary_lsn(engine)
     assert status.running and status.in_recovery and status.port == standby.port
-    assert status.replay_lsn is not None
-    # Other databases of the shared cluster may be written meanwhile: small, not always 0.
-    assert status.lag_bytes is not None and status.lag_bytes < 16 * 1024 * 1024
+    assert status.replay_lsn is not None and status.lag_bytes is not None
+    with engine.connect() as conn:
+        low, high = conn.execute(text(
+            "SELECT greatest(pg_wal_lsn_diff(:before, :replay), 0)::bigint, "
+            "pg_wal_lsn_diff(:after, :replay)::bigint"),
+            {"before": before, "after": after, "replay": status.replay_lsn}).one()
+    assert low <= status.lag_bytes <= high
+    # Idle, it is 0; other databases of the shared cluster may be written meanwhile, so
+    # small (under a WAL segment or so) within the bound.
+    deadline = time.monotonic() + CATCH_UP_S
+    while (lag := standby.status().lag_bytes) is None or lag > 16 * 1024 * 1024:
+        assert time.monotonic() < deadline, f"{lag} bytes behind after {CATCH_UP_S} s"
+        time.sleep(0.1)
 
     standby.up()  # running: nothing to do
     assert standby.status().running
@@ -168,3 +187,74 @@ def test_destroy_leaves_no_slot_and_no_data(standby: ManagedStandby, engine: Eng
     assert not standby.folder.exists()
     status = standby.status()
     assert not status.initialised and not status.running
+
+
+def port_outside_the_ephemeral_range() -> int:
+    """A free port below Linux's ephemeral range (32768-60999): a cluster restarted on it
+    cannot find it taken meanwhile as the source port of some client's connection."""
+    for port in random.sample(range(20000, 32000), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
+
+
+@pytest.fixture()
+def own_primary() -> Iterator[ManagedCluster]:
+    """A cluster of the test's own (not a standby), restarted by the test. Its home is not
+    under pytest's temporary folder: a pytest session starting meanwhile (another working
+    copy's) takes back the search permission the database user needs on that folder."""
+    home = Path(tempfile.mkdtemp(prefix="twin-standby-test-"))
+    cluster = ManagedCluster(Settings(
+        home=home, db=DatabaseSettings(port=port_outside_the_ephemeral_range())))
+    try:
+        yield cluster
+    finally:
+        cluster.down()
+        shutil.rmtree(home)
+
+
+def test_prepare_primary_admits_replication_only_where_it_can(own_primary: ManagedCluster):
+    """On a cluster of the test's own (no standby): pg_hba.conf without any replication line
+    gets twin's, once, and keeps its other lines; a primary without WAL for standbys is
+    refused with a message saying what to set."""
+    own_primary.up()
+    admin = libpq(own_primary.url("postgres"))
+    hba = own_primary.pgdata / "pg_hba.conf"
+    kept = [line for line in hba.read_text().splitlines()
+            if line.strip() and not line.startswith("#") and "replication" not in line]
+    hba.write_text("\n".join(kept) + "\n")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("SELECT pg_reload_conf()")
+    deadline = time.monotonic() + 10  # the postmaster reloads on SIGHUP, asynchronously
+    while True:
+        try:
+            psycopg.connect(admin, replication="true").close()
+        except psycopg.OperationalError as refused:
+            assert "pg_hba.conf" in str(refused)
+            break
+        assert time.monotonic() < deadline, "the reloaded pg_hba.conf still admits replication"
+        time.sleep(0.1)
+
+    prepare_primary(own_primary)
+    prepare_primary(own_primary)
+    psycopg.connect(admin, replication="true").close()  # admitted now
+    lines = [line for line in hba.read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    role = own_primary.settings.db.user
+    assert lines == [*kept, f"host    replication     {role}    127.0.0.1/32    scram-sha-256"]
+
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET wal_level = minimal")
+        conn.execute("ALTER SYSTEM SET max_wal_senders = 0")
+    own_primary.down()
+    try:
+        own_primary.up()
+    except ClusterError:
+        log = own_primary.log_file.read_text()[-2000:]
+        pytest.fail(f"the cluster did not start again: {log}")
+    with pytest.raises(ClusterError, match="wal_level is minimal"):
+        prepare_primary(own_primary)

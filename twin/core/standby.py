@@ -244,13 +244,12 @@ class ManagedStandby:
     def down(self) -> None:
         """Stop the standby (fast: its open queries are cancelled). Its slot stays, so the
         primary keeps the WAL it will need to catch up."""
-        if self._running():
-            self._run(self._pg_ctl("stop", "-w", "-t", "60", "-m", "fast"))
-            log.info("standby %d stopped", self.k)
+        self._stop("fast")
 
     def destroy(self) -> None:
         """Stop the standby, remove its folder and drop its replication slot on the primary."""
-        self.down()
+        # Immediate: its data is thrown away, so no shutdown restartpoint writes it first.
+        self._stop("immediate")
         if self.folder.exists():
             shutil.rmtree(self.folder)
         self._drop_slot(self.config.slot_release_timeout_s)
@@ -281,6 +280,11 @@ class ManagedStandby:
         the primary's role and password."""
         return make_url(self.primary.url(database)).set(port=self.port).render_as_string(
             hide_password=False)
+
+    def _stop(self, mode: str) -> None:
+        if self._running():
+            self._run(self._pg_ctl("stop", "-w", "-t", "60", "-m", mode))
+            log.info("standby %d stopped (%s)", self.k, mode)
 
     # -- making it ------------------------------------------------------------------------
     def _base_backup(self) -> None:
