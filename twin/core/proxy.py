@@ -288,15 +288,24 @@ class ManagedProxy:
         pid = self._pid()
         if pid is None:
             raise ProxyError(f"the proxy is not running ({self.folder}): nothing to reload")
-        self._write_config()
-        log_start = _size(self.error_log)
-        checked = subprocess.run([*self._command(), "-t", "-q"], capture_output=True,
-                                 text=True, cwd="/")
+        # Checked before it replaces the running one's (a node name that does not resolve,
+        # say): a refused configuration leaves nginx and its file as they were.
+        candidate = self.config_file.with_name("nginx.conf.new")
+        candidate.write_text(self._render())
+        command = [*self._command(), "-t", "-q"]
+        command[command.index(str(self.config_file))] = str(candidate)
+        checked = subprocess.run(command, capture_output=True, text=True, cwd="/")
         if checked.returncode != 0:
+            candidate.unlink()
+            self.upstreams = _UPSTREAM.findall(self._written()) or self.upstreams
             raise ProxyError(f"nginx refused the new configuration: "
                              f"{(checked.stderr or checked.stdout).strip()}")
+        candidate.replace(self.config_file)
+        log_start = _size(self.error_log)
+        old_workers = [child for child in _children(pid)
+                       if _title(child) == "nginx: worker process"]
         os.kill(pid, signal.SIGHUP)
-        self._wait_for(self._render_digest(), timeout_s, log_start)
+        self._wait_for(self._render_digest(), timeout_s, log_start, old_workers)
         log.info("managed proxy now in front of %s", ", ".join(self.upstreams))
         return self.status()
 
@@ -405,16 +414,17 @@ class ManagedProxy:
             return None  # a stale pid file: that pid is some other process now
         return pid if _alive(pid) else None
 
-    def _wait_for(self, digest: str, timeout_s: float, log_start: int) -> None:
-        """Until nginx answers ALIVE_PATH with configuration ``digest`` (three times running,
-        so the old workers of a reload have stopped taking connections)."""
+    def _wait_for(self, digest: str, timeout_s: float, log_start: int,
+                  old_workers: list[int] | None = None) -> None:
+        """Until nginx answers ALIVE_PATH with configuration ``digest`` and every one of
+        ``old_workers`` (a reload's) has gone or is shutting down: such a worker has closed
+        its listening sockets and idle connections, so no new request reaches it."""
         deadline = time.monotonic() + timeout_s
-        answered = 0
-        while answered < 3:
-            if _alive_digest(self.host, self.port) == digest:
-                answered += 1
-                continue
-            answered = 0
+        while True:
+            retired = all(not _alive(worker) or "shutting down" in _title(worker)
+                          for worker in old_workers or ())
+            if retired and _alive_digest(self.host, self.port) == digest:
+                return
             if time.monotonic() > deadline:
                 raise ProxyError(f"nginx did not answer on {self.host}:{self.port} with its "
                                  f"new configuration within {timeout_s:g} s: "
@@ -443,6 +453,14 @@ def _alive_digest(host: str, port: int) -> str | None:
         return None
     finally:
         conn.close()
+
+
+def _title(pid: int) -> str:
+    """A process's title ("nginx: worker process", "... is shutting down"); '' when gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode().strip()
+    except OSError:
+        return ""
 
 
 def _children(pid: int) -> list[int]:
