@@ -16,6 +16,7 @@ once ``wait_for_lsn`` returned True on it.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
@@ -131,7 +132,11 @@ def prepare_primary(cluster: ManagedCluster) -> None:
         row = conn.execute("SELECT rolsuper, rolreplication FROM pg_roles "
                            "WHERE rolname = current_user").fetchone()
         if row and not row[1]:
-            conn.execute(f'ALTER ROLE "{role}" REPLICATION')
+            try:
+                conn.execute(f'ALTER ROLE "{role}" REPLICATION')
+            except psycopg.errors.InsufficientPrivilege:
+                raise ClusterError(f"role {role} lacks REPLICATION and may not grant it: run "
+                                   f'ALTER ROLE "{role}" REPLICATION as a superuser') from None
             log.info("gave role %s REPLICATION", role)
 
         rules = conn.execute(
@@ -171,6 +176,13 @@ def _wait_for_replication_access(cluster: ManagedCluster, timeout_s: float = 10.
             time.sleep(0.1)
 
 
+# True once the server has the WAL up to %(lsn)s: replayed on a standby, written on a primary.
+REACHED = ("SELECT CASE WHEN pg_is_in_recovery() "
+           "THEN pg_last_wal_replay_lsn() >= %(lsn)s::pg_lsn "
+           "ELSE pg_current_wal_lsn() >= %(lsn)s::pg_lsn END")
+FIRST_PAUSE_S, LAST_PAUSE_S = 0.002, 0.05
+
+
 def wait_for_lsn(conn: psycopg.Connection, lsn: str, timeout_s: float) -> bool:
     """Wait until the server of ``conn`` has replayed the WAL up to ``lsn`` (a primary's
     ``pg_current_wal_lsn()`` after a commit); True when it has, False after ``timeout_s``
@@ -183,24 +195,43 @@ def wait_for_lsn(conn: psycopg.Connection, lsn: str, timeout_s: float) -> bool:
     was_idle = (not conn.autocommit
                 and conn.info.transaction_status == TransactionStatus.IDLE)
     deadline = time.monotonic() + max(timeout_s, 0.0)
-    pause = 0.002
+    pause = FIRST_PAUSE_S
     try:
         while True:
-            row = conn.execute(
-                "SELECT CASE WHEN pg_is_in_recovery() "
-                "THEN pg_last_wal_replay_lsn() >= %(lsn)s::pg_lsn "
-                "ELSE pg_current_wal_lsn() >= %(lsn)s::pg_lsn END",
-                {"lsn": lsn}).fetchone()
+            row = conn.execute(REACHED, {"lsn": lsn}).fetchone()
             if row and row[0]:
                 return True
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
             time.sleep(min(pause, left))
-            pause = min(pause * 2, 0.05)
+            pause = min(pause * 2, LAST_PAUSE_S)
     finally:
         if was_idle and conn.info.transaction_status == TransactionStatus.INTRANS:
             conn.rollback()
+
+
+async def wait_for_lsn_async(conn: psycopg.AsyncConnection, lsn: str, timeout_s: float) -> bool:
+    """``wait_for_lsn`` on an async connection (the app's pools: an SQLAlchemy
+    AsyncConnection's ``(await conn.get_raw_connection()).driver_connection``)."""
+    was_idle = (not conn.autocommit
+                and conn.info.transaction_status == TransactionStatus.IDLE)
+    deadline = time.monotonic() + max(timeout_s, 0.0)
+    pause = FIRST_PAUSE_S
+    try:
+        while True:
+            cursor = await conn.execute(REACHED, {"lsn": lsn})
+            row = await cursor.fetchone()
+            if row and row[0]:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, LAST_PAUSE_S)
+    finally:
+        if was_idle and conn.info.transaction_status == TransactionStatus.INTRANS:
+            await conn.rollback()
 
 
 class ManagedStandby:
@@ -229,11 +260,14 @@ class ManagedStandby:
                                "postgresql-15 (make run does this)")
         if self._running():
             return
-        if not self.primary.status().running:
-            raise ClusterError("the managed primary is not running: run `twin db up` first")
-        prepare_primary(self.primary)
         if not self._initialised():
+            if not self.primary.status().running:
+                raise ClusterError("the managed primary is not running: run `twin db up` "
+                                   "first")
+            prepare_primary(self.primary)
             self._base_backup()
+        # An existing standby starts without its primary too: it serves what it has
+        # replayed and streams again once the primary is back.
         timeout = str(int(self.config.start_timeout_s))
         started = time.monotonic()
         self._run(self._pg_ctl("start", "-w", "-t", timeout, "-l", str(self.log_file),
