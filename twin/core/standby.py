@@ -331,6 +331,8 @@ class ManagedStandby:
         if self._as_root():
             hand_over(self.folder, [self.folder], system_user(self.settings.db.os_user),
                       "the database user")
+        # -R writes the connection, password included, into primary_conninfo in the copy's
+        # postgresql.auto.conf: the folder is the OS user's alone (0700), as the primary's.
         password = self.primary.password_file.read_text().strip()
         started = time.monotonic()
         log.info("standby %d: copying the primary (pg_basebackup)", self.k)
