@@ -143,7 +143,9 @@ http {{
         # there is no proxy_cache_valid). The key holds the credentials, so an answer made
         # for one key is served only to that key, and an anonymous one only to anonymous
         # callers; keys and stream tickets sent as query parameters are in $request_uri.
-        # ($host: this server listens on one port.)
+        # ($host: this server listens on one port.) nginx names a cache file by the key's
+        # MD5 but writes the key itself, Authorization included, at the top of the file:
+        # the folder is the workers' user's alone (0700), as the keys are in its memory.
         proxy_cache twin;
         proxy_cache_methods GET HEAD;
         proxy_cache_key "$request_method|$scheme|$host|$request_uri|$http_authorization";
@@ -386,6 +388,7 @@ class ManagedProxy:
         self.config_file.write_text(self._render())
         user = self._os_user()
         if user is None:
+            self.folder.chmod(0o700)  # cached answers of keyed callers are in it
             return
         # The master (root) reads the configuration and opens the logs and the pid file;
         # the workers, as the user, write the cache and the temporary files. The folder is
