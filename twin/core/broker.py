@@ -15,13 +15,12 @@ import logging
 import os
 import pwd
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from twin.core.cluster import hand_over, system_user
+from twin.core.cluster import hand_over, port_open, process_alive, system_user
 from twin.core.errors import TwinError
 from twin.core.settings import Settings
 
@@ -114,7 +113,7 @@ class ManagedBroker:
             return current
         self._write_config()
         self.pid_file.unlink(missing_ok=True)
-        if _port_open(self.port):
+        if port_open(self.port):
             raise BrokerError(f"127.0.0.1:{self.port} is taken by another program: set "
                               "TWIN_MQTT_PORT to a free port, or TWIN_MQTT_URL to use a "
                               "running broker")
@@ -127,7 +126,7 @@ class ManagedBroker:
         deadline = time.monotonic() + timeout_s
         while True:
             status = self.status()
-            if status.running and _port_open(self.port):
+            if status.running and port_open(self.port):
                 log.info("managed MQTT broker started on 127.0.0.1:%d", self.port)
                 return status
             if time.monotonic() > deadline:
@@ -146,7 +145,7 @@ class ManagedBroker:
             self.pid_file.unlink(missing_ok=True)
             return
         deadline = time.monotonic() + timeout_s
-        while _alive(pid):
+        while process_alive(pid):
             if time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)
                 log.warning("mosquitto (pid %d) ignored SIGTERM for %g s: killed", pid,
@@ -174,7 +173,7 @@ class ManagedBroker:
             return None
         if str(self.config_file).encode() not in cmdline:
             return None  # a stale pid file: that pid is some other process now
-        return pid if _alive(pid) else None
+        return pid if process_alive(pid) else None
 
     def _write_config(self) -> None:
         self.data.mkdir(parents=True, exist_ok=True)
@@ -203,24 +202,3 @@ class ManagedBroker:
         except FileNotFoundError:
             return f"no log at {self.log_file}"
         return " | ".join(lines[-5:]) or f"nothing in {self.log_file}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (our own child not reaped yet) is gone for our purposes.
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0

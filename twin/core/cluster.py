@@ -13,6 +13,7 @@ import os
 import pwd
 import secrets
 import shutil
+import socket
 import stat
 import subprocess
 from collections.abc import Iterable
@@ -40,6 +41,28 @@ random_page_cost = 1.1
 jit = off
 logging_collector = off
 """
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, a child not reaped yet, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``host:port`` (half a second to say)."""
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
 
 
 def system_user(name: str) -> pwd.struct_passwd:

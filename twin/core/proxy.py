@@ -28,7 +28,6 @@ import os
 import pwd
 import re
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from twin.core.cluster import hand_over, system_user
+from twin.core.cluster import hand_over, port_open, process_alive, system_user
 from twin.core.errors import TwinError
 
 log = logging.getLogger("twin.core.proxy")
@@ -268,7 +267,7 @@ class ManagedProxy:
             return self.status()
         self._write_config()
         self.pid_file.unlink(missing_ok=True)
-        if _port_open(self.host, self.port):
+        if port_open(self.port, self.host):
             raise ProxyError(f"{self.host}:{self.port} is taken by another program: choose "
                              "another port for the proxy (TWIN_PORT)")
         log_start = _size(self.error_log)
@@ -325,7 +324,7 @@ class ManagedProxy:
             return
         deadline = time.monotonic() + timeout_s
         escalation = [signal.SIGTERM, signal.SIGKILL]
-        while any(_alive(p) for p in (pid, *workers)):
+        while any(process_alive(p) for p in (pid, *workers)):
             if time.monotonic() > deadline and escalation:
                 sig = escalation.pop(0)
                 log.warning("nginx (pid %d) still running %g s after SIGQUIT: sending %s",
@@ -415,7 +414,7 @@ class ManagedProxy:
             return None
         if str(self.config_file).encode() not in cmdline:
             return None  # a stale pid file: that pid is some other process now
-        return pid if _alive(pid) else None
+        return pid if process_alive(pid) else None
 
     def _wait_for(self, digest: str, timeout_s: float, log_start: int,
                   old_workers: list[int] | None = None) -> None:
@@ -424,7 +423,7 @@ class ManagedProxy:
         its listening sockets and idle connections, so no new request reaches it."""
         deadline = time.monotonic() + timeout_s
         while True:
-            retired = all(not _alive(worker) or "shutting down" in _title(worker)
+            retired = all(not process_alive(worker) or "shutting down" in _title(worker)
                           for worker in old_workers or ())
             if retired and _alive_digest(self.host, self.port) == digest:
                 return
@@ -479,27 +478,6 @@ def _children(pid: int) -> list[int]:
         if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
             found.append(int(entry.name))
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (a child not reaped yet) is gone for our purposes.
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
 
 
 def _size(path: Path) -> int:
