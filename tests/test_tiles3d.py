@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -20,6 +21,7 @@ from tests.servers import LiveServer
 from tests.tiles3d import Walk, decode_glb, dem_ground, walk
 from tiles.implicit import TileId
 from twin.core.settings import AuthSettings, Settings
+from twin.core.versions import announce
 
 BASE = "/collections/buildings/3dtiles"
 DISTRICT = "500112"
@@ -197,6 +199,16 @@ def test_every_glb_passes_the_khronos_validator(tileset: Walk):
         assert report["issues"]["numErrors"] == 0, (tile, errors[:5])
 
 
+@contextmanager
+def written(engine: Engine) -> Iterator:
+    """A transaction written beside twin (as a loader would), then announced: returns once
+    every twin process has applied its data-version change (twin.core.versions.announce), so
+    the next request sees it, as after a write through twin."""
+    with engine.begin() as conn:
+        yield conn
+    assert announce(engine.url.render_as_string(hide_password=False)) == set()
+
+
 def test_an_edit_changes_exactly_the_tiles_it_touches(city: httpx.Client, engine: Engine,
                                                       tileset: Walk):
     before = walk(city, BASE)
@@ -206,7 +218,7 @@ def test_an_edit_changes_exactly_the_tiles_it_touches(city: httpx.Client, engine
     content_uri = next(uri for uri in before.etags
                        if uri.startswith(f"./content/{tile.level}/{tile.x}/{tile.y}.glb"))
     try:
-        with engine.begin() as conn:
+        with written(engine) as conn:
             conn.execute(text("UPDATE buildings SET height_m = height_m + 7 WHERE id = :id"),
                          {"id": building})
         after = walk(city, BASE)
@@ -216,7 +228,7 @@ def test_an_edit_changes_exactly_the_tiles_it_touches(city: httpx.Client, engine
                          headers={"If-None-Match": after.etags[content_uri]})
         assert again.status_code == 304
         # A new building in empty country: new tiles (and subtrees) appear, nothing else.
-        with engine.begin() as conn:
+        with written(engine) as conn:
             new_id = conn.execute(text("""
                 INSERT INTO buildings (name, use, height_m, floors, cim_level, district_code,
                                        geom)
@@ -231,13 +243,13 @@ def test_an_edit_changes_exactly_the_tiles_it_touches(city: httpx.Client, engine
         assert all(not uri.startswith("./content/") or
                    uri.startswith(f"./content/{new_tiles[0].level}/{new_tiles[0].x}/")
                    for uri in grew), grew
-        with engine.begin() as conn:
+        with written(engine) as conn:
             conn.execute(text("DELETE FROM buildings WHERE id = :id"), {"id": new_id})
         deleted = walk(city, BASE)
         assert {u: e for u, e in deleted.etags.items() if u != "tileset"} == \
             {u: e for u, e in after.etags.items() if u != "tileset"}
     finally:
-        with engine.begin() as conn:
+        with written(engine) as conn:
             conn.execute(text("UPDATE buildings SET height_m = height_m - 7 WHERE id = :id"),
                          {"id": building})
             conn.execute(text("DELETE FROM buildings WHERE name = 'test tower'"))
