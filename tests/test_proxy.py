@@ -34,8 +34,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from tests.servers import ADMIN, LiveServer, free_port
 from tests.sse import EventStream
 from twin.core.outbox import emit
-from twin.core.proxy import ManagedProxy, ProxyError, ProxySettings, render_config
-from twin.core.settings import Settings, StreamSettings
+from twin.core.proxy import ManagedProxy, ProxyError, render_config
+from twin.core.settings import ProxySettings, Settings, StreamSettings
 from twin.migrate import upgrade
 
 NGINX = ProxySettings().nginx_bin

@@ -39,9 +39,10 @@ LOCATE = "/query/locate?lon=106.55&lat=29.56"
 LIMITER = POOL_LABEL  # the limiter pool's application_name
 
 
-def limits(database_url: str, rate: float, burst: int, **auth) -> Settings:
+def limits(database_url: str, rate: float, burst: int, shared: str = "memory",
+           **auth) -> Settings:
     return Settings(database_url=database_url, auth=AuthSettings(**auth),
-                    limits=LimitsSettings(rate_per_s=rate, burst=burst))
+                    limits=LimitsSettings(rate_per_s=rate, burst=burst, shared=shared))
 
 
 def unique(prefix: str) -> str:
@@ -254,10 +255,15 @@ def clear(engine: Engine, *names: str) -> None:
 @pytest.fixture()
 def two_nodes(engine: Engine, database_url: str
               ) -> Iterator[list[tuple[LiveServer, PostgresTokenBuckets]]]:
+    """Two nodes as a cluster runs them: TWIN_LIMITS_SHARED=postgres, the app's lifespan
+    opens the database limiter."""
     clear(engine, *NAMES)
-    settings = limits(database_url, RATE, BURST, keys=KEYS)
-    with node(settings) as first, node(settings) as second:
-        yield [first, second]
+    settings = limits(database_url, RATE, BURST, shared="postgres", keys=KEYS)
+    with LiveServer(settings) as first, LiveServer(settings) as second:
+        nodes = [(server, server.server.config.app.state.rate_buckets)
+                 for server in (first, second)]
+        assert all(isinstance(buckets, PostgresTokenBuckets) for _, buckets in nodes)
+        yield nodes
     clear(engine, *NAMES)
 
 

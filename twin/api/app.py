@@ -14,7 +14,7 @@ from starlette.types import ExceptionHandler
 from layers.uploads import start_uploads
 from tiles.service import TileService
 from tiles.tiles3d import Tiles3D
-from twin import apikeys
+from twin import apikeys, ratelimit
 from twin.api import access
 from twin.api.deps import auth_error
 from twin.api.errors import install_error_handlers
@@ -81,6 +81,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.engine = async_engine(settings)
+        # Limits shared by a cluster's nodes (TWIN_LIMITS_SHARED=postgres); the shared-memory
+        # buckets `twin serve` gave this worker, if any, stand in while the database is away.
+        current = getattr(app.state, "rate_buckets", None)
+        own_buckets = None
+        if (settings.limits.shared == "postgres" and settings.limits.rate_per_s
+                and not isinstance(current, ratelimit.PostgresTokenBuckets)):
+            own_buckets = app.state.rate_buckets = ratelimit.open_postgres_buckets(
+                settings, fallback=current)
         # The tile path (versions pushed to this process, the registry, tile pool and cache),
         # which every route that reads layers shares.
         app.state.tiles = tiles_service = TileService.open(settings)
@@ -102,6 +110,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.audit_pruner.stop()
             await tiles_service.close()
             app.state.uploads.shutdown()
+            if own_buckets is not None:
+                await own_buckets.close()
             await app.state.engine.dispose()
 
     app = FastAPI(

@@ -33,41 +33,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
 from twin.core.cluster import hand_over, port_open, process_alive, system_user
 from twin.core.errors import TwinError
+from twin.core.settings import ProxySettings
 
 log = logging.getLogger("twin.core.proxy")
-
-
-class ProxySettings(BaseSettings):
-    """The managed nginx in front of several nodes (``TWIN_PROXY_``): twin/core/proxy.py.
-
-    It listens on ``TWIN_HOST:TWIN_PORT`` (the address clients know); the nodes behind it on
-    ``TWIN_PORT + n``.
-    """
-
-    model_config = SettingsConfigDict(env_prefix="TWIN_PROXY_")
-
-    nginx_bin: Path = Path("/usr/sbin/nginx")
-    # The unprivileged user nginx's worker processes run as when twin runs as root (the
-    # master stays root only to read its configuration and open its logs). Debian's own
-    # nginx user by default: it exists wherever the package is installed.
-    os_user: str = "www-data"
-    # Megabytes of answers the shared cache keeps on disk (least recently used go first).
-    cache_mb: int = Field(default=512, ge=1)
-    # Worker processes; 0: one per core (nginx's "auto").
-    workers: int = Field(default=0, ge=0)
-    # Largest request body (uploads): above TWIN_UPLOADS_MAX_FILE_BYTES, so twin answers
-    # an oversized upload itself with its own error shape.
-    max_body_mb: int = Field(default=2048, ge=1)
-    # Seconds to connect to a node before trying the next: short, so a dead node costs
-    # little (a live one on loopback connects in well under a millisecond).
-    connect_timeout_s: float = Field(default=1.0, gt=0)
-    # A node that failed once is left out for this long, then tried again.
-    fail_timeout_s: float = Field(default=2.0, gt=0)
 
 
 class ProxyError(TwinError):

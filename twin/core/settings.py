@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -107,6 +108,11 @@ class LimitsSettings(BaseSettings):
     burst: int = Field(default=100_000, ge=1)
     # Bytes of any request body but an upload (uploads: TWIN_UPLOADS_MAX_FILE_BYTES).
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=0)
+    # Where the buckets live: "memory" (one server: its worker processes share a table in
+    # shared memory) or "postgres" (every node on the database shares the UNLOGGED table
+    # rate_buckets, exact across nodes, at one round trip per request: a cluster's nodes,
+    # issue 15). While the database is away, "postgres" limits locally.
+    shared: Literal["memory", "postgres"] = "memory"
 
 
 class CorsSettings(BaseSettings):
@@ -312,6 +318,50 @@ class AuditSettings(BaseSettings):
     prune_every_s: float = Field(default=24 * 3600.0, gt=0)
 
 
+class ProxySettings(BaseSettings):
+    """The managed nginx in front of several nodes (``TWIN_PROXY_``): twin/core/proxy.py.
+
+    It listens on ``TWIN_HOST:TWIN_PORT`` (the address clients know); the nodes behind it on
+    ``TWIN_PORT + n``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="TWIN_PROXY_")
+
+    nginx_bin: Path = Path("/usr/sbin/nginx")
+    # The unprivileged user nginx's worker processes run as when twin runs as root (the
+    # master stays root only to read its configuration and open its logs). Debian's own
+    # nginx user by default: it exists wherever the package is installed.
+    os_user: str = "www-data"
+    # Megabytes of answers the shared cache keeps on disk (least recently used go first).
+    cache_mb: int = Field(default=512, ge=1)
+    # Worker processes; 0: one per core (nginx's "auto").
+    workers: int = Field(default=0, ge=0)
+    # Largest request body (uploads): above TWIN_UPLOADS_MAX_FILE_BYTES, so twin answers
+    # an oversized upload itself with its own error shape.
+    max_body_mb: int = Field(default=2048, ge=1)
+    # Seconds to connect to a node before trying the next: short, so a dead node costs
+    # little (a live one on loopback connects in well under a millisecond).
+    connect_timeout_s: float = Field(default=1.0, gt=0)
+    # A node that failed once is left out for this long, then tried again.
+    fail_timeout_s: float = Field(default=2.0, gt=0)
+
+
+class StandbySettings(BaseSettings):
+    """Hot standbys of the managed primary (``TWIN_STANDBY_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="TWIN_STANDBY_")
+
+    # Standby k listens on TWIN_DB_PORT + port_offset + k.
+    port_offset: int = Field(default=10, ge=1)
+    # Seconds a standby may take to start and reach a consistent state it answers reads in
+    # (it replays the WAL written since its last restart point first).
+    start_timeout_s: float = Field(default=120.0, gt=0)
+    # Seconds destroy() waits for the primary to let go of the standby's replication slot
+    # (its WAL sender ends shortly after the standby stopped).
+    slot_release_timeout_s: float = Field(default=10.0, gt=0)
+    hot_standby_feedback: bool = True
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TWIN_")
 
@@ -336,6 +386,8 @@ class Settings(BaseSettings):
     events: EventsSettings = Field(default_factory=EventsSettings)
     rules: RulesSettings = Field(default_factory=RulesSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
+    standby: StandbySettings = Field(default_factory=StandbySettings)
 
     @property
     def pgdata(self) -> Path:

@@ -28,33 +28,15 @@ from pathlib import Path
 
 import psycopg
 from psycopg.pq import TransactionStatus
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
 from twin.core.cluster import ManagedCluster, hand_over, system_user
 from twin.core.errors import ClusterError
-from twin.core.settings import Settings
+from twin.core.settings import Settings, StandbySettings
 
 log = logging.getLogger("twin.core.standby")
 
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
-
-
-class StandbySettings(BaseSettings):
-    """Hot standbys of the managed primary (``TWIN_STANDBY_``)."""
-
-    model_config = SettingsConfigDict(env_prefix="TWIN_STANDBY_")
-
-    # Standby k listens on TWIN_DB_PORT + port_offset + k.
-    port_offset: int = Field(default=10, ge=1)
-    # Seconds a standby may take to start and reach a consistent state it answers reads in
-    # (it replays the WAL written since its last restart point first).
-    start_timeout_s: float = Field(default=120.0, gt=0)
-    # Seconds destroy() waits for the primary to let go of the standby's replication slot
-    # (its WAL sender ends shortly after the standby stopped).
-    slot_release_timeout_s: float = Field(default=10.0, gt=0)
-    hot_standby_feedback: bool = True
 
 
 @dataclass(frozen=True)
@@ -241,7 +223,7 @@ class ManagedStandby:
         if k < 1:
             raise ValueError(f"standbys are numbered from 1, not {k}")
         self.settings = settings
-        self.config = config or StandbySettings()
+        self.config = config or settings.standby
         self.k = k
         self.primary = ManagedCluster(settings)
         self.folder = settings.home / "standbys" / str(k)
