@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -50,6 +51,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_port_run(count: int = 1) -> int:
+    """The first of ``count`` consecutive free ports below Linux's ephemeral range
+    (32768-60999), so a service restarted on one cannot find it taken meanwhile as the source
+    port of some client's connection."""
+    for base in random.sample(range(20000, 32000 - count), 200):
+        socks = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return base
+    raise RuntimeError(f"no {count} free consecutive ports between 20000 and 32000")
 
 
 class LiveServer:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,6 +20,7 @@ from sqlalchemy import Engine, text
 
 from tests.conftest import TEST_DATABASE
 from tests.databases import libpq
+from tests.servers import free_port_run
 from twin.core.cluster import ManagedCluster
 from twin.core.errors import ClusterError
 from twin.core.settings import DatabaseSettings, Settings
@@ -208,19 +207,6 @@ def test_destroy_leaves_no_slot_and_no_data(standby: ManagedStandby, engine: Eng
     assert not status.initialised and not status.running
 
 
-def port_outside_the_ephemeral_range() -> int:
-    """A free port below Linux's ephemeral range (32768-60999): a cluster restarted on it
-    cannot find it taken meanwhile as the source port of some client's connection."""
-    for port in random.sample(range(20000, 32000), 200):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port between 20000 and 32000")
-
-
 @pytest.fixture()
 def own_primary() -> Iterator[ManagedCluster]:
     """A cluster of the test's own (not a standby), restarted by the test. Its home is not
@@ -228,7 +214,7 @@ def own_primary() -> Iterator[ManagedCluster]:
     copy's) takes back the search permission the database user needs on that folder."""
     home = Path(tempfile.mkdtemp(prefix="twin-standby-test-"))
     cluster = ManagedCluster(Settings(
-        home=home, db=DatabaseSettings(port=port_outside_the_ephemeral_range())))
+        home=home, db=DatabaseSettings(port=free_port_run())))
     try:
         yield cluster
     finally:

@@ -84,6 +84,31 @@ def with_broker(settings: Settings) -> tuple[Settings, ManagedBroker | None]:
     return settings.model_copy(update={"mqtt": mqtt}), started
 
 
+def cluster_up(settings: Settings, nodes: int, standbys: int) -> None:
+    """The primary, its standbys, ``nodes`` `twin serve` nodes and nginx in front
+    (twin/core/topology.py); the database migrated first."""
+    from twin.core.topology import ManagedTopology
+
+    topology = ManagedTopology(settings, nodes, standbys)
+    topology.cluster.up()
+    db_migrate(settings)
+    log.info("twin cluster:\n%s", topology.up().describe())
+    log.info("serving on http://%s:%d/ through nginx (`twin cluster down` stops it all)",
+             settings.host, settings.port)
+
+
+def cluster_down(settings: Settings) -> None:
+    from twin.core.topology import ManagedTopology
+
+    ManagedTopology(settings).down()
+
+
+def cluster_status(settings: Settings) -> None:
+    from twin.core.topology import ManagedTopology
+
+    log.info("twin cluster:\n%s", ManagedTopology(settings).status().describe())
+
+
 def db_migrate(settings: Settings) -> None:
     from twin.core.db import sync_engine
     from twin.migrate import current_revision, upgrade
@@ -317,6 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
     for action in ("up", "down", "status"):
         broker.add_parser(action)
 
+    cluster = commands.add_parser(
+        "cluster", help="several nodes: the primary, hot standbys, twin nodes and nginx"
+    ).add_subparsers(dest="action", required=True)
+    cluster_up_parser = cluster.add_parser("up")
+    cluster_up_parser.add_argument("--nodes", type=int, default=2,
+                                   help="twin serve nodes behind nginx (default 2)")
+    cluster_up_parser.add_argument("--standbys", type=int, default=1,
+                                   help="hot standbys of the primary (default 1)")
+    for action in ("down", "status"):
+        cluster.add_parser(action)
+
     sample = commands.add_parser("sample", help="the sample city").add_subparsers(
         dest="action", required=True)
     generate = sample.add_parser("generate")
@@ -364,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         ("broker", "up"): lambda: broker_up(settings),
         ("broker", "down"): lambda: broker_down(settings),
         ("broker", "status"): lambda: broker_status(settings),
+        ("cluster", "up"): lambda: cluster_up(settings, args.nodes, args.standbys),
+        ("cluster", "down"): lambda: cluster_down(settings),
+        ("cluster", "status"): lambda: cluster_status(settings),
         ("sample", "generate"): lambda: sample_generate(scale, args.out),
         ("sample", "load"): lambda: sample_load(scale, args.force),
         ("keys", "add"): lambda: keys_add(settings, args.name, args.role, args.scope),
