@@ -31,44 +31,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg  # noqa: E402
-from sqlalchemy import create_engine  # noqa: E402
 
+from benchmarks.scratch import drop_database, scratch_database  # noqa: E402
 from twin import ratelimit  # noqa: E402
 from twin.core.cluster import ManagedCluster  # noqa: E402
-from twin.core.errors import TwinError  # noqa: E402
 from twin.core.settings import LimitsSettings, Settings  # noqa: E402
-from twin.migrate import upgrade  # noqa: E402
 from twin.ratelimit import PostgresTokenBuckets, SharedTokenBuckets, TokenBuckets  # noqa: E402
 
 DATABASE = "twin_bench_ratelimit"
 # The shipped defaults: nearly every take is granted (the common case, and the one that
 # writes: a refused take in the database writes too, the same row).
 RATE, BURST = 50_000.0, 100_000
-
-
-def admin_url(cluster: ManagedCluster) -> str:
-    return cluster.url("postgres").replace("postgresql+psycopg", "postgresql", 1)
-
-
-def scratch_database(cluster: ManagedCluster) -> str:
-    """A fresh, migrated database in the managed cluster (started first if need be)."""
-    try:
-        cluster.up()
-    except TwinError as error:
-        raise SystemExit(f"{error}") from None
-    with psycopg.connect(admin_url(cluster), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {DATABASE}")
-    url = cluster.url(DATABASE)
-    engine = create_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    return url
-
-
-def drop_scratch(cluster: ManagedCluster) -> None:
-    with psycopg.connect(admin_url(cluster), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
 
 
 async def measure(take: Callable[[str], Awaitable[float] | float], keys: list[str],
@@ -187,11 +160,11 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=1_000)
     args = parser.parse_args()
     cluster = ManagedCluster(Settings())
-    url = scratch_database(cluster)
+    url = scratch_database(cluster, DATABASE)
     try:
         rows = asyncio.run(bench(url, args.takes, args.keys))
     finally:
-        drop_scratch(cluster)
+        drop_database(cluster, DATABASE)
     print(f"rate limits: {args.takes:,} takes per line (limits {RATE:g}/s, burst {BURST:,})")
     print(table(rows))
 

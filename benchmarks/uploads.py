@@ -26,36 +26,14 @@ import geopandas as gpd  # noqa: E402
 import httpx  # noqa: E402
 import morecantile  # noqa: E402
 import numpy as np  # noqa: E402
-import psycopg  # noqa: E402
-from sqlalchemy import create_engine  # noqa: E402
 
+from benchmarks.scratch import scratch_database  # noqa: E402
 from tests.conftest import LiveServer  # noqa: E402
 from twin.core.cluster import ManagedCluster  # noqa: E402
-from twin.core.errors import TwinError  # noqa: E402
 from twin.core.settings import AuthSettings, Settings, UploadSettings  # noqa: E402
-from twin.migrate import upgrade  # noqa: E402
 
 DATABASE = "twin_bench_uploads"
 KEY = "bench-editor-key"
-
-
-def scratch_database() -> str:
-    """A fresh database in the managed cluster of TWIN_HOME/TWIN_DB_PORT, started (and
-    initialised) first if it is not running, as ``twin db up`` does."""
-    cluster = ManagedCluster(Settings())
-    try:
-        cluster.up()
-    except TwinError as error:
-        raise SystemExit(f"{error}") from None
-    admin = cluster.url("postgres").replace("postgresql+psycopg", "postgresql")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {DATABASE}")
-    url = cluster.url(DATABASE)
-    engine = create_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    return url
 
 
 def make_gpkg(path: Path, points: int) -> None:
@@ -105,7 +83,7 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    url = scratch_database()
+    url = scratch_database(ManagedCluster(Settings()), DATABASE)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "points.gpkg"
         make_gpkg(path, args.points)

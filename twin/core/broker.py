@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from twin.core.cluster import hand_over, port_open, process_alive, system_user
+from twin.core.cluster import hand_over, log_tail, port_open, process_alive, system_user
 from twin.core.errors import TwinError
 from twin.core.settings import Settings
 
@@ -195,10 +195,4 @@ class ManagedBroker:
         return system_user(self.settings.mqtt.os_user)
 
     def _log_tail(self, start: int) -> str:
-        try:
-            with self.log_file.open("rb") as f:
-                f.seek(start)
-                lines = f.read().decode(errors="replace").strip().splitlines()
-        except FileNotFoundError:
-            return f"no log at {self.log_file}"
-        return " | ".join(lines[-5:]) or f"nothing in {self.log_file}"
+        return log_tail(self.log_file, start)

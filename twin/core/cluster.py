@@ -65,6 +65,18 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def log_tail(path: Path, start: int, lines: int = 5) -> str:
+    """The last ``lines`` lines a service wrote to its log ``path`` after byte ``start``,
+    on one line: what an error message quotes when the service would not start."""
+    try:
+        with path.open("rb") as f:
+            f.seek(start)
+            written = f.read().decode(errors="replace").strip().splitlines()
+    except FileNotFoundError:
+        return f"no log at {path}"
+    return " | ".join(written[-lines:]) or f"nothing in {path}"
+
+
 def system_user(name: str) -> pwd.struct_passwd:
     """The OS user ``name``, created (a system user without a home or a shell) if missing."""
     try:

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from twin.core.cluster import hand_over, port_open, process_alive, system_user
+from twin.core.cluster import hand_over, log_tail, port_open, process_alive, system_user
 from twin.core.errors import TwinError
 from twin.core.settings import ProxySettings
 
@@ -404,13 +404,7 @@ class ManagedProxy:
             time.sleep(0.02)
 
     def _log_tail(self, start: int) -> str:
-        try:
-            with self.error_log.open("rb") as f:
-                f.seek(start)
-                lines = f.read().decode(errors="replace").strip().splitlines()
-        except FileNotFoundError:
-            return f"no log at {self.error_log}"
-        return " | ".join(lines[-5:]) or f"nothing in {self.error_log}"
+        return log_tail(self.error_log, start)
 
 
 def _alive_digest(host: str, port: int) -> str | None:
