@@ -16,6 +16,7 @@ key typed into the header's key box (kept in sessionStorage, sent as a bearer he
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import datetime
 
@@ -231,9 +232,18 @@ def test_an_event_reported_in_one_page_appears_and_flashes_in_the_other(
     assert "剩余" in countdown.inner_text()
     flash = b.page.locator(f".flash-marker[data-event-id='{event_id}']")
     flash.wait_for(timeout=PUSH_MS)
-    box = flash.bounding_box()
-    x, y = b.screen(stored["lon"], stored["lat"])
-    assert abs(box["x"] + box["width"] / 2 - x) < 3 and abs(box["y"] + box["height"] / 2 - y) < 3
+    # Where it settles: a layout change of the page (the panel growing) moves the canvas a
+    # frame before MapLibre moves its markers with it.
+    off = (float("inf"), float("inf"))
+    deadline = time.monotonic() + 3
+    while max(off) >= 3 and time.monotonic() < deadline:
+        box = flash.bounding_box()
+        x, y = b.screen(stored["lon"], stored["lat"])
+        assert box is not None
+        off = (abs(box["x"] + box["width"] / 2 - x), abs(box["y"] + box["height"] / 2 - y))
+        if max(off) >= 3:
+            b.page.wait_for_timeout(100)
+    assert max(off) < 3, off
     assert "flash" in (item.get_attribute("class") or "")
     b.screenshot("live-event-flash.png")
 
