@@ -35,6 +35,17 @@ class DatabaseSettings(BaseSettings):
     statement_timeout_ms: int = Field(default=15_000, ge=0)
     # Seconds a request queues for a pooled connection when all are busy before it gets 503.
     pool_timeout: float = Field(default=30.0, gt=0)
+    # Hot standbys that serve read-only requests (issue 15; twin/core/replicas.py), as
+    # SQLAlchemy/libpq URLs, e.g. ``["postgresql://twin@127.0.0.1:55443/twin"]``; empty: every
+    # request reads the primary. ``twin cluster up`` sets it for its nodes.
+    standby_urls: list[str] = Field(default_factory=list)
+    # A standby whose replay is further behind the primary than this is skipped.
+    max_lag_s: float = Field(default=5.0, gt=0)
+    # How long a read carrying a write's WAL position (read-your-writes) waits for a standby
+    # to replay it before it reads the primary instead.
+    ryw_wait_ms: int = Field(default=200, ge=0)
+    # Seconds between checks of each standby's health and replay position.
+    standby_check_s: float = Field(default=0.5, gt=0)
 
 
 class UploadSettings(BaseSettings):
@@ -188,6 +199,9 @@ class ReadingsSettings(BaseSettings):
     premake_days: int = Field(default=7, ge=1)
     # Seconds between partition maintenance runs (one server process of several runs it).
     maintenance_every_s: float = Field(default=3600.0, gt=0)
+    # Days of hourly rollups (min/max/avg/count per sensor and hour) kept; 0 keeps them all.
+    # Rollups outlive the raw readings: a year of them is what a planner's trend chart reads.
+    rollup_retention_days: int = Field(default=0, ge=0)
 
 
 class MqttSettings(BaseSettings):
