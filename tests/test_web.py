@@ -508,7 +508,7 @@ def test_raster_upload_is_drawn_and_3d_models_show_their_anchor(
     page.wait_for_function("document.getElementById('upload-status').dataset.state "
                            "=== 'succeeded'", timeout=60_000)
     layer_id = page.locator("#upload-status").get_attribute("data-layer-id")
-    tile = re.compile(rf"/tiles/{layer_id}/\d+/\d+/\d+\.png$")
+    tile = re.compile(rf"/tiles/{layer_id}/\d+/\d+/\d+\.png(\?v=\w+)?$")
     with page.expect_response(lambda r: bool(tile.search(r.url)) and r.status == 200):
         page.locator("#upload-show").click()
     map_page.idle()

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from tiles import hexagons, points
 from tiles.filters import TileFilters
 from tiles.grid import MAX_ZOOM, WEB_MERCATOR
+from tiles.validators import version_token
 from tiles.vector import check_vector_layers, feature_id_column
 from twin.core.errors import InvalidParameter
-from twin.core.layer import Layer
+from twin.core.layer import Layer, LayerRegistry
 
 MVT_MEDIA_TYPE = "application/vnd.mapbox-vector-tile"
 WEB_MERCATOR_URI = "http://www.opengis.net/def/tilematrixset/OGC/1.0/WebMercatorQuad"
@@ -54,6 +55,14 @@ def union_bounds(layers: Sequence[Layer]) -> list[float]:
             max(b[2] for b in boxes), max(b[3] for b in boxes)]
 
 
+def tiles_version(registry: LayerRegistry, layers: Sequence[Layer],
+                  versions: dict[str, int]) -> str:
+    """The ``v=`` of these layers' tiles now: the token the tile service pins tiles by
+    (tiles/validators.py), from the versions the registry keys them by."""
+    return version_token((layer.id, registry.data_version(layer.id, versions))
+                         for layer in layers)
+
+
 def tilejson(layers: Sequence[Layer], tiles_url: str,
              aggregate_below: int = hexagons.AGGREGATE_BELOW_ZOOM) -> dict:
     """TileJSON 3.0.0 for a (composite) tile source; ``tiles_url`` has {z}/{x}/{y}."""
@@ -88,11 +97,14 @@ def tile_matrix_set_document() -> dict:
     return WEB_MERCATOR.model_dump(mode="json", exclude_none=True, by_alias=True)
 
 
-def tileset(layer: Layer, base: str) -> dict:
-    """An OGC API - Tiles tileset metadata document for one collection."""
+def tileset(layer: Layer, base: str, version: str | None = None) -> dict:
+    """An OGC API - Tiles tileset metadata document for one collection; ``version``: the
+    ``v=`` its tile template carries (``tiles_version``)."""
     check_vector_layers([layer], TileFilters())
     collection = f"{base}/collections/{layer.id}"
     template = f"{collection}/tiles/WebMercatorQuad/{{tileMatrix}}/{{tileRow}}/{{tileCol}}"
+    if version is not None:
+        template += f"?v={version}"
     west, south, east, north = union_bounds([layer])
     return {
         "title": f"{layer.title_en} (vector tiles)",

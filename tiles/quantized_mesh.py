@@ -63,7 +63,7 @@ from quantized_mesh_encoder.extensions import ExtensionId
 
 from tiles.dem import DemArray, read_dem, surface_heights, visible_stack
 from tiles.service import TileAnswer, TileService
-from tiles.validators import etag_of, headers_of, not_modified
+from tiles.validators import cache_control, etag_of, headers_of, not_modified
 from twin.core.errors import NotFound
 from twin.core.layer import Layer, LayerRegistry
 from twin.core.principal import Scope
@@ -465,6 +465,8 @@ class MeshRequest:
     accept: str | None = None
     accepts_gzip: bool = False
     if_none_match: str | None = None
+    # The URL's ``v=`` (layer.json's template carries the stack's token): immutable if current.
+    version: str | None = None
 
 
 def wants_normals(accept: str | None) -> bool:
@@ -594,7 +596,8 @@ async def terrain_tile(service: TileService, request: MeshRequest) -> TileAnswer
     normals = wants_normals(request.accept)
     key = ("quantized-mesh", terrain.versions, request.z, request.x, request.y, normals)
     etag = etag_of(key)
-    headers = {**headers_of(etag), "Vary": "Accept, Accept-Encoding"}
+    headers = {**headers_of(etag), "Vary": "Accept, Accept-Encoding",
+               "Cache-Control": cache_control(terrain.token, request.version)}
     if not_modified(etag, request.if_none_match):
         # Still 404 for a tile outside the layout: a 304 never stands for a missing tile.
         layout = await anyio.to_thread.run_sync(layout_of, terrain.stack)

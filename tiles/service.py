@@ -24,7 +24,15 @@ from tiles.cache import CachedTile, TileCache, cached_tile, tile_cache, tile_key
 from tiles.filters import SectorCodes, parse_filters, read_filters, split_ids
 from tiles.grid import tile_address
 from tiles.metadata import MVT_MEDIA_TYPE
-from tiles.validators import etag_of, headers_of, not_modified
+from tiles.validators import (
+    IMMUTABLE,
+    cache_control,
+    etag_of,
+    headers_of,
+    not_modified,
+    pinned,
+    version_token,
+)
 from tiles.vector import TileOptions
 from twin.core.db import async_engine, libpq_url
 from twin.core.layer import Layer, LayerRegistry, RegistryCache
@@ -51,6 +59,8 @@ class TileRequest:
     aggregate: bool = True
     if_none_match: str | None = None
     accepts_gzip: bool = False
+    # The URL's ``v=``: the answer is immutable when it is the token of the tile's versions.
+    version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,7 @@ class RasterRequest:
     fmt: str
     encoding: str = "mapbox"
     if_none_match: str | None = None
+    version: str | None = None  # the URL's ``v=`` (as TileRequest's)
 
 
 @dataclass(frozen=True)
@@ -190,7 +201,7 @@ class TileService:
                                      self._pooled)
         finally:
             await connect.close()
-        return _vector_answer(made, request)
+        return _vector_answer(made, request, version_token(keyed.items()))
 
     async def _options_retried(self, request: TileRequest, connect: _TileConnection
                                ) -> TileOptions:
@@ -242,10 +253,11 @@ class TileService:
             raster.raster_layer(layer)
         media_type = "image/png" if terrain_tile else raster.FORMATS.get(
             request.fmt, ("", "application/octet-stream"))[1]
-        etag = etag_of(("raster", layer.id, registry.data_version(layer.id, versions),
-                        request.z, request.x, request.y, request.fmt,
-                        request.encoding if terrain_tile else None))
-        headers = headers_of(etag)
+        version = registry.data_version(layer.id, versions)
+        etag = etag_of(("raster", layer.id, version, request.z, request.x, request.y,
+                        request.fmt, request.encoding if terrain_tile else None))
+        headers = {**headers_of(etag), "Cache-Control": cache_control(
+            version_token([(layer.id, version)]), request.version)}
         if not_modified(etag, request.if_none_match):
             return TileAnswer(None, media_type, headers)
         if terrain_tile:
@@ -257,11 +269,14 @@ class TileService:
         return TileAnswer(made.content, made.media_type, headers)
 
 
-def _vector_answer(made: CachedTile, request: TileRequest) -> TileAnswer:
+def _vector_answer(made: CachedTile, request: TileRequest, token: str) -> TileAnswer:
     if not_modified(made.etag, request.if_none_match):
-        return TileAnswer(None, MVT_MEDIA_TYPE, made.headers, made.raw_headers("304"))
-    if request.accepts_gzip:
-        return TileAnswer(made.gzipped, MVT_MEDIA_TYPE, made.gzip_headers,
-                          made.raw_headers("gzip"))
-    return TileAnswer(made.tile.content, MVT_MEDIA_TYPE, made.headers,
-                      made.raw_headers("plain"))
+        content, headers, answer = None, made.headers, "304"
+    elif request.accepts_gzip:
+        content, headers, answer = made.gzipped, made.gzip_headers, "gzip"
+    else:
+        content, headers, answer = made.tile.content, made.headers, "plain"
+    if request.version is None or request.version != token:
+        return TileAnswer(content, MVT_MEDIA_TYPE, headers, made.raw_headers(answer))
+    return TileAnswer(content, MVT_MEDIA_TYPE, {**headers, "Cache-Control": IMMUTABLE},
+                      pinned(made.raw_headers(answer)))

@@ -28,7 +28,7 @@ from tiles.buildings3d import Grades
 from tiles.implicit import Placement, TileId
 from tiles.service import TileAnswer, TileService
 from tiles.sql import sql_text
-from tiles.validators import CACHE_CONTROL, not_modified
+from tiles.validators import CACHE_CONTROL, cache_control, not_modified
 from twin.core.errors import InvalidParameter, NotFound
 from twin.core.layer import Layer, LayerRegistry
 from twin.core.principal import Scope
@@ -48,6 +48,9 @@ class Request3D:
     scope: Scope
     cim: str | None = None
     if_none_match: str | None = None
+    # The URL's ``v=`` (CesiumJS adds ``asset.tilesetVersion`` to every request it makes for
+    # the tileset): subtrees and contents of that version are sent immutable.
+    version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,9 +80,16 @@ def _etag(content: bytes) -> str:
 
 
 def _answer(content: bytes, media_type: str, if_none_match: str | None,
-            etag: str | None = None) -> TileAnswer:
+            etag: str | None = None, pinned_by: tuple[_State, Request3D] | None = None
+            ) -> TileAnswer:
+    """``pinned_by``: the state a tile was made in and its request, whose ``v`` may name that
+    state's versions (then the answer is immutable); the tileset document itself never is."""
     etag = etag or _etag(content)
-    headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
+    control = CACHE_CONTROL
+    if pinned_by is not None:
+        state, request = pinned_by
+        control = cache_control(state.tileset_version, request.version)
+    headers = {"ETag": etag, "Cache-Control": control}
     if not_modified(etag, if_none_match):
         return TileAnswer(None, media_type, headers)
     return TileAnswer(content, media_type, headers)
@@ -291,7 +301,8 @@ class Tiles3D:
             return implicit.subtree_file(implicit.availability(placement))
 
         content, etag = await self._cached(state, ("subtree", root), make)
-        return _answer(content, SUBTREE_MEDIA_TYPE, request.if_none_match, etag)
+        return _answer(content, SUBTREE_MEDIA_TYPE, request.if_none_match, etag,
+                       (state, request))
 
     async def content(self, request: Request3D, level: int, x: int, y: int) -> TileAnswer:
         tile = implicit.checked_tile(level, x, y)
@@ -308,7 +319,7 @@ class Tiles3D:
             return await _glb(state, rows)
 
         content, etag = await self._cached(state, ("content", tile), make)
-        return _answer(content, GLB_MEDIA_TYPE, request.if_none_match, etag)
+        return _answer(content, GLB_MEDIA_TYPE, request.if_none_match, etag, (state, request))
 
     async def block(self, request: Request3D, building_id: int) -> TileAnswer:
         """The block of a building a model replaces near the camera."""
@@ -326,7 +337,7 @@ class Tiles3D:
             return await _glb(state, rows)
 
         content, etag = await self._cached(state, ("block", building_id), make)
-        return _answer(content, GLB_MEDIA_TYPE, request.if_none_match, etag)
+        return _answer(content, GLB_MEDIA_TYPE, request.if_none_match, etag, (state, request))
 
     async def model(self, request: Request3D, model_id: str) -> TileAnswer:
         """A CIM4-6 model as tile content, carrying its building's properties."""
@@ -341,7 +352,7 @@ class Tiles3D:
             return await anyio.to_thread.run_sync(models3d.model_content, model, row)
 
         content, etag = await self._cached(state, ("model", model_id), make)
-        return _answer(content, GLB_MEDIA_TYPE, request.if_none_match, etag)
+        return _answer(content, GLB_MEDIA_TYPE, request.if_none_match, etag, (state, request))
 
     async def _model_row(self, state: _State, model: Layer) -> dict:
         building = model.meta.get("building_id")

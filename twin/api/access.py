@@ -12,6 +12,7 @@ Roles grow: viewer < planner < gis-editor < admin (twin/auth.py).
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -50,6 +51,10 @@ RULES: tuple[Rule, ...] = (
     *(Rule(READ, path, PUBLIC) for path in (
         "/", "/conformance", "/healthz", "/api", "/api.html", "/docs/oauth2-redirect",
         "/redoc", "/assets*")),
+    # The cluster's nginx asks it before a cached tile; it answers only a request carrying
+    # the proxy's secret and runs this guard itself on the request asked about
+    # (twin/api/proxy_auth.py).
+    Rule(READ, "/_twin/auth", PUBLIC),
     # viewer: the map (tiles, styles, features, collections, layers) and statistics.
     Rule(READ, "/query/h3", "viewer"),
     Rule(READ, "/collections*", "viewer"),
@@ -131,6 +136,10 @@ def _buckets(request: Request) -> TokenBuckets | SharedTokenBuckets | PostgresTo
 
 
 def _client(request: Request) -> str:
+    """The bucket of an anonymous caller: its address (behind the cluster's nginx, the one
+    nginx saw, else every client would share nginx's)."""
+    if from_proxy(request) and (forwarded := request.headers.get("x-real-ip")):
+        return "ip:" + forwarded
     return "ip:" + (request.client.host if request.client else "unknown")
 
 
@@ -150,21 +159,45 @@ async def _charge(request: Request, bucket: str) -> None:
 
 
 async def enforce(request: Request) -> None:
-    """Authenticate, rate-limit and authorize one request against ``RULES``."""
+    """Authenticate, rate-limit and authorize one request against ``RULES``.
+
+    A tile request that came through the cluster's nginx was charged already, by the node
+    that answered nginx's ``/_twin/auth`` for it (twin/api/proxy_auth.py): not twice."""
     route = request.scope.get("route")
-    role = role_for(request.method, getattr(route, "path_format", request.url.path))
+    await admit(request, request.method, getattr(route, "path_format", request.url.path),
+                charge=not (from_proxy(request) and request.headers.get("x-twin-charged")))
+
+
+async def admit(request: Request, method: str, path: str,
+                charge: bool = True) -> Principal | None:
+    """The caller of ``request``, authenticated, rate-limited (when ``charge``) and allowed
+    ``method`` on ``path`` (a route template, or a path the rules' prefixes cover); None
+    for a public route. Raises Unauthenticated, Forbidden or RateLimited."""
+    role = role_for(method, path)
     if role == PUBLIC:
-        return
+        return None
     try:
         principal: Principal | None = await get_principal(request)
     except Unauthenticated:
         await _charge(request, _client(request))  # guessing keys costs the guesser's IP
         raise
-    if principal is None or principal.anonymous:
+    if not charge:
+        pass
+    elif principal is None or principal.anonymous:
         await _charge(request, _client(request))
     else:
         await _charge(request, "key:" + principal.name)
-    require_role(principal, role)
+    return require_role(principal, role)
+
+
+def from_proxy(request: Request) -> bool:
+    """Whether the request came through the cluster's nginx: it carries the secret that
+    nginx and the nodes share (TWIN_PROXY_SECRET), which nginx sets on every request it
+    passes (a client's own header of that name is replaced)."""
+    secret = request.app.state.settings.proxy.secret
+    said = request.headers.get("x-twin-proxy")
+    return (secret is not None and said is not None
+            and hmac.compare_digest(said.encode(), secret.get_secret_value().encode()))
 
 
 GUARD = [Depends(enforce)]

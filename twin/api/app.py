@@ -20,6 +20,7 @@ from twin.api.deps import auth_error
 from twin.api.errors import install_error_handlers
 from twin.api.middleware import AuditMiddleware, BodyLimitMiddleware
 from twin.api.openapi import install_security
+from twin.api.proxy_auth import install_proxy_auth
 from twin.api.routes import alerts as alert_routes
 from twin.api.routes import areas as area_routes
 from twin.api.routes import audit as audit_routes
@@ -141,6 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    audit_routes.router, key_routes.router):
         app.include_router(router, dependencies=access.GUARD)
     tiles.install_xyz_route(app)  # the warm tile path, ahead of the routers (same guard)
+    install_proxy_auth(app)  # what the cluster's nginx asks before a cached tile (issue 15)
     mount_web_assets(app)
     install_middleware(app, settings)
     # /api declares the bearer schemes and each operation's role, from access.RULES.

@@ -9,11 +9,18 @@ its configuration names lies in that folder, so it never reads ``/etc/nginx`` no
 
 What it does with a request (see ``render_config``):
 
-- GET/HEAD answers are cached only when the node marks them cacheable (``Cache-Control:
-  public, max-age=N``); nginx never stores ``private``, ``no-store``, ``no-cache`` or an
-  answer that sets a cookie. The cache key holds the ``Authorization`` header and the whole
-  request URI (keys and stream tickets given as query parameters), so an answer cached for
-  one key is only ever served to that key, and an anonymous answer only to anonymous callers.
+- Only tiles are cached (vector, raster, terrain, quantized-mesh, 3D Tiles subtrees and
+  contents), and only those the node marks cacheable: with the current data versions in
+  their URL (``v=``) a node sends them ``public, max-age=31536000, immutable``
+  (tiles/validators.py); nginx never stores ``no-cache``, ``private``, ``no-store`` or an
+  answer that sets a cookie. Every other path passes through uncached.
+- Every tile request, a cache hit too, is first put to a node (``auth_request`` to
+  ``/_twin/auth``, twin/api/proxy_auth.py), which authenticates the caller, charges its rate
+  limit, checks its role and answers a hash of its jurisdiction. That hash, never the
+  credentials, is in the cache key: a tile cached for one jurisdiction is served only to
+  callers of the same jurisdiction, a revoked key stops at once, and no key is written to
+  disk. A caller the node refuses (401, 403, 429) passes through uncached, and the node
+  answers it in twin's own error shape.
 - A GET that fails on one node (refused, reset, timed out, 502/503/504) is passed to the next
   node; a POST, PATCH or LOCK already sent never is (nginx's rule, kept).
 - The push stream (``/events/stream``) passes through unbuffered and uncached.
@@ -27,6 +34,7 @@ import logging
 import os
 import pwd
 import re
+import secrets
 import signal
 import subprocess
 import time
@@ -82,6 +90,17 @@ http {{
     proxy_cache_path {folder}/cache levels=1:2 keys_zone=twin:32m max_size={cache_mb}m
                      inactive=1d use_temp_path=off;
 
+    # The jurisdiction the node's answer to /_twin/auth named; none: refused, pass through.
+    map $twin_scope $twin_uncached {{
+        "" 1;
+        default 0;
+    }}
+    # Told to the node with a tile request whose rate limit /_twin/auth charged already.
+    map $twin_scope $twin_charged {{
+        "" "";
+        default "1";
+    }}
+
     upstream twin {{
         # Shared by the workers: a node one of them found dead is left out by all.
         zone twin_nodes 1m;
@@ -102,22 +121,21 @@ http {{
         proxy_set_header Host $http_host;
         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
         proxy_set_header X-Forwarded-Proto $scheme;
+        # What only this nginx can say (a client's own headers of these names are replaced,
+        # or dropped when empty): the request came through it (the node then takes the
+        # client's address from X-Real-IP), and its rate limit was charged.
+        proxy_set_header X-Real-IP $remote_addr;
+        proxy_set_header X-Twin-Proxy "{secret}";
+        proxy_set_header X-Twin-Charged $twin_charged;
         proxy_connect_timeout {connect_timeout};
         # GET and HEAD go to the next node on these; a request of a non-idempotent method
         # (POST, PATCH, LOCK) that reached a node never does (nginx's default, kept).
         proxy_next_upstream error timeout http_502 http_503 http_504;
 
-        # The shared cache: only what the node marks cacheable (nginx honours Cache-Control
-        # and Expires, and stores nothing private, no-store, no-cache or with Set-Cookie:
-        # there is no proxy_cache_valid). The key holds the credentials, so an answer made
-        # for one key is served only to that key, and an anonymous one only to anonymous
-        # callers; keys and stream tickets sent as query parameters are in $request_uri.
-        # ($host: this server listens on one port.) nginx names a cache file by the key's
-        # MD5 but writes the key itself, Authorization included, at the top of the file:
-        # the folder is the workers' user's alone (0700), as the keys are in its memory.
-        proxy_cache twin;
+        # The shared cache (in the tile location below): only what the node marks
+        # cacheable (nginx honours Cache-Control and Expires, and stores nothing private,
+        # no-store, no-cache or with Set-Cookie: there is no proxy_cache_valid).
         proxy_cache_methods GET HEAD;
-        proxy_cache_key "$request_method|$scheme|$host|$request_uri|$http_authorization";
         # One request per key fills the cache. Others missing the same key meanwhile go to
         # a node (uncached) instead of waiting for it: a waiter polls the lock every 500 ms,
         # and nginx has no "hit-for-pass", so for an answer the node does not let it cache
@@ -132,6 +150,32 @@ http {{
 
         location / {{
             proxy_pass http://twin;
+        }}
+
+        # Tiles: asked of a node first (/_twin/auth: authentication, rate limit, role), then
+        # from the cache by the caller's jurisdiction (never by its key; $request_uri holds
+        # the layers, the tile, the data versions and any filter), else from a node.
+        location ~ "{tile_paths}" {{
+            auth_request /_twin/auth;
+            auth_request_set $twin_scope $upstream_http_x_twin_scope;
+            proxy_cache twin;
+            proxy_cache_key "$request_method|$host|$request_uri|$twin_scope";
+            proxy_cache_bypass $twin_uncached;
+            proxy_no_cache $twin_uncached;
+            proxy_pass http://twin;
+        }}
+
+        location = /_twin/auth {{
+            internal;
+            access_log off;
+            proxy_pass http://twin;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header X-Original-URI $request_uri;
+            proxy_set_header X-Original-Method $request_method;
+            # Refused or not, the node answers 204 (a refusal names no scope): auth_request
+            # turns any other status but 401/403 into a 500.
+            proxy_next_upstream error timeout http_502 http_503 http_504;
         }}
 
         # Server-Sent Events: each message reaches the client as the node writes it.
@@ -158,6 +202,12 @@ http {{
 }}
 """
 
+# The paths of tiles (cached by jurisdiction), and nothing else: documents naming tiles
+# (TileJSON, tileset.json, layer.json) are never kept.
+TILE_PATHS = (r"^/(tiles/[^/]+/\d+/\d+/\d+\."
+              r"|collections/[^/]+/(tiles/[^/]+/\d+/\d+/\d+$|quantized-mesh/\d+/\d+/\d+\.terrain$"
+              r"|3dtiles/(subtrees|content|blocks|models)/))")
+
 _DIGEST_SLOT = "@DIGEST@"
 _UPSTREAM = re.compile(r"^\s*server (\S+) max_fails=", re.MULTILINE)
 _LISTEN = re.compile(r"^\s*listen \S+:(\d+);", re.MULTILINE)
@@ -166,10 +216,14 @@ _DIGEST = re.compile(r"X-Twin-Proxy-Config (\w+);")
 
 def render_config(folder: Path, listen_port: int, upstreams: list[str], cache_mb: int = 512,
                   user: str | None = None, host: str = "127.0.0.1",
-                  settings: ProxySettings | None = None) -> str:
+                  settings: ProxySettings | None = None, secret: str = "") -> str:
     """nginx.conf for a proxy whose files live in ``folder``, listening on
     ``host:listen_port`` in front of ``upstreams`` ("127.0.0.1:8001", ...); ``user``: the OS
-    user of its worker processes (only when the master runs as root)."""
+    user of its worker processes (only when the master runs as root); ``secret``: what it
+    tells the nodes to prove a request came through it (none: the nodes trust nothing)."""
+    if not re.fullmatch(r"[\w-]*", secret):
+        raise ProxyError("the proxy secret (TWIN_PROXY_SECRET) may hold only letters, digits, "
+                         "'_' and '-'")
     settings = settings or ProxySettings()
     if not upstreams:
         raise ProxyError("the proxy needs at least one node to send requests to")
@@ -184,7 +238,7 @@ def render_config(folder: Path, listen_port: int, upstreams: list[str], cache_mb
         port=listen_port, servers=servers, cache_mb=cache_mb,
         workers=settings.workers or "auto", max_body_mb=settings.max_body_mb,
         connect_timeout=f"{int(settings.connect_timeout_s * 1000)}ms",
-        alive_path=ALIVE_PATH, digest=_DIGEST_SLOT)
+        alive_path=ALIVE_PATH, digest=_DIGEST_SLOT, tile_paths=TILE_PATHS, secret=secret)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     return text.replace(_DIGEST_SLOT, digest)
 
@@ -332,10 +386,28 @@ class ManagedProxy:
         return [str(self.binary), "-p", f"{self.folder}/", "-c", str(self.config_file),
                 "-e", str(self.error_log)]
 
+    def secret(self) -> str:
+        """What this nginx tells its nodes (TWIN_PROXY_SECRET when set, else made once per
+        home and kept in ``secret``, readable by its owner only); the nodes are given it."""
+        if self.settings.secret is not None:
+            return self.settings.secret.get_secret_value()
+        secret_file = self.folder / "secret"
+        try:
+            return secret_file.read_text().strip()
+        except FileNotFoundError:
+            pass
+        self.folder.mkdir(parents=True, exist_ok=True)
+        made = secrets.token_hex(24)
+        descriptor = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(made)
+        return made
+
     def _render(self) -> str:
         user = self._os_user()
         return render_config(self.folder, self.port, self.upstreams, self.cache_mb,
-                             user.pw_name if user else None, self.host, self.settings)
+                             user.pw_name if user else None, self.host, self.settings,
+                             self.secret())
 
     def _render_digest(self) -> str:
         found = _DIGEST.search(self._render())

@@ -358,6 +358,11 @@ class ProxySettings(BaseSettings):
     connect_timeout_s: float = Field(default=1.0, gt=0)
     # A node that failed once is left out for this long, then tried again.
     fail_timeout_s: float = Field(default=2.0, gt=0)
+    # Shared by the managed nginx and the nodes behind it (``twin cluster up`` makes one per
+    # home, in TWIN_HOME/nginx/secret, and gives it to its nodes): a request carrying it came
+    # through that nginx, so a node may trust the client address it forwards and the rate
+    # limit it charged already (twin/api/proxy_auth.py). Unset: no request is trusted so.
+    secret: SecretStr | None = None
 
 
 class StandbySettings(BaseSettings):

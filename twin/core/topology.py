@@ -149,6 +149,8 @@ class ManagedTopology:
             "TWIN_PORT": str(self.node_port(n)),
             "TWIN_DATABASE_URL": self.cluster.url(),
             "TWIN_LIMITS_SHARED": "postgres",
+            # Proves to the node that a request came through this cluster's nginx.
+            "TWIN_PROXY_SECRET": self.proxy.secret(),
         })
         return env
 

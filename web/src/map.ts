@@ -45,6 +45,24 @@ export async function createMap(container: HTMLElement): Promise<maplibregl.Map>
 type TiledSource = VectorSourceSpecification | RasterSourceSpecification
   | RasterDEMSourceSpecification;
 
+/** Each tile source's TileJSON URL: its tile URL carries the data versions (``v=``, sent
+ *  immutable, cached by the browser and a shared proxy), so new data means a new URL, read
+ *  from the TileJSON again (``reloadLayer``). */
+const tileJsonOf = new Map<string, string>();
+
+/** A tile URL template with its query parameters changed (``null`` removes one); the
+ *  ``{z}/{x}/{y}`` braces stay as they are (URL would escape them). */
+export function withQuery(template: string, changes: Record<string, string | null>): string {
+  const [path, query = ""] = template.split("?", 2);
+  const search = new URLSearchParams(query);
+  for (const [name, value] of Object.entries(changes)) {
+    if (value === null) search.delete(name);
+    else search.set(name, value);
+  }
+  const qs = search.toString();
+  return qs ? `${path}?${qs}` : path;
+}
+
 /** A style source's TileJSON written into the style, its bounds checked: MapLibre would throw
  *  on a layer's impossible bbox. Also lets a filter change (setTiles) reload tiles directly
  *  instead of refetching the TileJSON first. A TileJSON that fails to load is left to MapLibre
@@ -59,6 +77,7 @@ async function inlineTileJson(sources: Record<string, SourceSpecification>,
   } catch {
     return;
   }
+  tileJsonOf.set(id, source.url);
   const { url: _url, ...explicit } = source;
   const { tiles, minzoom, maxzoom, attribution, scheme } = tileJson;
   const fromTileJson = Object.fromEntries(Object.entries({ tiles, minzoom, maxzoom, attribution,
@@ -128,8 +147,9 @@ export function addCollectionLayer(map: maplibregl.Map, collection: Collection, 
 function addVectorLayer(map: maplibregl.Map, collection: Collection, index: number): void {
   const source = `collection-${collection.id}`;
   if (map.getSource(source)) return;
-  map.addSource(source, { type: "vector", bounds: sourceBounds(collection),
-    url: apiUrl("/tiles/{layer_ids}/tilejson.json", { path: { layer_ids: collection.id } }) });
+  const url = apiUrl("/tiles/{layer_ids}/tilejson.json", { path: { layer_ids: collection.id } });
+  tileJsonOf.set(source, url);
+  map.addSource(source, { type: "vector", bounds: sourceBounds(collection), url });
   const colour = collection.id === "supply_depots" ? OVERLAY.depot
     : EXTRA_PALETTE[index % EXTRA_PALETTE.length];
   const common = { source, "source-layer": collection.id, minzoom: collection.minZoom,
@@ -159,10 +179,12 @@ function addRasterLayer(map: maplibregl.Map, collection: Collection, facts?: Lay
     { path: { layer_id: collection.id }, query: { terrain } });
   const bounds = sourceBounds(collection);
   const below = map.getStyle().layers.find((layer) => layer.type !== "background")?.id;
+  tileJsonOf.set(source, tileJson());
   map.addSource(source, { type: "raster", url: tileJson(), bounds, tileSize: 256 });
   map.addLayer({ id: `${source}-raster`, type: "raster", source,
     layout: { visibility: "none" }, paint: { "raster-opacity": 0.8 } }, below);
   if (facts?.meta?.dem) {
+    tileJsonOf.set(`${source}-dem`, tileJson("terrarium"));
     map.addSource(`${source}-dem`, { type: "raster-dem", url: tileJson("terrarium"), bounds,
       encoding: "terrarium", tileSize: 256 });
     map.addLayer({ id: `${source}-hillshade`, type: "hillshade", source: `${source}-dem`,
@@ -223,18 +245,12 @@ export function setVisible(map: maplibregl.Map, layerIds: string[], visible: boo
   }
 }
 
-let riskTemplate: string | undefined;
-
 /** Re-request the risk tiles with ``sector=``/``level=``; the server filters points and hexagons. */
 export function filterRiskTiles(map: maplibregl.Map, sectors: string[] | null,
                                 levels: number[] | null): void {
   const source = map.getSource(RISK_SOURCE) as VectorTileSource;
-  riskTemplate ??= source.tiles[0];
-  const search = new URLSearchParams();
-  if (sectors) search.set("sector", sectors.join(","));
-  if (levels) search.set("level", levels.join(","));
-  const qs = search.toString();
-  source.setTiles([qs ? `${riskTemplate}?${qs}` : riskTemplate]);
+  source.setTiles([withQuery(source.tiles[0], {
+    sector: sectors ? sectors.join(",") : null, level: levels ? levels.join(",") : null })]);
 }
 
 /** The level colours as the style draws them (the risk-points ``match`` on ``level``). */
@@ -260,15 +276,36 @@ export function sourcesOfLayer(map: maplibregl.Map, layerId: string): string[] {
   return found;
 }
 
-/** Re-request the tiles of the sources drawing ``layerId`` (tiles are ``no-cache`` with an
- *  ETag of their layers' data versions: unchanged tiles come back as 304). A second pass a
- *  moment later covers a message that arrived before this process's versions listener. */
+/** Re-request the tiles of the sources drawing ``layerId``: each source's TileJSON names
+ *  the tile URL of the layers' data versions now (``v=``), kept with the source's filters;
+ *  a source whose URL did not change re-requests its tiles (sent ``no-cache`` without a
+ *  current ``v``, with an ETag: unchanged tiles come back as 304). A second pass a moment
+ *  later covers a message that reached this page before the server it reads had the data
+ *  (a standby replaying, a node's versions listener). */
 export function reloadLayer(map: maplibregl.Map, layerId: string): string[] {
   const sources = sourcesOfLayer(map, layerId);
-  const refresh = () => {
-    for (const id of sources) if (map.getSource(id)) map.refreshTiles(id);
+  const refresh = async (id: string) => {
+    const source = map.getSource(id) as VectorTileSource | undefined;
+    const url = tileJsonOf.get(id);
+    if (!source) return;
+    let version: string | null = null;
+    if (url) {
+      try {
+        version = new URLSearchParams(
+          (await fetchJson<TileJson>(url)).tiles[0].split("?", 2)[1] ?? "").get("v");
+      } catch {
+        version = null;  // the TileJSON failed: refresh with the URL as it is
+      }
+    }
+    const current = source.tiles?.[0];
+    if (version && current && withQuery(current, { v: version }) !== current) {
+      source.setTiles([withQuery(current, { v: version })]);
+    } else {
+      map.refreshTiles(id);
+    }
   };
-  refresh();
-  if (sources.length) window.setTimeout(refresh, 1500);
+  const all = () => { for (const id of sources) void refresh(id); };
+  all();
+  if (sources.length) window.setTimeout(all, 1500);
   return sources;
 }

@@ -40,4 +40,5 @@ async def get_terrain_tile(collection_id: str, z: int, x: int, y: int, request: 
     return tile_answer(await quantized_mesh.terrain_tile(
         request.app.state.tiles, quantized_mesh.MeshRequest(
             collection_id, z, x, y, scope, headers.get("accept"),
-            "gzip" in headers.get("accept-encoding", ""), headers.get("if-none-match"))))
+            "gzip" in headers.get("accept-encoding", ""), headers.get("if-none-match"),
+            request.query_params.get("v"))))

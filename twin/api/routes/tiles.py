@@ -17,7 +17,7 @@ from tiles.grid import tile_matrix_set
 from tiles.service import TileAnswer, TileRequest
 from tiles.style import risk_map_style
 from twin.api import access
-from twin.api.deps import RegistryDep, ScopeDep, SettingsDep, get_scope
+from twin.api.deps import RegistryDep, ScopeDep, SettingsDep, VersionsDep, get_scope
 from twin.core.principal import Scope
 from twin.core.scope import visible_layer
 
@@ -42,6 +42,10 @@ AggregateQuery = Annotated[bool, Query(
     "false sends every point with every field")]
 FilterQuery = Annotated[str | None, Query(
     alias="filter", description="CQL2-text over the fields of every requested layer")]
+VersionQuery = Annotated[str | None, Query(
+    alias="v", description="the data versions the tile URL was made for, as TileJSON and "
+    "tileset documents name it: a tile of exactly those versions is sent immutable "
+    "(cacheable for a year); any other value gets the current tile, revalidated")]
 
 
 def _base(request: Request) -> str:
@@ -57,11 +61,12 @@ def tile_answer(answer: TileAnswer) -> Response:
 
 async def _tile_response(request: Request, layer_ids: Sequence[str], z: int, x: int, y: int,
                          sector: str | None, level: str | None, cql: str | None,
-                         aggregate: bool, scope: Scope) -> Response:
+                         aggregate: bool, scope: Scope, version: str | None) -> Response:
     headers = request.headers
     return tile_answer(await request.app.state.tiles.vector_tile(TileRequest(
         tuple(layer_ids), z, x, y, scope, sector, level, cql, aggregate,
-        headers.get("if-none-match"), "gzip" in headers.get("accept-encoding", ""))))
+        headers.get("if-none-match"), "gzip" in headers.get("accept-encoding", ""),
+        version)))
 
 
 @router.get("/tileMatrixSets", summary="Tile matrix sets")
@@ -84,10 +89,11 @@ async def list_tilesets(collection_id: str, request: Request, registry: Registry
 
 @router.get("/collections/{collection_id}/tiles/{tms_id}", summary="Tileset metadata")
 async def get_tileset(collection_id: str, tms_id: str, request: Request,
-                      registry: RegistryDep, scope: ScopeDep) -> dict:
+                      registry: RegistryDep, versions: VersionsDep, scope: ScopeDep) -> dict:
     layer = visible_layer(scope, registry, collection_id)
     tile_matrix_set(tms_id)
-    return metadata.tileset(layer, _base(request))
+    return metadata.tileset(layer, _base(request),
+                            metadata.tiles_version(registry, [layer], versions))
 
 
 @router.get("/collections/{collection_id}/tiles/{tms_id}/{tile_matrix}/{tile_row}/{tile_col}",
@@ -97,18 +103,22 @@ async def get_collection_tile(collection_id: str, tms_id: str, tile_matrix: int,
                               tile_col: int, request: Request, scope: ScopeDep,
                               sector: SectorQuery = None, level: LevelQuery = None,
                               cql: FilterQuery = None,
-                              aggregate: AggregateQuery = True) -> Response:
+                              aggregate: AggregateQuery = True,
+                              version: VersionQuery = None) -> Response:
     tile_matrix_set(tms_id)
     return await _tile_response(request, [collection_id], tile_matrix, tile_col, tile_row,
-                                sector, level, cql, aggregate, scope)
+                                sector, level, cql, aggregate, scope, version)
 
 
 @router.get("/tiles/{layer_ids}/tilejson.json", summary="TileJSON 3.0.0 of one or more layers")
 async def get_tilejson(layer_ids: str, request: Request, registry: RegistryDep,
-                       settings: SettingsDep, scope: ScopeDep) -> dict:
+                       versions: VersionsDep, settings: SettingsDep, scope: ScopeDep) -> dict:
+    """Its tile URL names the layers' data versions now (``v=``): tiles of that URL are
+    immutable, and the next TileJSON after a write names the next URL."""
     layers = [visible_layer(scope, registry, layer_id)
               for layer_id in metadata.split_layer_ids(layer_ids)]
-    url = f"{_base(request)}/tiles/{','.join(layer.id for layer in layers)}/{{z}}/{{x}}/{{y}}.mvt"
+    url = (f"{_base(request)}/tiles/{','.join(layer.id for layer in layers)}/{{z}}/{{x}}/{{y}}"
+           f".mvt?v={metadata.tiles_version(registry, layers, versions)}")
     document = metadata.tilejson(layers, url, settings.tiles.aggregate_below_zoom)
     # The same buildings in 3D: a 3D client finds its tileset here (issue 13).
     tilesets = [f"{_base(request)}/collections/{layer.id}/3dtiles/tileset.json"
@@ -123,9 +133,10 @@ async def get_tilejson(layer_ids: str, request: Request, registry: RegistryDep,
 async def get_xyz_tile(layer_ids: str, z: int, x: int, y: int, request: Request,
                        scope: ScopeDep, sector: SectorQuery = None, level: LevelQuery = None,
                        cql: FilterQuery = None,
-                       aggregate: AggregateQuery = True) -> Response:
+                       aggregate: AggregateQuery = True,
+                       version: VersionQuery = None) -> Response:
     return await _tile_response(request, metadata.split_layer_ids(layer_ids), z, x, y, sector,
-                                level, cql, aggregate, scope)
+                                level, cql, aggregate, scope, version)
 
 
 @router.get("/styles/risk-map.json", summary="MapLibre style of the one map, over twin's tiles")
@@ -143,7 +154,7 @@ async def get_risk_map_style(request: Request, registry: RegistryDep,
 # does not know, a repeated or odd parameter) goes on to the declared route above, which
 # also stays the one in the OpenAPI document.
 
-_QUERY_NAMES = frozenset({"sector", "level", "filter", "aggregate"})
+_QUERY_NAMES = frozenset({"sector", "level", "filter", "aggregate", "v"})
 _BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
 
 
@@ -181,7 +192,8 @@ class _XYZTiles:
             path["y"], await get_scope(request), params.get("sector"), params.get("level"),
             params.get("filter"),
             _BOOLEANS[params.get("aggregate", "true").lower()],
-            headers.get("if-none-match"), "gzip" in headers.get("accept-encoding", "")))
+            headers.get("if-none-match"), "gzip" in headers.get("accept-encoding", ""),
+            params.get("v")))
         await send({"type": "http.response.start",
                     "status": 304 if answer.content is None else 200,
                     "headers": answer.raw_headers()})

@@ -26,7 +26,9 @@ def _tiles3d(request: Request) -> Tiles3D:
 
 
 def _request(request: Request, collection_id: str, scope, cim: str | None) -> Request3D:
-    return Request3D(collection_id, scope, cim, request.headers.get("if-none-match"))
+    # ``v``: what CesiumJS appends from ``asset.tilesetVersion`` (immutable when current).
+    return Request3D(collection_id, scope, cim, request.headers.get("if-none-match"),
+                     request.query_params.get("v"))
 
 
 @router.get("/collections/{collection_id}/3dtiles/tileset.json", response_class=Response,
