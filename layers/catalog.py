@@ -1,8 +1,9 @@
 """GET /layers and /layers/{id}: every layer with what GIS staff ask about it.
 
 Built-in layers are listed too (origin 'builtin', no versions); uploaded layers add their
-versions, uploader and the published version's report. A caller sees the layers their
-jurisdiction may see (twin/core/scope.py), built-in feature counts within it.
+versions (those not dropped yet: layers/blobs.py), uploader and the published version's
+report. A caller sees the layers their jurisdiction may see (twin/core/scope.py), built-in
+feature counts within it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ _LAYERS = """
 _VERSIONS = text("""
     SELECT version, geometry_type, feature_count, source_file_name, source_crs, source_datum,
            bbox, fields, created_by, created_at, report
-      FROM layer_versions WHERE layer_id = :id ORDER BY version
+      FROM layer_versions AS v
+     WHERE layer_id = :id AND NOT EXISTS (
+           SELECT 1 FROM upload_drops AS d WHERE d.layer_id = v.layer_id
+              AND d.version = v.version AND d.dropped_at IS NOT NULL)
+     ORDER BY version
 """)
 
 

@@ -9,6 +9,14 @@ Whether a job is still alive (its process may die while its siblings live) is as
 PostgreSQL: the connection that runs a job holds the job's advisory lock until its end is
 committed, and layers/job_liveness.py fails the jobs of dead processes.
 
+The version's files are stored in the database in that same transaction (layers/blobs.py),
+so every node serves them. The job runs in the process that received the upload: only it
+has the spooled file (``<uploads>/jobs/<id>``, on its node's disk), so only it claims the job
+(``run_job`` refuses a job whose spool is not here). Spools stay local rather than in the
+database: the body streams to disk as it arrives, is read once by the same process, and a
+job whose process dies is failed by the reaper (layers/job_liveness.py) whatever node looks;
+the uploader sends the file again.
+
 Every statement of that transaction is bounded by ``TWIN_UPLOADS_STATEMENT_TIMEOUT_S`` (set
 for the transaction only, so a pathological file cannot hold the database for ever); a job
 that exceeds it fails like any other, and names the bound and the step it was at.
@@ -32,7 +40,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from layers import coordinates, ingest_cityjson, ingest_model, ingest_raster, ingest_vector
+from layers import blobs, coordinates, ingest_cityjson, ingest_model, ingest_raster, ingest_vector
 from layers import crs as crs_mod
 from layers.crs import Datum, SourceError
 from layers.job_liveness import (
@@ -166,6 +174,11 @@ def run_job(engine: Engine, settings: Settings, job_id: str) -> bool:
     transaction is over, committed or rolled back (a dead connection's backend rolls back
     before it lets go of its locks).
     """
+    if not job_dir(settings.uploads_dir, job_id).is_dir():
+        # Another node's (or a finished) job: its spool is on the node that received it.
+        log.warning("upload job %s: its spooled file is not in %s; only the process that "
+                    "received it runs it", job_id, settings.uploads_dir)
+        return False
     conn = engine.connect()
     try:
         conn.execute(_LOCK_JOB, {"lock": JOB_LOCK, "id": job_id})
@@ -206,8 +219,11 @@ def _run_claimed(conn: Connection, engine: Engine, settings: Settings, job: dict
             folder.mkdir(parents=True)
             built = _build(conn, engine, settings, job, plan, version, folder)
             _set(engine, job_id, RUNNING, progress=95, step="publishing")
+            # In the publishing transaction: no node sees the version without its files.
+            blobs.store_version(conn, job["layer_id"], version, folder)
             publish(conn, built, plan.title, job["action"] == "create",
-                    owner_scope=plan.owner_scope, shared=plan.shared)
+                    owner_scope=plan.owner_scope, shared=plan.shared,
+                    grace_s=blobs.drop_grace_s(settings))
             _succeed(conn, job_id, version, built.report)
         return True
     except (SourceError, TwinError) as error:
@@ -362,7 +378,9 @@ def _build_vector(conn: Connection, settings: Settings, plan: JobPlan, source: P
 class JobRunner:
     """A small thread pool that runs queued jobs (``on_published`` refreshes the registry),
     and a thread that keeps this process's locks and, every REAP_EVERY_S, fails the jobs of
-    dead processes."""
+    dead processes, drops the versions whose grace is over and removes this node's copies
+    of dropped ones (layers/blobs.py). ``local_files`` resolves this node's copies of
+    uploaded files."""
 
     def __init__(self, engine: Engine, settings: Settings, on_published: Callable[[str], None],
                  alive: Connection | None = None):
@@ -372,6 +390,7 @@ class JobRunner:
         self._alive = alive
         self._pool = ThreadPoolExecutor(settings.uploads.workers,
                                         thread_name_prefix="twin-upload")
+        self.local_files = blobs.LocalFiles(engine, settings.uploads_dir)
         self._stopping = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="twin-upload-reaper",
                                          daemon=True)
@@ -390,6 +409,8 @@ class JobRunner:
             try:
                 self._keep_locks()
                 reap_dead_jobs(self._engine, self._settings.uploads_dir)
+                blobs.drop_due(self._engine)
+                blobs.sweep_local(self._engine, self._settings.uploads_dir)
                 failing = False
             except Exception as error:  # the loop outlives any one failure (database away)
                 if not failing:  # once per outage, not every REAP_EVERY_S

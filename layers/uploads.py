@@ -16,19 +16,22 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from layers import intake, versions
+from layers.blobs import drop_grace_s
 from layers.crs import point_to_wgs84
 from layers.job_liveness import reap_if_dead
 from layers.jobs import JobRunner, create_job, job_document, start_runner
 from layers.plan import FORM_FIELDS, JobPlan, UploadForm
 from layers.receive import Received, boundary_of, content_length_check, receive_upload
 from layers.versions import job_dir
+from twin.core import local_files
 from twin.core.errors import InvalidParameter
-from twin.core.layer import LayerRegistry
+from twin.core.layer import Layer, LayerRegistry
 from twin.core.principal import Principal
 from twin.core.scope import check_layer_writable, table_predicate, visible_layer
 from twin.core.settings import Settings
@@ -126,19 +129,20 @@ class UploadService:
         if not isinstance(version, int) or isinstance(version, bool):
             raise InvalidParameter("version: required, the integer version to publish again "
                                    "(query ?version= or JSON body {\"version\": n})")
-        result = await conn.run_sync(versions.rollback, layer_id, version)
+        result = await conn.run_sync(versions.rollback, layer_id, version,
+                                     drop_grace_s(self._settings))
         await conn.commit()
         self._on_change(layer_id)
         return result
 
     async def delete(self, conn: AsyncConnection, layer_id: str, who: Principal,
                      registry: LayerRegistry) -> None:
-        """Delete an uploaded layer, its versions' tables and files."""
+        """Delete an uploaded layer: gone from the API at once; its versions' tables and files
+        a drop grace later (layers/blobs.py)."""
         check_layer_writable(who.scope, visible_layer(who.scope, registry, layer_id))
-        folders = await conn.run_sync(versions.delete, layer_id, self._settings.uploads_dir)
+        await conn.run_sync(versions.delete, layer_id, drop_grace_s(self._settings))
         await conn.commit()
         self._on_change(layer_id)
-        await asyncio.to_thread(versions.remove_paths, folders)
 
     # --- jobs ------------------------------------------------------------------------------
 
@@ -151,7 +155,13 @@ class UploadService:
             job = await job_document(conn, job_id)
         return job
 
+    def local_path(self, layer: Layer) -> Path:
+        """The layer's file on this node, fetched from the database first when missing (in a
+        thread: a first fetch reads the whole file)."""
+        return self._runner.local_files(layer)
+
     def shutdown(self) -> None:
+        local_files.uninstall(self._runner.local_files)
         self._runner.shutdown()
 
 
@@ -186,5 +196,8 @@ async def _check_anchor(conn: AsyncConnection, plan: JobPlan, who: Principal) ->
 async def start_uploads(settings: Settings, on_change: Callable[[str], None]) -> UploadService:
     """The app's upload service, with its job runner started (jobs a killed server left are
     failed first). ``on_change(layer_id)`` runs after a layer is published, rolled back or
-    deleted, from any thread."""
-    return UploadService(settings, await start_runner(settings, on_change), on_change)
+    deleted, from any thread. Tiles and routes of this app read uploaded files through
+    twin.core.local_files, which asks this service's node-local copies."""
+    runner = await start_runner(settings, on_change)
+    local_files.install(runner.local_files)
+    return UploadService(settings, runner, on_change)

@@ -1,6 +1,10 @@
 """Publishing, rolling back and deleting uploaded layers: each one statement group in one
 transaction, so readers see the old version or the new one and never anything in between.
 
+A version no longer published (superseded by a newer one or a rollback, or of a deleted
+layer) keeps its table and files for the drop grace (layers/blobs.py): a deleted layer is gone
+from the API at once, its tables a grace later.
+
 Every publish bumps ``layers.data_version``; the caller then resolves the registry again
 (``RegistryCache.invalidate``), and tile caches keyed by the data version go stale at once.
 """
@@ -9,17 +13,16 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Connection, text
 
+from layers import blobs
+from layers.blobs import version_dir as version_dir  # its callers import it from here
 from twin.core.errors import Conflict, InvalidParameter, NotFound, TwinError
 
 LAYER_ID = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
-
-
 
 class BuiltinLayerError(TwinError):
     status_code = 403
@@ -50,10 +53,6 @@ def table_name(layer_id: str, version: int) -> str:
     return f"upload_{layer_id}_v{version}"
 
 
-def version_dir(uploads_dir: Path, layer_id: str, version: int) -> Path:
-    return uploads_dir / "layers" / layer_id / f"v{version}"
-
-
 def job_dir(uploads_dir: Path, job_id: str) -> Path:
     """Where an upload is spooled while its job runs."""
     return uploads_dir / "jobs" / job_id
@@ -67,9 +66,11 @@ def check_layer_id(layer_id: str) -> str:
 
 
 def next_version(conn: Connection, layer_id: str) -> int:
+    """The next version number of a layer id, never one it had before (a deleted layer's and
+    dropped versions' numbers included)."""
     current = conn.execute(text("SELECT max(version) FROM layer_versions WHERE layer_id = :id"),
                            {"id": layer_id}).scalar()
-    return (current or 0) + 1
+    return max(current or 0, blobs.last_version(conn, layer_id)) + 1
 
 
 _INSERT_VERSION = text("""
@@ -111,19 +112,21 @@ _POINT_AT_VERSION = text("""
 
 
 def publish(conn: Connection, version: Version, title: str | None, create: bool,
-            owner_scope: str | None = None, shared: bool = True) -> None:
+            owner_scope: str | None = None, shared: bool = True, grace_s: float = 0.0
+            ) -> None:
     """Record ``version`` and make it the layer's published one (``create``: a new layer).
 
     A new layer belongs to its uploader's scope (``Scope.key``; None for the city); unless
     ``shared`` it is only visible to principals whose scope overlaps that one. A new version
-    keeps the layer's owner.
+    keeps the layer's owner; the version it supersedes is dropped ``grace_s`` later.
     """
     params = {**version.__dict__, "title": title, "owner_scope": owner_scope, "shared": shared,
               "fields": json.dumps(version.fields, ensure_ascii=False),
               "meta": json.dumps(version.meta, ensure_ascii=False),
               "report": json.dumps(version.report, ensure_ascii=False)}
-    origin = conn.execute(text("SELECT origin FROM layers WHERE id = :id FOR UPDATE"),
-                          {"id": version.layer_id}).scalar()
+    layer = conn.execute(text("SELECT origin, current_version FROM layers WHERE id = :id "
+                              "FOR UPDATE"), {"id": version.layer_id}).first()
+    origin, superseded = (None, None) if layer is None else tuple(layer)
     if create:
         if origin is not None:
             raise Conflict(f"layer '{version.layer_id}' already exists; PUT /layers/"
@@ -137,6 +140,15 @@ def publish(conn: Connection, version: Version, title: str | None, create: bool,
     conn.execute(_INSERT_VERSION, params)
     conn.execute(_POINT_AT_VERSION, {"layer_id": version.layer_id, "version": version.version,
                                      "max_zoom": version.max_zoom})
+    if superseded is not None:
+        _supersede(conn, version.layer_id, superseded, grace_s)
+
+
+def _supersede(conn: Connection, layer_id: str, version: int, grace_s: float) -> None:
+    table = conn.execute(text("SELECT table_name FROM layer_versions WHERE layer_id = :id "
+                              "AND version = :version"),
+                         {"id": layer_id, "version": version}).scalar()
+    blobs.schedule_drop(conn, layer_id, version, table, grace_s)
 
 
 def uploaded_layer(conn: Connection, layer_id: str) -> dict:
@@ -150,30 +162,38 @@ def uploaded_layer(conn: Connection, layer_id: str) -> dict:
     return dict(row)
 
 
-def rollback(conn: Connection, layer_id: str, version: int) -> dict:
-    """Publish an earlier version again (as the current one; no version is removed)."""
+def rollback(conn: Connection, layer_id: str, version: int, grace_s: float = 0.0) -> dict:
+    """Publish an earlier version again (as the current one), while it is kept: a version
+    superseded longer than the drop grace ago is gone. The version it replaces is dropped
+    ``grace_s`` later."""
     _refuse_if_busy(conn, layer_id, "rolled back")
     layer = uploaded_layer(conn, layer_id)
-    known = conn.execute(text("SELECT version FROM layer_versions WHERE layer_id = :id "
-                              "ORDER BY version"), {"id": layer_id}).scalars().all()
+    known = conn.execute(text(
+        "SELECT v.version FROM layer_versions AS v WHERE v.layer_id = :id AND NOT EXISTS ("
+        "SELECT 1 FROM upload_drops AS d WHERE d.layer_id = v.layer_id AND d.version = "
+        "v.version AND d.dropped_at IS NOT NULL) ORDER BY v.version"),
+        {"id": layer_id}).scalars().all()
     if version not in known:
+        if conn.execute(text("SELECT 1 FROM layer_versions WHERE layer_id = :id AND version = "
+                             ":version"), {"id": layer_id, "version": version}).first():
+            blobs.revive(conn, layer_id, version)  # dropped: says so
         raise InvalidParameter(f"version: layer '{layer_id}' has versions "
                                f"{', '.join(map(str, known))}; got {version}")
+    blobs.revive(conn, layer_id, version)
     conn.execute(_POINT_AT_VERSION, {"layer_id": layer_id, "version": version,
                                      "max_zoom": layer["max_zoom"]})
+    if layer["current_version"] != version:
+        _supersede(conn, layer_id, layer["current_version"], grace_s)
     return {"layer": layer_id, "version": version, "previous_version": layer["current_version"]}
 
 
-def delete(conn: Connection, layer_id: str, uploads_dir: Path) -> list[Path]:
-    """Drop the layer, its version tables and rows; returns the folders to remove after commit."""
+def delete(conn: Connection, layer_id: str, grace_s: float = 0.0) -> None:
+    """Delete the layer and its version rows: gone from every listing and tile at once; its
+    version tables and files are dropped ``grace_s`` later (layers/blobs.py)."""
     _refuse_if_busy(conn, layer_id, "deleted")
     uploaded_layer(conn, layer_id)
-    tables = conn.execute(text("SELECT table_name FROM layer_versions WHERE layer_id = :id "
-                               "AND table_name IS NOT NULL"), {"id": layer_id}).scalars().all()
+    blobs.schedule_layer(conn, layer_id, grace_s)
     conn.execute(text("DELETE FROM layers WHERE id = :id"), {"id": layer_id})
-    for table in tables:
-        conn.execute(text(f'DROP TABLE IF EXISTS "{table}"'))
-    return [uploads_dir / "layers" / layer_id]
 
 
 def _refuse_if_busy(conn: Connection, layer_id: str, what: str) -> None:
@@ -183,7 +203,3 @@ def _refuse_if_busy(conn: Connection, layer_id: str, what: str) -> None:
         raise Conflict(f"layer '{layer_id}' has an upload in progress (job {busy}); it can be "
                        f"{what} when that job has finished")
 
-
-def remove_paths(paths: list[Path]) -> None:
-    for path in paths:
-        shutil.rmtree(path, ignore_errors=True)

@@ -261,3 +261,15 @@ def cityjson(buildings: list[dict], epsg: int | None = 4545, lod: str = "2",
         document["metadata"] = {
             "referenceSystem": f"https://www.opengis.net/def/crs/EPSG/0/{epsg}"}
     return json.dumps(document, ensure_ascii=False).encode()
+
+
+def node_settings(database_url: str, home: Path, drop_grace_s: float | None = None
+                  ) -> Settings:
+    """The upload server's settings for one twin node of a cluster: a TWIN_HOME (and so an
+    uploads folder) of its own over the shared database; ``drop_grace_s`` sets
+    TWIN_UPLOADS_DROP_GRACE_S (passed through ``model_copy``: see layers/blobs.py)."""
+    settings = upload_settings(database_url, home / "uploads")
+    uploads = settings.uploads
+    if drop_grace_s is not None:
+        uploads = uploads.model_copy(update={"drop_grace_s": drop_grace_s})
+    return settings.model_copy(update={"home": home, "uploads": uploads})

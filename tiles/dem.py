@@ -25,8 +25,9 @@ import numpy as np
 import rasterio
 import rasterio.errors
 
-from twin.core.errors import InvalidParameter
+from twin.core.errors import InvalidParameter, TwinError
 from twin.core.layer import Layer, LayerRegistry
+from twin.core.local_files import local_path
 from twin.core.principal import Scope
 from twin.core.raster_facts import GDAL_OPTIONS
 from twin.core.scope import layer_visible
@@ -57,7 +58,7 @@ def dem_layer(layer: Layer) -> Layer:
 
 
 def read_dem(layer: Layer) -> DemArray:
-    path = Path(dem_layer(layer).file_path or "")
+    path = local_path(dem_layer(layer))  # an uploaded DEM's is fetched on first use
     return _read(path, path.stat().st_mtime_ns)
 
 
@@ -158,7 +159,7 @@ def visible_stack(registry: LayerRegistry, layer: Layer, scope: Scope) -> list[L
 def _readable(layer: Layer) -> bool:
     try:
         read_dem(layer)
-    except (InvalidParameter, OSError, rasterio.errors.RasterioError):
+    except (TwinError, OSError, rasterio.errors.RasterioError):  # e.g. not stored, corrupt
         return False
     return True
 

@@ -26,6 +26,7 @@ from pyproj import Transformer
 
 from twin.core.errors import InvalidParameter
 from twin.core.layer import Layer
+from twin.core.local_files import local_path
 
 _TO_ECEF = Transformer.from_crs("EPSG:4979", "EPSG:4978", always_xy=True)
 _TO_GEODETIC = Transformer.from_crs("EPSG:4978", "EPSG:4979", always_xy=True)
@@ -105,7 +106,7 @@ def ecef_to_geodetic(points: np.ndarray) -> np.ndarray:
 def _path(layer: Layer) -> Path:
     if layer.kind != "3d" or not layer.file_path:
         raise InvalidParameter(f"layer '{layer.id}' is not a 3D model layer")
-    return Path(layer.file_path)
+    return local_path(layer)  # an upload's is fetched on first use
 
 
 def model_vertices(layer: Layer) -> np.ndarray:

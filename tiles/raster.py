@@ -20,6 +20,7 @@ from rio_tiler.models import ImageData
 
 from twin.core.errors import InvalidParameter, NotFound
 from twin.core.layer import Layer
+from twin.core.local_files import local_path
 from twin.core.raster_facts import GDAL_OPTIONS, describe_raster
 
 TILE_SIZE = 256
@@ -35,10 +36,11 @@ class RasterTile:
 
 
 def raster_layer(layer: Layer) -> Path:
+    """The raster's file on this node (an upload's is fetched on first use)."""
     if layer.kind != "raster" or not layer.file_path:
         raise InvalidParameter(f"layer '{layer.id}' is a {layer.kind} layer; raster tiles "
                                "serve raster layers only (vector layers: .mvt)")
-    return Path(layer.file_path)
+    return local_path(layer)
 
 
 @lru_cache(maxsize=64)

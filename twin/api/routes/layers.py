@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
@@ -136,10 +137,13 @@ async def delete_layer(layer_id: LayerId, who: EditorDep, conn: ConnDep, registr
 
 @router.get("/layers/{layer_id}/model", response_class=FileResponse,
             summary="The glTF/GLB file of a 3D layer")
-async def get_model(layer_id: LayerId, registry: RegistryDep, scope: ScopeDep) -> FileResponse:
+async def get_model(layer_id: LayerId, registry: RegistryDep, scope: ScopeDep,
+                    uploads: UploadsDep) -> FileResponse:
     layer = visible_layer(scope, registry, layer_id)
     if layer.kind != "3d" or not layer.file_path:
         raise NotFound(f"layer '{layer_id}' is a {layer.kind} layer and has no 3D model")
     glb = layer.file_path.endswith(".glb")
-    return FileResponse(layer.file_path, filename=f"{layer_id}.{'glb' if glb else 'gltf'}",
+    # This node's copy: fetched from the database first when another node published it.
+    path = await anyio.to_thread.run_sync(uploads.local_path, layer)
+    return FileResponse(path, filename=f"{layer_id}.{'glb' if glb else 'gltf'}",
                         media_type="model/gltf-binary" if glb else "model/gltf+json")
