@@ -156,8 +156,18 @@ def test_the_configuration_is_valid_nginx_and_says_what_the_design_says(tmp_path
     assert "proxy_connect_timeout 1000ms;" in text
     assert (f"proxy_cache_path {folder}/cache levels=1:2 keys_zone=twin:32m max_size=256m"
             in text)
-    assert ('proxy_cache_key "$request_method|$scheme|$host|$request_uri|$http_authorization";'
-            in text)
+    # Tiles only, by the jurisdiction a node names, never by the credentials.
+    assert 'proxy_cache_key "$request_method|$host|$request_uri|$twin_scope";' in text
+    assert "http_authorization" not in text
+    assert text.count("proxy_cache twin;") == 1
+    tiles = text[text.index("location ~"):]
+    tiles = tiles[:tiles.index("}")]
+    for line in ("auth_request /_twin/auth;", "proxy_cache twin;",
+                 "auth_request_set $twin_scope $upstream_http_x_twin_scope;",
+                 "proxy_cache_bypass $twin_uncached;", "proxy_no_cache $twin_uncached;"):
+        assert line in tiles
+    auth = text[text.index("location = /_twin/auth"):]
+    assert "internal;" in auth[:auth.index("}")]
     # Nothing is cached for a fixed time: only what the node marks cacheable.
     assert "proxy_cache_valid" not in text and "proxy_ignore_headers" not in text
     stream = text[text.index("location = /events/stream"):]
@@ -253,15 +263,25 @@ def test_a_node_stopped_under_get_load_costs_no_request(
 
 # --- the shared cache ---------------------------------------------------------------------
 
+# The jurisdiction this test's upstream names for each credential at /_twin/auth (as twin
+# does, twin/api/proxy_auth.py); "refused" is refused (no scope).
+SCOPES = {None: "city", "Bearer key-A": "district-a", "Bearer key-A2": "district-a",
+          "Bearer key-B": "district-b"}
+
+
 class Upstream(ThreadingHTTPServer):
     """Answers ``GET /<anything>?cc=<Cache-Control>[&cookie=1][&slow=<s>]`` with JSON: how
-    many times it was asked for this URL, and the Authorization header it saw."""
+    many times it was asked for this URL, and the Authorization header it saw; and nginx's
+    ``/_twin/auth`` question as twin does, by ``SCOPES``."""
 
     daemon_threads = True
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), UpstreamHandler)
         self.asked: Counter[str] = Counter()
+        self.auth_asked: Counter[str] = Counter()  # by original URI
+        self.charged: dict[str, list[str | None]] = {}  # X-Twin-Charged seen, by path
+        self.proxy_said: set[str | None] = set()  # X-Twin-Proxy seen
         self.lock = threading.Lock()
 
 
@@ -270,9 +290,15 @@ class UpstreamHandler(BaseHTTPRequestHandler):
     server: Upstream
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.path == "/_twin/auth":
+            self._auth()
+            return
         with self.server.lock:
             self.server.asked[self.path] += 1
             count = self.server.asked[self.path]
+            self.server.charged.setdefault(urlsplit(self.path).path, []).append(
+                self.headers.get("X-Twin-Charged"))
+            self.server.proxy_said.add(self.headers.get("X-Twin-Proxy"))
         query = parse_qs(urlsplit(self.path).query)
         if "slow" in query:
             time.sleep(float(query["slow"][0]))
@@ -286,6 +312,17 @@ class UpstreamHandler(BaseHTTPRequestHandler):
             self.send_header("Set-Cookie", "twin_lsn=0/1; Path=/")
         self.end_headers()
         self.wfile.write(body)
+
+    def _auth(self) -> None:
+        with self.server.lock:
+            self.server.auth_asked[self.headers.get("X-Original-URI", "")] += 1
+            self.server.proxy_said.add(self.headers.get("X-Twin-Proxy"))
+        self.send_response(204)
+        scope = SCOPES.get(self.headers.get("Authorization"))
+        if scope is not None:
+            self.send_header("X-Twin-Scope", scope)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def do_POST(self) -> None:  # noqa: N802
         self.rfile.read(int(self.headers.get("Content-Length", "0")))
@@ -302,23 +339,32 @@ def serve(upstream: Upstream) -> str:
 
 
 @pytest.fixture(scope="module")
-def cached(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Upstream, str]]:
-    """The tiny upstream behind a proxy of its own; (upstream, the proxy's URL)."""
+def cached_proxy(tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[tuple[Upstream, ManagedProxy]]:
+    """The tiny upstream behind a proxy of its own."""
     upstream = Upstream()
     proxy = ManagedProxy(tmp_path_factory.mktemp("cache") / "home", free_port(),
                          [serve(upstream)])
     proxy.up()
     try:
-        yield upstream, proxy.url
+        yield upstream, proxy
     finally:
         proxy.down()
         upstream.shutdown()
         upstream.server_close()
 
 
-def fresh(path: str) -> str:
-    """A URL nobody asked for yet."""
-    return f"/{path}/{secrets.token_hex(4)}"
+@pytest.fixture()
+def cached(cached_proxy) -> tuple[Upstream, str]:
+    """(upstream, the proxy's URL)."""
+    upstream, proxy = cached_proxy
+    return upstream, proxy.url
+
+
+def fresh(kind: str) -> str:
+    """A tile URL nobody asked for yet (a layer named ``kind-<random>``): only tile paths
+    are cached (``proxy.TILE_PATHS``)."""
+    return f"/tiles/{kind}-{secrets.token_hex(4)}/3/6/2.mvt"
 
 
 def ask(base: str, url: str, cc: str, headers: dict | None = None,
@@ -344,24 +390,55 @@ def asked(upstream: Upstream, url: str) -> int:
     return sum(n for path, n in upstream.asked.items() if urlsplit(path).path == url)
 
 
-def test_a_keyed_answer_is_served_only_to_its_key(cached):
-    upstream, base = cached
+def test_a_tile_is_cached_by_the_jurisdiction_the_node_names_never_by_the_key(cached_proxy):
+    upstream, proxy = cached_proxy
+    base = proxy.url
     url, cc = fresh("tile"), "public, max-age=60, immutable"
     callers = {"A": {"Authorization": "Bearer key-A"}, "B": {"Authorization": "Bearer key-B"},
                "nobody": {}}
-    # Three callers, three answers made for each (the node counts the URL's requests).
+    # Three jurisdictions, three answers made (the node counts the URL's requests).
     for n, (who, headers) in enumerate(callers.items(), start=1):
         assert ask(base, url, cc, headers) == (
             "MISS", {"count": n, "authorization": headers.get("Authorization")}), who
-    # Each now gets its own answer from the cache, never another's.
+    # Each now gets its own jurisdiction's answer from the cache, never another's.
     for who, headers in callers.items():
         status, answer = ask(base, url, cc, headers)
         assert status == "HIT", who
         assert answer["authorization"] == headers.get("Authorization"), who
-    # A key (or ticket) in the query is a different URL: its own entry too.
-    assert ask(base, url, cc, ticket="t1")[0] == "MISS"
-    assert ask(base, url, cc, ticket="t2") == ("MISS", {"count": 1, "authorization": None})
-    assert ask(base, url, cc, ticket="t1")[0] == "HIT"
+    # Another key of A's jurisdiction shares A's entry (the same bytes, tiles/cache.py).
+    assert ask(base, url, cc, {"Authorization": "Bearer key-A2"}) == (
+        "HIT", {"count": 1, "authorization": "Bearer key-A"})
+    # The node was asked about every request, hits too, and knew it came through the proxy.
+    assert sum(n for uri, n in upstream.auth_asked.items() if uri.startswith(url + "?")) == 7
+    assert upstream.proxy_said == {proxy.secret()}
+    # The tile requests that reached the node were charged already by /_twin/auth.
+    assert upstream.charged[url] == ["1", "1", "1"]
+    # No credential is in the keys nginx writes into the cache's files (the bodies here echo
+    # the Authorization: this upstream's, not twin's, answers).
+    keys = [line for path in (proxy.folder / "cache").rglob("*") if path.is_file()
+            for line in path.read_bytes().split(b"\n") if line.startswith(b"KEY: ")]
+    assert any(url.encode() in key and key.endswith(b"|district-a") for key in keys), keys
+    assert not any(b"key-A" in key or b"Bearer" in key for key in keys), keys
+
+
+def test_a_refused_caller_passes_to_the_node_uncached(cached):
+    upstream, base = cached
+    url, cc = fresh("tile"), "public, max-age=60, immutable"
+    assert ask(base, url, cc)[0] == "MISS"  # an entry exists for the city ...
+    refused = {"Authorization": "Bearer refused"}
+    for n in (2, 3):  # ... but a refused caller never reaches it, nor fills one
+        status, answer = ask(base, url, cc, refused)
+        assert status == "BYPASS" and answer == {"count": n, "authorization": "Bearer refused"}
+    # The node charges (and refuses) such a request itself: no X-Twin-Charged.
+    assert upstream.charged[url] == ["1", None, None]
+
+
+def test_only_tiles_are_cached(cached):
+    upstream, base = cached
+    url = f"/collections/{secrets.token_hex(4)}"
+    for n in (1, 2):
+        status, answer = ask(base, url, "public, max-age=60, immutable")
+        assert status == "" and answer["count"] == n
 
 
 @pytest.mark.parametrize("cc, query", [

@@ -170,6 +170,11 @@ http {{
             access_log off;
             proxy_pass http://twin;
             proxy_pass_request_body off;
+            # proxy_set_header here replaces the server's list: all of it again.
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Real-IP $remote_addr;
+            proxy_set_header X-Twin-Proxy "{secret}";
             proxy_set_header Content-Length "";
             proxy_set_header X-Original-URI $request_uri;
             proxy_set_header X-Original-Method $request_method;
