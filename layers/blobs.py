@@ -113,6 +113,46 @@ def store_version(conn: Connection, layer_id: str, version: int, folder: Path) -
     return stored
 
 
+_UNSTORED = text("""
+    SELECT v.layer_id, v.version, v.file_path FROM layer_versions AS v
+     WHERE v.file_path IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM upload_files AS f
+                        WHERE f.layer_id = v.layer_id AND f.version = v.version)
+       AND NOT EXISTS (SELECT 1 FROM upload_drops AS d WHERE d.layer_id = v.layer_id
+                          AND d.version = v.version AND d.dropped_at IS NOT NULL)
+     ORDER BY v.layer_id, v.version
+""")
+_STORE_LOCK = 0x74776266  # "twbf": one process stores a version's files at a time
+
+
+def backfill(engine: Engine) -> list[tuple[str, int]]:
+    """Store the files of versions published before their files were kept (migration 0016)
+    that lie on this node, so every node can serve them; returns those stored. Run once when
+    a process's job runner starts (in its background thread)."""
+    with engine.connect() as conn:
+        unstored = conn.execute(_UNSTORED).all()
+    stored = []
+    for layer_id, version, file_path in unstored:
+        path = Path(file_path)
+        if not path.is_file() or path.parent.name != f"v{version}":
+            continue  # on another node, or gone
+        with engine.begin() as conn:
+            if not conn.execute(text("SELECT pg_try_advisory_xact_lock(:lock, hashtext(:key))"),
+                                {"lock": _STORE_LOCK, "key": f"{layer_id}/{version}"}
+                                ).scalar_one():
+                continue
+            if conn.execute(text("SELECT 1 FROM upload_files WHERE layer_id = :id AND "
+                                 "version = :version"),
+                            {"id": layer_id, "version": version}).first():
+                continue
+            store_version(conn, layer_id, version, path.parent)
+        stored.append((layer_id, version))
+    if stored:
+        log.info("stored the files of %d earlier upload versions in the database: %s",
+                 len(stored), stored)
+    return stored
+
+
 # --- fetching on first use --------------------------------------------------------------------
 
 _FILES = text("""
@@ -197,12 +237,12 @@ class LocalFiles:
         with lock:
             if target.is_file():
                 return target
-            stored = fetch_version(self._engine, layer.id, version, folder, relative)
+            fetch_version(self._engine, layer.id, version, folder, relative)
         if target.is_file():
             return target
-        legacy = stored_path(layer)  # published before its files were kept, on this node
-        if not stored and legacy.is_file():
-            return legacy
+        # Never the recorded path, though it may lie on this machine: it is another node's
+        # folder (a version from before its files were kept is stored by ``backfill`` on the
+        # node that has it).
         raise NotFound(f"the file of layer '{layer.id}' version {version} is not stored "
                        "(upload the layer again)")
 

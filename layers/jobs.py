@@ -404,10 +404,13 @@ class JobRunner:
             self._on_published(layer_id)
 
     def _watch(self) -> None:
-        failing = False
+        failing, backfilled = False, False
         while not self._stopping.wait(REAP_EVERY_S):
             try:
                 self._keep_locks()
+                if not backfilled:  # files of versions from before migration 0016
+                    blobs.backfill(self._engine)
+                    backfilled = True
                 reap_dead_jobs(self._engine, self._settings.uploads_dir)
                 blobs.drop_due(self._engine)
                 blobs.sweep_local(self._engine, self._settings.uploads_dir)

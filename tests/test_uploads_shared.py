@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,7 @@ import morecantile
 import pytest
 from sqlalchemy import Engine, text
 
+from layers.blobs import LocalFiles, backfill
 from layers.jobs import run_job
 from tests.servers import LiveServer
 from tests.test_raster_tiles import assert_matches, dem_at, pixel_centres, read_png
@@ -267,3 +269,41 @@ def test_without_an_app_the_recorded_path_is_the_file():
     layer = Layer(id="dem", title_zh="", title_en="", kind="raster", geometry_type=None,
                   source_table=None, source_filter=None, file_path="/data/dem.tif")
     assert local_path(layer) == Path("/data/dem.tif")
+
+
+def test_concurrent_fetches_into_one_folder_agree(nodes, engine, tmp_path):
+    """Eight threads of two resolvers (two processes of one node) fetch one model into an
+    empty folder at once: each gets the whole file, and nothing half-written is left."""
+    a, _ = nodes
+    content = unique_glb()
+    job = upload_ok(a.api, "many.glb", content, title="fetched at once", lon="106.5785",
+                    lat="29.5690")
+    with engine.connect() as conn:
+        row = conn.execute(text(
+            "SELECT id, title_zh, title_en, kind, geometry_type, source_table, source_filter, "
+            "fields, bbox, source_crs, source_datum, file_path, min_zoom, max_zoom, origin, "
+            "current_version, data_version, meta, owner_scope, shared FROM layers "
+            "WHERE id = :id"), {"id": job["layer_id"]}).mappings().one()
+    layer = Layer(**row)
+    resolvers = [LocalFiles(engine, tmp_path), LocalFiles(engine, tmp_path)]
+    with ThreadPoolExecutor(8) as pool:
+        paths = list(pool.map(lambda i: resolvers[i % 2](layer), range(8)))
+    assert len(set(paths)) == 1 and paths[0].is_relative_to(tmp_path)
+    assert paths[0].read_bytes() == content
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["model.glb"]
+
+
+def test_files_of_versions_from_before_the_blob_store_are_stored_from_their_node(nodes,
+                                                                                   engine):
+    """A version published before migration 0016 has its file on one node only: until that
+    node stores it, another node cannot serve it (404, not a wrong file); then it can."""
+    a, b = nodes
+    content = unique_glb()
+    layer_id = upload_ok(a.api, "old.glb", content, title="from before", lon="106.5785",
+                         lat="29.5690")["layer_id"]
+    with engine.begin() as conn:  # as if published before its files were kept
+        conn.execute(text("DELETE FROM upload_files WHERE layer_id = :id"), {"id": layer_id})
+    assert b.api.get(f"/layers/{layer_id}/model").status_code == 404
+    assert (layer_id, 1) in backfill(engine)  # what A's runner does when it starts
+    assert backfill(engine) == []
+    assert b.api.get(f"/layers/{layer_id}/model").content == content
