@@ -20,10 +20,8 @@ from __future__ import annotations
 import hashlib
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from starlette.routing import Route
-from starlette.types import Receive, Send
-from starlette.types import Scope as ASGIScope
 
 from twin.api import access
 from twin.core.errors import TwinError
@@ -39,26 +37,17 @@ def scope_hash(scope_key: str | None) -> str:
     return hashlib.blake2b(scope_key.encode(), digest_size=12).hexdigest()
 
 
-async def _answer(send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-length", b"0"), *headers]})
-    await send({"type": "http.response.body", "body": b""})
-
-
-async def proxy_auth(scope: ASGIScope, receive: Receive, send: Send) -> None:
-    request = Request(scope, receive)
+async def proxy_auth(request: Request) -> Response:
     if not access.from_proxy(request):
-        await _answer(send, 404, [])
-        return
+        return Response(status_code=404)
     method = request.headers.get("x-original-method", "GET")
     path = urlsplit(request.headers.get("x-original-uri", "/")).path
     try:
         principal = await access.admit(request, method, path)
     except (AuthError, access.RateLimited, TwinError):
-        await _answer(send, 204, [])  # refused: nginx passes it on, uncached
-        return
+        return Response(status_code=204)  # refused: nginx passes it on, uncached
     scope_key = principal.scope.key if principal is not None else None
-    await _answer(send, 204, [(b"x-twin-scope", scope_hash(scope_key).encode())])
+    return Response(status_code=204, headers={"X-Twin-Scope": scope_hash(scope_key)})
 
 
 def install_proxy_auth(app: FastAPI) -> None:

@@ -1,0 +1,257 @@
+"""twin on several machines' worth of parts (issue 15): `twin cluster up --nodes 2 --standbys 1`
+on a home of the test's own (the primary, a hot standby, two `twin serve` nodes, nginx in
+front), loaded with the small sample city, driven over HTTP as clients would.
+
+Oracles: the primary read directly (what a write stored), the nodes asked directly (what a
+principal's tile holds, bypassing the cache), decoded tiles, nginx's X-Cache-Status and
+access log (which node answered), and the push stream itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import mapbox_vector_tile
+import morecantile
+import pandas as pd
+import psycopg
+import pytest
+import shapely
+from sqlalchemy import create_engine
+
+from data_samples.load import load_sample
+from tests.databases import libpq
+from tests.servers import free_port_run
+from tests.sse import EventStream
+from twin.core.cluster import ManagedCluster
+from twin.core.settings import PROJECT_ROOT, DatabaseSettings, Settings
+from twin.core.topology import ManagedTopology
+
+NODES, STANDBYS = 2, 1
+WEB_MERCATOR = morecantile.tms.get("WebMercatorQuad")
+# Every key may make this many requests in the module (no refill to speak of): the rate
+# limit test spends one key's exactly; the others stay well below.
+BURST = 700
+ITEMS = "/collections/risk_points/items"
+MERGE = {"Content-Type": "application/merge-patch+json"}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def twin(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "twin.cli", *args], env=env, cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+class Scaled:
+    """The running cluster: its URLs, keys and the primary."""
+
+    def __init__(self, home: Path, db_port: int, port: int, districts: list[str]):
+        self.home, self.port, self.districts = home, port, districts
+        self.keys = {
+            "viewer": "scale-viewer-city-0123456789",
+            "editor": "scale-editor-city-0123456789",
+            "planner": "scale-planner-city-0123456789",
+            "limited": "scale-limited-city-0123456789",
+            **{f"district{n}": f"scale-district{n}-0123456789" for n in range(len(districts))},
+        }
+        roles = {"viewer": "viewer:sv", "editor": "gis-editor:se", "planner": "planner:sp",
+                 "limited": "viewer:sl",
+                 **{f"district{n}": f"viewer:sd{n}:district={code}"
+                    for n, code in enumerate(districts)}}
+        self.env = {**os.environ, "TWIN_HOME": str(home), "TWIN_DB_PORT": str(db_port),
+                    "TWIN_PORT": str(port), "TWIN_HOST": "127.0.0.1", "TWIN_WORKERS": "1",
+                    "TWIN_AUTH_ANONYMOUS_ROLE": "",
+                    "TWIN_AUTH_KEYS": json.dumps({self.keys[who]: role
+                                                  for who, role in roles.items()}),
+                    "TWIN_LIMITS_BURST": str(BURST), "TWIN_LIMITS_RATE_PER_S": "0.001"}
+        for name in ("TWIN_DATABASE_URL", "TWIN_MQTT_URL"):
+            self.env.pop(name, None)
+        self.settings = Settings(home=home, db=DatabaseSettings(port=db_port), port=port,
+                                 host="127.0.0.1")
+        self.url = f"http://127.0.0.1:{port}"
+
+    def topology(self) -> ManagedTopology:
+        return ManagedTopology(self.settings)
+
+    def node_url(self, n: int) -> str:
+        return f"http://127.0.0.1:{self.port + n}"
+
+    def client(self, who: str, base: str | None = None) -> httpx.Client:
+        return httpx.Client(base_url=base or self.url, timeout=30, headers=bearer(self.keys[who]))
+
+    def primary(self) -> psycopg.Connection:
+        return psycopg.connect(libpq(self.topology().cluster.url()), autocommit=True)
+
+
+def busiest_districts(sample_dir: Path, count: int = 2) -> list[str]:
+    frame = pd.read_csv(sample_dir / "risk_points.csv", dtype={"grid_code": str})
+    return frame.grid_code.str[:6].value_counts().index[:count].tolist()
+
+
+@pytest.fixture(scope="module")
+def scaled(sample_dir: Path) -> Iterator[Scaled]:
+    # Not under pytest's temporary folder: the database user must reach it.
+    home = Path(tempfile.mkdtemp(prefix="twin-scaleout-test-"))
+    made = Scaled(home, free_port_run(1 + 10 + STANDBYS), free_port_run(1 + NODES),
+                  busiest_districts(sample_dir))
+    try:
+        up = twin(made.env, "cluster", "up", "--nodes", str(NODES),
+                  "--standbys", str(STANDBYS))
+        assert up.returncode == 0, up.stdout + up.stderr
+        engine = create_engine(made.topology().cluster.url())
+        load_sample(engine, sample_dir)
+        engine.dispose()
+        yield made
+    finally:
+        twin(made.env, "cluster", "down")
+        ManagedCluster(made.settings).down()  # were `down` itself broken
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def decode(content: bytes) -> dict:
+    return mapbox_vector_tile.decode(content)
+
+
+def point_ids(content: bytes) -> set[int]:
+    return {feature["id"] for feature in decode(content).get("risk_points", {}).get(
+        "features", [])}
+
+
+# --- the shared cache ---------------------------------------------------------------------
+
+def test_a_district_never_receives_a_tile_cached_for_another(scaled: Scaled, sample_dir):
+    frame = pd.read_csv(sample_dir / "risk_points.csv", dtype={"grid_code": str})
+    points = shapely.from_wkb(frame["geom"])
+    frame = frame.assign(lon=shapely.get_x(points), lat=shapely.get_y(points))
+    first, second = scaled.districts
+    # A tile holding points of the first district at a zoom where points are sent as points.
+    mine = frame[frame.grid_code.str.startswith(first)]
+    tile = WEB_MERCATOR.tile(mine.lon.iloc[0], mine.lat.iloc[0], 15)
+    with scaled.client("district0") as one, scaled.client("district1") as two, \
+            scaled.client("viewer") as city:
+        answers: dict[str, list[httpx.Response]] = {}
+        for who, client in (("district0", one), ("district1", two), ("city", city)):
+            template = client.get("/tiles/risk_points/tilejson.json").json()["tiles"][0]
+            url = template.replace("{z}", str(tile.z)).replace("{x}", str(tile.x)).replace(
+                "{y}", str(tile.y))
+            answers[who] = [client.get(url) for _ in range(3)]
+            for answer in answers[who]:
+                assert answer.status_code == 200, answer.text
+                assert "immutable" in answer.headers["cache-control"]
+            assert [a.headers["x-cache-status"] for a in answers[who]] == ["MISS", "HIT", "HIT"]
+            # The oracle: the same principal's tile from a node directly (no cache).
+            with scaled.client("district0" if who == "district0" else
+                               "district1" if who == "district1" else "viewer",
+                               scaled.node_url(1)) as direct:
+                assert direct.get(url).content == answers[who][0].content, who
+            assert len({a.content for a in answers[who]}) == 1
+    firsts = point_ids(answers["district0"][0].content)
+    seconds = point_ids(answers["district1"][0].content)
+    everyone = point_ids(answers["city"][0].content)
+    by_id = frame.set_index("id").grid_code
+    assert firsts and all(by_id[i].startswith(first) for i in firsts)
+    assert all(by_id[i].startswith(second) for i in seconds)
+    assert firsts <= everyone and not firsts & seconds
+
+
+def test_the_tile_cache_holds_no_key(scaled: Scaled):
+    cache = scaled.home / "nginx" / "cache"
+    keys = [line for path in cache.rglob("*") if path.is_file()
+            for line in path.read_bytes().split(b"\n") if line.startswith(b"KEY: ")]
+    assert keys
+    assert not any(key.encode() in line for key in scaled.keys.values() for line in keys)
+
+
+# --- shared state -------------------------------------------------------------------------
+
+def test_a_key_gets_exactly_its_limit_across_both_nodes_then_429(scaled: Scaled):
+    """Tiles (charged once, by nginx's /_twin/auth, cached or not) and other reads alike."""
+    topology = scaled.topology()
+    log = topology.proxy.access_log
+    start = len(log.read_text().splitlines())
+    with scaled.client("limited") as client:
+        template = client.get("/tiles/roads/tilejson.json").json()["tiles"][0]
+        statuses = []
+        for i in range(BURST + 10):
+            if i % 2:
+                statuses.append(client.get("/collections").status_code)
+            else:
+                url = template.replace("{z}", "12").replace("{x}", str(3300 + i % 7)).replace(
+                    "{y}", "1700")
+                statuses.append(client.get(url).status_code)
+    counted = Counter(statuses)
+    # The TileJSON request counted too.
+    assert counted == {200: BURST - 1, 429: 11}, counted
+    assert statuses[:BURST - 1] == [200] * (BURST - 1)
+    served = Counter(re.findall(r'upstream="127\.0\.0\.1:(\d+)', line)[0]
+                     for line in log.read_text().splitlines()[start:] if 'upstream="1' in line)
+    assert set(served) == {str(scaled.port + n) for n in range(1, NODES + 1)}, served
+
+
+def test_an_event_created_through_one_node_reaches_a_stream_on_the_other(scaled: Scaled,
+                                                                           sample_dir):
+    frame = pd.read_csv(sample_dir / "risk_points.csv")
+    spot = shapely.from_wkb(frame["geom"].iloc[0])
+    with scaled.client("planner", scaled.node_url(2)) as on_b, \
+            scaled.client("planner", scaled.node_url(1)) as on_a:
+        with EventStream(on_b, "/events/stream") as stream:
+            assert stream.response is not None and stream.response.status_code == 200
+            created = on_a.post("/events", json={"lon": spot.x, "lat": spot.y, "kind": "fire",
+                                                 "description": "跨节点推送测试"})
+            assert created.status_code == 201, created.text
+            event_id = created.json()["id"]
+            got = stream.until(lambda event: event.event == "event"
+                               and event.json()["payload"].get("id") == event_id, timeout=10)
+    assert got[-1].json()["payload"]["id"] == event_id
+
+
+# --- read-your-writes through nginx ---------------------------------------------------------
+
+def test_writes_are_read_back_through_nginx_never_stale(scaled: Scaled, sample_dir):
+    """150 risk-point edits and 52 event transitions, each read back at once through nginx
+    (any node, reading a standby where it has replayed the write): 0 stale reads."""
+    frame = pd.read_csv(sample_dir / "risk_points.csv")
+    point_id = int(frame["id"].iloc[0])
+    spot = shapely.from_wkb(frame["geom"].iloc[0])
+    stale = []
+    with scaled.client("editor") as editor:
+        for trial in range(150):
+            level = 1 + trial % 4
+            got = editor.get(f"{ITEMS}/{point_id}")
+            written = editor.patch(f"{ITEMS}/{point_id}",
+                                   json={"properties": {"level": level}},
+                                   headers={**MERGE, "If-Match": got.headers["etag"]})
+            assert written.status_code == 200, written.text
+            read = editor.get(f"{ITEMS}/{point_id}")
+            if read.json()["properties"]["level"] != level:
+                stale.append(("point", trial))
+    with scaled.client("planner") as planner:
+        trials = 0
+        while trials < 52:
+            created = planner.post("/events", json={"lon": spot.x, "lat": spot.y,
+                                                    "kind": "fire", "description": "读写一致"})
+            assert created.status_code == 201, created.text
+            event_id = created.json()["id"]
+            for to in ("responded", "verified", "handled", "closed"):
+                moved = planner.post(f"/events/{event_id}/transitions", json={"to": to})
+                assert moved.status_code == 200, moved.text
+                if planner.get(f"/events/{event_id}").json()["status"] != to:
+                    stale.append(("event", trials))
+                trials += 1
+    assert stale == []
+    with scaled.primary() as conn:
+        assert conn.execute("SELECT level FROM risk_points WHERE id = %s",
+                            (point_id,)).fetchone() == (1 + 149 % 4,)
