@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import anyio.to_thread
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -24,6 +25,7 @@ from tiles.cache import CachedTile, TileCache, cached_tile, tile_cache, tile_key
 from tiles.filters import SectorCodes, parse_filters, read_filters, split_ids
 from tiles.grid import tile_address
 from tiles.metadata import MVT_MEDIA_TYPE
+from tiles.sql import ConnectionLost
 from tiles.validators import (
     IMMUTABLE,
     cache_control,
@@ -37,6 +39,7 @@ from tiles.vector import TileOptions
 from twin.core.db import async_engine, libpq_url
 from twin.core.layer import Layer, LayerRegistry, RegistryCache
 from twin.core.principal import Scope
+from twin.core.replicas import ReadRouter, retry_on_primary
 from twin.core.scope import visible_layer
 from twin.core.settings import Settings, TilesSettings
 from twin.core.versions import DataVersions, LayerVersions
@@ -129,7 +132,8 @@ class _TileConnection:
 
 class TileService:
     def __init__(self, settings: TilesSettings, versions: LayerVersions,
-                 registry: RegistryCache, engine: AsyncEngine, pooled: int = 1):
+                 registry: RegistryCache, engine: AsyncEngine, pooled: int = 1,
+                 reads: ReadRouter | None = None):
         self.settings = settings
         self.versions = versions
         self.registry = registry
@@ -141,10 +145,15 @@ class TileService:
         self._pooled = pooled
         # TileOptions by (filters, aggregate): the same few, made once.
         self._options: dict[tuple, TileOptions] = {}
+        # The hot standbys tiles are built on when they hold the tile's data version
+        # (twin/core/replicas.py); None or without standbys: the primary.
+        self._reads = reads
 
     @classmethod
-    def open(cls, settings: Settings) -> TileService:
-        """The service of one server process, its listener started (call inside the loop)."""
+    def open(cls, settings: Settings, reads: ReadRouter | None = None) -> TileService:
+        """The service of one server process, its listener started (call inside the loop).
+        ``reads``: the standbys tiles may be built on; the versions are always the
+        primary's (LISTEN is refused on a standby)."""
         # The versions read per request while the listener is down, and the writers'
         # barriers, on a connection of their own (never waiting for the requests' pool).
         fallback = DataVersions(async_engine(settings, pool_size=1, max_overflow=0))
@@ -160,7 +169,7 @@ class TileService:
         engine = async_engine(settings, pre_ping=False, server_settings={
             "max_parallel_workers_per_gather": str(tiles.parallel_workers)})
         return cls(tiles, versions, registry, engine,
-                   pooled=settings.db.pool_size + settings.db.max_overflow)
+                   pooled=settings.db.pool_size + settings.db.max_overflow, reads=reads)
 
     def connect(self):
         """A connection of the tile pool (``async with``), for the 3D tile path."""
@@ -197,11 +206,56 @@ class TileService:
             options = await self._options_retried(request, connect)
             keyed = {layer.id: registry.data_version(layer.id, versions) for layer in layers}
             key = tile_key(layers, tile, options, keyed, request.scope.key)
-            made = await cached_tile(key, connect, self.cache, layers, tile, options,
-                                     self._pooled)
+            made = await self._cached_tile(key, connect, layers, tile, options, versions)
         finally:
             await connect.close()
         return _vector_answer(made, request, version_token(keyed.items()))
+
+    async def _cached_tile(self, key: tuple, connect: _TileConnection, layers: list[Layer],
+                           tile, options: TileOptions, versions: dict[str, int]) -> CachedTile:
+        """The tile of ``key`` from the cache, else built: on a standby when one is usable
+        and has the data version of every layer of the tile, else on the primary.
+
+        The key's versions are the primary's (pushed to this process). A standby behind
+        them would build old rows into a tile cached under the new key (and served as the
+        new version's, immutable, by every cache on the way): so the build first reads
+        ``layers.data_version`` of the tile's layers on the standby's connection, and goes
+        to the primary unless they are the key's. Read before the features, on the same
+        server, the rows read after are at least that new (replay only moves forward). A
+        standby that fails the build (gone, a recovery conflict) costs the tile nothing:
+        built on the primary."""
+        found = self.cache.get(key) if self.cache is not None else None
+        if found is not None:
+            return found
+        reads = self._reads
+        engine = await reads.choose() if reads is not None and reads.active else None
+        if reads is not None and reads.is_standby(engine):
+            assert engine is not None
+            standby = _TileConnection(engine)
+            try:
+                if await self._standby_has(standby, layers, versions):
+                    return await cached_tile(key, standby, self.cache, layers, tile, options,
+                                             1)
+            except (DBAPIError, ConnectionLost) as error:
+                if isinstance(error, DBAPIError) and retry_on_primary(error) is None:
+                    raise
+                reads.report_failure(engine, error)
+            finally:
+                await standby.close()
+        return await cached_tile(key, connect, self.cache, layers, tile, options,
+                                 self._pooled)
+
+    @staticmethod
+    async def _standby_has(connect: _TileConnection, layers: list[Layer],
+                           versions: dict[str, int]) -> bool:
+        """Whether the standby has replayed exactly the data versions the tile is keyed by
+        (the primary's, as pushed) for each of its layers."""
+        ids = [layer.id for layer in layers]
+        conn = await connect()
+        rows = await conn.execute(text("SELECT id, data_version FROM layers "
+                                       "WHERE id = ANY(:ids)"), {"ids": ids})
+        held = {row[0]: row[1] for row in rows}
+        return all(held.get(layer_id) == versions.get(layer_id) for layer_id in ids)
 
     async def _options_retried(self, request: TileRequest, connect: _TileConnection
                                ) -> TileOptions:

@@ -21,6 +21,7 @@ from twin.api.errors import install_error_handlers
 from twin.api.middleware import AuditMiddleware, BodyLimitMiddleware
 from twin.api.openapi import install_security
 from twin.api.proxy_auth import install_proxy_auth
+from twin.api.readroute import ReadRouteMiddleware
 from twin.api.routes import alerts as alert_routes
 from twin.api.routes import areas as area_routes
 from twin.api.routes import audit as audit_routes
@@ -42,6 +43,7 @@ from twin.audit import AuditPruner
 from twin.auth import Authenticator
 from twin.core.db import async_engine
 from twin.core.principal import AuthError
+from twin.core.replicas import ReadRouter
 from twin.core.settings import Settings, get_settings
 from twin.live.runtime import LiveRuntime
 
@@ -61,18 +63,20 @@ def mount_web_assets(app: FastAPI) -> None:
 
 def install_middleware(app: FastAPI, settings: Settings) -> None:
     """Body limits innermost (a 413 is audited like any refused write), then the audit log
-    of writes, then CORS outermost (so refusals carry CORS headers too); the last added runs
-    first."""
+    of writes, then the read routing (reads on standbys, a GET retried on the primary goes
+    through everything inside it again; writes get their read-your-writes token), then CORS
+    outermost (so refusals carry CORS headers too); the last added runs first."""
     app.add_middleware(VersionsSyncMiddleware)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(AuditMiddleware)
+    app.add_middleware(ReadRouteMiddleware)
     if settings.cors.origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors.origins,
             allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match",
                            "Last-Event-ID", "X-Request-ID"],
-            expose_headers=["ETag", "Location", "Retry-After", "X-Request-ID"],
+            expose_headers=["ETag", "Location", "Retry-After", "X-Request-ID", "Twin-LSN"],
             max_age=settings.cors.max_age_s)
 
 
@@ -82,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.engine = async_engine(settings)
+        # Reads on the hot standbys of TWIN_DB_STANDBY_URLS (none: everything on the primary).
+        app.state.reads = reads = await ReadRouter.open(settings, app.state.engine)
         # Limits shared by a cluster's nodes (TWIN_LIMITS_SHARED=postgres); the shared-memory
         # buckets `twin serve` gave this worker, if any, stand in while the database is away.
         current = getattr(app.state, "rate_buckets", None)
@@ -92,7 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings, fallback=current)
         # The tile path (versions pushed to this process, the registry, tile pool and cache),
         # which every route that reads layers shares.
-        app.state.tiles = tiles_service = TileService.open(settings)
+        app.state.tiles = tiles_service = TileService.open(settings, reads)
         app.state.tiles3d = Tiles3D(tiles_service)
         app.state.layer_versions = tiles_service.versions
         app.state.registry = tiles_service.registry
@@ -113,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.uploads.shutdown()
             if own_buckets is not None:
                 await own_buckets.close()
+            await reads.close()
             await app.state.engine.dispose()
 
     app = FastAPI(

@@ -4,11 +4,15 @@ versions and registry, and who is calling (their principal, role and scope)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from twin import apikeys
 from twin.auth import Authenticator
@@ -30,8 +34,44 @@ def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
+# The request state's key of the connection a read on a standby holds (get_versions reads
+# the versions on it too).
+READ_CONNECTION = "read_connection"
+
+
+def read_engine(request: Request) -> AsyncEngine:
+    """Where this request's database work goes: a GET or HEAD where twin/api/readroute.py
+    sent it (a standby, or the primary), anything else the primary."""
+    if request.method in ("GET", "HEAD"):
+        engine = request.scope.get("state", {}).get("read_engine")
+        if engine is not None:
+            return engine
+    return request.app.state.engine
+
+
+def _on_standby(request: Request, engine: AsyncEngine) -> bool:
+    reads = getattr(request.app.state, "reads", None)
+    return reads is not None and reads.is_standby(engine)
+
+
 async def get_connection(request: Request) -> AsyncIterator[AsyncConnection]:
-    async with pooled_connection(request.app.state.engine) as conn:
+    """A pooled connection to the primary, or for a read to the standby chosen for it. A
+    standby that cannot be reached (or has no free connection) costs the request nothing: it
+    is reported (twin/core/replicas.py skips it) and the request reads the primary."""
+    engine = read_engine(request)
+    async with AsyncExitStack() as stack:
+        if _on_standby(request, engine):
+            try:
+                conn = await stack.enter_async_context(pooled_connection(engine))
+            except (DBAPIError, PoolTimeout) as error:
+                request.app.state.reads.report_failure(engine, error)
+                engine = request.app.state.engine
+                request.state.read_engine = engine
+                conn = await stack.enter_async_context(pooled_connection(engine))
+            else:
+                setattr(request.state, READ_CONNECTION, conn)
+        else:
+            conn = await stack.enter_async_context(pooled_connection(engine))
         yield conn
 
 
@@ -40,7 +80,20 @@ async def get_versions(request: Request) -> dict[str, int]:
     within a request), read now: one query shared by concurrent requests, exact for any
     writer, twin or not. These routes do database work anyway; the tiles, which need not,
     take the versions pushed to the process (tiles/service.py, twin/core/versions.py).
-    Raw: ``LayerRegistry.data_versions`` gives the ones to key by."""
+    Raw: ``LayerRegistry.data_versions`` gives the ones to key by.
+
+    A read on a standby reads them on that standby (on the request's connection when it has
+    one already), before its data: what it reads is then at least as new as the versions it
+    keys counts by, as on the primary; versions from the primary could be newer than the
+    standby's rows, and a count of old rows would be kept under a new version."""
+    engine = read_engine(request)
+    if _on_standby(request, engine):
+        query = text("SELECT id, data_version FROM layers")
+        conn = getattr(request.state, READ_CONNECTION, None)
+        if conn is not None:
+            return {row[0]: row[1] for row in await conn.execute(query)}
+        async with pooled_connection(engine) as own:
+            return {row[0]: row[1] for row in await own.execute(query)}
     return await request.app.state.tiles.layer_versions(pushed=False)
 
 

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ExceptionHandler
 
 from twin.api.access import PUBLIC, role_for
+from twin.api.readroute import note_failure
 from twin.core.errors import StatementTimeout, TwinError
 
 log = logging.getLogger("twin.api")
@@ -67,6 +68,8 @@ def statement_timeout(request: Request) -> StatementTimeout:
 
 
 async def database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+    # A read on a standby: twin/api/readroute.py may answer it from the primary instead.
+    note_failure(request.scope, exc)
     # QueryCanceled is an OperationalError too, but the database is fine: only the
     # statement ran too long, and retrying the same request would not help.
     if isinstance(exc.orig, QueryCanceled):

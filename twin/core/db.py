@@ -36,11 +36,16 @@ def _server_gone_is_a_disconnect(context: ExceptionContext) -> None:
 def database_url(settings: Settings) -> str:
     """SQLAlchemy URL (psycopg 3 driver) of the database twin works on."""
     if settings.database_url:
-        url = make_url(settings.database_url)
-        if url.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
-            url = url.set(drivername="postgresql+psycopg")
-        return url.render_as_string(hide_password=False)
+        return sqlalchemy_url(settings.database_url)
     return ManagedCluster(settings).url()
+
+
+def sqlalchemy_url(url: str) -> str:
+    """A PostgreSQL URL as SQLAlchemy with psycopg 3 reads it (password kept)."""
+    made = make_url(url)
+    if made.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
+        made = made.set(drivername="postgresql+psycopg")
+    return made.render_as_string(hide_password=False)
 
 
 def libpq_url(settings: Settings) -> str:
@@ -61,7 +66,7 @@ def sync_engine(settings: Settings) -> Engine:
 def async_engine(settings: Settings, pool_size: int | None = None,
                  max_overflow: int | None = None, pre_ping: bool = True,
                  server_settings: dict[str, str] | None = None,
-                 application_name: str | None = None) -> AsyncEngine:
+                 application_name: str | None = None, url: str | None = None) -> AsyncEngine:
     """The API's pool. Every connection carries the statement timeout, set once at connect
     time (libpq ``options``) so it costs no round trip per request and covers every
     statement, including the tile path's autocommit connections.
@@ -73,6 +78,8 @@ def async_engine(settings: Settings, pool_size: int | None = None,
     work a request does besides its own connection (loading the layer registry) needs a pool
     of its own, or under load every pooled connection can be held by requests that each wait
     for one more: a deadlock until the pool timeout.
+    ``url``: another server with the same options (a hot standby, twin/core/replicas.py);
+    by default the database of ``settings``.
     """
     db = settings.db
     connect_args: dict = {"connect_timeout": db.connect_timeout}
@@ -85,7 +92,7 @@ def async_engine(settings: Settings, pool_size: int | None = None,
         connect_args["options"] = " ".join(f"-c {name}={value}"
                                            for name, value in options.items())
     engine = create_async_engine(
-        database_url(settings),
+        sqlalchemy_url(url) if url else database_url(settings),
         pool_size=db.pool_size if pool_size is None else pool_size,
         max_overflow=db.max_overflow if max_overflow is None else max_overflow,
         # A request queues this long for a connection, then gets 503 (twin/api/errors.py).

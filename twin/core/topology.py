@@ -9,21 +9,23 @@ What runs, all on loopback, all under one ``TWIN_HOME``:
 * ``N`` **nodes**: ``twin serve`` processes, node n on ``TWIN_PORT + n`` with
   ``TWIN_HOME/nodes/<n>`` as its own home (its tile cache, upload spool, locks and shared
   memory are its own), the primary as its database (``TWIN_DATABASE_URL``) and the rate
-  limits shared through it (``TWIN_LIMITS_SHARED=postgres``);
+  limits shared through it (``TWIN_LIMITS_SHARED=postgres``), and the standbys to read on
+  (``TWIN_DB_STANDBY_URLS``, twin/core/replicas.py);
 * **nginx** in front on ``TWIN_HOST:TWIN_PORT`` (twin/core/proxy.py): the address clients
   know, balancing the nodes, retrying a failed GET on the next one, and the shared cache.
 
 Each node is a process group of its own whose pid is kept in ``nodes/<n>/node.pid``, so
 ``down`` (another `twin` invocation) stops them, and ``status`` finds them.
 
-Not wired yet (issue 15, later): reads on the standbys (the nodes read the primary), uploads
-shared between nodes (each node keeps its own files), MQTT (the nodes do not subscribe: one
-subscriber per home would make every node store every reading).
+Not wired yet (issue 15, later): uploads shared between nodes (each node keeps its own
+files), MQTT (the nodes do not subscribe: one subscriber per home would make every node store
+every reading).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -140,7 +142,7 @@ class ManagedTopology:
 
     def node_env(self, n: int) -> dict[str, str]:
         """Node n's environment: this one's, with its own home and port, the primary as its
-        database, limits shared through it, and no broker."""
+        database, limits shared through it, the standbys to read on, and no broker."""
         env = {key: value for key, value in os.environ.items()
                if key not in ("TWIN_MQTT_URL", "TWIN_UPLOADS_DIR")}
         env.update({
@@ -151,6 +153,7 @@ class ManagedTopology:
             "TWIN_LIMITS_SHARED": "postgres",
             # Proves to the node that a request came through this cluster's nginx.
             "TWIN_PROXY_SECRET": self.proxy.secret(),
+            "TWIN_DB_STANDBY_URLS": json.dumps([standby.url() for standby in self.standbys()]),
         })
         return env
 

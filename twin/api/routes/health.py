@@ -20,10 +20,24 @@ def _mqtt_detail(request: Request) -> dict[str, Any] | None:
     return detail() if callable(detail) else None
 
 
+def _standbys_detail(request: Request) -> list[dict[str, Any]] | None:
+    """Each hot standby this process reads on (TWIN_DB_STANDBY_URLS, twin/core/replicas.py)
+    as its last check found it: healthy (serving reads) or not, its lag in seconds and its
+    replay position. Detail only: a standby down costs no request (reads go to the
+    primary), so the status code follows the primary alone."""
+    reads = getattr(request.app.state, "reads", None)
+    if reads is None or not reads.active:
+        return None
+    return reads.details()
+
+
 @router.get("/healthz", summary="Liveness and database reachability")
 async def healthz(request: Request) -> JSONResponse:
     mqtt = _mqtt_detail(request)
-    extra = {"mqtt": mqtt} if mqtt is not None else {}
+    extra: dict[str, Any] = {"mqtt": mqtt} if mqtt is not None else {}
+    standbys = _standbys_detail(request)
+    if standbys is not None:
+        extra["standbys"] = standbys
     try:
         async with request.app.state.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
