@@ -71,6 +71,7 @@ RULES: tuple[Rule, ...] = (
     # (twin/api/deps.py, TICKET_PATHS).
     Rule(READ, "/events*", "viewer"),
     Rule(READ, "/alerts*", "viewer"),
+    Rule(READ, "/sensors/{sensor_id}/readings/hourly", "viewer"),
     Rule(READ, "/sensors*", "viewer"),
     Rule(WRITE, "/events/stream/tickets", "viewer"),
     # planner: every analysis (POST /query/impact posts a polygon; it writes nothing).

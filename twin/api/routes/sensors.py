@@ -1,10 +1,11 @@
 """Sensor readings coming in (``POST /sensors/readings``, SensorThings ``POST
-/sensors/CreateObservations``) and read back (the latest per sensor, one stored reading)."""
+/sensors/CreateObservations``) and read back (the latest per sensor, one stored reading, a
+sensor's hourly rollups)."""
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
@@ -14,6 +15,7 @@ from twin.api.deps import ConnDep, ScopeDep, SettingsDep
 from twin.core.errors import InvalidParameter, NotFound
 from twin.core.models import NETWORKS, SENSOR_KINDS
 from twin.core.scope import table_predicate
+from twin.live.partitions import hourly_readings
 from twin.live.readings import (
     SHAPE,
     STA_SHAPE,
@@ -151,17 +153,57 @@ async def get_sensor_latest(sensor_id: SensorId, conn: ConnDep,
     return JSONResponse(rows[0])
 
 
+def _instant(name: str, value: str) -> datetime:
+    try:
+        instant = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidParameter(f"{name}: not an ISO 8601 timestamp: {value!r}") from None
+    if instant.utcoffset() is None:
+        raise InvalidParameter(f"{name}: needs a UTC offset (e.g. Z): {value!r}")
+    return instant
+
+
+HOURLY_DEFAULT = timedelta(days=7)
+HOURLY_MAX = timedelta(days=366)
+
+
+# Before /sensors/{sensor_id}/readings/{ts}: "hourly" is not an instant.
+@router.get("/sensors/{sensor_id}/readings/hourly", summary="A sensor's hourly rollups "
+            "(count, min, max, avg, sum, first and last reading per UTC hour) for the hours "
+            "starting in [start, end); closed hours only, rolled up by the partition keeper "
+            "(up to TWIN_READINGS_MAINTENANCE_EVERY_S after the hour ends)",
+            response_class=JSONResponse,
+            responses={400: {"description": "start or end not an instant with an offset, "
+                                            "end not after start, or more than 366 days"},
+                       404: {"description": "no such sensor in the caller's jurisdiction"}})
+async def get_hourly(sensor_id: SensorId, conn: ConnDep, scope: ScopeDep,
+                     start: Annotated[str | None, Query(
+                         description="ISO 8601 with a UTC offset; default: end - 7 days",
+                         json_schema_extra={"format": "date-time"})] = None,
+                     end: Annotated[str | None, Query(
+                         description="ISO 8601 with a UTC offset; default: now",
+                         json_schema_extra={"format": "date-time"})] = None) -> JSONResponse:
+    until = datetime.now(UTC) if end is None else _instant("end", end)
+    try:
+        since = until - HOURLY_DEFAULT if start is None else _instant("start", start)
+    except OverflowError:
+        raise InvalidParameter("start: before the year 1; give start") from None
+    if until <= since:
+        raise InvalidParameter(f"end: must be after start ({since.isoformat()})")
+    if until - since > HOURLY_MAX:
+        raise InvalidParameter("start, end: at most 366 days at once")
+    answer = await hourly_readings(conn, _sensors_in(scope), sensor_id, since, until)
+    if answer is None:
+        raise NotFound(f"sensor_id: no sensor {sensor_id} in your jurisdiction")
+    return JSONResponse(answer)
+
+
 @router.get("/sensors/{sensor_id}/readings/{ts}", summary="One stored reading (the link "
             "CreateObservations answers with)", response_class=JSONResponse,
             responses={404: {"description": "no such reading in the caller's jurisdiction"}})
 async def get_reading(sensor_id: SensorId, ts: str, conn: ConnDep,
                       scope: ScopeDep) -> JSONResponse:
-    try:
-        instant = datetime.fromisoformat(ts)
-    except ValueError:
-        raise InvalidParameter(f"ts: not an ISO 8601 timestamp: {ts!r}") from None
-    if instant.utcoffset() is None:
-        raise InvalidParameter(f"ts: needs a UTC offset (e.g. Z): {ts!r}")
+    instant = _instant("ts", ts)
     row = await one_reading(conn, _sensors_in(scope), sensor_id, instant)
     if row is None:
         raise NotFound(f"no reading of sensor {sensor_id} at {ts} in your jurisdiction")
