@@ -145,8 +145,11 @@ class Standby:
         return (self.healthy and self.lag_s(now) <= max_lag_s
                 and self.engine.pool.checkedout() < self.capacity)  # type: ignore[attr-defined]
 
-    def detail(self, now: float) -> dict:
+    def detail(self, now: float, max_lag_s: float) -> dict:
+        """``healthy``: answering, in recovery; ``serving``: healthy and within the lag bound
+        (reads go there)."""
         return {"standby": self.name, "healthy": self.healthy,
+                "serving": self.healthy and self.lag_s(now) <= max_lag_s,
                 "lag_s": round(self.lag_s(now), 3) if self.replayed is not None else None,
                 "replay_lsn": format_lsn(self.replayed) if self.replayed is not None else None,
                 **({"error": self.error} if self.error else {})}
@@ -329,7 +332,7 @@ class ReadRouter:
 
     def details(self) -> list[dict]:
         now = time.monotonic()
-        return [standby.detail(now) for standby in self.standbys]
+        return [standby.detail(now, self.settings.db.max_lag_s) for standby in self.standbys]
 
     # --- the background checks --------------------------------------------------------------
 

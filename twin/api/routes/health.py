@@ -22,9 +22,10 @@ def _mqtt_detail(request: Request) -> dict[str, Any] | None:
 
 def _standbys_detail(request: Request) -> list[dict[str, Any]] | None:
     """Each hot standby this process reads on (TWIN_DB_STANDBY_URLS, twin/core/replicas.py)
-    as its last check found it: healthy (serving reads) or not, its lag in seconds and its
-    replay position. Detail only: a standby down costs no request (reads go to the
-    primary), so the status code follows the primary alone."""
+    as its last check found it: healthy (answering, in recovery) or not, serving reads (healthy
+    and within TWIN_DB_MAX_LAG_S) or not, its lag in seconds and its replay position. Detail
+    only: a standby down costs no request (reads go to the primary), so the status code
+    follows the primary alone."""
     reads = getattr(request.app.state, "reads", None)
     if reads is None or not reads.active:
         return None
