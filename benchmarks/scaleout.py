@@ -60,7 +60,7 @@ CENTRE = (106.55, 29.56)
 def env() -> dict[str, str]:
     made = {**os.environ, "TWIN_HOME": str(HOME), "TWIN_DB_PORT": str(DB_PORT),
             "TWIN_PORT": str(PORT), "TWIN_HOST": "127.0.0.1", "TWIN_WORKERS": "1",
-            "TWIN_AUTH_ANONYMOUS_ROLE": "viewer"}
+            "TWIN_AUTH_ANONYMOUS_ROLE": "viewer", "TWIN_MQTT_PORT": "24611"}
     for name in ("TWIN_DATABASE_URL", "TWIN_MQTT_URL"):
         made.pop(name, None)
     return made

@@ -13,9 +13,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,8 +32,9 @@ import shapely
 from sqlalchemy import create_engine
 
 from data_samples.load import load_sample
+from tests.brokers import Publisher
 from tests.databases import libpq
-from tests.servers import free_port_run
+from tests.servers import free_port, free_port_run
 from tests.sse import EventStream
 from twin.core.cluster import ManagedCluster
 from twin.core.settings import PROJECT_ROOT, DatabaseSettings, Settings
@@ -76,7 +79,9 @@ class Scaled:
                     "TWIN_AUTH_ANONYMOUS_ROLE": "",
                     "TWIN_AUTH_KEYS": json.dumps({self.keys[who]: role
                                                   for who, role in roles.items()}),
-                    "TWIN_LIMITS_BURST": str(BURST), "TWIN_LIMITS_RATE_PER_S": "0.001"}
+                    "TWIN_LIMITS_BURST": str(BURST), "TWIN_LIMITS_RATE_PER_S": "0.001",
+                    "TWIN_MQTT_PORT": str(free_port())}
+        self.mqtt_url = f"mqtt://127.0.0.1:{self.env['TWIN_MQTT_PORT']}"
         for name in ("TWIN_DATABASE_URL", "TWIN_MQTT_URL"):
             self.env.pop(name, None)
         self.settings = Settings(home=home, db=DatabaseSettings(port=db_port), port=port,
@@ -216,6 +221,74 @@ def test_an_event_created_through_one_node_reaches_a_stream_on_the_other(scaled:
             got = stream.until(lambda event: event.event == "event"
                                and event.json()["payload"].get("id") == event_id, timeout=10)
     assert got[-1].json()["payload"]["id"] == event_id
+
+
+def mqtt_roles(scaled: Scaled) -> dict[int, str | None]:
+    roles = {}
+    for n in range(1, NODES + 1):
+        try:
+            health = httpx.get(f"{scaled.node_url(n)}/healthz", timeout=5).json()
+        except httpx.HTTPError:
+            roles[n] = None
+            continue
+        roles[n] = (health.get("mqtt") or {}).get("role")
+    return roles
+
+
+def stored_readings(scaled: Scaled, sensor_id: int, since: str) -> int:
+    with scaled.primary() as conn:
+        return conn.execute("SELECT count(*) FROM sensor_readings WHERE sensor_id = %s "
+                            "AND ts >= %s AND ts < %s::timestamptz + interval '1 day'",
+                            (sensor_id, since, since)).fetchone()[0]
+
+
+def wait_for(check, timeout_s: float = 30):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+def test_one_node_subscribes_to_mqtt_and_another_takes_over_when_it_dies(scaled: Scaled,
+                                                                          sample_dir):
+    """Readings published to the cluster's broker are stored once (one node subscribes),
+    and after that node is SIGKILLed the other resumes the session: none is lost."""
+    sensor_id = int(pd.read_csv(sample_dir / "sensors.csv")["id"].iloc[0])
+    def settled() -> dict[int, str | None] | None:
+        roles = mqtt_roles(scaled)
+        return roles if sorted(map(str, roles.values())) == ["standby", "subscriber"] else None
+
+    roles = wait_for(settled)
+    assert roles, mqtt_roles(scaled)
+    leader = next(n for n, role in roles.items() if role == "subscriber")
+    since = "2025-06-02T00:00:00Z"  # a day the sample has no readings of
+    publisher = Publisher(scaled.mqtt_url)
+    try:
+        def batch(start: int) -> dict:
+            return {"readings": [{"sensor_id": sensor_id, "value": 1.0,
+                                  "ts": f"2025-06-02T00:{(start + i) // 60:02d}:"
+                                        f"{(start + i) % 60:02d}Z"} for i in range(60)]}
+        for k in range(5):
+            publisher.send("twin/readings/scaleout", batch(60 * k))
+        assert wait_for(lambda: stored_readings(scaled, sensor_id, since) == 300), ([
+            httpx.get(f"{scaled.node_url(n)}/healthz").json().get("mqtt")
+            for n in range(1, NODES + 1)], stored_readings(scaled, sensor_id, since))
+        pid = scaled.topology().status().nodes[leader - 1].pid
+        assert pid is not None
+        os.killpg(pid, signal.SIGKILL)
+        for k in range(5, 10):  # acknowledged by the broker while nobody subscribes
+            publisher.send("twin/readings/scaleout", batch(60 * k))
+        assert wait_for(lambda: stored_readings(scaled, sensor_id, since) == 600, 60), \
+            stored_readings(scaled, sensor_id, since)
+        survivor = next(n for n in roles if n != leader)
+        assert mqtt_roles(scaled)[survivor] == "subscriber"
+    finally:
+        publisher.close()
+        up = twin(scaled.env, "cluster", "up", "--nodes", str(NODES),
+                  "--standbys", str(STANDBYS))
+        assert up.returncode == 0, up.stderr
 
 
 # --- read-your-writes through nginx ---------------------------------------------------------

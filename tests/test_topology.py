@@ -23,7 +23,7 @@ import psycopg
 import pytest
 
 from tests.databases import libpq
-from tests.servers import free_port_run
+from tests.servers import free_port, free_port_run
 from twin.core.cluster import ManagedCluster, process_alive
 from twin.core.settings import PROJECT_ROOT, DatabaseSettings, Settings
 from twin.core.topology import ManagedTopology
@@ -41,7 +41,7 @@ class Cluster:
         self.home, self.db_port, self.port = home, db_port, port
         self.env = {**os.environ, "TWIN_HOME": str(home), "TWIN_DB_PORT": str(db_port),
                     "TWIN_PORT": str(port), "TWIN_HOST": "127.0.0.1", "TWIN_WORKERS": "1",
-                    "TWIN_AUTH_ANONYMOUS_ROLE": "planner"}
+                    "TWIN_AUTH_ANONYMOUS_ROLE": "planner", "TWIN_MQTT_PORT": str(free_port())}
         for name in ("TWIN_DATABASE_URL", "TWIN_MQTT_URL"):
             self.env.pop(name, None)
         self.settings = Settings(home=home, db=DatabaseSettings(port=db_port), port=port,
@@ -132,10 +132,12 @@ def test_down_stops_every_process(cluster: Cluster):
     status = topology.status()
     pids = [node.pid for node in status.nodes]
     proxy_pid = topology.proxy.status().pid
+    broker_pid = topology.broker.status().pid
     down = twin(cluster.env, "cluster", "down")
     assert down.returncode == 0, down.stderr
     assert not any(process_alive(pid) for pid in pids if pid)
     assert proxy_pid is not None and not process_alive(proxy_pid)
+    assert broker_pid is not None and not process_alive(broker_pid)
     after = topology.status()
     assert not topology.cluster.status().running
     assert all("stopped" in text or "not running" in text for text in after.standbys), \

@@ -237,6 +237,12 @@ class MqttSettings(BaseSettings):
     # published after a broker restart and before the processes reconnect are lost. For
     # brokers that keep them (or where losing that window is acceptable) and several hosts.
     shared: bool = False
+    # Without ``shared``, who the one subscriber is: ``home``, the process of this TWIN_HOME
+    # holding its lock file; ``database``, the process of any home (a cluster's nodes, on
+    # any machine) holding an advisory lock in the database, as client id
+    # ``<client_prefix>-subscriber`` so that whoever takes over resumes the same session.
+    # ``twin cluster up`` gives its nodes ``database``.
+    leader: Literal["home", "database"] = "home"
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
     # Messages stored per transaction at most (several small messages share one commit) and
     # readings per transaction at most; each message is acknowledged after its commit.

@@ -12,14 +12,13 @@ What runs, all on loopback, all under one ``TWIN_HOME``:
   limits shared through it (``TWIN_LIMITS_SHARED=postgres``), and the standbys to read on
   (``TWIN_DB_STANDBY_URLS``, twin/core/replicas.py);
 * **nginx** in front on ``TWIN_HOST:TWIN_PORT`` (twin/core/proxy.py): the address clients
-  know, balancing the nodes, retrying a failed GET on the next one, and the shared cache.
+  know, balancing the nodes, retrying a failed GET on the next one, and the shared cache;
+* the MQTT **broker** (twin/core/broker.py, unless ``TWIN_MQTT_URL`` names one): every node
+  is pointed at it, and one of them subscribes (``TWIN_MQTT_LEADER=database``: the holder of
+  an advisory lock on the primary, twin/live/mqtt.py); the others take over when it ends.
 
 Each node is a process group of its own whose pid is kept in ``nodes/<n>/node.pid``, so
 ``down`` (another `twin` invocation) stops them, and ``status`` finds them.
-
-Not wired yet (issue 15, later): uploads shared between nodes (each node keeps its own
-files), MQTT (the nodes do not subscribe: one subscriber per home would make every node store
-every reading).
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import httpx
 
+from twin.core.broker import ManagedBroker
 from twin.core.cluster import ManagedCluster, process_alive
 from twin.core.errors import ClusterError
 from twin.core.proxy import ManagedProxy
@@ -65,6 +65,7 @@ class TopologyStatus:
     standbys: list[str]
     nodes: list[NodeStatus]
     proxy: str
+    broker: str
 
     def describe(self) -> str:
         lines = [f"primary: {self.primary}"]
@@ -73,6 +74,7 @@ class TopologyStatus:
                   + (f"pid {node.pid}, {'healthy' if node.healthy else 'not answering'}"
                      if node.pid else "stopped") for node in self.nodes]
         lines.append(f"proxy: {self.proxy}")
+        lines.append(f"broker: {self.broker}")
         return "\n".join(lines)
 
 
@@ -88,6 +90,9 @@ class ManagedTopology:
         # Without counts (down, status): whatever a previous `up` left.
         self.nodes = nodes if nodes is not None else self._found("nodes")
         self.standby_count = standbys if standbys is not None else self._found("standbys")
+        # Readings over MQTT: TWIN_MQTT_URL's broker, else the managed one of this home; one
+        # node of all subscribes (an advisory lock on the primary), the others stand by.
+        self.broker = ManagedBroker(settings)
         self.proxy = ManagedProxy(settings.home, settings.port, self.upstreams(),
                                   settings.proxy.cache_mb, settings.host, settings.proxy)
 
@@ -108,13 +113,15 @@ class ManagedTopology:
 
     # -- up / down ------------------------------------------------------------------------
     def up(self) -> TopologyStatus:
-        """Start what is not running: primary, standbys, nodes, then nginx."""
+        """Start what is not running: primary, standbys, the broker, nodes, then nginx."""
         if self.nodes < 1:
             raise ClusterError("twin cluster up needs at least one node (--nodes)")
         self.cluster.up()
         prepare_primary(self.cluster)
         for standby in self.standbys():
             standby.up()
+        if not self.settings.mqtt.url:
+            self.broker.up()
         for n in range(1, self.nodes + 1):
             self._start_node(n)
         self.proxy.up()
@@ -127,6 +134,8 @@ class ManagedTopology:
             self._stop_node(n)
         for standby in self.standbys():
             standby.down()
+        if not self.settings.mqtt.url:
+            self.broker.down()
         self.cluster.down()
 
     def status(self) -> TopologyStatus:
@@ -134,7 +143,8 @@ class ManagedTopology:
             primary=self.cluster.status().describe(),
             standbys=[standby.status().describe() for standby in self.standbys()],
             nodes=[self._node_status(n) for n in range(1, self.nodes + 1)],
-            proxy=self.proxy.status().describe())
+            proxy=self.proxy.status().describe(),
+            broker=self.broker.status().describe())
 
     # -- nodes ----------------------------------------------------------------------------
     def node_home(self, n: int) -> Path:
@@ -144,7 +154,7 @@ class ManagedTopology:
         """Node n's environment: this one's, with its own home and port, the primary as its
         database, limits shared through it, the standbys to read on, and no broker."""
         env = {key: value for key, value in os.environ.items()
-               if key not in ("TWIN_MQTT_URL", "TWIN_UPLOADS_DIR")}
+               if key not in ("TWIN_UPLOADS_DIR",)}
         env.update({
             "TWIN_HOME": str(self.node_home(n)),
             "TWIN_HOST": "127.0.0.1",
@@ -153,6 +163,9 @@ class ManagedTopology:
             "TWIN_LIMITS_SHARED": "postgres",
             # Proves to the node that a request came through this cluster's nginx.
             "TWIN_PROXY_SECRET": self.proxy.secret(),
+            "TWIN_MQTT_URL": (self.settings.mqtt.url
+                              or f"mqtt://127.0.0.1:{self.settings.mqtt.port}"),
+            "TWIN_MQTT_LEADER": "database",
             "TWIN_DB_STANDBY_URLS": json.dumps([standby.url() for standby in self.standbys()]),
         })
         return env

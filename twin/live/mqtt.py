@@ -26,6 +26,13 @@ Who subscribes (``TWIN_MQTT_SHARED``):
   message to one of them; the client id is ``<prefix>-<host>-<slot>``, the slot the lowest
   number whose lock file (``TWIN_HOME/mqtt-slots/<n>.lock``) no live process holds.
 
+* ``TWIN_MQTT_LEADER=database`` (the nodes of ``twin cluster up``, each with a home of its
+  own): the one subscriber is the process of any node holding an advisory lock on the
+  primary (``twin.core.db.SessionLock``), as ``<prefix>-subscriber``; the others stand by.
+  The holder checks its lock every second and disconnects when it lost it (its database
+  connection dropped), so two nodes never fight over the client id for long; a node killed
+  loses the lock with its connection, and another resumes the same session.
+
 Either way the client id is stable across a restart, so the restarted process finds its
 persistent session (and what was queued for it) again, where a pid would strand it.
 
@@ -58,6 +65,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from twin.core.db import SessionLock
 from twin.core.errors import DatabaseUnavailable, StatementTimeout
 from twin.core.settings import Settings
 from twin.live.readings import store_batch
@@ -65,6 +73,8 @@ from twin.live.readings import store_batch
 log = logging.getLogger("twin.live.mqtt")
 
 SHARE_GROUP = "twin"
+# The advisory lock of the one subscriber among a cluster's nodes (TWIN_MQTT_LEADER=database).
+SUBSCRIBER_LOCK = 0x7477696E_6D717474
 # Bytes of a dead-lettered payload kept in reading_dead_letters.
 DEAD_LETTER_BYTES = 4096
 # Errors that mean "the database is not there right now": retry, never acknowledge.
@@ -237,8 +247,11 @@ class Subscriber:
             self.topic = f"$share/{SHARE_GROUP}/{self.mqtt.topic}"
         else:
             self.slot = None
-            self.client_id = client_id(settings, None)
+            self.client_id = (f"{self.mqtt.client_prefix}-subscriber"
+                              if self.mqtt.leader == "database" else client_id(settings, None))
             self.topic = self.mqtt.topic
+        self._db_lock: SessionLock | None = None
+        self._leading = False
         self._leader_file = settings.home / "mqtt-slots" / "subscriber.lock"
         self._standby: asyncio.Task | None = None
         self._generation = 0
@@ -254,6 +267,12 @@ class Subscriber:
     async def start(self) -> Subscriber:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._consume(), name="twin-mqtt-consumer")
+        if not self.shared and self.mqtt.leader == "database":
+            self._db_lock = SessionLock(self.settings, SUBSCRIBER_LOCK, "mqtt subscriber",
+                                        application_name="twin mqtt leader")
+            self._standby = asyncio.create_task(self._lead_by_database(),
+                                                name="twin-mqtt-leader")
+            return self
         if not self.shared:
             self._slot_lock = try_lock(self._leader_file)
             if self._slot_lock is None:
@@ -270,10 +289,33 @@ class Subscriber:
         log.info("mqtt: the subscribing process of this home ended: this one takes over")
         self._connect()
 
+    async def _lead_by_database(self) -> None:
+        """Subscribe while this process holds the subscriber lock; stand by otherwise."""
+        assert self._db_lock is not None
+        while True:
+            try:
+                held = await self._db_lock.hold() is not None
+            except Exception as error:  # the database went away: so did the lock
+                log.warning("mqtt: the subscriber lock's connection failed (%s)", error)
+                await self._db_lock.release()
+                held = False
+            if held and not self._leading:
+                log.info("mqtt: this process holds the subscriber lock: subscribing")
+                self._leading = True
+                self.client = self._client()
+                self._connect()
+            elif not held and self._leading:
+                log.warning("mqtt: the subscriber lock is lost: standing by")
+                self._leading = False
+                await asyncio.to_thread(self._disconnect)
+            await asyncio.sleep(1.0)
+
     @property
     def role(self) -> str:
         if self.shared:
             return "shared"
+        if self._db_lock is not None:
+            return "subscriber" if self._leading else "standby"
         return "subscriber" if self._slot_lock is not None else "standby"
 
     def _connect(self) -> None:
@@ -308,6 +350,9 @@ class Subscriber:
         if self._slot_lock is not None:
             self._slot_lock.close()
             self._slot_lock = None
+        if self._db_lock is not None:
+            await self._db_lock.close()
+            self._leading = False
 
     async def _drained(self) -> None:
         while self._busy:
