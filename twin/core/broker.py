@@ -20,7 +20,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from twin.core.cluster import hand_over, log_tail, port_open, process_alive, system_user
+from twin.core.cluster import (
+    hand_over,
+    log_tail,
+    port_open,
+    process_alive,
+    running_pid,
+    system_user,
+)
 from twin.core.errors import TwinError
 from twin.core.settings import Settings
 
@@ -163,17 +170,7 @@ class ManagedBroker:
     # -- internals ----------------------------------------------------------------------
     def _pid(self) -> int | None:
         """The broker's pid when its pid file names a live mosquitto of this folder."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return None
-        if str(self.config_file).encode() not in cmdline:
-            return None  # a stale pid file: that pid is some other process now
-        return pid if process_alive(pid) else None
+        return running_pid(self.pid_file, str(self.config_file))
 
     def _write_config(self) -> None:
         self.data.mkdir(parents=True, exist_ok=True)

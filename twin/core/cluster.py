@@ -43,6 +43,24 @@ logging_collector = off
 """
 
 
+def running_pid(pid_file: Path, marker: str) -> int | None:
+    """The pid ``pid_file`` names when that process runs and its command line holds
+    ``marker`` (its configuration file's path: a stale pid file may name a pid that some
+    other process has now). nginx rewrites its title, mosquitto keeps its arguments: the
+    marker is looked for in the raw command line either way."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    if marker.encode() not in cmdline:
+        return None
+    return pid if process_alive(pid) else None
+
+
 def process_alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie, a child not reaped yet, counts as gone)."""
     try:

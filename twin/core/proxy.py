@@ -41,7 +41,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from twin.core.cluster import hand_over, log_tail, port_open, process_alive, system_user
+from twin.core.cluster import (
+    hand_over,
+    log_tail,
+    port_open,
+    process_alive,
+    running_pid,
+    system_user,
+)
 from twin.core.errors import TwinError
 from twin.core.settings import ProxySettings
 
@@ -450,18 +457,7 @@ class ManagedProxy:
 
     def _pid(self) -> int | None:
         """The master's pid when the pid file names a live nginx of this configuration."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-        try:
-            # nginx rewrites its title: "nginx: master process /usr/sbin/nginx -p ... -c ..."
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return None
-        if str(self.config_file).encode() not in cmdline:
-            return None  # a stale pid file: that pid is some other process now
-        return pid if process_alive(pid) else None
+        return running_pid(self.pid_file, str(self.config_file))
 
     def _wait_for(self, digest: str, timeout_s: float, log_start: int,
                   old_workers: list[int] | None = None) -> None:
