@@ -92,8 +92,13 @@ async def get_versions(request: Request) -> dict[str, int]:
         conn = getattr(request.state, READ_CONNECTION, None)
         if conn is not None:
             return {row[0]: row[1] for row in await conn.execute(query)}
-        async with pooled_connection(engine) as own:
-            return {row[0]: row[1] for row in await own.execute(query)}
+        try:
+            async with pooled_connection(engine) as own:
+                return {row[0]: row[1] for row in await own.execute(query)}
+        except (DBAPIError, PoolTimeout) as error:
+            # Unreachable, or gone mid-query: this request reads the primary instead.
+            request.app.state.reads.report_failure(engine, error)
+            request.state.read_engine = request.app.state.engine
     return await request.app.state.tiles.layer_versions(pushed=False)
 
 
