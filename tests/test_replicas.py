@@ -153,6 +153,17 @@ def server(replicated: Replicated) -> Iterator[LiveServer]:
         yield live
 
 
+@pytest.fixture()
+def other_node(replicated: Replicated, server: LiveServer) -> Iterator[LiveServer]:
+    """A second server on the same primary and standby: another node of the cluster."""
+    with LiveServer(server.settings) as live:
+        deadline = time.monotonic() + 10
+        while not _standby_healthy(live):
+            assert time.monotonic() < deadline, "the second node never found the standby"
+            time.sleep(0.1)
+        yield live
+
+
 def _standby_detail(live: LiveServer) -> dict:
     answer = httpx.get(f"{live.url}/healthz", timeout=5).json()
     (standby,) = answer["standbys"]
@@ -228,18 +239,23 @@ def caught_up(replicated: Replicated) -> None:
 
 
 def test_200_writes_each_read_back_through_the_standby_never_stale(
-        replicated: Replicated, server: LiveServer):
+        replicated: Replicated, server: LiveServer, other_node: LiveServer):
+    """Each trial writes through one node and reads through the other (turn about), one
+    client carrying the cookie as a browser does (cookies do not name a port)."""
     point = 1
     before = point_scans(replicated.standby_url())
     stale = []
-    with server.client() as client:
+    nodes = (server.url, other_node.url)
+    with httpx.Client(timeout=30) as client:
         for trial in range(200):
             name = f"读写一致 {trial}"
-            wrote = client.patch(f"{ITEMS}/{point}", json={"properties": {"name": name}},
+            writer, reader = nodes[trial % 2], nodes[1 - trial % 2]
+            wrote = client.patch(f"{writer}{ITEMS}/{point}",
+                                 json={"properties": {"name": name}},
                                  headers={**EDITOR, **MERGE})
             assert wrote.status_code // 100 == 2, wrote.text
             assert wrote.headers["Twin-LSN"] == client.cookies["twin_lsn"]
-            read = client.get(f"{ITEMS}/{point}", headers=EDITOR)
+            read = client.get(f"{reader}{ITEMS}/{point}", headers=EDITOR)
             assert read.status_code == 200, read.text
             if read.json()["properties"]["name"] != name:
                 stale.append((trial, read.json()["properties"]["name"]))
