@@ -6,18 +6,21 @@ A version's files (its COG, its 3D model) are written by the node that ran its j
 SHA-256, in 1 MiB chunks) and ``upload_files`` inside the job's publishing transaction, so no
 node ever sees a version whose files are not there. Every reader asks twin.core.local_files
 for a file; ``LocalFiles`` (the resolver the upload service installs) answers with the node's
-own copy and fetches it first when it is missing: into a temporary file beside it, checked
-against its SHA-256, then renamed into place, so a reader never sees half a file and any
-number of threads and processes may fetch at once (the last rename wins; the bytes are the
-same). A blob whose bytes do not hash to its name is refused (``CorruptFile``), never served.
+own copy, ``<uploads>/cache/<layer>/d<data version>/``, and fetches it first when it is
+missing: into a temporary file beside it, checked against its SHA-256, then renamed into
+place, so a reader never sees half a file and any number of threads and processes may fetch
+at once (the last rename wins; the bytes are the same). A blob whose bytes do not hash to its
+name is refused (``CorruptFile``), never served. The node that built a version keeps its
+files as its copy (``keep_published``: hard links) instead of fetching them back.
 
 Versions are not dropped at once. A version superseded by a newer one or a rollback, and
 every version of a deleted layer, is recorded in ``upload_drops`` with ``drop_after`` =
 now + the grace (``TWIN_UPLOADS_DROP_GRACE_S``): until then a standby's query, another node's
 registry of a moment ago or a rollback may still read it. ``drop_due`` (every few seconds in
 each process's job runner; one process at a time does it, under an advisory lock) drops the
-tables and file rows of the versions that are due; ``sweep_local`` removes this node's copies
-of dropped versions.
+tables and file rows of the versions that are due; ``sweep_local`` removes what this node
+keeps and no longer needs. A deleted layer is gone from the API at once; its tables and files
+are moved out of its id's way (``bury_layer``) and dropped after the grace.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
@@ -49,8 +53,16 @@ DEFAULT_GRACE_S = 600.0
 
 
 def version_dir(uploads_dir: Path, layer_id: str, version: int) -> Path:
-    """Where a node keeps version ``version``'s files (its own copies, in its own folder)."""
+    """Where a job builds version ``version``'s files (on the node that runs it)."""
     return uploads_dir / "layers" / layer_id / f"v{version}"
+
+
+def cache_dir(uploads_dir: Path, layer_id: str, data_version: int) -> Path:
+    """Where a node keeps its copy of the files a layer serves at ``data_version``. Keyed by
+    the data version, never by the version number: a layer deleted and uploaded again under
+    its id starts at version 1 again, but its data versions never repeat (layers/versions.py),
+    so a copy is never taken for another incarnation's."""
+    return uploads_dir / "cache" / layer_id / f"d{data_version}"
 
 
 class CorruptFile(TwinError):
@@ -153,6 +165,39 @@ def backfill(engine: Engine) -> list[tuple[str, int]]:
     return stored
 
 
+def keep_published(engine: Engine, uploads_dir: Path, layer_id: str, version: int,
+                   folder: Path) -> None:
+    """After a job published version ``version`` from ``folder``: the node that built the
+    files keeps them as its copies (hard links), so it does not fetch them back. Best effort:
+    anything missing is fetched on first use."""
+    try:
+        _keep(engine, uploads_dir, layer_id, version, folder)
+    except Exception as error:
+        log.warning("upload %s v%d: could not keep its files here (%s)", layer_id, version,
+                    error)
+
+
+def _keep(engine: Engine, uploads_dir: Path, layer_id: str, version: int, folder: Path
+          ) -> None:
+    with engine.connect() as conn:
+        data_version = conn.execute(text(
+            "SELECT data_version FROM layers WHERE id = :id AND current_version = :version"),
+            {"id": layer_id, "version": version}).scalar()
+    if data_version is None:
+        return  # already superseded or deleted
+    copies = cache_dir(uploads_dir, layer_id, data_version)
+    for path in (p for p in folder.rglob("*") if p.is_file()):
+        target = copies / path.relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
+        try:
+            os.link(path, partial)
+            os.replace(partial, target)
+        except OSError as error:  # fetched on first use instead
+            log.warning("upload %s v%d: could not keep %s (%s)", layer_id, version, path, error)
+            partial.unlink(missing_ok=True)
+
+
 # --- fetching on first use --------------------------------------------------------------------
 
 _FILES = text("""
@@ -228,7 +273,7 @@ class LocalFiles:
         if version is None or not layer.file_path:
             return stored_path(layer)
         relative = relative_path(layer, version)
-        folder = version_dir(self._uploads_dir, layer.id, version)
+        folder = cache_dir(self._uploads_dir, layer.id, layer.data_version)
         target = folder / relative
         if target.is_file():
             return target
@@ -265,12 +310,47 @@ def schedule_drop(conn: Connection, layer_id: str, version: int, table_name: str
                              "table_name": table_name, "grace": grace_s})
 
 
-def schedule_layer(conn: Connection, layer_id: str, grace_s: float) -> None:
-    """Every version of a layer being deleted (before its rows go)."""
+def bury_layer(conn: Connection, layer_id: str, grace_s: float) -> str:
+    """Every version of a layer being deleted (before its rows go), dropped ``grace_s``
+    later under a name of its own, so the id is free at once for a new layer whose versions
+    start at 1 again: tables ``upload_<layer>_v<n>`` are renamed ``gone_<token>_v<n>``, their
+    file rows and drop records move to the id ``<layer>~<token>``. Returns that id."""
+    token = uuid.uuid4().hex[:12]
+    grave = f"{layer_id}~{token}"
+    moved = {"id": layer_id, "grave": grave}
+    conn.execute(text("UPDATE upload_drops SET layer_id = :grave WHERE layer_id = :id"), moved)
+    conn.execute(text("UPDATE upload_files SET layer_id = :grave WHERE layer_id = :id"), moved)
     rows = conn.execute(text("SELECT version, table_name FROM layer_versions "
                              "WHERE layer_id = :id"), {"id": layer_id}).all()
     for version, table_name in rows:
-        schedule_drop(conn, layer_id, version, table_name, grace_s)
+        if dropped_at(conn, grave, version):
+            continue
+        buried = None
+        if table_name:
+            buried = f"gone_{token}_v{version}"
+            _rename_table(conn, table_name, buried)
+        conn.execute(text("""
+            INSERT INTO upload_drops (layer_id, version, table_name, drop_after)
+            VALUES (:grave, :version, :table_name, now() + make_interval(secs => :grace))
+            ON CONFLICT (layer_id, version) DO UPDATE
+               SET table_name = EXCLUDED.table_name,
+                   drop_after = LEAST(upload_drops.drop_after, EXCLUDED.drop_after)
+        """), {"grave": grave, "version": version, "table_name": buried, "grace": grace_s})
+    return grave
+
+
+def _rename_table(conn: Connection, table: str, to: str) -> None:
+    """Rename a version's table and the indexes named after it (its primary key's, its
+    geometry's), which would otherwise be in the way of the new layer's."""
+    if conn.execute(text("SELECT to_regclass(:table)"), {"table": f'"{table}"'}).scalar() is None:
+        return
+    indexes = conn.execute(text(
+        "SELECT c.relname FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid "
+        "WHERE i.indrelid = CAST(:table AS regclass)"), {"table": f'"{table}"'}).scalars().all()
+    conn.execute(text(f'ALTER TABLE "{table}" RENAME TO "{to}"'))
+    for index in indexes:
+        if index.startswith(table):
+            conn.execute(text(f'ALTER INDEX "{index}" RENAME TO "{to}{index[len(table):]}"'))
 
 
 def revive(conn: Connection, layer_id: str, version: int) -> None:
@@ -287,13 +367,6 @@ def dropped_at(conn: Connection, layer_id: str, version: int) -> bool:
     return conn.execute(text("SELECT 1 FROM upload_drops WHERE layer_id = :id AND version = "
                              ":version AND dropped_at IS NOT NULL"),
                         {"id": layer_id, "version": version}).first() is not None
-
-
-def last_version(conn: Connection, layer_id: str) -> int:
-    """The highest version the id ever had, dropped or deleted ones included: numbers are
-    never given out twice (a node's folder ``v<n>`` may still hold an old file)."""
-    return conn.execute(text("SELECT max(version) FROM upload_drops WHERE layer_id = :id"),
-                        {"id": layer_id}).scalar() or 0
 
 
 _DUE = text("""
@@ -346,22 +419,43 @@ def drop_due(engine: Engine) -> list[tuple[str, int]]:
     return dropped
 
 
-def sweep_local(engine: Engine, uploads_dir: Path) -> list[Path]:
-    """Remove this node's copies of dropped versions (every node has its own)."""
-    here = [(folder.parent.name, int(folder.name[1:]), folder)
-            for folder in (uploads_dir / "layers").glob("*/v*")
-            if folder.is_dir() and folder.name[1:].isdigit()]
-    if not here:
+def sweep_local(engine: Engine, uploads_dir: Path, grace_s: float) -> list[Path]:
+    """Remove what this node keeps and no longer needs (every node has its own): copies of
+    data versions a layer no longer serves, once unused for the grace, and the build folders
+    of versions that are dropped, deleted or never published (no job of the layer running)."""
+    copies = [(folder.parent.name, int(folder.name[1:]), folder)
+              for folder in (uploads_dir / "cache").glob("*/d*")
+              if folder.is_dir() and folder.name[1:].isdigit()]
+    builds = [(folder.parent.name, int(folder.name[1:]), folder)
+              for folder in (uploads_dir / "layers").glob("*/v*")
+              if folder.is_dir() and folder.name[1:].isdigit()]
+    if not copies and not builds:
         return []
+    ids = list({layer for layer, _, _ in copies + builds})
     with engine.connect() as conn:
-        gone = set(conn.execute(text(
-            "SELECT layer_id, version FROM upload_drops WHERE dropped_at IS NOT NULL "
-            "AND layer_id = ANY(:ids)"), {"ids": list({layer for layer, _, _ in here})}).all())
-    removed = [folder for layer, version, folder in here if (layer, version) in gone]
+        # Running jobs first: one that ends meanwhile has its version row committed before
+        # it stops being running (one transaction), so the next query sees the version.
+        busy = set(conn.execute(text(
+            "SELECT layer_id FROM upload_jobs WHERE layer_id = ANY(:ids) "
+            "AND state IN ('queued', 'running')"), {"ids": ids}).scalars().all())
+        serving: dict[str, int] = dict(conn.execute(text(
+            "SELECT id, data_version FROM layers WHERE id = ANY(:ids)"), {"ids": ids}).all())
+        kept = set(conn.execute(text("""
+            SELECT v.layer_id, v.version FROM layer_versions AS v
+             WHERE v.layer_id = ANY(:ids) AND NOT EXISTS (
+                   SELECT 1 FROM upload_drops AS d WHERE d.layer_id = v.layer_id
+                      AND d.version = v.version AND d.dropped_at IS NOT NULL)
+        """), {"ids": ids}).all())
+    now = time.time()
+    removed = [folder for layer, data_version, folder in copies
+               if serving.get(layer) != data_version
+               and now - folder.stat().st_mtime > grace_s]
+    removed += [folder for layer, version, folder in builds
+                if (layer, version) not in kept and layer not in busy]
     for folder in removed:
         shutil.rmtree(folder, ignore_errors=True)
         try:
-            folder.parent.rmdir()  # the layer's folder, once its last version is gone
+            folder.parent.rmdir()  # the layer's folder, once its last one is gone
         except OSError:
             pass
     return removed

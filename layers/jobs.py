@@ -225,6 +225,7 @@ def _run_claimed(conn: Connection, engine: Engine, settings: Settings, job: dict
                     owner_scope=plan.owner_scope, shared=plan.shared,
                     grace_s=blobs.drop_grace_s(settings))
             _succeed(conn, job_id, version, built.report)
+        blobs.keep_published(engine, settings.uploads_dir, job["layer_id"], version, folder)
         return True
     except (SourceError, TwinError) as error:
         needs = {"needs": ["source_crs"]} if isinstance(error, crs_mod.MissingCrs) else {}
@@ -413,7 +414,8 @@ class JobRunner:
                     backfilled = True
                 reap_dead_jobs(self._engine, self._settings.uploads_dir)
                 blobs.drop_due(self._engine)
-                blobs.sweep_local(self._engine, self._settings.uploads_dir)
+                blobs.sweep_local(self._engine, self._settings.uploads_dir,
+                                  blobs.drop_grace_s(self._settings))
                 failing = False
             except Exception as error:  # the loop outlives any one failure (database away)
                 if not failing:  # once per outage, not every REAP_EVERY_S

@@ -140,9 +140,11 @@ class UploadService:
         """Delete an uploaded layer: gone from the API at once; its versions' tables and files
         a drop grace later (layers/blobs.py)."""
         check_layer_writable(who.scope, visible_layer(who.scope, registry, layer_id))
-        await conn.run_sync(versions.delete, layer_id, drop_grace_s(self._settings))
+        folders = await conn.run_sync(versions.delete, layer_id, self._settings.uploads_dir,
+                                      drop_grace_s(self._settings))
         await conn.commit()
         self._on_change(layer_id)
+        await asyncio.to_thread(versions.remove_paths, folders)
 
     # --- jobs ------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,11 +67,9 @@ def check_layer_id(layer_id: str) -> str:
 
 
 def next_version(conn: Connection, layer_id: str) -> int:
-    """The next version number of a layer id, never one it had before (a deleted layer's and
-    dropped versions' numbers included)."""
     current = conn.execute(text("SELECT max(version) FROM layer_versions WHERE layer_id = :id"),
                            {"id": layer_id}).scalar()
-    return max(current or 0, blobs.last_version(conn, layer_id)) + 1
+    return (current or 0) + 1
 
 
 _INSERT_VERSION = text("""
@@ -187,13 +186,22 @@ def rollback(conn: Connection, layer_id: str, version: int, grace_s: float = 0.0
     return {"layer": layer_id, "version": version, "previous_version": layer["current_version"]}
 
 
-def delete(conn: Connection, layer_id: str, grace_s: float = 0.0) -> None:
-    """Delete the layer and its version rows: gone from every listing and tile at once; its
-    version tables and files are dropped ``grace_s`` later (layers/blobs.py)."""
+def delete(conn: Connection, layer_id: str, uploads_dir: Path, grace_s: float = 0.0
+           ) -> list[Path]:
+    """Delete the layer and its version rows: gone from every listing and tile at once, its
+    id free for a new layer; its version tables and files are dropped ``grace_s`` later
+    (layers/blobs.py ``bury_layer``). Returns this node's build folders of the layer, to
+    remove after the commit (the nodes' copies go with the grace)."""
     _refuse_if_busy(conn, layer_id, "deleted")
     uploaded_layer(conn, layer_id)
-    blobs.schedule_layer(conn, layer_id, grace_s)
+    blobs.bury_layer(conn, layer_id, grace_s)
     conn.execute(text("DELETE FROM layers WHERE id = :id"), {"id": layer_id})
+    return [uploads_dir / "layers" / layer_id]
+
+
+def remove_paths(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _refuse_if_busy(conn: Connection, layer_id: str, what: str) -> None:

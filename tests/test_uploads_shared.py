@@ -58,7 +58,9 @@ class Node:
         self.api = server.client(timeout=60)
 
     def files(self) -> list[Path]:
-        return sorted(p for p in (self.uploads / "layers").rglob("*") if p.is_file())
+        """Every file this node keeps of the layers: build folders and copies."""
+        return sorted(p for part in ("layers", "cache")
+                      for p in (self.uploads / part).rglob("*") if p.is_file())
 
 
 @pytest.fixture(scope="module")
@@ -127,15 +129,17 @@ def test_raster_upload_through_a_is_tiled_through_b_from_an_empty_folder(nodes, 
     with engine.connect() as conn:
         a_path = Path(conn.execute(text("SELECT file_path FROM layers WHERE id = :id"),
                                    {"id": layer_id}).scalar_one())
-    copy = b.uploads / "layers" / layer_id / a_path.parent.name / a_path.name
-    assert a_path.is_relative_to(a.uploads) and copy.is_file()
-    assert copy.read_bytes() == a_path.read_bytes()
+    copies = [p for p in b.files() if layer_id in p.parts]
+    assert a_path.is_relative_to(a.uploads) and [p.name for p in copies] == [a_path.name]
+    assert copies[0].read_bytes() == a_path.read_bytes()
     assert not [p for p in b.files() if p.name.endswith(".part")]
     # Each server reads its own folder: A, its copy gone, fetches it again into its own.
-    a_path.unlink()
+    a_copies = [p for p in a.files() if "cache" in p.parts and layer_id in p.parts]
+    assert [p.name for p in a_copies] == [a_path.name]  # kept when A published it
+    a_copies[0].unlink()
     again = a.api.get(f"/tiles/{layer_id}/{tile.z}/{tile.x}/{tile.y}.terrain.png")
     assert again.status_code == 200 and again.content == served.content
-    assert a_path.read_bytes() == copy.read_bytes()
+    assert a_copies[0].read_bytes() == a_path.read_bytes()
 
 
 def test_model_upload_through_a_downloads_byte_identical_through_b(nodes):
@@ -223,24 +227,39 @@ def test_a_deleted_layer_goes_at_once_its_tables_and_files_after_the_grace(nodes
     layer_id = job["layer_id"]
     tile = TMS.tile(106.51, 29.59, 13)
     assert b.api.get(f"/tiles/{layer_id}/{tile.z}/{tile.x}/{tile.y}.png").status_code == 200
-    assert (b.uploads / "layers" / layer_id).is_dir()  # B's copy
+    assert (b.uploads / "cache" / layer_id).is_dir()  # B's copy
     vector = upload_ok(a.api, "gone.geojson", geojson_points(), title="gone too")["layer_id"]
     for deleted in (layer_id, vector):
         assert b.api.delete(f"/layers/{deleted}", headers=EDITOR).status_code == 204
         assert a.api.get(f"/layers/{deleted}").status_code == 404
         assert b.api.get(f"/layers/{deleted}").status_code == 404
-    assert tables(engine, vector) == [f"upload_{vector}_v1"]  # kept for the grace
-    wait_until(lambda: tables(engine, vector) == [], DROP_WAIT_S, "the deleted layer's table")
+    # Out of the id's way at once (renamed; its files under another id), kept for the grace.
+    assert tables(engine, vector) == [] and not (b.uploads / "layers" / layer_id).exists()
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM upload_files WHERE layer_id = :id"),
-                            {"id": layer_id}).scalar_one() == 0
-    wait_until(lambda: not (a.uploads / "layers" / layer_id).exists()
-               and not (b.uploads / "layers" / layer_id).exists(), 15,
+        buried = conn.execute(text(
+            "SELECT d.layer_id, d.table_name, t.tablename IS NOT NULL FROM upload_drops AS d "
+            "LEFT JOIN pg_tables AS t ON t.tablename = d.table_name "
+            "WHERE d.layer_id LIKE :id AND d.dropped_at IS NULL"),
+            {"id": f"{vector}~%"}).one()
+        files = conn.execute(text("SELECT count(*) FROM upload_files WHERE layer_id LIKE :id"),
+                             {"id": f"{layer_id}~%"}).scalar_one()
+    assert buried[1].startswith("gone_") and buried[2] and files == 1
+    # The id can be used again at once, from version 1, while the old one waits.
+    again = upload_ok(a.api, "again.geojson", geojson_points(PLACES[:1], ["再"]), id=vector,
+                      title="again")
+    assert again["version"] == 1 and vector_names(b.api, vector) == {"再"}
+
+    def gone() -> bool:
+        with engine.connect() as conn:
+            return conn.execute(text(
+                "SELECT count(*) FROM upload_files WHERE layer_id LIKE :raster"),
+                {"raster": f"{layer_id}~%"}).scalar_one() == 0 and conn.execute(text(
+                    "SELECT to_regclass(:table) IS NULL"), {"table": buried[1]}).scalar_one()
+    wait_until(gone, DROP_WAIT_S, "the deleted layers' tables and files dropped")
+    wait_until(lambda: not (a.uploads / "cache" / layer_id).exists()
+               and not (b.uploads / "cache" / layer_id).exists(), DROP_WAIT_S,
                "both nodes' copies removed")
-    # The id can be used again; its versions never repeat the deleted one's.
-    again = upload_ok(a.api, "again.geojson", geojson_points(), id=vector, title="again")
-    assert again["version"] == 2
-    assert vector_names(b.api, vector) == {"解放碑", "朝天门", "重庆大剧院"}
+    assert vector_names(a.api, vector) == {"再"}
 
 
 def test_a_node_never_runs_a_job_whose_spool_it_lacks(nodes, engine):

@@ -20,9 +20,10 @@ layer's versions go at once, their files only after the grace.
 
 ``upload_drops``: versions superseded (a newer one or a rollback published) or of a deleted
 layer, with the time their table and files may go (``drop_after``); a periodic pass in one
-process drops them and records ``dropped_at``. The row stays as a tombstone: version numbers
-are never given out twice (a node's folder ``v<n>`` may still hold an old file) and a rollback
-to a dropped version is refused with a reason.
+process drops them and records ``dropped_at``. The row stays as a tombstone, so a rollback to
+a dropped version is refused with a reason. A deleted layer's rows here and in
+``upload_files`` move to the id ``<layer>~<token>`` (its tables are renamed alike), so the id
+is free at once for a new layer.
 
 Revision ID: 0016
 Revises: 0015
