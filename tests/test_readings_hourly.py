@@ -321,7 +321,12 @@ def test_the_hourly_route_answers_the_rollups_within_the_jurisdiction(
         # Outside the street: not found, as the other sensor reads answer.
         elsewhere = viewer.get(f"/sensors/{outside[0]}/readings/hourly", params=window)
         assert elsewhere.status_code == 404 and elsewhere.json()["code"]
-        assert viewer.get(f"/sensors/{outside[0]}/latest").status_code in (404,)
+        # No window: the hours of the last 7 days.
+        recent = viewer.get(f"/sensors/{inside[0]}/readings/hourly")
+        assert recent.status_code == 200
+        assert all(pd.Timestamp(h["hour"]) >= pd.Timestamp.now(tz="UTC") - pd.Timedelta(days=7,
+                                                                                      hours=1)
+                   for h in recent.json()["hours"])
         # Bad windows.
         for params in ({"start": "yesterday"}, {"start": "2005-09-20T00:00:00"},
                        {"start": window["end"], "end": window["start"]},
