@@ -49,7 +49,6 @@ CHUNK_BYTES = 1024 * 1024
 FETCH_CHUNKS = 4
 # Only one process at a time drops what is due (a transaction-level advisory lock).
 DROP_LOCK = 0x7477_6472_6F70  # "twdrop"
-DEFAULT_GRACE_S = 600.0
 
 
 def version_dir(uploads_dir: Path, layer_id: str, version: int) -> Path:
@@ -72,13 +71,8 @@ class CorruptFile(TwinError):
 
 
 def drop_grace_s(settings: Settings) -> float:
-    """``settings.uploads.drop_grace_s`` (TWIN_UPLOADS_DROP_GRACE_S). The README names the
-    setting but UploadSettings has no such field yet: until it does, the environment
-    variable is read here (a test passes the value through ``model_copy``)."""
-    grace = getattr(settings.uploads, "drop_grace_s", None)
-    if grace is None:
-        grace = float(os.environ.get("TWIN_UPLOADS_DROP_GRACE_S", DEFAULT_GRACE_S))
-    return max(0.0, float(grace))
+    """How long a superseded version is kept (TWIN_UPLOADS_DROP_GRACE_S)."""
+    return settings.uploads.drop_grace_s
 
 
 # --- storing at publish time --------------------------------------------------------------

@@ -267,7 +267,7 @@ def node_settings(database_url: str, home: Path, drop_grace_s: float | None = No
                   ) -> Settings:
     """The upload server's settings for one twin node of a cluster: a TWIN_HOME (and so an
     uploads folder) of its own over the shared database; ``drop_grace_s`` sets
-    TWIN_UPLOADS_DROP_GRACE_S (passed through ``model_copy``: see layers/blobs.py)."""
+    TWIN_UPLOADS_DROP_GRACE_S."""
     settings = upload_settings(database_url, home / "uploads")
     uploads = settings.uploads
     if drop_grace_s is not None:

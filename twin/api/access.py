@@ -162,11 +162,15 @@ async def _charge(request: Request, bucket: str) -> None:
 async def enforce(request: Request) -> None:
     """Authenticate, rate-limit and authorize one request against ``RULES``.
 
-    A tile request that came through the cluster's nginx was charged already, by the node
-    that answered nginx's ``/_twin/auth`` for it (twin/api/proxy_auth.py): not twice."""
+    Charged once per request: a tile request that came through the cluster's nginx was
+    charged already, by the node that answered nginx's ``/_twin/auth`` for it
+    (twin/api/proxy_auth.py), and a GET handled again on the primary after a standby failed
+    it (twin/api/readroute.py) was charged the first time."""
     route = request.scope.get("route")
+    charged = (getattr(request.state, "rate_charged", False)
+               or (from_proxy(request) and bool(request.headers.get("x-twin-charged"))))
     await admit(request, request.method, getattr(route, "path_format", request.url.path),
-                charge=not (from_proxy(request) and request.headers.get("x-twin-charged")))
+                charge=not charged)
 
 
 async def admit(request: Request, method: str, path: str,
@@ -188,6 +192,7 @@ async def admit(request: Request, method: str, path: str,
         await _charge(request, _client(request))
     else:
         await _charge(request, "key:" + principal.name)
+    request.state.rate_charged = True
     return require_role(principal, role)
 
 

@@ -70,6 +70,10 @@ class UploadSettings(BaseSettings):
     # PostgreSQL cancels it and the job fails with nothing published; 0: no limit. Longer
     # than the API's TWIN_DB_STATEMENT_TIMEOUT_MS: ingestion grows with the file.
     statement_timeout_s: float = Field(default=600.0, ge=0)
+    # Seconds a superseded upload version's table (and files) are kept after a newer version
+    # is published or the layer deleted: a read on a hot standby, or another node's registry
+    # of a moment ago, may still be using it (issue 15; layers/blobs.py drops what is due).
+    drop_grace_s: float = Field(default=600.0, ge=0)
 
 
 class AuthSettings(BaseSettings):
