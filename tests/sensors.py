@@ -8,9 +8,14 @@ newest one left again.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from sqlalchemy import Connection, text
+
+from twin.core.db import async_engine
+from twin.core.settings import ReadingsSettings, Settings
+from twin.live import partitions
 
 # Every reading with a sub-second part: those the tests posted.
 SUB_SECOND = "ts <> date_trunc('second', ts)"
@@ -30,3 +35,17 @@ def forget_readings(conn: Connection, where: str, params: dict[str, Any] | None 
          WHERE sensor_id = ANY(:ids) ORDER BY sensor_id, ts DESC
     """), {"ids": ids})
     return ids
+
+
+def run_maintenance(database_url: str, settings: ReadingsSettings
+                    ) -> partitions.MaintenanceReport:
+    """One pass of the partition keeper (premake, rollups, retention) on its own engine."""
+    async def run() -> partitions.MaintenanceReport:
+        engine = async_engine(Settings(database_url=database_url), pool_size=1)
+        try:
+            async with engine.connect() as conn:
+                return await partitions.maintain(conn, settings)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())

@@ -12,7 +12,6 @@ after the module (``forget_posted_readings``) and so are the rollups of their ho
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import Iterator
@@ -25,10 +24,9 @@ import shapely
 from httpx import Client
 from sqlalchemy import Engine, text
 
+from tests.sensors import run_maintenance
 from tests.servers import EDITOR, LiveServer
-from twin.core.db import async_engine
 from twin.core.settings import AuthSettings, ReadingsSettings, Settings
-from twin.live import partitions
 
 MARK = timedelta(microseconds=321_987)
 STREET = "500112002"
@@ -53,16 +51,7 @@ def live(engine: Engine, database_url: str) -> Iterator[LiveServer]:
         yield server
 
 
-def maintain(database_url: str, settings: ReadingsSettings) -> partitions.MaintenanceReport:
-    async def run() -> partitions.MaintenanceReport:
-        engine_ = async_engine(Settings(database_url=database_url), pool_size=1)
-        try:
-            async with engine_.connect() as conn:
-                return await partitions.maintain(conn, settings)
-        finally:
-            await engine_.dispose()
-
-    return asyncio.run(run())
+maintain = run_maintenance
 
 
 def make_days(engine: Engine, first: datetime, days: int) -> None:

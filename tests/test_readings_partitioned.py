@@ -25,6 +25,7 @@ import shapely
 from httpx import Client
 from sqlalchemy import Engine, text
 
+from tests.sensors import run_maintenance
 from tests.servers import EDITOR, LiveServer
 from twin.core.db import async_engine
 from twin.core.settings import AuthSettings, ReadingsSettings, Settings
@@ -211,16 +212,8 @@ def test_retention_drops_old_partitions_and_premake_makes_days_ahead(engine: Eng
     assert old_days <= set(children(engine))
     sample_days = {name for name in children(engine) if name.startswith("sensor_readings_p2026")}
 
-    async def run(settings: ReadingsSettings) -> partitions.MaintenanceReport:
-        engine_ = async_engine(Settings(database_url=database_url), pool_size=1)
-        try:
-            async with engine_.connect() as conn:
-                return await partitions.maintain(conn, settings)
-        finally:
-            await engine_.dispose()
-
     # Ten years: the 2003 days go, the sample's (weeks old) and today's stay.
-    report = asyncio.run(run(ReadingsSettings(retention_days=3650, premake_days=10)))
+    report = run_maintenance(database_url, ReadingsSettings(retention_days=3650, premake_days=10))
     parts = set(children(engine))
     assert old_days.isdisjoint(parts) and set(report.dropped) >= old_days
     assert sample_days <= parts
@@ -232,7 +225,7 @@ def test_retention_drops_old_partitions_and_premake_makes_days_ahead(engine: Eng
                                  "AND ts < '2004-01-01'"), {"s": gas}).scalar()
         assert left == 0
     # Back to keeping everything.
-    asyncio.run(run(ReadingsSettings()))
+    run_maintenance(database_url, ReadingsSettings())
     with engine.connect() as conn:
         assert conn.execute(text("SELECT retention FROM partman.part_config "
                                  "WHERE parent_table = 'public.sensor_readings'")).scalar() is None

@@ -12,11 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -33,12 +29,9 @@ from sqlalchemy import create_engine
 
 from data_samples.load import load_sample
 from tests.brokers import Publisher
+from tests.clusters import ClusterHome, cluster_home
 from tests.databases import libpq
-from tests.servers import free_port, free_port_run
 from tests.sse import EventStream
-from twin.core.cluster import ManagedCluster
-from twin.core.settings import PROJECT_ROOT, DatabaseSettings, Settings
-from twin.core.topology import ManagedTopology
 
 NODES, STANDBYS = 2, 1
 WEB_MERCATOR = morecantile.tms.get("WebMercatorQuad")
@@ -53,46 +46,27 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def twin(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "twin.cli", *args], env=env, cwd=PROJECT_ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+def keys_of(districts: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Each principal's key, and the keys setting (key -> role:name[:scope])."""
+    keys = {"viewer": "scale-viewer-city-0123456789", "editor": "scale-editor-city-0123456789",
+            "planner": "scale-planner-city-0123456789",
+            "limited": "scale-limited-city-0123456789",
+            **{f"district{n}": f"scale-district{n}-0123456789" for n in range(len(districts))}}
+    roles = {"viewer": "viewer:sv", "editor": "gis-editor:se", "planner": "planner:sp",
+             "limited": "viewer:sl",
+             **{f"district{n}": f"viewer:sd{n}:district={code}"
+                for n, code in enumerate(districts)}}
+    return keys, {keys[who]: role for who, role in roles.items()}
 
 
 class Scaled:
-    """The running cluster: its URLs, keys and the primary."""
+    """The running cluster (``home``), its principals' keys and the primary."""
 
-    def __init__(self, home: Path, db_port: int, port: int, districts: list[str]):
-        self.home, self.port, self.districts = home, port, districts
-        self.keys = {
-            "viewer": "scale-viewer-city-0123456789",
-            "editor": "scale-editor-city-0123456789",
-            "planner": "scale-planner-city-0123456789",
-            "limited": "scale-limited-city-0123456789",
-            **{f"district{n}": f"scale-district{n}-0123456789" for n in range(len(districts))},
-        }
-        roles = {"viewer": "viewer:sv", "editor": "gis-editor:se", "planner": "planner:sp",
-                 "limited": "viewer:sl",
-                 **{f"district{n}": f"viewer:sd{n}:district={code}"
-                    for n, code in enumerate(districts)}}
-        self.env = {**os.environ, "TWIN_HOME": str(home), "TWIN_DB_PORT": str(db_port),
-                    "TWIN_PORT": str(port), "TWIN_HOST": "127.0.0.1", "TWIN_WORKERS": "1",
-                    "TWIN_AUTH_ANONYMOUS_ROLE": "",
-                    "TWIN_AUTH_KEYS": json.dumps({self.keys[who]: role
-                                                  for who, role in roles.items()}),
-                    "TWIN_LIMITS_BURST": str(BURST), "TWIN_LIMITS_RATE_PER_S": "0.001",
-                    "TWIN_MQTT_PORT": str(free_port())}
-        self.mqtt_url = f"mqtt://127.0.0.1:{self.env['TWIN_MQTT_PORT']}"
-        for name in ("TWIN_DATABASE_URL", "TWIN_MQTT_URL"):
-            self.env.pop(name, None)
-        self.settings = Settings(home=home, db=DatabaseSettings(port=db_port), port=port,
-                                 host="127.0.0.1")
-        self.url = f"http://127.0.0.1:{port}"
-
-    def topology(self) -> ManagedTopology:
-        return ManagedTopology(self.settings)
-
-    def node_url(self, n: int) -> str:
-        return f"http://127.0.0.1:{self.port + n}"
+    def __init__(self, home: ClusterHome, keys: dict[str, str], districts: list[str]):
+        self.home, self.keys, self.districts = home, keys, districts
+        self.env, self.url, self.port = home.env, home.url, home.port
+        self.mqtt_url = home.mqtt_url
+        self.topology, self.node_url = home.topology, home.node_url
 
     def client(self, who: str, base: str | None = None) -> httpx.Client:
         return httpx.Client(base_url=base or self.url, timeout=30, headers=bearer(self.keys[who]))
@@ -108,22 +82,15 @@ def busiest_districts(sample_dir: Path, count: int = 2) -> list[str]:
 
 @pytest.fixture(scope="module")
 def scaled(sample_dir: Path) -> Iterator[Scaled]:
-    # Not under pytest's temporary folder: the database user must reach it.
-    home = Path(tempfile.mkdtemp(prefix="twin-scaleout-test-"))
-    made = Scaled(home, free_port_run(1 + 10 + STANDBYS), free_port_run(1 + NODES),
-                  busiest_districts(sample_dir))
-    try:
-        up = twin(made.env, "cluster", "up", "--nodes", str(NODES),
-                  "--standbys", str(STANDBYS))
-        assert up.returncode == 0, up.stdout + up.stderr
-        engine = create_engine(made.topology().cluster.url())
+    districts = busiest_districts(sample_dir)
+    keys, setting = keys_of(districts)
+    with cluster_home(NODES, STANDBYS, "twin-scaleout-test-", {
+            "TWIN_AUTH_ANONYMOUS_ROLE": "", "TWIN_AUTH_KEYS": json.dumps(setting),
+            "TWIN_LIMITS_BURST": str(BURST), "TWIN_LIMITS_RATE_PER_S": "0.001"}) as home:
+        engine = create_engine(home.topology().cluster.url())
         load_sample(engine, sample_dir)
         engine.dispose()
-        yield made
-    finally:
-        twin(made.env, "cluster", "down")
-        ManagedCluster(made.settings).down()  # were `down` itself broken
-        shutil.rmtree(home, ignore_errors=True)
+        yield Scaled(home, keys, districts)
 
 
 def decode(content: bytes) -> dict:
@@ -173,7 +140,7 @@ def test_a_district_never_receives_a_tile_cached_for_another(scaled: Scaled, sam
 
 
 def test_the_tile_cache_holds_no_key(scaled: Scaled):
-    cache = scaled.home / "nginx" / "cache"
+    cache = scaled.home.home / "nginx" / "cache"
     keys = [line for path in cache.rglob("*") if path.is_file()
             for line in path.read_bytes().split(b"\n") if line.startswith(b"KEY: ")]
     assert keys
@@ -286,8 +253,7 @@ def test_one_node_subscribes_to_mqtt_and_another_takes_over_when_it_dies(scaled:
         assert mqtt_roles(scaled)[survivor] == "subscriber"
     finally:
         publisher.close()
-        up = twin(scaled.env, "cluster", "up", "--nodes", str(NODES),
-                  "--standbys", str(STANDBYS))
+        up = scaled.home.up(NODES, STANDBYS)
         assert up.returncode == 0, up.stderr
 
 

@@ -9,69 +9,29 @@ itself in recovery), and HTTP through nginx and to each node.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 
+from tests.clusters import ClusterHome, cluster_home, twin
 from tests.databases import libpq
-from tests.servers import free_port, free_port_run
-from twin.core.cluster import ManagedCluster, process_alive
-from twin.core.settings import PROJECT_ROOT, DatabaseSettings, Settings
-from twin.core.topology import ManagedTopology
+from twin.core.cluster import process_alive
 
 NODES, STANDBYS = 2, 1
 
 
-def twin(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "twin.cli", *args], env=env, cwd=PROJECT_ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-class Cluster:
-    def __init__(self, home: Path, db_port: int, port: int):
-        self.home, self.db_port, self.port = home, db_port, port
-        self.env = {**os.environ, "TWIN_HOME": str(home), "TWIN_DB_PORT": str(db_port),
-                    "TWIN_PORT": str(port), "TWIN_HOST": "127.0.0.1", "TWIN_WORKERS": "1",
-                    "TWIN_AUTH_ANONYMOUS_ROLE": "planner", "TWIN_MQTT_PORT": str(free_port())}
-        for name in ("TWIN_DATABASE_URL", "TWIN_MQTT_URL"):
-            self.env.pop(name, None)
-        self.settings = Settings(home=home, db=DatabaseSettings(port=db_port), port=port,
-                                 host="127.0.0.1")
-        self.url = f"http://127.0.0.1:{port}"
-
-    def topology(self) -> ManagedTopology:
-        return ManagedTopology(self.settings)
-
-
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    # Not under pytest's temporary folder: the database user must reach it (see
-    # tests/test_standby.py's own_primary).
-    home = Path(tempfile.mkdtemp(prefix="twin-topology-test-"))
-    db_port = free_port_run(1 + 10 + STANDBYS)
-    port = free_port_run(1 + NODES)
-    made = Cluster(home, db_port, port)
-    try:
-        up = twin(made.env, "cluster", "up", "--nodes", str(NODES),
-                  "--standbys", str(STANDBYS))
-        assert up.returncode == 0, up.stdout + up.stderr
+def cluster() -> Iterator[ClusterHome]:
+    with cluster_home(NODES, STANDBYS, "twin-topology-test-",
+                      {"TWIN_AUTH_ANONYMOUS_ROLE": "planner"}) as made:
         yield made
-    finally:
-        twin(made.env, "cluster", "down")
-        ManagedCluster(made.settings).down()  # were `down` itself broken
-        shutil.rmtree(home, ignore_errors=True)
 
 
-def test_every_part_runs_and_nginx_serves_from_both_nodes(cluster: Cluster):
+def test_every_part_runs_and_nginx_serves_from_both_nodes(cluster: ClusterHome):
     topology = cluster.topology()
     status = topology.status()
     assert [node.healthy for node in status.nodes] == [True] * NODES
@@ -93,7 +53,7 @@ def test_every_part_runs_and_nginx_serves_from_both_nodes(cluster: Cluster):
     assert said.stderr.count("healthy") == NODES, said.stderr
 
 
-def test_the_standby_replays_the_primary(cluster: Cluster):
+def test_the_standby_replays_the_primary(cluster: ClusterHome):
     topology = cluster.topology()
     (standby,) = topology.standbys()
     with psycopg.connect(libpq(standby.url("twin")), autocommit=True) as conn:
@@ -103,7 +63,7 @@ def test_the_standby_replays_the_primary(cluster: Cluster):
     assert {"risk_points", "layers", "outbox", "rate_buckets"} <= tables
 
 
-def test_a_node_killed_under_load_costs_no_get(cluster: Cluster):
+def test_a_node_killed_under_load_costs_no_get(cluster: ClusterHome):
     """SIGKILL of node 2 (its whole process group) while GETs go through nginx: none fails
     (nginx retries a GET on the next node), then `cluster up` brings the node back."""
     topology = cluster.topology()
@@ -127,7 +87,7 @@ def test_a_node_killed_under_load_costs_no_get(cluster: Cluster):
     assert [node.healthy for node in topology.status().nodes] == [True] * NODES
 
 
-def test_down_stops_every_process(cluster: Cluster):
+def test_down_stops_every_process(cluster: ClusterHome):
     topology = cluster.topology()
     status = topology.status()
     pids = [node.pid for node in status.nodes]
