@@ -260,8 +260,9 @@ def test_one_node_subscribes_to_mqtt_and_another_takes_over_when_it_dies(scaled:
 # --- read-your-writes through nginx ---------------------------------------------------------
 
 def test_writes_are_read_back_through_nginx_never_stale(scaled: Scaled, sample_dir):
-    """150 risk-point edits and 52 event transitions, each read back at once through nginx
-    (any node, reading a standby where it has replayed the write): 0 stale reads."""
+    """150 risk-point edits, 52 event transitions and 5 upload publishes, each read back at
+    once through nginx (any node, reading a standby where it has replayed the write): 0 stale
+    reads."""
     frame = pd.read_csv(sample_dir / "risk_points.csv")
     point_id = int(frame["id"].iloc[0])
     spot = shapely.from_wkb(frame["geom"].iloc[0])
@@ -290,7 +291,37 @@ def test_writes_are_read_back_through_nginx_never_stale(scaled: Scaled, sample_d
                 if planner.get(f"/events/{event_id}").json()["status"] != to:
                     stale.append(("event", trials))
                 trials += 1
+    with scaled.client("editor") as editor:
+        # Upload publishes: each new version's job followed through nginx (GET /jobs reads
+        # the primary and hands out a token), then the layer and its features read back.
+        layer_id = None
+        for trial in range(5):
+            body = {"file": ("trial.geojson", trial_layer(trial))}
+            started = (editor.post("/layers", files=body, data={"title": "读写一致"})
+                       if layer_id is None else editor.put(f"/layers/{layer_id}", files=body))
+            assert started.status_code == 202, started.text
+            job = started.json()
+            deadline = time.monotonic() + 90
+            while job["state"] not in ("succeeded", "failed"):
+                assert time.monotonic() < deadline, job
+                time.sleep(0.1)
+                job = editor.get(f"/jobs/{job['id']}").json()
+            assert job["state"] == "succeeded", job
+            layer_id = job["layer_id"]
+            layer = editor.get(f"/layers/{layer_id}").json()
+            items = editor.get(f"/collections/{layer_id}/items").json()["features"]
+            if (layer["current_version"] != trial + 1
+                    or {f["properties"]["trial"] for f in items} != {trial}):
+                stale.append(("upload", trial))
     assert stale == []
     with scaled.primary() as conn:
         assert conn.execute("SELECT level FROM risk_points WHERE id = %s",
                             (point_id,)).fetchone() == (1 + 149 % 4,)
+
+
+def trial_layer(trial: int) -> bytes:
+    """A small GeoJSON layer whose features say which trial wrote them."""
+    return json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"trial": trial, "n": n},
+         "geometry": {"type": "Point", "coordinates": [106.55 + n / 100, 29.56]}}
+        for n in range(3)]}).encode()

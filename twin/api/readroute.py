@@ -2,7 +2,8 @@
 
 With standbys configured (``TWIN_DB_STANDBY_URLS``, twin/core/replicas.py):
 
-* A write (any method but GET and HEAD) answered 2xx carries ``Twin-LSN``: the primary's
+* A write (any method but GET and HEAD; and a GET of an upload job, ``PRIMARY_READS``, read
+  on the primary) answered 2xx carries ``Twin-LSN``: the primary's
   ``pg_current_wal_lsn()`` read after the write committed, and the same in a cookie
   ``twin_lsn`` (Path=/, HttpOnly, SameSite=Lax), which a browser sends on every later request,
   to whichever node.
@@ -33,6 +34,10 @@ log = logging.getLogger("twin.api")
 HEADER = "Twin-LSN"
 COOKIE = "twin_lsn"
 READS = frozenset({"GET", "HEAD"})
+# Reads of work the server finishes after the request that started it (an upload job, whose
+# publish the client learns of here): read on the primary and answered with a token as a
+# write is, so that what the client reads next is at least as new as what it saw here.
+PRIMARY_READS = ("/jobs/",)
 # Keys of the request state (``request.state.<key>``, ``scope["state"][key]``).
 READ_ENGINE = "read_engine"
 FAILURE = "standby_failure"
@@ -71,7 +76,7 @@ class ReadRouteMiddleware:
             reads = getattr(scope["app"].state, "reads", None)
         if reads is None or not reads.active:
             await self.app(scope, receive, send)
-        elif scope["method"] in READS:
+        elif scope["method"] in READS and not scope["path"].startswith(PRIMARY_READS):
             await self._read(reads, scope, receive, send)
         else:
             await self._write(reads, scope, receive, send)
