@@ -35,11 +35,17 @@ class RasterTile:
     media_type: str
 
 
-def raster_layer(layer: Layer) -> Path:
-    """The raster's file on this node (an upload's is fetched on first use)."""
+def check_raster(layer: Layer) -> None:
+    """400 unless ``layer`` is a raster layer (without touching its file)."""
     if layer.kind != "raster" or not layer.file_path:
         raise InvalidParameter(f"layer '{layer.id}' is a {layer.kind} layer; raster tiles "
                                "serve raster layers only (vector layers: .mvt)")
+
+
+def raster_layer(layer: Layer) -> Path:
+    """The raster's file on this node (an upload's is fetched on first use: call it in a
+    worker thread, never on the event loop)."""
+    check_raster(layer)
     return local_path(layer)
 
 

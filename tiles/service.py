@@ -304,7 +304,7 @@ class TileService:
         registry, (layer,) = await self.layers_for((request.layer_id,), request.scope, versions)
         terrain_tile = request.fmt == "terrain"
         if not terrain_tile:
-            raster.raster_layer(layer)
+            raster.check_raster(layer)  # the file is fetched, if need be, in the render thread
         media_type = "image/png" if terrain_tile else raster.FORMATS.get(
             request.fmt, ("", "application/octet-stream"))[1]
         version = registry.data_version(layer.id, versions)

@@ -67,7 +67,7 @@ async def get_raster_tilejson(layer_id: str, request: Request, registry: Registr
                               fmt: Annotated[Literal["png", "webp"],
                                              Query(alias="format")] = "png") -> dict:
     layer = visible_layer(scope, registry, layer_id)
-    raster.raster_layer(layer)
+    raster.check_raster(layer)
     base = f"{str(request.base_url).rstrip('/')}/tiles/{layer_id}/{{z}}/{{x}}/{{y}}"
     # The layer's data version now (``v=``): those tiles are sent immutable.
     version = f"v={tiles_version(registry, [layer], versions)}"
