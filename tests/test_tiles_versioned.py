@@ -106,6 +106,15 @@ def test_a_write_names_a_new_url_and_the_old_one_is_never_immutable(
         assert announce(engine.url.render_as_string(hide_password=False)) == set()
 
 
+def test_documents_naming_tiles_are_never_kept(client: Client):
+    for path in ("/tiles/risk_points/tilejson.json", "/tiles/terrain/raster-tilejson.json",
+                 "/styles/risk-map.json", "/collections/risk_points/tiles/WebMercatorQuad"):
+        assert client.get(path).headers["cache-control"] == "no-cache", path
+    for path in ("/collections/terrain/quantized-mesh/layer.json",
+                 "/collections/buildings/3dtiles/tileset.json"):
+        assert "no-cache" in client.get(path).headers["cache-control"], path
+
+
 def test_ogc_tileset_template_carries_the_version(client: Client, spot_tile):
     base = str(client.base_url).rstrip("/")
     document = client.get("/collections/risk_points/tiles/WebMercatorQuad").json()

@@ -19,7 +19,7 @@ from tiles import raster
 from tiles.metadata import tiles_version
 from tiles.service import RasterRequest
 from twin.api.deps import RegistryDep, ScopeDep, VersionsDep
-from twin.api.routes.tiles import VersionQuery, tile_answer
+from twin.api.routes.tiles import DOCUMENTS, VersionQuery, tile_answer
 from twin.core.principal import Scope
 from twin.core.scope import visible_layer
 
@@ -60,14 +60,16 @@ async def get_webp_tile(layer_id: str, z: int, x: int, y: int, request: Request,
 
 @router.get("/tiles/{layer_id}/raster-tilejson.json",
             summary="TileJSON 3.0.0 of a raster layer (?terrain=mapbox|terrarium for raster-dem)")
-async def get_raster_tilejson(layer_id: str, request: Request, registry: RegistryDep,
-                              versions: VersionsDep, scope: ScopeDep, terrain_encoding: Annotated[
+async def get_raster_tilejson(layer_id: str, request: Request, response: Response,
+                              registry: RegistryDep, versions: VersionsDep, scope: ScopeDep,
+                              terrain_encoding: Annotated[
                                   Literal["mapbox", "terrarium"] | None,
                                   Query(alias="terrain")] = None,
                               fmt: Annotated[Literal["png", "webp"],
                                              Query(alias="format")] = "png") -> dict:
     layer = visible_layer(scope, registry, layer_id)
     raster.check_raster(layer)
+    response.headers["Cache-Control"] = DOCUMENTS
     base = f"{str(request.base_url).rstrip('/')}/tiles/{layer_id}/{{z}}/{{x}}/{{y}}"
     # The layer's data version now (``v=``): those tiles are sent immutable.
     version = f"v={tiles_version(registry, [layer], versions)}"

@@ -48,6 +48,11 @@ VersionQuery = Annotated[str | None, Query(
     "(cacheable for a year); any other value gets the current tile, revalidated")]
 
 
+# Documents that name tile URLs (and so the data versions): asked again every time, never
+# kept by a shared cache (the cluster's nginx keeps tiles only).
+DOCUMENTS = "no-cache"
+
+
 def _base(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
@@ -88,9 +93,10 @@ async def list_tilesets(collection_id: str, request: Request, registry: Registry
 
 
 @router.get("/collections/{collection_id}/tiles/{tms_id}", summary="Tileset metadata")
-async def get_tileset(collection_id: str, tms_id: str, request: Request,
+async def get_tileset(collection_id: str, tms_id: str, request: Request, response: Response,
                       registry: RegistryDep, versions: VersionsDep, scope: ScopeDep) -> dict:
     layer = visible_layer(scope, registry, collection_id)
+    response.headers["Cache-Control"] = DOCUMENTS
     tile_matrix_set(tms_id)
     return metadata.tileset(layer, _base(request),
                             metadata.tiles_version(registry, [layer], versions))
@@ -111,10 +117,12 @@ async def get_collection_tile(collection_id: str, tms_id: str, tile_matrix: int,
 
 
 @router.get("/tiles/{layer_ids}/tilejson.json", summary="TileJSON 3.0.0 of one or more layers")
-async def get_tilejson(layer_ids: str, request: Request, registry: RegistryDep,
-                       versions: VersionsDep, settings: SettingsDep, scope: ScopeDep) -> dict:
+async def get_tilejson(layer_ids: str, request: Request, response: Response,
+                       registry: RegistryDep, versions: VersionsDep, settings: SettingsDep,
+                       scope: ScopeDep) -> dict:
     """Its tile URL names the layers' data versions now (``v=``): tiles of that URL are
     immutable, and the next TileJSON after a write names the next URL."""
+    response.headers["Cache-Control"] = DOCUMENTS
     layers = [visible_layer(scope, registry, layer_id)
               for layer_id in metadata.split_layer_ids(layer_ids)]
     url = (f"{_base(request)}/tiles/{','.join(layer.id for layer in layers)}/{{z}}/{{x}}/{{y}}"
@@ -140,8 +148,9 @@ async def get_xyz_tile(layer_ids: str, z: int, x: int, y: int, request: Request,
 
 
 @router.get("/styles/risk-map.json", summary="MapLibre style of the one map, over twin's tiles")
-async def get_risk_map_style(request: Request, registry: RegistryDep,
+async def get_risk_map_style(request: Request, response: Response, registry: RegistryDep,
                              settings: SettingsDep) -> dict:
+    response.headers["Cache-Control"] = DOCUMENTS
     return risk_map_style(registry, _base(request), settings.tiles.aggregate_below_zoom)
 
 
