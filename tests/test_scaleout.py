@@ -325,3 +325,38 @@ def trial_layer(trial: int) -> bytes:
         {"type": "Feature", "properties": {"trial": trial, "n": n},
          "geometry": {"type": "Point", "coordinates": [106.55 + n / 100, 29.56]}}
         for n in range(3)]}).encode()
+
+
+# --- 3D Tiles read on a standby only at their versions ---------------------------------------
+
+def test_a_3d_tileset_read_while_the_standby_lags_is_of_the_new_data(scaled: Scaled):
+    """Replay paused on the standby, the tallest building raised 1,000 m on the primary: the
+    tileset a node answers next (its root's height range read on a standby only when that
+    holds the buildings' new version) reaches the new height."""
+    topology = scaled.topology()
+    (standby,) = topology.standbys()
+    path = "/collections/buildings/3dtiles/tileset.json"
+    with scaled.client("viewer", scaled.node_url(1)) as node:
+        before = node.get(path).json()
+        top = before["root"]["children"][0]["boundingVolume"]["region"][5] \
+            if "children" in before["root"] else before["root"]["boundingVolume"]["region"][5]
+        with psycopg.connect(libpq(standby.url("twin")), autocommit=True) as on_standby, \
+                scaled.primary() as primary:
+            on_standby.execute("SELECT pg_wal_replay_pause()")
+            try:
+                tallest = primary.execute(
+                    "UPDATE buildings SET height_m = height_m + 1000 WHERE id = (SELECT id "
+                    "FROM buildings ORDER BY height_m DESC LIMIT 1) RETURNING id").fetchone()[0]
+                deadline = time.monotonic() + 10
+                while (after := node.get(path).json())["asset"]["tilesetVersion"] == \
+                        before["asset"]["tilesetVersion"]:
+                    assert time.monotonic() < deadline, "the write never reached the node"
+                    time.sleep(0.05)
+                region = (after["root"]["children"][0]["boundingVolume"]["region"]
+                          if "children" in after["root"]
+                          else after["root"]["boundingVolume"]["region"])
+                assert region[5] >= top + 900, (top, region)
+            finally:
+                on_standby.execute("SELECT pg_wal_replay_resume()")
+                primary.execute("UPDATE buildings SET height_m = height_m - 1000 WHERE id = %s",
+                                (tallest,))

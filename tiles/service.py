@@ -13,7 +13,9 @@ is in sync: versions from memory, the registry held, the tile from the cache.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio.to_thread
 from sqlalchemy import text
@@ -43,6 +45,8 @@ from twin.core.replicas import ReadRouter, retry_on_primary
 from twin.core.scope import visible_layer
 from twin.core.settings import Settings, TilesSettings
 from twin.core.versions import DataVersions, LayerVersions
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,28 @@ class TileService:
         """A connection of the tile pool (``async with``), for the 3D tile path."""
         return self._engine.connect()
 
+    async def read(self, versions: dict[str, int],
+                   work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """``work`` done on a standby that holds exactly ``versions`` (layer id -> the
+        primary's data version, as pushed) of the layers it reads, else on the primary: the
+        3D tile path's reads, under the rule of ``_cached_tile``."""
+        reads = self._reads
+        engine = await reads.choose() if reads is not None and reads.active else None
+        if reads is not None and reads.is_standby(engine):
+            assert engine is not None
+            standby = _TileConnection(engine)
+            try:
+                if await self._standby_has(standby, list(versions), versions):
+                    return await work(await standby())
+            except (DBAPIError, ConnectionLost) as error:
+                if isinstance(error, DBAPIError) and retry_on_primary(error) is None:
+                    raise
+                reads.report_failure(engine, error)
+            finally:
+                await standby.close()
+        async with self.connect() as conn:
+            return await work(conn)
+
     async def close(self) -> None:
         await self.versions.close()
         await self.registry.close()
@@ -233,7 +259,7 @@ class TileService:
             assert engine is not None
             standby = _TileConnection(engine)
             try:
-                if await self._standby_has(standby, layers, versions):
+                if await self._standby_has(standby, [layer.id for layer in layers], versions):
                     return await cached_tile(key, standby, self.cache, layers, tile, options,
                                              1)
             except (DBAPIError, ConnectionLost) as error:
@@ -246,11 +272,10 @@ class TileService:
                                  self._pooled)
 
     @staticmethod
-    async def _standby_has(connect: _TileConnection, layers: list[Layer],
+    async def _standby_has(connect: _TileConnection, ids: list[str],
                            versions: dict[str, int]) -> bool:
         """Whether the standby has replayed exactly the data versions the tile is keyed by
         (the primary's, as pushed) for each of its layers."""
-        ids = [layer.id for layer in layers]
         conn = await connect()
         rows = await conn.execute(text("SELECT id, data_version FROM layers "
                                        "WHERE id = ANY(:ids)"), {"ids": ids})

@@ -65,6 +65,9 @@ class _State:
     models: tuple[Layer, ...]
     replaced: tuple[int, ...]
     versions: tuple
+    # The layers whose rows the tiles read, at the primary's data versions (as pushed): a
+    # standby is read only when it holds exactly these (TileService.read).
+    reads: tuple[tuple[str, int], ...] = ()
 
     @property
     def key(self) -> tuple:
@@ -127,7 +130,7 @@ class Tiles3D:
         data = registry.data_versions(versions)
         if layer.kind == "3d":  # a glTF upload: a tileset of its one model
             return _State(layer, request.scope, grades, (), (layer,), (),
-                          (data.get(layer.id, 0),))
+                          (data.get(layer.id, 0),), ((layer.id, versions.get(layer.id, 0)),))
         if not buildings3d.is_buildings_layer(layer):
             raise InvalidParameter(
                 f"layer '{layer.id}' has no 3D tiles: they are made of 3D buildings layers "
@@ -141,7 +144,9 @@ class Tiles3D:
                           tuple((m.id, data.get(m.id, 0)) for m in models))
         replaced = tuple(sorted({int(m.meta["building_id"]) for m in models
                                  if m.meta.get("building_id") is not None}))
-        return _State(layer, request.scope, grades, dems, models, replaced, state_versions)
+        reads = tuple((read.id, versions.get(read.id, 0)) for read in (layer, *models))
+        return _State(layer, request.scope, grades, dems, models, replaced, state_versions,
+                      reads)
 
     def _dems(self, registry: LayerRegistry, scope: Scope) -> tuple[Layer, ...]:
         """The terrain the blocks stand on: the same DEM stack the caller's quantized-mesh
@@ -200,10 +205,12 @@ class Tiles3D:
         state = await self._state(request)
         if state.layer.kind == "3d":
             return self._model_tileset(state, request)
-        async with self.service.connect() as conn:
+        async def work(conn: AsyncConnection) -> tuple[float, float, list[dict]]:
             low, high = await buildings3d.height_range(conn, state.layer, state.scope,
                                                        state.grades, state.dems)
-            model_tiles = await self._model_tiles(conn, state, base, low, high)
+            return low, high, await self._model_tiles(conn, state, base, low, high)
+
+        low, high, model_tiles = await self.service.read(dict(state.reads), work)
         query = f"?cim={state.grades.key}"
         implicit_root = {
             "boundingVolume": {"region": implicit.root_region(low, high)},
@@ -296,8 +303,8 @@ class Tiles3D:
         state = await self._state(request)
 
         async def make() -> bytes:
-            async with self.service.connect() as conn:
-                placement = await self._available_subtree(conn, state, root)
+            placement = await self.service.read(
+                dict(state.reads), lambda conn: self._available_subtree(conn, state, root))
             return implicit.subtree_file(implicit.availability(placement))
 
         content, etag = await self._cached(state, ("subtree", root), make)
@@ -308,15 +315,16 @@ class Tiles3D:
         tile = implicit.checked_tile(level, x, y)
         state = await self._state(request)
 
+        async def work(conn: AsyncConnection) -> buildings3d.BuildingRows:
+            placement = await self._available_subtree(conn, state, tile.subtree_root)
+            ids = placement.ids[placement.holds(tile)]
+            if not ids.size:
+                raise NotFound(f"tile {level}/{x}/{y} has no content (see its subtree's "
+                               "contentAvailability)")
+            return await buildings3d.fetch_rows(conn, state.layer, ids.tolist())
+
         async def make() -> bytes:
-            async with self.service.connect() as conn:
-                placement = await self._available_subtree(conn, state, tile.subtree_root)
-                ids = placement.ids[placement.holds(tile)]
-                if not ids.size:
-                    raise NotFound(f"tile {level}/{x}/{y} has no content (see its subtree's "
-                                   "contentAvailability)")
-                rows = await buildings3d.fetch_rows(conn, state.layer, ids.tolist())
-            return await _glb(state, rows)
+            return await _glb(state, await self.service.read(dict(state.reads), work))
 
         content, etag = await self._cached(state, ("content", tile), make)
         return _answer(content, GLB_MEDIA_TYPE, request.if_none_match, etag, (state, request))
@@ -328,13 +336,13 @@ class Tiles3D:
             raise NotFound(f"building {building_id} has no model in this tileset; its block "
                            "is in the implicit tiles")
 
+        async def work(conn: AsyncConnection) -> buildings3d.BuildingRows:
+            if building_id not in await self._visible_buildings(conn, state, (building_id,)):
+                raise NotFound(f"unknown building {building_id}")
+            return await buildings3d.fetch_rows(conn, state.layer, [building_id])
+
         async def make() -> bytes:
-            async with self.service.connect() as conn:
-                if building_id not in await self._visible_buildings(conn, state,
-                                                                    (building_id,)):
-                    raise NotFound(f"unknown building {building_id}")
-                rows = await buildings3d.fetch_rows(conn, state.layer, [building_id])
-            return await _glb(state, rows)
+            return await _glb(state, await self.service.read(dict(state.reads), work))
 
         content, etag = await self._cached(state, ("block", building_id), make)
         return _answer(content, GLB_MEDIA_TYPE, request.if_none_match, etag, (state, request))
@@ -361,11 +369,15 @@ class Tiles3D:
                "model": model.id}
         if building is None:
             return row
-        async with self.service.connect() as conn:
-            found = (await conn.execute(sql_text("""
+        async def work(conn: AsyncConnection):
+            return (await conn.execute(sql_text("""
                 SELECT b.name, b.use, b.height_m, b.floors, b.district_code, b.street_code
                   FROM buildings AS b WHERE b.id = :id
             """), {"id": int(building)})).first()
+
+        # The buildings' version is known when they are this tileset's layer; else (a glTF
+        # tileset) 0, which no standby holds: the primary answers.
+        found = await self.service.read({"buildings": 0, **dict(state.reads)}, work)
         if found is not None:
             row.update(name=found[0] or model.title_zh, use=found[1], height=found[2],
                        floors=found[3], district_code=found[4], street_code=found[5])
