@@ -184,22 +184,35 @@ class TileService:
         """``work`` done on a standby that holds exactly ``versions`` (layer id -> the
         primary's data version, as pushed) of the layers it reads, else on the primary: the
         3D tile path's reads, under the rule of ``_cached_tile``."""
-        reads = self._reads
-        engine = await reads.choose() if reads is not None and reads.active else None
-        if reads is not None and reads.is_standby(engine):
-            assert engine is not None
-            standby = _TileConnection(engine)
-            try:
-                if await self._standby_has(standby, list(versions), versions):
-                    return await work(await standby())
-            except (DBAPIError, ConnectionLost) as error:
-                if isinstance(error, DBAPIError) and retry_on_primary(error) is None:
-                    raise
-                reads.report_failure(engine, error)
-            finally:
-                await standby.close()
+        async def on_standby(standby: _TileConnection) -> T:
+            return await work(await standby())
+
+        done = await self._on_standby(versions, on_standby)
+        if done:
+            return done[0]
         async with self.connect() as conn:
             return await work(conn)
+
+    async def _on_standby(self, versions: dict[str, int],
+                          work: Callable[[_TileConnection], Awaitable[T]]) -> tuple[T] | None:
+        """``(work's answer,)`` when a standby holding exactly ``versions`` (layer id -> the
+        primary's data version, as pushed) did it; None when there is none, it is behind
+        them, or it failed in a way the primary would not (gone, a recovery conflict)."""
+        reads = self._reads
+        engine = await reads.choose() if reads is not None and reads.active else None
+        if reads is None or engine is None or not reads.is_standby(engine):
+            return None
+        standby = _TileConnection(engine)
+        try:
+            if await self._standby_has(standby, list(versions), versions):
+                return (await work(standby),)
+        except (DBAPIError, ConnectionLost) as error:
+            if isinstance(error, DBAPIError) and retry_on_primary(error) is None:
+                raise
+            reads.report_failure(engine, error)
+        finally:
+            await standby.close()
+        return None
 
     async def close(self) -> None:
         await self.versions.close()
@@ -253,21 +266,13 @@ class TileService:
         found = self.cache.get(key) if self.cache is not None else None
         if found is not None:
             return found
-        reads = self._reads
-        engine = await reads.choose() if reads is not None and reads.active else None
-        if reads is not None and reads.is_standby(engine):
-            assert engine is not None
-            standby = _TileConnection(engine)
-            try:
-                if await self._standby_has(standby, [layer.id for layer in layers], versions):
-                    return await cached_tile(key, standby, self.cache, layers, tile, options,
-                                             1)
-            except (DBAPIError, ConnectionLost) as error:
-                if isinstance(error, DBAPIError) and retry_on_primary(error) is None:
-                    raise
-                reads.report_failure(engine, error)
-            finally:
-                await standby.close()
+        async def build(standby: _TileConnection) -> CachedTile:
+            return await cached_tile(key, standby, self.cache, layers, tile, options, 1)
+
+        done = await self._on_standby({layer.id: versions.get(layer.id, 0) for layer in layers},
+                                      build)
+        if done:
+            return done[0]
         return await cached_tile(key, connect, self.cache, layers, tile, options,
                                  self._pooled)
 
