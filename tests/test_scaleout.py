@@ -32,6 +32,7 @@ from tests.brokers import Publisher
 from tests.clusters import ClusterHome, cluster_home
 from tests.databases import libpq
 from tests.sse import EventStream
+from tests.uploads import wait
 
 NODES, STANDBYS = 2, 1
 WEB_MERCATOR = morecantile.tms.get("WebMercatorQuad")
@@ -300,12 +301,7 @@ def test_writes_are_read_back_through_nginx_never_stale(scaled: Scaled, sample_d
             started = (editor.post("/layers", files=body, data={"title": "读写一致"})
                        if layer_id is None else editor.put(f"/layers/{layer_id}", files=body))
             assert started.status_code == 202, started.text
-            job = started.json()
-            deadline = time.monotonic() + 90
-            while job["state"] not in ("succeeded", "failed"):
-                assert time.monotonic() < deadline, job
-                time.sleep(0.1)
-                job = editor.get(f"/jobs/{job['id']}").json()
+            job = wait(editor, started.json())
             assert job["state"] == "succeeded", job
             layer_id = job["layer_id"]
             layer = editor.get(f"/layers/{layer_id}").json()

@@ -6,7 +6,6 @@ own views (pg_replication_slots, pg_is_in_recovery)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import tempfile
@@ -28,7 +27,6 @@ from twin.core.standby import (
     ManagedStandby,
     prepare_primary,
     wait_for_lsn,
-    wait_for_lsn_async,
 )
 
 # A number no other test or helper uses: its port is TWIN_DB_PORT + 10 + 9.
@@ -119,13 +117,6 @@ def test_a_write_on_the_primary_is_replayed_within_the_bound(
                             (lsn,)).fetchone() == (True,)
 
 
-async def wait_async(url: str, lsn: str, timeout_s: float) -> bool:
-    async with await psycopg.AsyncConnection.connect(url) as conn:
-        reached = await wait_for_lsn_async(conn, lsn, timeout_s)
-        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        return reached
-
-
 def test_wait_for_lsn_gives_up_without_raising(standby: ManagedStandby, engine: Engine,
                                                database_url: str):
     # A WAL position the primary will not reach in this run.
@@ -139,12 +130,6 @@ def test_wait_for_lsn_gives_up_without_raising(standby: ManagedStandby, engine: 
     with on_standby(standby, autocommit=False) as conn:
         assert wait_for_lsn(conn, primary_lsn(engine), CATCH_UP_S)
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-    # The same on an async connection (as the app's pools hold).
-    url = libpq(standby.url(TEST_DATABASE))
-    assert asyncio.run(wait_async(url, primary_lsn(engine), CATCH_UP_S)) is True
-    started = time.monotonic()
-    assert asyncio.run(wait_async(url, ahead, 0.2)) is False
-    assert 0.2 <= time.monotonic() - started < 3
     # On the primary it compares with the primary's own position.
     with psycopg.connect(libpq(database_url), autocommit=True) as conn:
         assert wait_for_lsn(conn, primary_lsn(engine), 0)

@@ -16,7 +16,6 @@ once ``wait_for_lsn`` returned True on it.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import os
@@ -191,29 +190,6 @@ def wait_for_lsn(conn: psycopg.Connection, lsn: str, timeout_s: float) -> bool:
     finally:
         if was_idle and conn.info.transaction_status == TransactionStatus.INTRANS:
             conn.rollback()
-
-
-async def wait_for_lsn_async(conn: psycopg.AsyncConnection, lsn: str, timeout_s: float) -> bool:
-    """``wait_for_lsn`` on an async connection (the app's pools: an SQLAlchemy
-    AsyncConnection's ``(await conn.get_raw_connection()).driver_connection``)."""
-    was_idle = (not conn.autocommit
-                and conn.info.transaction_status == TransactionStatus.IDLE)
-    deadline = time.monotonic() + max(timeout_s, 0.0)
-    pause = FIRST_PAUSE_S
-    try:
-        while True:
-            cursor = await conn.execute(REACHED, {"lsn": lsn})
-            row = await cursor.fetchone()
-            if row and row[0]:
-                return True
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            await asyncio.sleep(min(pause, left))
-            pause = min(pause * 2, LAST_PAUSE_S)
-    finally:
-        if was_idle and conn.info.transaction_status == TransactionStatus.INTRANS:
-            await conn.rollback()
 
 
 class ManagedStandby:
